@@ -1,0 +1,791 @@
+"""The one training engine behind ``train_single_gpu.py`` (1 view) and ``train_paired_gpu.py``.
+
+Read it top to bottom: configuration checks, runtime (device, DDP, AMP), building the parts,
+the learning-rate schedule, one training step for V channel views, validation, checkpoints,
+and ``train()``, the epoch loop that ties them together.
+
+A step is the same code for mono (V = 1) and paired (V = 2) training: the V views of B
+segments go through the generator as ONE batch of B*V, the result is split back into
+views for per-channel losses, and the pairwise losses compare the views' codebook
+embeddings. The generator loss is the design document's sum over channels:
+``sum_v (l_t + l_f + l_g + l_feat + commit)_v + l_sim + l_div`` (weighted).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import checkpoints as ckpt_io
+import distributed as du
+import metrics
+from balancer import Balancer
+from losses import GeneratorLoss, discriminator_loss
+from model import EncodecModel
+from msstftd import MultiScaleSTFTDiscriminator
+from paired_channel_dataset import MonoChannelDataset, PairedChannelDataset, collate_fn
+from pairwise_losses import PairwiseLoss
+from tracking import Tracker, setup_logging
+
+log = logging.getLogger("encodec")
+
+AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, with the key to change and what to do."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the last good state was checkpointed."""
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+
+
+def prepare_config(cfg: DictConfig, views: int) -> DictConfig:
+    """Check the settings that must hold and make paths absolute.
+
+    Paths are resolved against the folder the command was started in (not Hydra's run
+    folder), once, so the checkpoint's config can be reused from anywhere.
+    """
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    if OmegaConf.is_missing(cfg.datasets, "data_root") or not cfg.datasets.data_root:
+        raise ConfigError(
+            "datasets.data_root is required: add datasets.data_root=/path/to/eigenscape to the "
+            "command line (train_paired.sh and run_training.sh read it from $EIGENSCAPE_ROOT). "
+            "No data yet? `python synth_eigenscape.py --out data/synth` writes a synthetic set.")
+    cfg.datasets.views = views
+    for group, key in [("datasets", "data_root"), ("checkpoint", "save_folder"),
+                       ("checkpoint", "resume_path"), ("model", "init_from"), ("wandb", "dir")]:
+        value = cfg[group].get(key)
+        if value:
+            cfg[group][key] = to_absolute_path(str(value))
+    if cfg.common.amp not in AMP_MODES:
+        raise ConfigError(f"common.amp={cfg.common.amp!r}: use one of {list(AMP_MODES)}")
+    if views >= 2:
+        n_q = cfg.model.n_q
+        for key in ("content_codebook", "channel_codebook"):
+            if not 0 <= cfg.pairwise[key] < n_q:
+                raise ConfigError(
+                    f"pairwise.{key}={cfg.pairwise[key]} but model.n_q={n_q}: paired training "
+                    f"needs that codebook; use model.n_q>={cfg.pairwise[key] + 1}.")
+    if cfg.datasets.fixed_length < cfg.datasets.batch_size:
+        raise ConfigError(f"datasets.fixed_length={cfg.datasets.fixed_length} is smaller than "
+                          f"datasets.batch_size={cfg.datasets.batch_size}: an epoch has no step.")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------
+# Runtime: device, distributed, precision
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp_dtype: torch.dtype | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def setup_runtime(cfg: DictConfig) -> Runtime:
+    """Pick the device, join the process group under torchrun, set precision flags."""
+    wanted = str(cfg.common.device)
+    distributed = du.env_world_size() > 1
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+        if wanted == "cpu":
+            warnings.warn("CUDA is not available: training on CPU (slow). "
+                          "Set common.device=cpu to silence this warning.")
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"common.device={cfg.common.device} but CUDA is not available; "
+                          "use common.device=cpu or auto.")
+    if wanted.startswith("cuda"):
+        index = du.env_local_rank() if distributed else (torch.device(wanted).index or 0)
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if distributed:
+        du.init_process_group(cfg.distributed.backend, device)
+    amp_dtype = AMP_MODES[cfg.common.amp]
+    if amp_dtype is not None and device.type != "cuda":
+        warnings.warn(f"common.amp={cfg.common.amp} needs CUDA; training in float32 on CPU.")
+        amp_dtype = None
+    return Runtime(device=device, rank=du.rank(), world_size=du.world_size(), amp_dtype=amp_dtype)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------
+# Building the parts
+
+
+@dataclass
+class Parts:
+    """Everything a step needs. ``model``/``disc`` may be DDP or compiled wrappers of
+    ``raw_model``/``raw_disc``; state dicts always come from the raw modules."""
+    raw_model: EncodecModel
+    raw_disc: MultiScaleSTFTDiscriminator | None
+    model: nn.Module
+    disc: nn.Module | None
+    gen_loss: GeneratorLoss
+    pairwise: PairwiseLoss | None
+    balancer: Balancer | None
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer | None
+    sched_g: torch.optim.lr_scheduler.LambdaLR
+    sched_d: torch.optim.lr_scheduler.LambdaLR | None
+    scaler_g: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def generator_params(self) -> list[nn.Parameter]:
+        return [p for group in self.opt_g.param_groups for p in group["params"]]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warmup to the peak, then cosine to zero at ``total_steps``.
+
+    Built from the *current* config on every start, so extending ``common.max_epoch`` on
+    resume stretches the schedule (the reference restored the old length).
+    """
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def build_parts(cfg: DictConfig, rt: Runtime, steps_per_epoch: int) -> Parts:
+    views = cfg.datasets.views
+    raw_model = EncodecModel.from_config(cfg.model).to(rt.device)
+    raw_disc = (MultiScaleSTFTDiscriminator.from_config(cfg.discriminator).to(rt.device)
+                if cfg.discriminator.enabled else None)
+    gen_loss = GeneratorLoss(cfg).to(rt.device)
+    pairwise = (PairwiseLoss.from_config(cfg.pairwise, dimension=cfg.model.dimension).to(rt.device)
+                if views >= 2 else None)
+    balancer = Balancer.from_config(cfg) if cfg.balancer.enabled else None
+
+    opt = cfg.optimization
+    gen_params = list(raw_model.parameters()) + (list(pairwise.parameters()) if pairwise else [])
+    opt_g = torch.optim.Adam(gen_params, lr=opt.lr, betas=tuple(opt.betas),
+                             weight_decay=opt.weight_decay)
+    opt_d = (torch.optim.Adam(raw_disc.parameters(), lr=opt.disc_lr, betas=tuple(opt.betas),
+                              weight_decay=opt.weight_decay) if raw_disc is not None else None)
+    schedule = warmup_cosine(cfg.lr_scheduler.warmup_epoch * steps_per_epoch,
+                             cfg.common.max_epoch * steps_per_epoch)
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, schedule)
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, schedule) if opt_d else None
+    fp16 = rt.amp_dtype == torch.float16
+    scaler_g = torch.amp.GradScaler(rt.device.type, enabled=fp16)
+    scaler_d = torch.amp.GradScaler(rt.device.type, enabled=fp16)
+
+    model, disc = raw_model, raw_disc
+    if rt.world_size > 1:
+        # Codebooks are kept identical by the quantizer's own all-reduce, so DDP need not
+        # broadcast buffers every step.
+        ddp = dict(broadcast_buffers=False,
+                   find_unused_parameters=cfg.distributed.find_unused_parameters)
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(raw_model, device_ids=ids, **ddp)
+        if raw_disc is not None:
+            disc = nn.parallel.DistributedDataParallel(raw_disc, device_ids=ids, **ddp)
+    if cfg.common.compile:
+        model = torch.compile(model)
+    weights = {k: float(v) for k, v in cfg.losses.items()}
+    return Parts(raw_model, raw_disc, model, disc, gen_loss, pairwise, balancer, opt_g, opt_d,
+                 sched_g, sched_d, scaler_g, scaler_d, weights)
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+
+
+def build_datasets(cfg: DictConfig):
+    """Training items with V views, and paired validation items for both modes (so that a
+    mono model's cross-channel code agreement is measured on the same pairs)."""
+    train_cls = PairedChannelDataset if cfg.datasets.views >= 2 else MonoChannelDataset
+    train_set = train_cls(cfg, "train")
+    val_cfg = cfg.copy()
+    val_cfg.datasets.views = max(2, cfg.datasets.views)
+    val_set = PairedChannelDataset(val_cfg, "val")
+    return train_set, val_set
+
+
+def make_loader(dataset, cfg: DictConfig, rt: Runtime, start_item: int = 0,
+                train: bool = True, limit: int | None = None) -> DataLoader:
+    """Items are pure functions of (seed, epoch, index, rank), so resuming mid-epoch is just
+    starting the index range later. The loader gets its own generator so that creating it
+    does not consume the global torch RNG (which would break bit-exact resume)."""
+    stop = len(dataset) if limit is None else min(len(dataset), limit)
+    return DataLoader(
+        dataset, batch_size=cfg.datasets.batch_size, sampler=range(start_item, stop),
+        num_workers=cfg.datasets.num_workers, collate_fn=collate_fn,
+        pin_memory=cfg.datasets.pin_memory and rt.device.type == "cuda",
+        drop_last=train, generator=torch.Generator().manual_seed(cfg.common.seed),
+        persistent_workers=False)
+
+
+def steps_in_epoch(dataset, cfg: DictConfig) -> int:
+    steps = len(dataset) // cfg.datasets.batch_size
+    cap = cfg.common.get("max_steps_per_epoch")
+    return min(steps, cap) if cap else steps
+
+
+def discriminator_coin(seed: int, epoch: int, batch: int) -> float:
+    """The discriminator-update coin flip: a pure function of the position in training, so
+    it is the same on every rank and after a resume."""
+    return float(np.random.default_rng([seed, epoch, batch, 0xD15C]).random())
+
+
+# ----------------------------------------------------------------------------------------
+# One training step
+
+
+def split_views(t: torch.Tensor, batch: int, views: int) -> list[torch.Tensor]:
+    """[B*V, ...] (view-major inside an item) -> V tensors [B, ...]."""
+    t = t.reshape(batch, views, *t.shape[1:])
+    return [t[:, v] for v in range(views)]
+
+
+def per_view_means(items: dict[str, torch.Tensor], batch: int, views: int) -> dict[str, torch.Tensor]:
+    """Per-item losses [B*V] -> per-view means [V]."""
+    return {k: v.reshape(batch, views).mean(0) for k, v in items.items()}
+
+
+def codebook_usage(codes: torch.Tensor, bins: int) -> torch.Tensor:
+    """Fraction of each codebook's entries used in the batch, [n_q]."""
+    n_q = codes.shape[1]
+    flat = codes.transpose(0, 1).reshape(n_q, -1)
+    offsets = torch.arange(n_q, device=codes.device).unsqueeze(1) * bins
+    counts = torch.bincount((flat + offsets).flatten(), minlength=n_q * bins).view(n_q, bins)
+    return (counts > 0).float().mean(1)
+
+
+@dataclass
+class StepResult:
+    ok: bool
+    scalars: dict[str, float]
+
+
+def train_step(p: Parts, rt: Runtime, wavs: torch.Tensor, metas: list[dict[str, Any]], *,
+               step: int, adversarial: bool, update_disc: bool, grad_clip: float,
+               bins: int) -> StepResult:
+    """One GAN step on ``wavs [B, V, 1, T]``; returns logged scalars, or ok=False when the
+    step was skipped because a loss or gradient was not finite."""
+    batch, views = wavs.shape[:2]
+    x = wavs.to(rt.device, non_blocking=True).flatten(0, 1)
+    p.model.train()
+    # The quantizer updates its codebooks during the forward; keep a copy so that a skipped
+    # (non-finite) step leaves no trace in them either.
+    codebook_backup = [b.detach().clone() for b in p.raw_model.buffers()]
+
+    with rt.autocast():
+        out = p.model(x, return_embeddings=views > 1)
+    y = out.audio
+
+    real_fmaps = fake_logits = fake_fmaps = loss_d = None
+    if adversarial:
+        p.disc.train()
+        n = x.shape[0]
+        if update_disc:
+            # One discriminator pass on real and detached fake: its real features also serve
+            # the generator's feature matching (detached), so real audio is seen only once.
+            with rt.autocast():
+                logits, fmaps = p.disc(torch.cat([x, y.detach()]))
+            d_items = discriminator_loss([l[:n] for l in logits], [l[n:] for l in logits])
+            loss_d = d_items.reshape(batch, views).mean(0).sum()
+            real_fmaps = [[f[:n].detach() for f in scale] for scale in fmaps]
+        else:
+            with torch.no_grad(), rt.autocast():
+                _, real_fmaps = p.raw_disc(x)
+        # The generator's adversarial terms need gradients w.r.t. the audio only.
+        p.raw_disc.requires_grad_(False)
+        with rt.autocast():
+            fake_logits, fake_fmaps = p.raw_disc(y)
+        p.raw_disc.requires_grad_(True)
+
+    items = p.gen_loss(x, y, fake_logits, real_fmaps, fake_fmaps)
+    views_losses = per_view_means(items, batch, views)
+    per_loss = {k: v.sum() for k, v in views_losses.items()}
+    commit = out.commit_loss * views  # mean over B*V items -> sum of per-view means
+    rest = p.weights["commit"] * commit
+    pair: dict[str, torch.Tensor] = {}
+    if p.pairwise is not None:
+        emb_views = [split_views(e, batch, views) for e in out.embeddings]  # [n_q][V]
+        per_view_embs = [[emb_views[k][v] for k in range(len(emb_views))] for v in range(views)]
+        channels = torch.tensor([m["channels"] for m in metas], device=rt.device)
+        pair = p.pairwise(per_view_embs, step, classes=[m["class"] for m in metas],
+                          channels=channels)
+        rest = rest + sum(pair[k] for k in ("l_sim", "l_div", "l_cls") if k in pair)
+
+    p.opt_g.zero_grad(set_to_none=True)
+    if p.balancer is not None:
+        grad_y = p.balancer.balanced_grad(per_loss, y)
+        scale = p.scaler_g.get_scale() if p.scaler_g.is_enabled() else 1.0
+        torch.autograd.backward([y, rest], [grad_y * scale, torch.full_like(rest, scale)])
+        loss_g = sum(p.weights[k] * v for k, v in per_loss.items()) + rest
+    else:
+        loss_g = sum(p.weights[k] * v for k, v in per_loss.items()) + rest
+        p.scaler_g.scale(loss_g).backward()
+    p.scaler_g.unscale_(p.opt_g)
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm_g = torch.nn.utils.clip_grad_norm_(p.generator_params(), max_norm)
+
+    grad_norm_d = torch.zeros((), device=rt.device)
+    if loss_d is not None:
+        p.opt_d.zero_grad(set_to_none=True)
+        p.scaler_d.scale(loss_d).backward()
+        p.scaler_d.unscale_(p.opt_d)
+        grad_norm_d = torch.nn.utils.clip_grad_norm_(p.raw_disc.parameters(), max_norm)
+
+    # ONE host sync per step: every logged scalar plus the finiteness check.
+    names = [f"{k}_ch{v + 1}" for k, pv in views_losses.items() for v in range(len(pv))]
+    values = [pv[v] for pv in views_losses.values() for v in range(len(pv))]
+    names += ["commit", "loss_g", "grad_norm_g"]
+    values += [commit.detach() / views, loss_g.detach(), grad_norm_g]
+    for k in ("l_sim", "l_div", "l_cls", "sim", "div"):
+        if k in pair:
+            names.append(k)
+            values.append(pair[k].detach())
+    if loss_d is not None:
+        names += ["loss_d", "grad_norm_d"]
+        values += [loss_d.detach(), grad_norm_d]
+    usage = codebook_usage(out.codes, bins)
+    names += [f"usage_cb{k + 1}" for k in range(len(usage))]
+    values += list(usage)
+    flat = torch.stack([v.detach().float().reshape(()) for v in values]).cpu()
+    scalars = dict(zip(names, flat.tolist()))
+
+    # Under fp16 the GradScaler skips inf/NaN gradients itself; a non-finite LOSS is ours.
+    finite_loss = math.isfinite(scalars["loss_g"]) and math.isfinite(scalars.get("loss_d", 0.0))
+    finite_grad = p.scaler_g.is_enabled() or (math.isfinite(scalars["grad_norm_g"])
+                                               and math.isfinite(scalars.get("grad_norm_d", 0.0)))
+    if not (finite_loss and finite_grad):
+        with torch.no_grad():
+            for b, saved in zip(p.raw_model.buffers(), codebook_backup):
+                b.copy_(saved)
+        p.opt_g.zero_grad(set_to_none=True)
+        if p.opt_d is not None:
+            p.opt_d.zero_grad(set_to_none=True)
+        return StepResult(False, scalars)
+
+    p.scaler_g.step(p.opt_g)
+    p.scaler_g.update()
+    if loss_d is not None:
+        p.scaler_d.step(p.opt_d)
+        p.scaler_d.update()
+    p.sched_g.step()
+    if p.sched_d is not None:
+        p.sched_d.step()
+    scalars["lr_g"] = p.opt_g.param_groups[0]["lr"]
+    if p.opt_d is not None:
+        scalars["lr_d"] = p.opt_d.param_groups[0]["lr"]
+    return StepResult(True, scalars)
+
+
+# ----------------------------------------------------------------------------------------
+# Validation
+
+
+@torch.no_grad()
+def validate(p: Parts, rt: Runtime, cfg: DictConfig, loader: DataLoader, epoch: int,
+             step: int, tracker: Tracker, audio_dir: Path | None) -> dict[str, float]:
+    """Mean losses per channel, pairwise losses, SI-SNR, mel distance and per-codebook
+    cross-channel code agreement over ALL fixed validation items (every rank takes its
+    share; the sums are all-reduced)."""
+    p.model.eval()
+    acc = metrics.ValidationAccumulator(n_q=p.raw_model.n_q, bins=cfg.model.bins)
+    saved_audio: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = []
+    for wavs, metas in loader:
+        batch, views = wavs.shape[:2]
+        x = wavs.to(rt.device).flatten(0, 1)
+        with rt.autocast():
+            out = p.raw_model(x, return_embeddings=True)
+        y = out.audio.float()
+        items = p.gen_loss(x, y)
+        losses = {f"{k}_ch{v + 1}": (val.reshape(batch, views)[:, v], batch)
+                  for k, val in items.items() for v in range(views)}
+        emb_views = [split_views(e, batch, views) for e in out.embeddings]
+        per_view_embs = [[emb_views[k][v] for k in range(len(emb_views))] for v in range(views)]
+        if p.pairwise is not None:
+            pair = p.pairwise(per_view_embs, step)
+            losses.update({k: (pair[k].reshape(1).expand(batch), batch)
+                           for k in ("l_sim", "l_div", "sim", "div") if k in pair})
+        acc.update(x=split_views(x, batch, views), y=split_views(y, batch, views),
+                   codes=split_views(out.codes, batch, views), losses=losses)
+        if audio_dir is not None and len(saved_audio) < cfg.checkpoint.save_audio:
+            for b in range(min(batch, cfg.checkpoint.save_audio - len(saved_audio))):
+                saved_audio.append((wavs[b].cpu(), y.reshape(batch, views, *y.shape[1:])[b].cpu(),
+                                    metas[b]))
+    results = acc.compute()
+    scalars = {f"val/{k}": v for k, v in results.items()}
+    if rt.is_main:
+        summary = " ".join(f"{k}={v:.4g}" for k, v in scalars.items()
+                           if k.split("/")[1].split("_ch")[0] in
+                           ("l_t", "l_f", "l_sim", "l_div", "si_snr", "mel_distance", "agreement_cb1", "agreement_cb2"))
+        log.info("validation epoch %d: %s", epoch, summary)
+        tracker.log({**scalars, "epoch": epoch}, step)
+        if audio_dir is not None and saved_audio:
+            write_validation_audio(saved_audio, audio_dir / f"epoch{epoch:04d}",
+                                   cfg.model.sample_rate, tracker, step)
+    return scalars
+
+
+def write_validation_audio(items, folder: Path, sample_rate: int, tracker: Tracker,
+                           step: int) -> None:
+    """Input and reconstruction of every view as WAV, plus wandb audio and spectrograms."""
+    import soundfile as sf
+    folder.mkdir(parents=True, exist_ok=True)
+    audio, images = {}, {}
+    for i, (inp, rec, meta) in enumerate(items):
+        for v, ch in enumerate(meta["channels"]):
+            for kind, wav in (("input", inp[v]), ("recon", rec[v])):
+                data = wav.squeeze(0).numpy()
+                sf.write(folder / f"item{i}_ch{ch}_{kind}.wav", data, sample_rate, subtype="FLOAT")
+                audio[f"audio/item{i}_view{v + 1}_{kind}"] = data
+        if tracker.run is not None:
+            images[f"spectrogram/item{i}"] = metrics.spectrogram_figure(
+                [inp[v].squeeze(0) for v in range(len(inp))],
+                [rec[v].squeeze(0) for v in range(len(rec))], sample_rate,
+                title=f"{Path(meta['path']).name} channels {meta['channels']}")
+    tracker.log_audio(audio, sample_rate, step)
+    tracker.log_images(images, step)
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def training_state(p: Parts, cfg: DictConfig, epoch: int, batch: int, step: int,
+                   extra: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to continue bit-exactly, as tensors and plain types."""
+    state = {
+        "model": p.raw_model.state_dict(),
+        "discriminator": p.raw_disc.state_dict() if p.raw_disc is not None else {},
+        "pairwise": p.pairwise.state_dict() if p.pairwise is not None else {},
+        "opt_g": p.opt_g.state_dict(),
+        "opt_d": p.opt_d.state_dict() if p.opt_d is not None else {},
+        "sched_g": p.sched_g.state_dict(),
+        "sched_d": p.sched_d.state_dict() if p.sched_d is not None else {},
+        "scaler_g": p.scaler_g.state_dict(),
+        "scaler_d": p.scaler_d.state_dict(),
+        "balancer": p.balancer.state_dict() if p.balancer is not None else {},
+        "epoch": epoch, "batch": batch, "step": step,
+        "rng": ckpt_io.capture_rng_state(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    state.update(extra)
+    return state
+
+
+def _lr_lambda_free(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k != "lr_lambdas"}
+
+
+def check_compatible(ckpt: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    """Name the settings that change shapes, instead of a wall of size mismatches."""
+    old = ckpt.get("config", {})
+    shape_keys = [("model", k) for k in ("n_q", "bins", "dimension", "filters", "ratios",
+                                         "residual_layers", "lstm", "norm", "channels")]
+    shape_keys += [("discriminator", k) for k in ("filters", "n_ffts", "enabled")]
+    shape_keys += [("pairwise", "channel_classifier")]
+    diffs = []
+    for group, key in shape_keys:
+        a = old.get(group, {}).get(key)
+        b = OmegaConf.to_container(cfg[group], resolve=True).get(key)
+        if a is not None and a != b:
+            diffs.append(f"{group}.{key}: checkpoint {a} vs now {b}")
+    if old.get("datasets", {}).get("views", 1) >= 2 > cfg.datasets.views or \
+            old.get("datasets", {}).get("views", 1) < 2 <= cfg.datasets.views:
+        diffs.append("training mode (mono vs paired)")
+    if diffs:
+        raise ConfigError(
+            f"cannot resume from {path}: the config changes shapes ({'; '.join(diffs)}). "
+            "Resume with the original settings, or start a new run with another "
+            "checkpoint.save_folder.")
+
+
+def load_training_state(p: Parts, ckpt: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    check_compatible(ckpt, cfg, path)
+    try:
+        p.raw_model.load_state_dict(ckpt["model"])
+        if p.raw_disc is not None and ckpt.get("discriminator"):
+            p.raw_disc.load_state_dict(ckpt["discriminator"])
+        if p.pairwise is not None and ckpt.get("pairwise"):
+            p.pairwise.load_state_dict(ckpt["pairwise"])
+    except RuntimeError as e:
+        raise ConfigError(f"cannot resume from {path}: {e}") from e
+    p.opt_g.load_state_dict(ckpt["opt_g"])
+    if p.opt_d is not None and ckpt.get("opt_d"):
+        p.opt_d.load_state_dict(ckpt["opt_d"])
+    p.sched_g.load_state_dict(_lr_lambda_free(ckpt["sched_g"]))
+    if p.sched_d is not None and ckpt.get("sched_d"):
+        p.sched_d.load_state_dict(_lr_lambda_free(ckpt["sched_d"]))
+    # The schedule's length comes from the current config (max_epoch may have grown):
+    # LambdaLR recomputes the lr from the restored step count on the next step; set it now.
+    for sched in (p.sched_g, p.sched_d):
+        if sched is not None:
+            for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * fn(sched.last_epoch)
+    p.scaler_g.load_state_dict(ckpt["scaler_g"])
+    p.scaler_d.load_state_dict(ckpt["scaler_d"])
+    if p.balancer is not None and ckpt.get("balancer"):
+        p.balancer.load_state_dict(ckpt["balancer"])
+    ckpt_io.restore_rng_state(ckpt["rng"])
+
+
+def find_resume_checkpoint(cfg: DictConfig) -> Path | None:
+    if cfg.checkpoint.resume_path:
+        path = Path(cfg.checkpoint.resume_path)
+        if not path.is_file():
+            raise ConfigError(f"checkpoint.resume_path={path} does not exist.")
+        return path
+    if not cfg.checkpoint.resume:
+        return None
+    path = ckpt_io.latest_checkpoint(cfg.checkpoint.save_folder)
+    if path is None:
+        warnings.warn(f"checkpoint.resume=true but no checkpoint in {cfg.checkpoint.save_folder}; "
+                      "starting from scratch.")
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# Preemption
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (cluster preemption) / Ctrl-C: finish the step, save, exit cleanly.
+    A second Ctrl-C interrupts at once."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: finishing the current step, then saving a checkpoint",
+                    self.requested)
+
+    def __enter__(self) -> "StopFlag":
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                with contextlib.suppress(ValueError):  # not the main thread
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        """All ranks stop together if any rank was signalled."""
+        return du.any_true(self.requested is not None)
+
+
+# ----------------------------------------------------------------------------------------
+# The training loop
+
+
+@dataclass
+class Progress:
+    epoch: int = 1
+    batch: int = 0          # batches done in ``epoch``
+    step: int = 0           # optimizer steps done, all epochs
+    skipped_in_a_row: int = 0
+    skipped_total: int = 0
+    best: float = math.inf
+
+
+def train(cfg: DictConfig, views: int, run_dir: str | Path | None = None,
+          stop_after_step: int | None = None) -> dict[str, Any]:
+    """Train with ``views`` channel views per item (1 = mono, 2 = paired).
+
+    ``stop_after_step`` (also ``common.stop_after_step``) behaves as if the job were
+    preempted after that global step: useful to test resume.
+    Returns a summary: final progress, last validation scalars, checkpoint paths.
+    """
+    cfg = prepare_config(cfg, views)
+    rt = setup_runtime(cfg)
+    run_dir = Path(run_dir) if run_dir else Path(cfg.checkpoint.save_folder)
+    setup_logging(run_dir / cfg.common.log_file, rt.is_main)
+    seed_everything(cfg.common.seed + rt.rank)
+    stop_after_step = stop_after_step or cfg.common.get("stop_after_step")
+
+    train_set, val_set = build_datasets(cfg)
+    steps_per_epoch = steps_in_epoch(train_set, cfg)
+    p = build_parts(cfg, rt, steps_per_epoch)
+    save_folder = Path(cfg.checkpoint.save_folder)
+    save_folder.mkdir(parents=True, exist_ok=True)
+
+    prog = Progress()
+    wandb_id = None
+    resume_path = find_resume_checkpoint(cfg)
+    if resume_path is not None:
+        state = ckpt_io.load_checkpoint(resume_path, rt.device)
+        load_training_state(p, state, cfg, resume_path)
+        prog = Progress(epoch=state["epoch"], batch=state["batch"], step=state["step"],
+                        skipped_total=state.get("skipped_total", 0),
+                        best=state.get("best", math.inf))
+        if prog.batch >= steps_per_epoch:
+            prog.epoch, prog.batch = prog.epoch + 1, 0
+        wandb_id = state.get("wandb_id")
+        log.info("resumed from %s at epoch %d batch %d (step %d)", resume_path, prog.epoch,
+                 prog.batch, prog.step)
+
+    tracker = Tracker(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name,
+                      cfg.wandb.dir or save_folder, OmegaConf.to_container(cfg, resolve=True),
+                      run_id=wandb_id, enabled=rt.is_main)
+    mode = "paired" if views >= 2 else "mono"
+    n_params = sum(t.numel() for t in p.raw_model.parameters())
+    log.info("%s training on %s (world size %d): %d train files, %d val items, %d steps/epoch, "
+             "generator %.2fM parameters", mode, rt.device, rt.world_size, len(train_set.files),
+             len(val_set), steps_per_epoch, n_params / 1e6)
+
+    val_loader = make_loader(val_set, cfg, rt, train=False)
+    d_start = cfg.discriminator.start_epoch or cfg.lr_scheduler.warmup_epoch + 1
+    last_val: dict[str, float] = {}
+    saved: Path | None = None
+
+    def save(epoch: int, batch: int) -> Path | None:
+        nonlocal saved
+        du.barrier()
+        path = None
+        if rt.is_main:
+            extra = {"wandb_id": tracker.run_id, "best": prog.best,
+                     "skipped_total": prog.skipped_total}
+            state = training_state(p, cfg, epoch, batch, prog.step, extra)
+            path = ckpt_io.atomic_save(state, save_folder / ckpt_io.checkpoint_name(epoch, prog.step))
+            ckpt_io.prune_checkpoints(save_folder, cfg.checkpoint.keep_last)
+            log.info("checkpoint saved: %s", path)
+            saved = path
+        du.barrier()
+        return path
+
+    exit_code = 1
+    try:
+        with StopFlag() as stop:
+            stopped = False
+            while prog.epoch <= cfg.common.max_epoch and not stopped:
+                epoch = prog.epoch
+                train_set.set_epoch(epoch)
+                adversarial = p.raw_disc is not None and epoch >= d_start
+                loader = make_loader(train_set, cfg, rt, start_item=prog.batch * cfg.datasets.batch_size)
+                bar = tqdm(total=steps_per_epoch, initial=prog.batch, desc=f"epoch {epoch}",
+                           disable=not rt.is_main, dynamic_ncols=True, leave=False)
+                window: dict[str, list[float]] = {}
+                t0, seen = time.perf_counter(), 0
+                for wavs, metas in loader:
+                    if prog.batch >= steps_per_epoch:
+                        break
+                    update_disc = adversarial and discriminator_coin(
+                        cfg.common.seed, epoch, prog.batch) < cfg.discriminator.update_prob
+                    result = train_step(p, rt, wavs, metas, step=prog.step, adversarial=adversarial,
+                                        update_disc=update_disc,
+                                        grad_clip=cfg.optimization.grad_clip, bins=cfg.model.bins)
+                    prog.batch += 1
+                    if result.ok:
+                        prog.step += 1
+                        prog.skipped_in_a_row = 0
+                        for k, v in result.scalars.items():
+                            window.setdefault(k, []).append(v)
+                    else:
+                        prog.skipped_in_a_row += 1
+                        prog.skipped_total += 1
+                        log.warning("non-finite loss or gradient at epoch %d batch %d: step skipped "
+                                    "(%d in a row, %d in total)", epoch, prog.batch,
+                                    prog.skipped_in_a_row, prog.skipped_total)
+                        if prog.skipped_in_a_row >= cfg.common.max_nonfinite_steps:
+                            path = save(epoch, prog.batch)
+                            raise TrainingDiverged(
+                                f"{prog.skipped_in_a_row} consecutive non-finite steps "
+                                f"(common.max_nonfinite_steps={cfg.common.max_nonfinite_steps}). "
+                                f"The last good state is saved in {path or save_folder}. Try a lower "
+                                "optimization.lr, optimization.grad_clip=1.0, or common.amp=off.")
+                    seen += wavs.shape[0] * wavs.shape[1] * rt.world_size
+                    rate = seen / max(time.perf_counter() - t0, 1e-9)
+                    if result.ok:
+                        bar.set_postfix({k: f"{result.scalars[k]:.3g}" for k in
+                                         ("l_f_ch1", "l_sim", "l_div", "loss_d") if k in result.scalars}
+                                        | {"seg/s": f"{rate:.1f}"})
+                    bar.update(1)
+                    if window and (prog.batch % cfg.common.log_interval == 0
+                                   or prog.batch == steps_per_epoch):
+                        means = {f"train/{k}": float(np.mean(v)) for k, v in window.items()}
+                        means.update({"train/segments_per_s": rate, "epoch": epoch,
+                                      "train/skipped_steps": prog.skipped_total})
+                        tracker.log(means, prog.step)
+                        log.info("epoch %d batch %d/%d step %d: %s", epoch, prog.batch,
+                                 steps_per_epoch, prog.step, " ".join(
+                                     f"{k[6:]}={v:.4g}" for k, v in means.items()
+                                     if k.startswith("train/") and not k.startswith("train/usage")))
+                        window = {}
+                    if stop.agreed() or (stop_after_step is not None and prog.step >= stop_after_step):
+                        stopped = True
+                        break
+                bar.close()
+                if stopped:
+                    save(epoch, prog.batch)
+                    log.info("stopped at epoch %d batch %d (step %d); resume with "
+                             "checkpoint.resume=true", epoch, prog.batch, prog.step)
+                    break
+                if epoch % cfg.common.val_interval == 0 or epoch == cfg.common.max_epoch:
+                    last_val = validate(p, rt, cfg, val_loader, epoch, prog.step, tracker,
+                                        save_folder / "audio")
+                    metric = last_val.get(cfg.checkpoint.best_metric)
+                    if rt.is_main and metric is not None and metric < prog.best:
+                        prog.best = metric
+                        extra = {"wandb_id": tracker.run_id, "best": prog.best,
+                                 "skipped_total": prog.skipped_total}
+                        ckpt_io.atomic_save(training_state(p, cfg, epoch, steps_per_epoch,
+                                                           prog.step, extra), save_folder / "best.pt")
+                if epoch % cfg.common.save_interval == 0 or epoch == cfg.common.max_epoch:
+                    save(epoch, steps_per_epoch)
+                prog.epoch, prog.batch = epoch + 1, 0
+        exit_code = 0
+    finally:
+        tracker.finish(exit_code)
+        du.destroy_process_group()
+    return {"epoch": prog.epoch, "step": prog.step, "skipped": prog.skipped_total,
+            "val": last_val, "checkpoint": saved, "save_folder": save_folder}
