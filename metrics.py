@@ -188,7 +188,7 @@ def _rolled(items: Tensor | Sequence[Tensor]):
     if isinstance(items, Tensor):
         if items.shape[0] < 2:
             raise ValueError("chance level needs at least 2 items (different segments) per batch")
-        return items.roll(1, dims=0)
+        return items.roll(-1, dims=0)
     return [_rolled(item) for item in items]
 
 
@@ -474,9 +474,8 @@ class MetricAccumulator:
         self._pending_item = items[-1]
 
     def _add_chance_pair(self, current, following) -> None:
-        codes_a, emb_a = current[0][None], None if current[1] is None else [e[None] for e in current[1]]
-        codes_b, emb_b = following[0][None], None if following[1] is None else [e[None] for e in following[1]]
-        agree, cos = self._pair_stats(codes_a, emb_a, codes_b, emb_b)
+        agree, cos = self._pair_stats(current[0][None], self._wrap(current[1]),
+                                      following[0][None], self._wrap(following[1]))
         self._chance_agreement.append(agree)
         self._chance_cosine.append(cos)
 

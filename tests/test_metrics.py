@@ -1,0 +1,248 @@
+"""Metric functions on constructed cases whose right answer is known."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import metrics
+
+
+@pytest.fixture
+def signals():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 2400, generator=gen)
+    noise = torch.randn(3, 1, 2400, generator=gen)
+    return x, noise
+
+
+# -- reconstruction ---------------------------------------------------------------------
+
+def test_identical_signals_score_perfectly(signals):
+    x, _ = signals
+    assert torch.all(metrics.si_snr(x, x.clone()) > 90)
+    assert torch.allclose(metrics.mel_distance(x, x.clone()), torch.zeros(3))
+    assert torch.allclose(metrics.stft_distance(x, x.clone()), torch.zeros(3))
+
+
+def test_more_noise_scores_worse_per_item(signals):
+    x, noise = signals
+    light, heavy = x + 0.05 * noise, x + 0.5 * noise
+    assert torch.all(metrics.si_snr(x, light) > metrics.si_snr(x, heavy))
+    assert torch.all(metrics.mel_distance(x, light) < metrics.mel_distance(x, heavy))
+    assert torch.all(metrics.stft_distance(x, light) < metrics.stft_distance(x, heavy))
+    # SI-SNR of x + a * n against x is close to 10 log10(|x|^2 / |a n|^2) for white noise.
+    expected = 10 * torch.log10(x.pow(2).sum(dim=(1, 2)) / (0.5 * noise).pow(2).sum(dim=(1, 2)))
+    assert torch.allclose(metrics.si_snr(x, heavy), expected, atol=0.5)
+
+
+def test_si_snr_ignores_gain_but_mel_distance_does_not(signals):
+    x, _ = signals
+    assert torch.all(metrics.si_snr(x, 3.0 * x) > 90)
+    assert torch.all(metrics.mel_distance(x, 3.0 * x) > 0.3)  # log10(3) ~ 0.48 per bin
+
+
+def test_bad_shapes_and_short_signals_are_rejected(signals):
+    x, _ = signals
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.si_snr(x, x[..., :100])
+    with pytest.raises(ValueError, match="too short"):
+        metrics.mel_distance(x[..., :500], x[..., :500])
+
+
+def test_nominal_bitrate_matches_encodec_1_5_kbps():
+    assert metrics.nominal_bitrate_kbps(n_q=2, bins=1024, frame_rate=75) == pytest.approx(1.5)
+
+
+# -- codebook health --------------------------------------------------------------------
+
+def test_perplexity_entropy_and_dead_codes():
+    bins = 8
+    constant = torch.zeros(4, 1, 10, dtype=torch.long)
+    uniform = torch.arange(bins).repeat(4).reshape(4, 1, bins)
+    half = torch.arange(bins // 2).repeat(4).reshape(4, 1, bins // 2)
+    codes = torch.cat([constant[..., :4], uniform[..., :4]], dim=1)  # 2 codebooks
+    assert metrics.codebook_perplexity(constant, bins).tolist() == pytest.approx([1.0])
+    assert metrics.codebook_perplexity(uniform, bins).tolist() == pytest.approx([bins])
+    assert metrics.codebook_entropy(half, bins).tolist() == pytest.approx([math.log(bins // 2)])
+    assert metrics.dead_codes(half, bins).tolist() == [bins // 2]
+    hist = metrics.codebook_histogram(codes, bins)
+    assert hist.shape == (2, bins)
+    assert hist[0].tolist() == [16] + [0] * 7
+    assert hist[1].tolist() == [4, 4, 4, 4, 0, 0, 0, 0]
+
+
+def test_codes_out_of_range_are_rejected():
+    with pytest.raises(ValueError, match="out of range"):
+        metrics.codebook_histogram(torch.full((1, 2, 3), 9), bins=8)
+    with pytest.raises(ValueError, match="integer"):
+        metrics.codebook_histogram(torch.zeros(1, 2, 3), bins=8)
+
+
+# -- agreement and cosine ---------------------------------------------------------------
+
+def test_shared_codebook_agrees_and_channel_codebook_does_not():
+    gen = torch.Generator().manual_seed(1)
+    bins, n, frames = 64, 50, 20
+    content = torch.randint(0, bins, (n, 1, frames), generator=gen)
+    codes_a = torch.cat([content, torch.randint(0, bins, (n, 1, frames), generator=gen)], dim=1)
+    codes_b = torch.cat([content, torch.randint(0, bins, (n, 1, frames), generator=gen)], dim=1)
+    agreement = metrics.code_agreement(codes_a, codes_b)
+    chance = metrics.chance_agreement(codes_a, codes_b)
+    assert agreement[0] == 1.0
+    assert agreement[1] < 0.05
+    assert chance.tolist() == pytest.approx([1 / bins, 1 / bins], abs=0.02)
+
+
+def test_chance_needs_two_segments():
+    codes = torch.zeros(1, 2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="at least 2 items"):
+        metrics.chance_agreement(codes, codes)
+
+
+def test_embedding_cosine_identical_opposite_and_chance():
+    gen = torch.Generator().manual_seed(2)
+    a = [torch.randn(6, 16, 5, generator=gen) for _ in range(2)]
+    b = [a[0].clone(), -a[1]]
+    assert metrics.embedding_cosine(a, b).tolist() == pytest.approx([1.0, -1.0])
+    assert metrics.chance_cosine(a, b).abs().max() < 0.3
+
+
+# -- swap test --------------------------------------------------------------------------
+
+def test_swap_variants_bookkeeping():
+    assert metrics.swap_variants(2) == {
+        "recon_a": ("a", "a"), "swap": ("a", "b"), "content_a": ("a", None), "rest_b": (None, "b")}
+    assert metrics.swap_variants(3, content_codebook=1)["swap"] == ("b", "a", "b")
+    with pytest.raises(ValueError):
+        metrics.swap_variants(1)
+
+
+def test_swap_test_measures_the_mixture_against_both_channels():
+    """A 'decoder' that returns the latent itself makes every distance predictable.
+
+    Codebook 1 is shared by both channels and codebook 2 holds the difference, so
+    content(A) + channel(B) must reproduce x_B exactly, and A's reconstruction x_A.
+    """
+    gen = torch.Generator().manual_seed(3)
+    n, length = 2, 2400
+    shared = torch.randn(n, 1, length, generator=gen)
+    emb_a = [shared, 0.3 * torch.randn(n, 1, length, generator=gen)]
+    emb_b = [shared.clone(), 0.3 * torch.randn(n, 1, length, generator=gen)]
+    x_a, x_b = emb_a[0] + emb_a[1], emb_b[0] + emb_b[1]
+    levels = []
+
+    def decode(latent, level_view):
+        levels.append(level_view)
+        return latent
+
+    result = metrics.swap_test(decode, emb_a, emb_b, x_a, x_b)
+    assert set(result) == {"recon_a", "swap", "content_a", "rest_b"}
+    assert levels == ["a", "b", "a", "b"]
+    assert torch.allclose(result["recon_a"]["mel_to_a"], torch.zeros(n))
+    assert torch.allclose(result["swap"]["mel_to_b"], torch.zeros(n))
+    assert torch.all(result["swap"]["mel_to_a"] > 0.05)
+    assert torch.all(result["swap"]["si_snr_to_b"] > result["swap"]["si_snr_to_a"] + 10)
+    # Codebook 1 alone is the shared part: equally far from both channels.
+    assert torch.allclose(result["content_a"]["si_snr_to_a"], result["content_a"]["si_snr_to_b"], atol=1.0)
+
+
+# -- channel-identity probe -------------------------------------------------------------
+
+def _probe_features(codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Embed codes `[N, V, n_q, F]` with a per-codebook table `[n_q, bins, D]` and time-pool."""
+    n_q = codes.shape[2]
+    embedded = torch.stack([table[k][codes[:, :, k]] for k in range(n_q)], dim=2)  # [N, V, n_q, F, D]
+    return embedded.mean(dim=3)
+
+
+def test_probe_is_at_chance_on_random_codes_and_perfect_on_channel_codes():
+    gen = torch.Generator().manual_seed(4)
+    n_items, bins, frames, n_channels = 160, 32, 6, 4
+    channels = torch.stack([torch.randperm(n_channels, generator=gen)[:2] for _ in range(n_items)])
+    random_codes = torch.randint(0, bins, (n_items, 2, 1, frames), generator=gen)
+    channel_codes = (channels * 8)[..., None, None].expand(n_items, 2, 1, frames)  # a code per channel
+    codes = torch.cat([random_codes, channel_codes], dim=2)
+    table = torch.randn(2, bins, 8, generator=gen)
+    features = _probe_features(codes, table)
+
+    accuracy, chance = metrics.channel_probe_accuracy(features, channels, steps=100)
+    assert chance == pytest.approx(1 / n_channels)
+    assert abs(accuracy[0] - chance) < 0.12
+    assert accuracy[1] > 0.95
+
+
+def test_probe_split_interleaves_items():
+    train, test = metrics.probe_split(5)
+    assert train.tolist() == [0, 2, 4] and test.tolist() == [1, 3]
+
+
+# -- accumulator ------------------------------------------------------------------------
+
+def _stream(n_items=7, views=2, n_q=2, bins=16, frames=6, dim=8, length=2400, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    wavs = torch.randn(n_items, views, 1, length, generator=gen)
+    audio = wavs + 0.1 * torch.randn(wavs.shape, generator=gen)
+    codes = torch.randint(0, bins, (n_items, views, n_q, frames), generator=gen)
+    codes[:, 1:, 0] = codes[:, :1, 0]  # codebook 1 shared across the views
+    embeddings = [torch.randn(n_items, views, dim, frames, generator=gen) for _ in range(n_q)]
+    channels = torch.randint(0, 4, (n_items, views), generator=gen)
+    return wavs, audio, codes, embeddings, channels
+
+
+def _accumulate(stream, batch_size, flatten=False, n_q=2, bins=16):
+    wavs, audio, codes, embeddings, channels = stream
+    acc = metrics.MetricAccumulator(n_q=n_q, bins=bins, sample_rate=24000, frame_rate=75, probe_steps=20)
+    for start in range(0, wavs.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        batch = [audio[part], codes[part], [e[part] for e in embeddings]]
+        if flatten:
+            batch = [batch[0].flatten(0, 1), batch[1].flatten(0, 1), [e.flatten(0, 1) for e in batch[2]]]
+        acc.update(wavs[part], *batch, channels=channels[part])
+    return acc.compute()
+
+
+def test_accumulator_matches_the_batch_functions_and_ignores_batch_size():
+    stream = _stream()
+    wavs, audio, codes, embeddings, _ = stream
+    whole = _accumulate(stream, batch_size=7)
+    emb_a, emb_b = [e[:, 0] for e in embeddings], [e[:, 1] for e in embeddings]
+    assert whole["num_items"] == 7
+    assert whole["codebook_agreement"][0] == 1.0
+    assert whole["codebook_agreement"] == pytest.approx(metrics.code_agreement(codes[:, 0], codes[:, 1]).tolist())
+    assert whole["chance_agreement"] == pytest.approx(metrics.chance_agreement(codes[:, 0], codes[:, 1]).tolist())
+    assert whole["embedding_cosine"] == pytest.approx(metrics.embedding_cosine(emb_a, emb_b).tolist(), abs=1e-6)
+    assert whole["chance_cosine"] == pytest.approx(metrics.chance_cosine(emb_a, emb_b).tolist(), abs=1e-6)
+    assert whole["si_snr"] == pytest.approx(metrics.si_snr(wavs.flatten(0, 1), audio.flatten(0, 1)).mean().item(), rel=1e-5)
+    assert whole["perplexity"] == pytest.approx(metrics.codebook_perplexity(codes.flatten(0, 1), 16).tolist())
+    assert len(whole["probe_accuracy"]) == 2 and whole["probe_chance"] == pytest.approx(0.25)
+
+    for batch_size, flatten in ((1, False), (3, True)):
+        other = _accumulate(stream, batch_size, flatten)
+        for key in ("codebook_agreement", "chance_agreement", "chance_cosine", "perplexity", "si_snr",
+                    "mel_distance", "probe_accuracy"):
+            assert other[key] == pytest.approx(whole[key], abs=1e-6), key
+
+
+def test_accumulator_mono_has_no_pair_metrics_and_rejects_misuse():
+    wavs, audio, codes, embeddings, channels = _stream(views=1)
+    acc = metrics.MetricAccumulator(n_q=2, bins=16, sample_rate=24000, frame_rate=75)
+    with pytest.raises(RuntimeError, match="before any update"):
+        acc.compute()
+    acc.update(wavs, audio, codes, embeddings)
+    results = acc.compute()
+    assert results["codebook_agreement"] is None and results["chance_agreement"] is None
+    assert results["probe_accuracy"] is None  # no channel labels given
+    with pytest.raises(ValueError, match="views changed"):
+        acc.update(*_stream(views=2)[:4])
+    with pytest.raises(ValueError, match="codebooks"):
+        metrics.MetricAccumulator(n_q=3, bins=16, sample_rate=24000, frame_rate=75).update(wavs, audio, codes)
+
+
+def test_accumulator_averages_swap_results():
+    wavs, audio, codes, _, _ = _stream(n_items=4)
+    acc = metrics.MetricAccumulator(n_q=2, bins=16, sample_rate=24000, frame_rate=75)
+    acc.update(wavs[:2], audio[:2], codes[:2], swap={"swap": {"mel_to_b": torch.tensor([1.0, 2.0])}})
+    acc.update(wavs[2:], audio[2:], codes[2:], swap={"swap": {"mel_to_b": torch.tensor([3.0, 6.0])}})
+    assert acc.compute()["swap_test"] == {"swap": {"mel_to_b": 3.0}}
