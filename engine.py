@@ -284,6 +284,13 @@ def split_views(t: torch.Tensor, batch: int, views: int) -> list[torch.Tensor]:
     return [t[:, v] for v in range(views)]
 
 
+def views_of_embeddings(embeddings: list[torch.Tensor], batch: int,
+                        views: int) -> list[list[torch.Tensor]]:
+    """Per-codebook [B*V, D, F] -> per view, a list of per-codebook [B, D, F]."""
+    split = [split_views(e, batch, views) for e in embeddings]
+    return [[split[k][v] for k in range(len(split))] for v in range(views)]
+
+
 def per_view_means(items: dict[str, torch.Tensor], batch: int, views: int) -> dict[str, torch.Tensor]:
     """Per-item losses [B*V] -> per-view means [V]."""
     return {k: v.reshape(batch, views).mean(0) for k, v in items.items()}
@@ -348,10 +355,8 @@ def train_step(p: Parts, rt: Runtime, wavs: torch.Tensor, metas: list[dict[str, 
     rest = p.weights["commit"] * commit
     pair: dict[str, torch.Tensor] = {}
     if p.pairwise is not None:
-        emb_views = [split_views(e, batch, views) for e in out.embeddings]  # [n_q][V]
-        per_view_embs = [[emb_views[k][v] for k in range(len(emb_views))] for v in range(views)]
         channels = torch.tensor([m["channels"] for m in metas], device=rt.device)
-        pair = p.pairwise(per_view_embs, step, classes=[m["class"] for m in metas],
+        pair = p.pairwise(views_of_embeddings(out.embeddings, batch, views), step, classes=[m["class"] for m in metas],
                           channels=channels)
         rest = rest + sum(pair[k] for k in ("l_sim", "l_div", "l_cls") if k in pair)
 
@@ -427,66 +432,86 @@ def train_step(p: Parts, rt: Runtime, wavs: torch.Tensor, metas: list[dict[str, 
 @torch.no_grad()
 def validate(p: Parts, rt: Runtime, cfg: DictConfig, loader: DataLoader, epoch: int,
              step: int, tracker: Tracker, audio_dir: Path | None) -> dict[str, float]:
-    """Mean losses per channel, pairwise losses, SI-SNR, mel distance and per-codebook
-    cross-channel code agreement over ALL fixed validation items (every rank takes its
-    share; the sums are all-reduced)."""
+    """Over ALL fixed validation items: mean losses per channel, pairwise losses, SI-SNR,
+    mel distance, codebook perplexity, per-codebook cross-channel code agreement against
+    its chance level, and the channel-identity probe (metrics.MetricAccumulator)."""
     p.model.eval()
-    acc = metrics.ValidationAccumulator(n_q=p.raw_model.n_q, bins=cfg.model.bins)
-    saved_audio: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = []
+    model = p.raw_model
+    acc = metrics.MetricAccumulator(n_q=model.n_q, bins=cfg.model.bins,
+                                    sample_rate=model.sample_rate, frame_rate=model.frame_rate)
+    loss_sums: dict[str, float] = {}
+    n_items = 0
+    to_save: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = []
     for wavs, metas in loader:
         batch, views = wavs.shape[:2]
         x = wavs.to(rt.device).flatten(0, 1)
         with rt.autocast():
-            out = p.raw_model(x, return_embeddings=True)
+            out = model(x, return_embeddings=True)
         y = out.audio.float()
-        items = p.gen_loss(x, y)
-        losses = {f"{k}_ch{v + 1}": (val.reshape(batch, views)[:, v], batch)
-                  for k, val in items.items() for v in range(views)}
-        emb_views = [split_views(e, batch, views) for e in out.embeddings]
-        per_view_embs = [[emb_views[k][v] for k in range(len(emb_views))] for v in range(views)]
+        losses = per_view_means(p.gen_loss(x, y), batch, views)
+        batch_sums = {f"{k}_ch{v + 1}": pv[v] * batch for k, pv in losses.items()
+                      for v in range(views)}
         if p.pairwise is not None:
-            pair = p.pairwise(per_view_embs, step)
-            losses.update({k: (pair[k].reshape(1).expand(batch), batch)
-                           for k in ("l_sim", "l_div", "sim", "div") if k in pair})
-        acc.update(x=split_views(x, batch, views), y=split_views(y, batch, views),
-                   codes=split_views(out.codes, batch, views), losses=losses)
-        if audio_dir is not None and len(saved_audio) < cfg.checkpoint.save_audio:
-            for b in range(min(batch, cfg.checkpoint.save_audio - len(saved_audio))):
-                saved_audio.append((wavs[b].cpu(), y.reshape(batch, views, *y.shape[1:])[b].cpu(),
-                                    metas[b]))
-    results = acc.compute()
-    scalars = {f"val/{k}": v for k, v in results.items()}
+            pair = p.pairwise(views_of_embeddings(out.embeddings, batch, views), step)
+            batch_sums.update({k: pair[k] * batch for k in ("l_sim", "l_div", "sim", "div")
+                               if k in pair})
+        for k, v in batch_sums.items():
+            loss_sums[k] = loss_sums.get(k, 0.0) + float(v)
+        n_items += batch
+        acc.update_from_output(wavs, out, metas)
+        for b in range(min(batch, cfg.checkpoint.save_audio - len(to_save))):
+            to_save.append((wavs[b].cpu(), y.reshape(batch, views, *y.shape[1:])[b].cpu(), metas[b]))
+    scalars = {f"val/{k}": v / n_items for k, v in loss_sums.items()}
+    scalars.update({f"val/{k}": v for k, v in flatten_metrics(acc.compute()).items()})
     if rt.is_main:
-        summary = " ".join(f"{k}={v:.4g}" for k, v in scalars.items()
-                           if k.split("/")[1].split("_ch")[0] in
-                           ("l_t", "l_f", "l_sim", "l_div", "si_snr", "mel_distance", "agreement_cb1", "agreement_cb2"))
-        log.info("validation epoch %d: %s", epoch, summary)
+        log.info("validation epoch %d: %s", epoch, " ".join(
+            f"{k[4:]}={scalars[k]:.4g}" for k in VAL_SUMMARY if k in scalars))
         tracker.log({**scalars, "epoch": epoch}, step)
-        if audio_dir is not None and saved_audio:
-            write_validation_audio(saved_audio, audio_dir / f"epoch{epoch:04d}",
+        if audio_dir is not None and to_save:
+            write_validation_audio(to_save, audio_dir / f"epoch{epoch:04d}",
                                    cfg.model.sample_rate, tracker, step)
     return scalars
 
 
+VAL_SUMMARY = ("val/l_f_ch1", "val/l_sim", "val/l_div", "val/si_snr", "val/mel_distance",
+               "val/agreement_cb1", "val/chance_agreement_cb1", "val/agreement_cb2",
+               "val/chance_agreement_cb2", "val/probe_accuracy_cb1", "val/probe_accuracy_cb2")
+
+# Accumulator result -> logged name prefix, for the per-codebook lists.
+PER_CODEBOOK = {"perplexity": "perplexity", "dead_codes": "dead_codes",
+                "codebook_agreement": "agreement", "chance_agreement": "chance_agreement",
+                "embedding_cosine": "cosine", "chance_cosine": "chance_cosine",
+                "probe_accuracy": "probe_accuracy"}
+
+
+def flatten_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """MetricAccumulator results -> flat scalars: lists become ``_cbK`` / ``_chV`` entries."""
+    flat: dict[str, float] = {}
+    for key in ("si_snr", "mel_distance", "stft_distance", "effective_bitrate_kbps", "probe_chance"):
+        if results.get(key) is not None:
+            flat[key] = float(results[key])
+    for key in ("si_snr", "mel_distance"):
+        for v, value in enumerate(results.get(f"{key}_per_view") or []):
+            flat[f"{key}_ch{v + 1}"] = float(value)
+    for key, name in PER_CODEBOOK.items():
+        for k, value in enumerate(results.get(key) or []):
+            flat[f"{name}_cb{k + 1}"] = float(value)
+    return flat
+
+
 def write_validation_audio(items, folder: Path, sample_rate: int, tracker: Tracker,
                            step: int) -> None:
-    """Input and reconstruction of every view as WAV, plus wandb audio and spectrograms."""
+    """Input and reconstruction of every view as WAV files, and as wandb audio."""
     import soundfile as sf
     folder.mkdir(parents=True, exist_ok=True)
-    audio, images = {}, {}
+    audio = {}
     for i, (inp, rec, meta) in enumerate(items):
         for v, ch in enumerate(meta["channels"]):
             for kind, wav in (("input", inp[v]), ("recon", rec[v])):
                 data = wav.squeeze(0).numpy()
                 sf.write(folder / f"item{i}_ch{ch}_{kind}.wav", data, sample_rate, subtype="FLOAT")
                 audio[f"audio/item{i}_view{v + 1}_{kind}"] = data
-        if tracker.run is not None:
-            images[f"spectrogram/item{i}"] = metrics.spectrogram_figure(
-                [inp[v].squeeze(0) for v in range(len(inp))],
-                [rec[v].squeeze(0) for v in range(len(rec))], sample_rate,
-                title=f"{Path(meta['path']).name} channels {meta['channels']}")
     tracker.log_audio(audio, sample_rate, step)
-    tracker.log_images(images, step)
 
 
 # ----------------------------------------------------------------------------------------
