@@ -18,7 +18,7 @@ import math
 import signal
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -39,7 +39,7 @@ from losses import GeneratorLoss, discriminator_loss
 from model import EncodecModel
 from msstftd import MultiScaleSTFTDiscriminator
 from paired_channel_dataset import MonoChannelDataset, PairedChannelDataset, collate_fn
-from pairwise_losses import PairwiseLoss
+from pairwise_losses import PairwiseLoss, split_views
 from tracking import Tracker, setup_logging
 
 log = logging.getLogger("encodec")
@@ -87,6 +87,9 @@ def prepare_config(cfg: DictConfig, views: int) -> DictConfig:
                 raise ConfigError(
                     f"pairwise.{key}={cfg.pairwise[key]} but model.n_q={n_q}: paired training "
                     f"needs that codebook; use model.n_q>={cfg.pairwise[key] + 1}.")
+    if cfg.balancer.enabled and cfg.common.amp == "fp16":
+        raise ConfigError("balancer.enabled=true does not combine with common.amp=fp16 (the "
+                          "balancer normalises gradients itself); use common.amp=bf16 or off.")
     if cfg.datasets.fixed_length < cfg.datasets.batch_size:
         raise ConfigError(f"datasets.fixed_length={cfg.datasets.fixed_length} is smaller than "
                           f"datasets.batch_size={cfg.datasets.batch_size}: an epoch has no step.")
@@ -172,7 +175,6 @@ class Parts:
     sched_d: torch.optim.lr_scheduler.LambdaLR | None
     scaler_g: torch.amp.GradScaler
     scaler_d: torch.amp.GradScaler
-    weights: dict[str, float] = field(default_factory=dict)
 
     def generator_params(self) -> list[nn.Parameter]:
         return [p for group in self.opt_g.param_groups for p in group["params"]]
@@ -228,9 +230,8 @@ def build_parts(cfg: DictConfig, rt: Runtime, steps_per_epoch: int) -> Parts:
             disc = nn.parallel.DistributedDataParallel(raw_disc, device_ids=ids, **ddp)
     if cfg.common.compile:
         model = torch.compile(model)
-    weights = {k: float(v) for k, v in cfg.losses.items()}
     return Parts(raw_model, raw_disc, model, disc, gen_loss, pairwise, balancer, opt_g, opt_d,
-                 sched_g, sched_d, scaler_g, scaler_d, weights)
+                 sched_g, sched_d, scaler_g, scaler_d)
 
 
 # ----------------------------------------------------------------------------------------
@@ -276,19 +277,6 @@ def discriminator_coin(seed: int, epoch: int, batch: int) -> float:
 
 # ----------------------------------------------------------------------------------------
 # One training step
-
-
-def split_views(t: torch.Tensor, batch: int, views: int) -> list[torch.Tensor]:
-    """[B*V, ...] (view-major inside an item) -> V tensors [B, ...]."""
-    t = t.reshape(batch, views, *t.shape[1:])
-    return [t[:, v] for v in range(views)]
-
-
-def views_of_embeddings(embeddings: list[torch.Tensor], batch: int,
-                        views: int) -> list[list[torch.Tensor]]:
-    """Per-codebook [B*V, D, F] -> per view, a list of per-codebook [B, D, F]."""
-    split = [split_views(e, batch, views) for e in embeddings]
-    return [[split[k][v] for k in range(len(split))] for v in range(views)]
 
 
 def per_view_means(items: dict[str, torch.Tensor], batch: int, views: int) -> dict[str, torch.Tensor]:
@@ -352,22 +340,20 @@ def train_step(p: Parts, rt: Runtime, wavs: torch.Tensor, metas: list[dict[str, 
     views_losses = per_view_means(items, batch, views)
     per_loss = {k: v.sum() for k, v in views_losses.items()}
     commit = out.commit_loss * views  # mean over B*V items -> sum of per-view means
-    rest = p.weights["commit"] * commit
+    rest = p.gen_loss.commit_weight * commit
     pair: dict[str, torch.Tensor] = {}
     if p.pairwise is not None:
         channels = torch.tensor([m["channels"] for m in metas], device=rt.device)
-        pair = p.pairwise(views_of_embeddings(out.embeddings, batch, views), step, classes=[m["class"] for m in metas],
+        pair = p.pairwise(split_views(out.embeddings, views), step, classes=[m["class"] for m in metas],
                           channels=channels)
         rest = rest + sum(pair[k] for k in ("l_sim", "l_div", "l_cls") if k in pair)
 
+    loss_g = p.gen_loss.weighted_sum(per_loss) + rest
     p.opt_g.zero_grad(set_to_none=True)
     if p.balancer is not None:
-        grad_y = p.balancer.balanced_grad(per_loss, y)
-        scale = p.scaler_g.get_scale() if p.scaler_g.is_enabled() else 1.0
-        torch.autograd.backward([y, rest], [grad_y * scale, torch.full_like(rest, scale)])
-        loss_g = sum(p.weights[k] * v for k, v in per_loss.items()) + rest
+        # Output-dependent losses through the balancer, the rest as is: one backward.
+        p.balancer.backward(per_loss, y, rest)
     else:
-        loss_g = sum(p.weights[k] * v for k, v in per_loss.items()) + rest
         p.scaler_g.scale(loss_g).backward()
     p.scaler_g.unscale_(p.opt_g)
     max_norm = grad_clip if grad_clip > 0 else float("inf")
@@ -452,7 +438,7 @@ def validate(p: Parts, rt: Runtime, cfg: DictConfig, loader: DataLoader, epoch: 
         batch_sums = {f"{k}_ch{v + 1}": pv[v] * batch for k, pv in losses.items()
                       for v in range(views)}
         if p.pairwise is not None:
-            pair = p.pairwise(views_of_embeddings(out.embeddings, batch, views), step)
+            pair = p.pairwise(split_views(out.embeddings, views), step)
             batch_sums.update({k: pair[k] * batch for k in ("l_sim", "l_div", "sim", "div")
                                if k in pair})
         for k, v in batch_sums.items():

@@ -1,0 +1,189 @@
+"""The training engine end to end, with the tiny preset on synthetic EigenScape data."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoints as ckpt_io
+import engine
+from conftest import ROOT, make_config
+
+
+def tiny(tmp_path: Path, data_root: Path, name: str = "config_paired_nq2",
+         extra: list[str] | None = None):
+    return make_config(name, [f"datasets.data_root={data_root}",
+                              f"checkpoint.save_folder={tmp_path / 'ckpt'}", *(extra or [])])
+
+
+def run_script(script: str, args: list[str], cwd: Path, timeout: int = 300,
+               **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def model_state(path: Path) -> dict[str, torch.Tensor]:
+    return ckpt_io.load_checkpoint(path)["model"]
+
+
+@pytest.mark.parametrize("script,views", [("train_paired_gpu.py", 2), ("train_single_gpu.py", 1)])
+def test_scripts_train_through_hydra_and_write_checkpoint_and_audio(tmp_path, synth_root, script, views):
+    save = tmp_path / "ckpt"
+    res = run_script(script, ["+preset=tiny", f"datasets.data_root={synth_root}",
+                              "checkpoint.save_folder=ckpt", "common.max_epoch=1",
+                              f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # Relative save_folder is relative to where the command started, not Hydra's run dir.
+    ckpts = ckpt_io.list_checkpoints(save)
+    assert ckpts, f"no checkpoint in {save}: {list(tmp_path.rglob('*'))}"
+    state = ckpt_io.load_checkpoint(ckpts[-1])
+    assert {"model", "discriminator", "config", "epoch", "step"} <= set(state)
+    assert state["config"]["datasets"]["views"] == views
+    assert state["step"] == 2  # fixed_length 4 / batch 2
+    wavs = sorted((save / "audio" / "epoch0001").glob("*.wav"))
+    assert any("recon" in w.name for w in wavs) and any("input" in w.name for w in wavs)
+    assert (tmp_path / "hydra" / "train.log").is_file()
+    log_text = (tmp_path / "hydra" / "train.log").read_text()
+    assert "validation epoch 1" in log_text
+    if views == 2:
+        assert "l_sim" in log_text and "agreement_cb2" in log_text
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    res = run_script("train_paired_gpu.py", ["+preset=tiny"], cwd=tmp_path)
+    assert res.returncode != 0
+    assert "datasets.data_root is required" in res.stderr
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, synth_root):
+    extra = ["common.max_epoch=2", "datasets.fixed_length=6", "common.save_interval=5",
+             "common.val_interval=5"]  # 3 steps per epoch, no periodic saves in between
+    full = engine.train(tiny(tmp_path / "full", synth_root, extra=extra), views=2)
+    assert full["step"] == 6
+
+    part_cfg = tiny(tmp_path / "part", synth_root, extra=extra)
+    first = engine.train(part_cfg, views=2, stop_after_step=4)  # mid-epoch 2
+    assert first["step"] == 4
+    state = ckpt_io.load_checkpoint(first["checkpoint"])
+    assert (state["epoch"], state["batch"]) == (2, 1)
+    resumed = engine.train(tiny(tmp_path / "part", synth_root,
+                                extra=[*extra, "checkpoint.resume=true"]), views=2)
+    assert resumed["step"] == 6
+
+    a, b = model_state(full["checkpoint"]), model_state(resumed["checkpoint"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    da = ckpt_io.load_checkpoint(full["checkpoint"])["opt_d"]["state"]
+    db = ckpt_io.load_checkpoint(resumed["checkpoint"])["opt_d"]["state"]
+    for k in da:
+        assert torch.equal(da[k]["exp_avg"], db[k]["exp_avg"])
+
+
+def test_resume_with_shape_changing_config_fails_clearly(tmp_path, synth_root):
+    engine.train(tiny(tmp_path, synth_root, extra=["common.max_epoch=1"]), views=2)
+    cfg = tiny(tmp_path, synth_root, extra=["common.max_epoch=2", "checkpoint.resume=true",
+                                            "model.n_q=3"])
+    with pytest.raises(engine.ConfigError, match=r"model\.n_q: checkpoint 2 vs now 3"):
+        engine.train(cfg, views=2)
+
+
+def test_atomic_save_keeps_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    ckpt_io.atomic_save({"model": {"w": torch.ones(3)}, "config": {}}, path)
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt_io.atomic_save({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    monkeypatch.undo()
+    assert torch.equal(ckpt_io.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary left behind
+
+
+def test_checkpoint_loading_refuses_code(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Payload(), "config": {}}, path)
+    with pytest.raises(RuntimeError, match="could not load checkpoint"):
+        ckpt_io.load_checkpoint(path)
+
+
+def test_non_finite_steps_are_skipped_then_training_stops_with_a_checkpoint(tmp_path, synth_root,
+                                                                         monkeypatch):
+    real_forward = engine.GeneratorLoss.forward
+    calls = {"n": 0}
+
+    def nan_after_first(self, x, y, *args, **kwargs):
+        losses = real_forward(self, x, y, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 1:  # the first step is fine, every later one is NaN
+            losses["l_t"] = losses["l_t"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(engine.GeneratorLoss, "forward", nan_after_first)
+    cfg = tiny(tmp_path, synth_root, extra=["datasets.fixed_length=10", "common.max_nonfinite_steps=3"])
+    with pytest.raises(engine.TrainingDiverged, match="3 consecutive non-finite steps"):
+        engine.train(cfg, views=2)
+    saved = ckpt_io.latest_checkpoint(tmp_path / "ckpt")
+    assert saved is not None
+    state = ckpt_io.load_checkpoint(saved)
+    assert state["step"] == 1 and state["skipped_total"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, synth_root):
+    args = ["+preset=tiny", f"datasets.data_root={synth_root}", "checkpoint.save_folder=ckpt",
+            "datasets.fixed_length=2000", "common.max_epoch=1", "common.log_interval=1",
+            f"hydra.run.dir={tmp_path / 'hydra'}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_paired_gpu.py"), *args], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "step 2:" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    text = "".join(lines) + out
+    assert proc.returncode == 0, text[-3000:]
+    assert "SIGTERM received" in text
+    saved = ckpt_io.latest_checkpoint(tmp_path / "ckpt")
+    assert saved is not None, text[-3000:]
+    state = ckpt_io.load_checkpoint(saved)
+    assert state["epoch"] == 1 and 2 <= state["batch"] < 1000
+
+
+def test_wandb_online_failure_falls_back_to_offline(tmp_path, monkeypatch):
+    from tracking import Tracker
+    modes = []
+    real_init = Tracker._init
+
+    def fake_init(mode, kwargs):
+        modes.append(mode)
+        if mode == "online":
+            raise RuntimeError("no network")
+        return real_init(mode, kwargs)
+
+    monkeypatch.setattr(Tracker, "_init", staticmethod(fake_init))
+    with pytest.warns(UserWarning, match="falling back to wandb offline"):
+        tracker = Tracker("online", "test", None, tmp_path, {"a": 1})
+    assert modes == ["online", "offline"] and tracker.mode == "offline"
+    tracker.log({"x": 1.0}, step=1)
+    tracker.finish()
+    assert list(tmp_path.rglob("*.wandb")), "offline run files were not written"
