@@ -1,0 +1,296 @@
+"""EnCodec 24 kHz: SEANet encoder/decoder around a residual vector quantizer.
+
+One forward contract in train and eval mode (`EncodecOutput`), per-codebook embeddings with a
+gradient into the encoder for every codebook, and loading of the official 24 kHz checkpoint.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modules import SEANetDecoder, SEANetEncoder
+from quantization import ResidualVectorQuantizer
+
+# Official 24 kHz EnCodec: causal, weight norm, no audio normalisation (its other
+# hyper-parameters are this class's defaults).
+OFFICIAL_24KHZ = dict(causal=True, norm="weight_norm", audio_normalize=False)
+_LEGACY_WEIGHT_NORM = re.compile(r"^(.*)\.weight_([gv])$")
+_OFFICIAL_CODEBOOK = re.compile(r"^quantizer\.vq\.layers\.(\d+)\.")
+
+
+@dataclass
+class EncodecOutput:
+    """Result of `EncodecModel.forward`.
+
+    Attributes:
+        audio: `[B, C, T]` reconstruction, same length as the input.
+        commit_loss: scalar commitment loss (sum over codebooks).
+        codes: `[B, n_q, F]` long, `F = ceil(T / hop)`; the codes that were decoded.
+        embeddings: None unless asked; else `n_q` tensors `[B, D, F]`, codebook k's chosen
+            vectors with a straight-through gradient into the encoder.
+    """
+    audio: torch.Tensor
+    commit_loss: torch.Tensor
+    codes: torch.Tensor
+    embeddings: list[torch.Tensor] | None = None
+
+
+class EncodecModel(nn.Module):
+    """EnCodec model on the raw waveform.
+
+    Args:
+        sample_rate (int): Audio sample rate.
+        channels (int): Audio channels.
+        n_q (int): Codebooks.
+        bins (int): Codes per codebook.
+        dimension (int): Latent dimension.
+        target_bandwidths (list of float): Bandwidths (kbps) the model is meant for; those above
+            what `n_q` codebooks give are capped, with one warning.
+        filters (int): SEANet base width.
+        ratios (list of int): Decoder up-sampling ratios (hop = their product).
+        residual_layers (int): Residual blocks per resolution.
+        lstm (int): LSTM layers in encoder and decoder.
+        causal (bool): Causal convolutions.
+        norm (str): 'weight_norm' or 'time_group_norm' (non-causal only) or 'none'.
+        audio_normalize (bool): Divide the input by its RMS (+eps) and multiply the output back.
+        ema_decay (float): Codebook EMA decay.
+        epsilon (float): Codebook Laplace smoothing.
+        kmeans_iters (int): k-means iterations of the codebook init.
+        dead_code_threshold (float): EMA count below which a code is replaced (0 disables).
+    """
+
+    # Floor of the RMS used for audio normalisation: silence gives a finite scale and gradient.
+    normalize_eps: float = 1e-8
+
+    def __init__(self, sample_rate: int = 24_000, channels: int = 1, n_q: int = 2,
+                 bins: int = 1024, dimension: int = 128,
+                 target_bandwidths: Sequence[float] = (1.5, 3.0, 6.0, 12.0, 24.0),
+                 filters: int = 32, ratios: Sequence[int] = (8, 5, 4, 2),
+                 residual_layers: int = 1, lstm: int = 2, causal: bool = True,
+                 norm: str = "weight_norm", audio_normalize: bool = True,
+                 ema_decay: float = 0.99, epsilon: float = 1e-5, kmeans_iters: int = 50,
+                 dead_code_threshold: float = 2):
+        super().__init__()
+        seanet = dict(channels=channels, dimension=dimension, n_filters=filters,
+                      n_residual_layers=residual_layers, ratios=tuple(ratios), norm=norm,
+                      causal=causal, lstm=lstm)
+        self.encoder = SEANetEncoder(**seanet)
+        self.quantizer = ResidualVectorQuantizer(
+            dimension=dimension, n_q=n_q, bins=bins, decay=ema_decay, epsilon=epsilon,
+            kmeans_init=True, kmeans_iters=kmeans_iters,
+            threshold_ema_dead_code=dead_code_threshold)
+        self.decoder = SEANetDecoder(**seanet)
+        self._sample_rate = int(sample_rate)
+        self.channels = channels
+        self.audio_normalize = audio_normalize
+        self.hop_length = self.encoder.hop_length
+        self._frame_rate = math.ceil(self._sample_rate / self.hop_length)
+        self.target_bandwidths = self._cap_bandwidths(target_bandwidths)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def sample_rate(self) -> int:
+        """Audio sample rate (Hz)."""
+        return self._sample_rate
+
+    @property
+    def frame_rate(self) -> int:
+        """Latent frames per second (75 at 24 kHz with hop 320)."""
+        return self._frame_rate
+
+    @property
+    def n_q(self) -> int:
+        """Number of codebooks."""
+        return self.quantizer.n_q
+
+    @property
+    def bandwidth_per_codebook(self) -> float:
+        """kbps carried by one codebook."""
+        return math.log2(self.quantizer.bins) * self.frame_rate / 1000
+
+    @property
+    def bandwidth(self) -> float:
+        """kbps of the codes this model produces (all `n_q` codebooks)."""
+        return self.n_q * self.bandwidth_per_codebook
+
+    def _cap_bandwidths(self, target_bandwidths: Sequence[float]) -> list[float]:
+        targets = [float(bw) for bw in target_bandwidths]
+        capped = sorted({min(bw, self.bandwidth) for bw in targets})
+        too_high = [bw for bw in targets if bw > self.bandwidth]
+        if too_high:
+            warnings.warn(
+                f"target_bandwidths {too_high} kbps exceed the {self.bandwidth:g} kbps that "
+                f"n_q={self.n_q} codebooks of {self.quantizer.bins} entries give at "
+                f"{self.frame_rate} Hz; capped to {capped}. Raise n_q or lower "
+                f"target_bandwidths to silence this.", UserWarning, stacklevel=3)
+        return capped
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, return_embeddings: bool = False) -> EncodecOutput:
+        """Encode, quantize (updating the codebooks once in training mode) and decode.
+
+        Args:
+            x: waveform `[B, channels, T]`.
+            return_embeddings: also return the per-codebook embeddings.
+        """
+        self._check_audio(x)
+        x_normalized, scale = self._normalize(x)
+        q = self.quantizer(self.encoder(x_normalized), return_embeddings=return_embeddings)
+        audio = self._restore(self.decoder(q.quantized), scale, x.shape[-1])
+        return EncodecOutput(audio=audio, commit_loss=q.commit_loss, codes=q.codes,
+                             embeddings=q.embeddings)
+
+    def encode(self, x: torch.Tensor, return_scale: bool = False
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """Codes `[B, n_q, F]` of waveform `x` `[B, channels, T]`.
+
+        With `return_scale`, returns `(codes, scale)` where `scale` `[B, 1, 1]` is the RMS the
+        input was divided by (None when audio normalisation is off); pass it to `decode`.
+        """
+        self._check_audio(x)
+        x_normalized, scale = self._normalize(x)
+        codes = self.quantizer.encode(self.encoder(x_normalized))
+        return (codes, scale) if return_scale else codes
+
+    def decode(self, codes: torch.Tensor, scale: torch.Tensor | None = None,
+               length: int | None = None) -> torch.Tensor:
+        """Waveform `[B, channels, length or F * hop]` of `codes` `[B, K, F]` (K <= n_q).
+
+        Args:
+            codes: codes from `encode` (the first K codebooks decode at a lower bandwidth).
+            scale: the scale returned by `encode(..., return_scale=True)`, or None.
+            length: trim the output to this many samples (the input length).
+        """
+        audio = self.decoder(self.quantizer.decode(codes))
+        return self._restore(audio, scale, length)
+
+    def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.audio_normalize:
+            return x, None
+        # sqrt(mean + eps^2) rather than EnCodec's eps + sqrt(mean): the same for any audible
+        # input, but smooth at zero, so silence gives a finite gradient instead of NaN.
+        power = x.mean(dim=1, keepdim=True).pow(2).mean(dim=2, keepdim=True)
+        scale = (power + self.normalize_eps ** 2).sqrt()
+        return x / scale, scale
+
+    @staticmethod
+    def _restore(audio: torch.Tensor, scale: torch.Tensor | None,
+                 length: int | None) -> torch.Tensor:
+        if length is not None:
+            audio = audio[..., :length]
+        if scale is not None:
+            audio = audio * scale.reshape(-1, 1, 1)
+        return audio
+
+    def _check_audio(self, x: torch.Tensor) -> None:
+        if x.dim() != 3 or x.shape[1] != self.channels:
+            raise ValueError(f"expected a waveform [B, {self.channels}, T] "
+                             f"(channels={self.channels}), got shape {tuple(x.shape)}; "
+                             f"add a channel dimension with x.unsqueeze(1) for [B, T] input.")
+        if x.shape[-1] == 0:
+            raise ValueError("cannot encode an empty waveform (T = 0).")
+
+    # ---------------------------------------------------------------- builders
+    @classmethod
+    def from_config(cls, model_cfg: Mapping[str, Any]) -> "EncodecModel":
+        """Build from the Hydra `model` group (see config/base.yaml).
+
+        If `init_from` is set, the official EnCodec 24 kHz state dict at that path is loaded
+        (first `n_q` codebooks kept); the config's other keys still apply.
+        """
+        kwargs = {key: _plain(value) for key, value in model_cfg.items()}
+        init_from = kwargs.pop("init_from", None)
+        unknown = sorted(set(kwargs) - set(_init_keys()))
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; "
+                             f"EncodecModel accepts {sorted(_init_keys())} and init_from.")
+        if not init_from:
+            return cls(**kwargs)
+        path = Path(init_from).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model.init_from={str(init_from)!r}: no such file. Point it "
+                                    "to an official EnCodec 24 kHz state dict "
+                                    "(e.g. encodec_24khz-d7cc33bc.th) or set it to null.")
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        return cls.from_official_state_dict(state_dict, **kwargs)
+
+    @classmethod
+    def from_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor], n_q: int = 2,
+                                 **overrides: Any) -> "EncodecModel":
+        """Build a model holding the official EnCodec 24 kHz weights and its first `n_q` codebooks.
+
+        Args:
+            state_dict: official checkpoint (legacy `weight_g` / `weight_v` weight-norm keys,
+                codebooks `quantizer.vq.layers.K._codebook.*`); a state dict of this class loads
+                too.
+            n_q: codebooks to keep.
+            **overrides: constructor arguments that differ from the official model (whose
+                architecture is causal, weight norm, no audio normalisation).
+        """
+        model = cls(n_q=n_q, **{**OFFICIAL_24KHZ, **overrides})
+        converted = convert_official_state_dict(state_dict, n_q)
+        missing, unexpected = _key_mismatch(model.state_dict(), converted)
+        if missing or unexpected:
+            raise ValueError(
+                "the state dict does not match an EnCodec model with this architecture "
+                f"(n_q={n_q}, overrides={overrides}); missing keys: {missing[:8]}"
+                f"{' ...' if len(missing) > 8 else ''}, unexpected keys: {unexpected[:8]}"
+                f"{' ...' if len(unexpected) > 8 else ''}. Is it the 24 kHz model, with the "
+                "matching filters/dimension/lstm/norm settings?")
+        try:
+            model.load_state_dict(converted)
+        except RuntimeError as error:  # same keys, different shapes
+            raise ValueError(f"the state dict's tensor shapes do not match this architecture "
+                             f"(n_q={n_q}, overrides={overrides}): {error}") from error
+        return model
+
+
+def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor],
+                                n_q: int) -> dict[str, torch.Tensor]:
+    """Map official keys onto this model's: legacy weight norm -> parametrizations, and keep
+    codebooks `0 .. n_q - 1` only. Raises if the checkpoint has fewer than `n_q` codebooks."""
+    converted: dict[str, torch.Tensor] = {}
+    available = set()
+    for key, value in state_dict.items():
+        codebook = _OFFICIAL_CODEBOOK.match(key)
+        if codebook:
+            available.add(int(codebook.group(1)))
+            if int(codebook.group(1)) >= n_q:
+                continue
+        legacy = _LEGACY_WEIGHT_NORM.match(key)
+        if legacy:
+            original = "original0" if legacy.group(2) == "g" else "original1"
+            key = f"{legacy.group(1)}.parametrizations.weight.{original}"
+        converted[key] = value
+    if available and len(available) < n_q:
+        raise ValueError(f"n_q={n_q} codebooks requested but the checkpoint holds only "
+                         f"{len(available)}.")
+    return converted
+
+
+def _key_mismatch(expected: Mapping[str, Any],
+                  given: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    return sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+
+
+def _init_keys() -> list[str]:
+    return [name for name in inspect.signature(EncodecModel.__init__).parameters
+            if name != "self"]
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> Python lists/dicts, so the model holds no config objects."""
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency of the project
+        return value
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value

@@ -1,0 +1,332 @@
+"""Residual vector quantizer with EMA codebooks and a gradient path for EVERY codebook.
+
+Differences from the usual straight-through RVQ (EnCodec, SoundStream), on purpose:
+
+* The residual of codebook k is `x - sum_{j<k} c_j` with the chosen vectors `c_j` constant
+  (they come from buffers) but `x` NOT detached, so each residual has an identity gradient to
+  `x`. The per-codebook embedding `residual_k + (c_k - residual_k).detach()` equals `c_k` in
+  value and passes gradients straight through to `x` -- for codebook 2 as for codebook 1. (In
+  the usual form `residual = residual - quantized` with `quantized = residual + (c -
+  residual).detach()`, the residual after codebook 1 is constant and a loss on codebook 2's
+  output has exactly zero gradient into the encoder.)
+* The decoder input keeps EnCodec's identity gradient: `x + (sum_k c_k - x).detach()`.
+* The commitment loss is `sum_k mse(residual_k, c_k)`, so every codebook's commitment term pulls
+  the encoder output (EnCodec's form gives the same per-term gradients; we sum the terms where
+  EnCodec averages them).
+* After k-means init, `embed_avg` holds the cluster sums (means x counts), consistent with
+  `embed = embed_avg / count`; EnCodec stores the means there, so its first EMA step divides
+  every code by its count.
+* Dead-code replacement also resets `embed_avg` and `cluster_size` of the replaced codes; in
+  EnCodec the EMA update that follows recomputes `embed` from the old `embed_avg` and the
+  replacement is lost.
+* Codebooks are synchronised across ranks (see `EuclideanCodebook`).
+
+The codebooks run once per forward: the codes returned are the codes decoded and the codes of
+the embeddings, and a training forward makes exactly one EMA update per codebook.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import distributed
+
+
+@dataclass
+class QuantizerOutput:
+    """Result of `ResidualVectorQuantizer.forward`.
+
+    Attributes:
+        quantized: `[B, D, F]` sum of the chosen vectors, identity gradient to the input.
+        codes: `[B, n_q, F]` long.
+        commit_loss: scalar, sum over codebooks of the commitment MSE.
+        embeddings: None unless asked; else `n_q` tensors `[B, D, F]`, codebook k's chosen
+            vectors with a straight-through gradient into the input.
+    """
+    quantized: torch.Tensor
+    codes: torch.Tensor
+    commit_loss: torch.Tensor
+    embeddings: list[torch.Tensor] | None = None
+
+
+def nearest_code(x: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest row of `embed` `[K, D]` for each row of `x` `[N, D]`.
+
+    Written as EnCodec writes it (same operations in the same order) so that codes computed
+    from official weights match the official package exactly, ties included.
+    """
+    embed_t = embed.t()
+    dist = -(x.pow(2).sum(1, keepdim=True) - 2 * x @ embed_t
+             + embed_t.pow(2).sum(0, keepdim=True))
+    return dist.max(dim=-1).indices
+
+
+def sample_vectors(samples: torch.Tensor, num: int) -> torch.Tensor:
+    """`num` rows of `samples`, without replacement when there are enough."""
+    if samples.shape[0] >= num:
+        indices = torch.randperm(samples.shape[0], device=samples.device)[:num]
+    else:
+        indices = torch.randint(0, samples.shape[0], (num,), device=samples.device)
+    return samples[indices]
+
+
+def kmeans(samples: torch.Tensor, num_clusters: int,
+           num_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means from randomly drawn samples.
+
+    Args:
+        samples: `[N, D]`.
+        num_clusters: K.
+        num_iters: iterations (at least 1).
+    Returns:
+        means `[K, D]` (an empty cluster keeps its previous mean) and the cluster sizes `[K]` of
+        the last assignment.
+    """
+    means = sample_vectors(samples, num_clusters)
+    counts = torch.zeros(num_clusters, device=samples.device, dtype=samples.dtype)
+    for _ in range(num_iters):
+        assignment = nearest_code(samples, means)
+        counts = torch.bincount(assignment, minlength=num_clusters).to(samples.dtype)
+        sums = torch.zeros_like(means).index_add_(0, assignment, samples)
+        new_means = sums / counts.clamp(min=1).unsqueeze(1)
+        means = torch.where(counts.unsqueeze(1) == 0, means, new_means)
+    return means, counts
+
+
+class EuclideanCodebook(nn.Module):
+    """Codebook of `codebook_size` vectors updated by exponential moving averages.
+
+    In training mode, each forward: k-means init on the first batch (if `kmeans_init`), then
+    nearest-code search, dead-code replacement, and one EMA update of the per-code counts and
+    sums. In eval mode the buffers are never touched.
+
+    Distributed training: the EMA statistics are all-reduced before the update, k-means and
+    dead-code sampling run on rank 0 on the all-gathered batch and are broadcast. Every rank
+    therefore holds the codebook one process would compute on the concatenated batch, and
+    every rank takes the same (buffer-based) decisions, so the collectives always match.
+
+    Args:
+        dim (int): Vector dimension.
+        codebook_size (int): Number of codes K.
+        kmeans_init (bool): Initialise by k-means on the first training batch (else uniform
+            random init, marked as initialised).
+        kmeans_iters (int): k-means iterations.
+        decay (float): EMA decay.
+        epsilon (float): Laplace smoothing of the counts.
+        threshold_ema_dead_code (float): Codes whose EMA count falls below it are replaced by
+            vectors of the current batch (0 disables).
+    """
+
+    def __init__(self, dim: int, codebook_size: int, kmeans_init: bool = True,
+                 kmeans_iters: int = 50, decay: float = 0.99, epsilon: float = 1e-5,
+                 threshold_ema_dead_code: float = 2):
+        super().__init__()
+        if kmeans_init and kmeans_iters < 1:
+            raise ValueError(f"kmeans_iters must be >= 1 with kmeans_init, got {kmeans_iters}.")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}.")
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.kmeans_iters = kmeans_iters
+        self.decay = decay
+        self.epsilon = epsilon
+        self.threshold_ema_dead_code = threshold_ema_dead_code
+        embed = torch.zeros(codebook_size, dim)
+        if not kmeans_init:
+            nn.init.kaiming_uniform_(embed)
+        # Buffer names and shapes are those of EnCodec's checkpoints (`inited` is a float [1]).
+        self.register_buffer("inited", torch.tensor([float(not kmeans_init)]))
+        self.register_buffer("cluster_size", torch.zeros(codebook_size))
+        self.register_buffer("embed", embed)
+        self.register_buffer("embed_avg", embed.clone())
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes `[N]` of vectors `x` `[N, D]`."""
+        return nearest_code(x, self.embed)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Vectors `[..., D]` of `codes` `[...]`."""
+        return F.embedding(codes, self.embed)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize `x` `[N, D]` (no gradient flows here); update the codebook in training.
+
+        Returns:
+            the chosen vectors `[N, D]` (before this step's update) and their codes `[N]`.
+        """
+        x = x.detach()
+        if self.training:
+            self.init_embed_(x)
+        codes = self.encode(x)
+        vectors = self.decode(codes)
+        if self.training:
+            self.expire_codes_(x)
+            self.update_ema_(x, codes)
+        return vectors, codes
+
+    @torch.no_grad()
+    def init_embed_(self, x: torch.Tensor) -> None:
+        """k-means on the first training batch of all ranks (rank 0 computes, then broadcast)."""
+        if bool(self.inited):
+            return
+        samples = distributed.all_gather_cat(x.float())
+        if distributed.rank() == 0:
+            embed, counts = kmeans(samples, self.codebook_size, self.kmeans_iters)
+            self.embed.copy_(embed)
+            # embed_avg is the EMA of per-code sums (embed = embed_avg / count); EnCodec copies
+            # the means here, which shrinks every code by ~count at the first EMA step.
+            self.embed_avg.copy_(embed * counts.unsqueeze(1))
+            self.cluster_size.copy_(counts)
+        self.inited.fill_(1.0)
+        for buffer in (self.embed, self.embed_avg, self.cluster_size):
+            distributed.broadcast_(buffer)
+
+    @torch.no_grad()
+    def expire_codes_(self, x: torch.Tensor) -> None:
+        """Replace codes whose EMA count is below the threshold by vectors of the batch.
+
+        The replaced code starts as a code used `threshold` times (count and sum), so the EMA
+        update that follows keeps the new vector instead of recomputing the old one.
+        """
+        if self.threshold_ema_dead_code <= 0:
+            return
+        expired = self.cluster_size < self.threshold_ema_dead_code
+        if not bool(expired.any()):  # same decision on every rank: the buffers are in sync
+            return
+        samples = distributed.all_gather_cat(x.float())
+        if distributed.rank() == 0:
+            fresh = sample_vectors(samples, self.codebook_size)
+            mask = expired.unsqueeze(1)
+            self.embed.copy_(torch.where(mask, fresh, self.embed))
+            self.embed_avg.copy_(torch.where(mask, fresh * self.threshold_ema_dead_code,
+                                             self.embed_avg))
+            self.cluster_size.masked_fill_(expired, float(self.threshold_ema_dead_code))
+        for buffer in (self.embed, self.embed_avg, self.cluster_size):
+            distributed.broadcast_(buffer)
+
+    @torch.no_grad()
+    def update_ema_(self, x: torch.Tensor, codes: torch.Tensor) -> None:
+        """One EMA step of per-code counts and sums (summed over ranks), then the new codebook."""
+        counts = torch.bincount(codes, minlength=self.codebook_size).to(self.cluster_size.dtype)
+        sums = torch.zeros_like(self.embed_avg).index_add_(0, codes, x.to(self.embed_avg.dtype))
+        distributed.all_reduce_sum_(counts)
+        distributed.all_reduce_sum_(sums)
+        self.cluster_size.lerp_(counts, 1 - self.decay)
+        self.embed_avg.lerp_(sums, 1 - self.decay)
+        total = self.cluster_size.sum()
+        smoothed = ((self.cluster_size + self.epsilon)
+                    / (total + self.codebook_size * self.epsilon) * total)
+        self.embed.copy_(self.embed_avg / smoothed.unsqueeze(1))
+
+
+class VectorQuantization(nn.Module):
+    """Holds one codebook under EnCodec's attribute name (`layers.K._codebook`)."""
+
+    def __init__(self, codebook: EuclideanCodebook):
+        super().__init__()
+        self._codebook = codebook
+
+
+class ResidualVectorQuantization(nn.Module):
+    """The list of codebooks under EnCodec's path (`vq.layers`)."""
+
+    def __init__(self, layers: list[VectorQuantization]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """Residual vector quantizer of `n_q` EMA codebooks (see the module docstring).
+
+    Args:
+        dimension (int): Vector dimension D.
+        n_q (int): Number of codebooks.
+        bins (int): Codes per codebook.
+        decay (float): EMA decay.
+        epsilon (float): Laplace smoothing.
+        kmeans_init (bool): k-means init on the first training batch.
+        kmeans_iters (int): k-means iterations.
+        threshold_ema_dead_code (float): Dead-code threshold (0 disables).
+    """
+
+    def __init__(self, dimension: int = 128, n_q: int = 2, bins: int = 1024, decay: float = 0.99,
+                 epsilon: float = 1e-5, kmeans_init: bool = True, kmeans_iters: int = 50,
+                 threshold_ema_dead_code: float = 2):
+        super().__init__()
+        if n_q < 1 or bins < 2:
+            raise ValueError(f"need n_q >= 1 and bins >= 2, got n_q={n_q}, bins={bins}.")
+        self.dimension = dimension
+        self.n_q = n_q
+        self.bins = bins
+        self.vq = ResidualVectorQuantization([
+            VectorQuantization(EuclideanCodebook(
+                dimension, bins, kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
+                decay=decay, epsilon=epsilon, threshold_ema_dead_code=threshold_ema_dead_code))
+            for _ in range(n_q)])
+
+    @property
+    def codebooks(self) -> list[EuclideanCodebook]:
+        """The `n_q` codebooks, in residual order."""
+        return [layer._codebook for layer in self.vq.layers]
+
+    def forward(self, x: torch.Tensor, return_embeddings: bool = False) -> QuantizerOutput:
+        """Quantize `x` `[B, D, F]`; in training mode, also update the codebooks (once).
+
+        Args:
+            x: encoder output `[B, D, F]`.
+            return_embeddings: also return the per-codebook embeddings.
+        """
+        self._check_latent(x)
+        x = x.float()  # distances and EMA statistics in float32, also under autocast
+        batch, dim, frames = x.shape
+        residual = x
+        total = torch.zeros_like(x)
+        commit_loss = x.new_zeros(())
+        codes, embeddings = [], []
+        for codebook in self.codebooks:
+            flat = residual.detach().transpose(1, 2).reshape(-1, dim)
+            vectors, indices = codebook(flat)
+            chosen = vectors.view(batch, frames, dim).transpose(1, 2)
+            commit_loss = commit_loss + F.mse_loss(residual, chosen)
+            if return_embeddings:
+                embeddings.append(residual + (chosen - residual).detach())
+            # `chosen` has no gradient, so the next residual keeps an identity gradient to x.
+            residual = residual - chosen
+            total = total + chosen
+            codes.append(indices.view(batch, frames))
+        quantized = x + (total - x).detach()
+        return QuantizerOutput(quantized=quantized, codes=torch.stack(codes, dim=1),
+                               commit_loss=commit_loss,
+                               embeddings=embeddings if return_embeddings else None)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes `[B, n_q, F]` of `x` `[B, D, F]`; never updates the codebooks."""
+        self._check_latent(x)
+        residual = x.float().transpose(1, 2)
+        batch, frames, dim = residual.shape
+        codes = []
+        for codebook in self.codebooks:
+            indices = codebook.encode(residual.reshape(-1, dim)).view(batch, frames)
+            residual = residual - codebook.decode(indices)
+            codes.append(indices)
+        return torch.stack(codes, dim=1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """`[B, D, F]` sum of the vectors of `codes` `[B, K, F]` (the first K <= n_q codebooks)."""
+        if codes.dim() != 3 or not 1 <= codes.shape[1] <= self.n_q:
+            raise ValueError(f"codes must be [B, K, F] with 1 <= K <= n_q={self.n_q}, "
+                             f"got shape {tuple(codes.shape)}.")
+        if codes.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"codes must be integer (long), got {codes.dtype}.")
+        quantized = self.codebooks[0].decode(codes[:, 0])
+        for k in range(1, codes.shape[1]):
+            quantized = quantized + self.codebooks[k].decode(codes[:, k])
+        return quantized.transpose(1, 2)
+
+    def _check_latent(self, x: torch.Tensor) -> None:
+        if x.dim() != 3 or x.shape[1] != self.dimension:
+            raise ValueError(f"expected a latent [B, {self.dimension}, F], "
+                             f"got shape {tuple(x.shape)}.")

@@ -1,0 +1,262 @@
+"""Residual vector quantizer: EMA codebook updates, k-means init, dead codes, gradients of every
+codebook, and codebook synchronisation across 2 gloo processes."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn import functional as F
+
+import distributed
+from quantization import EuclideanCodebook, ResidualVectorQuantizer, kmeans
+
+DIM, BINS = 4, 8
+
+
+def inited_codebook(threshold: float = 0.0, seed: int = 0) -> EuclideanCodebook:
+    """A codebook already initialised with well-separated codes and healthy counts."""
+    torch.manual_seed(seed)
+    codebook = EuclideanCodebook(DIM, BINS, kmeans_init=True, kmeans_iters=2,
+                                 threshold_ema_dead_code=threshold)
+    embed = torch.randn(BINS, DIM) * 3
+    codebook.embed.copy_(embed)
+    codebook.cluster_size.fill_(5.0)
+    codebook.embed_avg.copy_(embed * 5.0)
+    codebook.inited.fill_(1.0)
+    return codebook
+
+
+def inited_rvq(n_q: int = 2, dim: int = DIM, bins: int = BINS) -> ResidualVectorQuantizer:
+    rvq = ResidualVectorQuantizer(dimension=dim, n_q=n_q, bins=bins, kmeans_iters=2,
+                                  threshold_ema_dead_code=0)
+    for codebook in rvq.codebooks:
+        codebook.embed.normal_()
+        codebook.embed_avg.copy_(codebook.embed)
+        codebook.cluster_size.fill_(1.0)
+        codebook.inited.fill_(1.0)
+    return rvq
+
+
+def expected_ema(codebook: EuclideanCodebook, x: torch.Tensor, codes: torch.Tensor):
+    """EMA update written out from its definition (decay, Laplace smoothing)."""
+    decay, eps = codebook.decay, codebook.epsilon
+    onehot = F.one_hot(codes, BINS).float()
+    cluster_size = decay * codebook.cluster_size + (1 - decay) * onehot.sum(0)
+    embed_avg = decay * codebook.embed_avg + (1 - decay) * onehot.t() @ x
+    total = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (total + BINS * eps) * total
+    return cluster_size, embed_avg, embed_avg / smoothed[:, None]
+
+
+def test_ema_update_matches_definition_and_eval_never_updates():
+    codebook = inited_codebook()
+    x = torch.randn(30, DIM) * 3
+    before = [b.clone() for b in (codebook.cluster_size, codebook.embed_avg, codebook.embed)]
+    codebook.eval()
+    vectors, codes = codebook(x)
+    for old, new in zip(before, (codebook.cluster_size, codebook.embed_avg, codebook.embed)):
+        assert torch.equal(old, new)
+    assert torch.equal(vectors, before[2][codes])
+    distances = torch.cdist(x, before[2])
+    assert torch.equal(codes, distances.argmin(dim=1))
+
+    codebook.train()
+    want = expected_ema(codebook, x, codes)
+    vectors_train, codes_train = codebook(x)
+    assert torch.equal(codes_train, codes)
+    assert torch.equal(vectors_train, vectors), "returns the vectors used, before the update"
+    for got, exp in zip((codebook.cluster_size, codebook.embed_avg, codebook.embed), want):
+        torch.testing.assert_close(got, exp)
+
+
+def test_kmeans_init_runs_once_on_first_training_batch():
+    torch.manual_seed(0)
+    centres = torch.randn(BINS, DIM) * 10
+    x = (centres.repeat(20, 1) + 0.01 * torch.randn(20 * BINS, DIM))
+    codebook = EuclideanCodebook(DIM, BINS, kmeans_iters=10, threshold_ema_dead_code=0)
+    codebook.eval()
+    codebook(x)
+    assert codebook.inited.item() == 0 and codebook.embed.abs().sum() == 0, "eval must not init"
+    codebook.train()
+    codebook(x)
+    assert codebook.inited.item() == 1
+    # k-means converged: each used code is the centroid of the points it quantizes (which also
+    # fails if the first EMA step after init shrinks the codes).
+    assignment = torch.cdist(x, codebook.embed).argmin(dim=1)
+    for k in assignment.unique():
+        torch.testing.assert_close(codebook.embed[k], x[assignment == k].mean(0),
+                                   atol=1e-3, rtol=1e-3)
+    embed = codebook.embed.clone()
+    codebook(x + 100.0)  # a second batch only makes an EMA step, no re-init
+    assert (codebook.embed - embed).norm(dim=1).max() < 50.0
+
+
+def test_kmeans_returns_cluster_sizes_of_last_assignment():
+    torch.manual_seed(0)
+    samples = torch.cat([torch.zeros(6, 2), torch.full((4, 2), 5.0)])
+    means, counts = kmeans(samples, 2, num_iters=3)
+    assert sorted(counts.tolist()) == [4.0, 6.0]
+    assert sorted(means[:, 0].tolist()) == [0.0, 5.0]
+
+
+def test_dead_code_is_replaced_by_a_batch_vector_and_survives_the_ema_update():
+    codebook = inited_codebook(threshold=2.0)
+    dead = 3
+    codebook.embed[dead] = 1e3  # never chosen
+    codebook.embed_avg[dead] = 0.0
+    codebook.cluster_size[dead] = 0.0
+    x = torch.randn(40, DIM)
+    _, codes = codebook(x)
+    assert (codes != dead).all()
+    distance_to_batch = torch.cdist(codebook.embed[dead:dead + 1], x).min()
+    assert distance_to_batch < 1e-3, "the replacement must not be undone by the EMA update"
+    assert codebook.cluster_size[dead] >= 0.99 * 2.0
+    # Codes with healthy counts are not replaced.
+    alive = [k for k in range(BINS) if k != dead and codebook.cluster_size[k] >= 2.0]
+    assert alive
+
+
+def test_every_codebook_embedding_has_straight_through_gradient_to_input():
+    torch.manual_seed(0)
+    rvq = inited_rvq(n_q=3)
+    for training in (True, False):
+        rvq.train(training)
+        x = torch.randn(2, DIM, 5, requires_grad=True)
+        out = rvq(x, return_embeddings=True)
+        assert len(out.embeddings) == 3
+        for k, embedding in enumerate(out.embeddings):
+            weight = torch.randn_like(embedding)
+            (grad,) = torch.autograd.grad((embedding * weight).sum(), x, retain_graph=True)
+            torch.testing.assert_close(grad, weight, msg=f"codebook {k}")
+        (grad,) = torch.autograd.grad((out.quantized * 2).sum(), x, retain_graph=True)
+        torch.testing.assert_close(grad, torch.full_like(x, 2.0))
+
+
+def test_embeddings_equal_chosen_vectors_and_quantized_is_their_sum():
+    torch.manual_seed(0)
+    rvq = inited_rvq(n_q=2)
+    rvq.train()
+    embeds = [cb.embed.clone() for cb in rvq.codebooks]  # before this step's EMA update
+    x = torch.randn(3, DIM, 7)
+    out = rvq(x, return_embeddings=True)
+    chosen = [F.embedding(out.codes[:, k], embeds[k]).transpose(1, 2) for k in range(2)]
+    for embedding, vectors in zip(out.embeddings, chosen):
+        torch.testing.assert_close(embedding, vectors)
+    torch.testing.assert_close(out.quantized, chosen[0] + chosen[1])
+    # Codebook 2 quantizes what codebook 1 left.
+    residual = (x - chosen[0]).transpose(1, 2).reshape(-1, DIM)
+    assert torch.equal(out.codes[:, 1].reshape(-1),
+                       torch.cdist(residual, embeds[1]).argmin(dim=1))
+
+
+def test_commit_loss_sums_codebooks_and_pulls_every_residual():
+    torch.manual_seed(0)
+    rvq = inited_rvq(n_q=2).eval()
+    x = torch.randn(2, DIM, 4, requires_grad=True)
+    out = rvq(x)
+    c0 = rvq.codebooks[0].embed[out.codes[:, 0]].transpose(1, 2)
+    c1 = rvq.codebooks[1].embed[out.codes[:, 1]].transpose(1, 2)
+    r1 = x - c0
+    expected = F.mse_loss(x, c0) + F.mse_loss(r1, c1)
+    torch.testing.assert_close(out.commit_loss, expected)
+    (grad,) = torch.autograd.grad(out.commit_loss, x)
+    n = x.numel()
+    torch.testing.assert_close(grad, 2 * (x - c0) / n + 2 * (r1 - c1) / n)
+
+
+def test_encode_decode_match_forward_in_eval():
+    torch.manual_seed(0)
+    rvq = inited_rvq(n_q=2).eval()
+    x = torch.randn(2, DIM, 6)
+    out = rvq(x)
+    codes = rvq.encode(x)
+    assert codes.dtype == torch.long and codes.shape == (2, 2, 6)
+    assert torch.equal(codes, out.codes)
+    torch.testing.assert_close(rvq.decode(codes), out.quantized)
+    torch.testing.assert_close(rvq.decode(codes[:, :1]),
+                               rvq.codebooks[0].embed[codes[:, 0]].transpose(1, 2))
+    with pytest.raises(ValueError, match="codes must be"):
+        rvq.decode(codes[:, :, None])
+    with pytest.raises(ValueError, match="latent"):
+        rvq(torch.randn(2, DIM + 1, 6))
+
+
+def test_distributed_helpers_are_noops_in_a_single_process():
+    t = torch.arange(3.0)
+    assert not distributed.is_distributed()
+    assert distributed.rank() == 0 and distributed.world_size() == 1
+    assert distributed.all_reduce_sum_(t) is t and t.tolist() == [0.0, 1.0, 2.0]
+    assert distributed.broadcast_(t) is t
+    assert distributed.all_gather_cat(t) is t
+    distributed.barrier()
+
+
+# ------------------------------------------------------------------ 2 gloo processes
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank_batch(rank: int, seed: int) -> torch.Tensor:
+    """Each rank's batch; ranks hold different sizes on purpose."""
+    generator = torch.Generator().manual_seed(seed + rank)
+    return torch.randn(10 + 7 * rank, DIM, generator=generator) * 3
+
+
+def buffers(codebook: EuclideanCodebook) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in codebook.named_buffers()}
+
+
+def run_scenarios() -> dict[str, dict[str, torch.Tensor]]:
+    """The same steps, run once per rank (distributed) or once on the whole batch (reference)."""
+    world = distributed.world_size()
+    rank = distributed.rank()
+    batches = {seed: rank_batch(rank, seed) if world > 1
+               else torch.cat([rank_batch(r, seed) for r in range(2)]) for seed in (10, 20)}
+    results = {}
+    # 1. EMA update of an initialised codebook without dead codes.
+    codebook = inited_codebook(threshold=0.0).train()
+    codebook(batches[10])
+    results["ema"] = buffers(codebook)
+    # 2. k-means init (and the dead-code replacement it triggers) from rank 0's RNG.
+    torch.manual_seed(123)
+    codebook = EuclideanCodebook(DIM, BINS, kmeans_iters=3, threshold_ema_dead_code=2).train()
+    codebook(batches[20])
+    results["kmeans"] = buffers(codebook)
+    # 3. Dead-code replacement on an initialised codebook.
+    torch.manual_seed(321)
+    codebook = inited_codebook(threshold=2.0).train()
+    codebook.cluster_size[[1, 5]] = 0.0
+    codebook(batches[10])
+    results["dead_code"] = buffers(codebook)
+    # 4. Gather with unequal sizes.
+    results["gather"] = {"x": distributed.all_gather_cat(batches[10])}
+    return results
+
+
+def distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        torch.set_num_threads(1)
+        torch.save(run_scenarios(), f"{out_dir}/rank{rank}.pt")
+        distributed.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_codebooks_identical_across_ranks_and_equal_to_one_process_on_whole_batch(tmp_path):
+    mp.spawn(distributed_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    reference = run_scenarios()
+    assert ranks[0]["dead_code"]["cluster_size"][[1, 5]].min() >= 0.99 * 2.0, "replacement ran"
+    for scenario, expected in reference.items():
+        for name, value in expected.items():
+            assert torch.equal(ranks[0][scenario][name], ranks[1][scenario][name]), \
+                f"{scenario}/{name} differs across ranks"
+            torch.testing.assert_close(ranks[0][scenario][name], value,
+                                       msg=f"{scenario}/{name} differs from one process")
