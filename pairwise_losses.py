@@ -212,6 +212,12 @@ class PairwiseLoss(nn.Module):
             raise ValueError(f"pairwise.sim_kind={sim_kind!r}: use one of {SIM_KINDS}")
         if div_kind not in DIV_KINDS:
             raise ValueError(f"pairwise.div_kind={div_kind!r}: use one of {DIV_KINDS}")
+        if content_codebook == channel_codebook:
+            raise ValueError(f"pairwise.content_codebook and pairwise.channel_codebook must differ "
+                             f"(both {content_codebook}): the losses would pull one codebook both "
+                             "ways")
+        if div_kind == 'margin' and margin <= 0:
+            raise ValueError(f"pairwise.margin must be > 0 for div_kind=margin, got {margin}")
         if schedule not in SCHEDULES:
             raise ValueError(f"pairwise.schedule={schedule!r}: use one of {SCHEDULES}")
         if schedule == 'linear' and ramp_steps <= 0:

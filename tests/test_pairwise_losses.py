@@ -184,6 +184,10 @@ def test_linear_schedule_ramps():
         PairwiseLoss(schedule='linear', ramp_steps=0)
     with pytest.raises(ValueError, match="pairwise.schedule"):
         PairwiseLoss(schedule='cosine')
+    with pytest.raises(ValueError, match="must differ"):
+        PairwiseLoss(content_codebook=1, channel_codebook=1)
+    with pytest.raises(ValueError, match="pairwise.margin"):
+        PairwiseLoss(div_kind='margin', margin=0.0)
 
 
 def test_channel_classifier_learns_separable_channels(cfg_factory):
