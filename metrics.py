@@ -438,7 +438,8 @@ class MetricAccumulator:
             raise ValueError(f"codes have {codes.shape[2]} codebooks, the accumulator expects {self.n_q}")
         embeddings = None if embeddings is None else [unflat(e).detach().float().cpu() for e in embeddings]
 
-        self._update_reconstruction(wavs.flatten(0, 1), audio[..., : wavs.shape[-1]].flatten(0, 1), batch, views)
+        reference = wavs.to(audio.device).flatten(0, 1)  # inputs often stay on the CPU
+        self._update_reconstruction(reference, audio[..., : wavs.shape[-1]].flatten(0, 1), batch, views)
         self._hist += codebook_histogram(codes.flatten(0, 1), self.bins)
         if embeddings is not None:
             self._pooled.append(torch.stack([e.mean(dim=-1) for e in embeddings], dim=2))
