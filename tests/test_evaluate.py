@@ -1,0 +1,170 @@
+"""evaluate.py: measurements on a tiny model, the report files, and the command line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import evaluate
+import metrics
+from test_codec import save_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_model(cfg_factory, tmp_path):
+    cfg = cfg_factory()
+    return save_tiny_checkpoint(cfg, tmp_path / "tiny.pt"), cfg
+
+
+def _pairs(n_batches: int, batch: int, length: int, same_signal: bool, seed: int = 0):
+    """Paired batches `(wavs [B, 2, 1, T], metas)` with channel labels 3 and 7."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(n_batches):
+        a = torch.randn(batch, 1, 1, length, generator=gen)
+        b = a.clone() if same_signal else torch.randn(batch, 1, 1, length, generator=gen)
+        metas = [{"path": "x.wav", "class": "Woodland", "channels": [3, 7], "start": i}
+                 for _ in range(batch)]
+        batches.append((torch.cat([a, b], dim=1), metas))
+    return batches
+
+
+def test_latent_decoder_reproduces_the_models_reconstruction(tiny_model):
+    """The swap test decodes latents itself; with all of A's codebooks it must equal model(x_A)."""
+    model, cfg = tiny_model
+    wavs, _ = _pairs(1, 3, cfg.datasets.tensor_cut, same_signal=False)[0]
+    with torch.no_grad():
+        out = model(wavs.flatten(0, 1), return_embeddings=True)
+        _, scale = model.encode(wavs.flatten(0, 1), return_scale=True)
+        decode = evaluate.latent_decoder(model, scale.reshape(3, 2, 1, 1), wavs.shape[-1])
+        per_view = [e.reshape(3, 2, *e.shape[1:]) for e in out.embeddings]
+        for view, name in enumerate("ab"):
+            latent = sum(e[:, view] for e in per_view)
+            expected = out.audio.reshape(3, 2, 1, -1)[:, view]
+            assert torch.allclose(decode(latent, name), expected, atol=1e-5)
+
+
+def test_identical_channels_agree_on_every_codebook_and_swap_is_free(tiny_model):
+    model, cfg = tiny_model
+    results, examples = evaluate.evaluate_model(model, cfg.model.bins, _pairs(2, 3, cfg.datasets.tensor_cut, True),
+                                                probe_steps=10, keep_examples=2)
+    assert results["codebook_agreement"] == [1.0, 1.0]
+    # Same codes, same vectors: cosine 1 wherever the chosen vector is not all zeros.
+    assert results["embedding_cosine"][0] == pytest.approx(1.0, abs=1e-5)
+    assert results["embedding_cosine"][1] >= max(results["chance_cosine"][1], 0.9)
+    assert all(c < 1.0 for c in results["chance_agreement"])
+    swap = results["swap_test"]
+    # A and B are the same signal: mixing their codebooks changes nothing.
+    assert swap["swap"]["mel_to_b"] == pytest.approx(swap["recon_a"]["mel_to_a"], abs=1e-5)
+    assert swap["swap"]["mel_to_a"] == pytest.approx(swap["swap"]["mel_to_b"], abs=1e-6)
+    assert results["num_items"] == 6 and examples["input_a"].shape == (2, cfg.datasets.tensor_cut)
+    assert set(examples) == {"input_a", "input_b", "recon_a", "recon_b", "swap"}
+
+
+def test_codebook_one_forced_identical_gives_agreement_one(tiny_model):
+    """All entries of codebook 1 equal: every frame of every channel picks code 0."""
+    model, cfg = tiny_model
+    embed = model.quantizer.codebooks[0].embed
+    embed.copy_(embed[:1].expand_as(embed))
+    results, _ = evaluate.evaluate_model(model, cfg.model.bins, _pairs(2, 3, cfg.datasets.tensor_cut, False),
+                                         probe_steps=10)
+    assert results["codebook_agreement"][0] == 1.0
+    assert results["perplexity"][0] == pytest.approx(1.0)
+    assert results["dead_codes"][0] == cfg.model.bins - 1
+    assert results["codebook_agreement"][1] < 0.9  # independent noise: codebook 2 differs
+
+
+def _report(label: str, mode: str, agreement: list[float], swap_b: float) -> evaluate.CheckpointReport:
+    results = {
+        "num_items": 4, "views": 2, "step": 10, "sample_rate": 24000,
+        "si_snr": 5.5, "si_snr_per_view": [5.0, 6.0], "mel_distance": 0.8, "mel_distance_per_view": [0.7, 0.9],
+        "stft_distance": 1.2, "stft_distance_per_view": [1.1, 1.3], "bitrate_kbps": 1.5,
+        "effective_bitrate_kbps": 1.2, "perplexity": [300.0, 200.0], "entropy": [5.7, 5.3],
+        "effective_bits": [8.2, 7.6], "dead_codes": [10, 40], "code_histogram": [[1, 2], [3, 4]],
+        "codebook_agreement": agreement, "chance_agreement": [0.01, 0.01],
+        "embedding_cosine": [0.9, 0.1], "chance_cosine": [0.2, 0.0],
+        "probe_accuracy": [0.1, 0.8], "probe_chance": 0.0625,
+        "swap_test": {v: {"mel_to_a": 1.0, "mel_to_b": swap_b, "si_snr_to_a": 0.0, "si_snr_to_b": 1.0}
+                      for v in ("recon_a", "swap", "content_a", "rest_b")},
+    }
+    examples = {"input_a": torch.randn(1, 4800), "swap": torch.randn(1, 4800)}
+    return evaluate.CheckpointReport(label, f"/ckpt/{label}.pt", mode, results, examples)
+
+
+def test_report_files_hold_the_checkpoints_side_by_side(tmp_path):
+    reports = [_report("mono", "mono", [0.12, 0.02], 0.9), _report("paired", "paired", [0.73, 0.01], 0.4)]
+    files = evaluate.write_report(reports, tmp_path / "out")
+    assert {p.name for p in files.values()} == {"metrics.json", "report.md", "code_agreement.png",
+                                                 "swap_test.png", "spectrograms.png"}
+    data = json.loads(files["metrics"].read_text())
+    assert list(data) == ["mono", "paired"]
+    for key in ("si_snr", "mel_distance", "codebook_agreement", "chance_agreement", "swap_test",
+                "probe_accuracy", "perplexity"):
+        assert key in data["paired"]
+    assert data["paired"]["codebook_agreement"] == [0.73, 0.01]
+    assert data["mono"]["checkpoint"] == "/ckpt/mono.pt"
+
+    table = files["report"].read_text()
+    assert "| metric | mono (mono) | paired (paired) |" in table
+    assert "| cb1 cross-channel code agreement | 0.12 (chance 0.01) | 0.73 (chance 0.01) |" in table
+    assert "| swap test `swap`: mel to x_A / x_B | 1 / 0.9 | 1 / 0.4 |" in table
+    for png in ("code_agreement", "swap_test", "spectrograms"):
+        assert files[png].read_bytes().startswith(b"\x89PNG")
+
+
+def test_checkpoint_labels_are_short_and_unique():
+    assert evaluate.checkpoint_labels(["/r/mono/last.pt", "/r/paired/best.pt"]) == ["last", "best"]
+    assert evaluate.checkpoint_labels(["/r/mono/last.pt", "/r/paired/last.pt"]) == ["mono/last", "paired/last"]
+    assert evaluate.checkpoint_labels(["/r/a/x.pt", "/r/a/x.pt"]) == ["a/x#1", "a/x#2"]
+
+
+def test_data_config_turns_mono_into_pairs_and_applies_overrides(cfg_factory, synth_root):
+    train_cfg = cfg_factory("config_mono_nq2", [f"datasets.data_root={synth_root}"])
+    eval_cfg = OmegaConf.create({"datasets": {"data_root": None, "classes": ["Woodland"], "val_pairs": 3,
+                                              "batch_size": 2, "num_workers": 0}})
+    data_cfg = evaluate.evaluation_data_config(train_cfg, eval_cfg)
+    assert data_cfg.datasets.views == 2 and data_cfg.datasets.val_classes == ["Woodland"]
+    assert data_cfg.datasets.val_pairs == 3 and data_cfg.datasets.data_root == str(synth_root)
+    eval_cfg.datasets.data_root = str(synth_root / "missing")
+    with pytest.raises(FileNotFoundError, match="datasets.data_root"):
+        evaluate.evaluation_data_config(train_cfg, eval_cfg)
+
+
+def test_command_line_compares_mono_and_paired_checkpoints(cfg_factory, synth_root, tmp_path):
+    """The documented command, run from another folder with relative paths."""
+    data = [f"datasets.data_root={synth_root}"]
+    save_tiny_checkpoint(cfg_factory("config_mono_nq2", data), tmp_path / "mono.pt", seed=0)
+    save_tiny_checkpoint(cfg_factory("config_paired_nq2", data), tmp_path / "paired.pt", seed=1)
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), "checkpoints=[mono.pt,paired.pt]",
+         f"datasets.data_root={synth_root}", "datasets.val_pairs=6", "datasets.batch_size=4",
+         "probe_steps=20", "out_dir=report", "device=cpu"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert list(data) == ["mono", "paired"]
+    assert data["mono"]["mode"] == "mono" and data["paired"]["mode"] == "paired"
+    for entry in data.values():
+        assert entry["num_items"] == 6
+        assert len(entry["codebook_agreement"]) == len(entry["chance_agreement"]) == 2
+        assert len(entry["probe_accuracy"]) == 2 and len(entry["perplexity"]) == 2
+        assert set(entry["swap_test"]) == {"recon_a", "swap", "content_a", "rest_b"}
+    assert "| metric | mono (mono) | paired (paired) |" in proc.stdout
+    for name in ("report.md", "code_agreement.png", "swap_test.png", "spectrograms.png"):
+        assert (tmp_path / "report" / name).is_file()
+
+
+def test_command_line_explains_a_missing_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "checkpoints=[nope.pt]",
+                           "out_dir=report"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "checkpoint not found" in proc.stderr
