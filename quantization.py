@@ -10,9 +10,11 @@ Differences from the usual straight-through RVQ (EnCodec, SoundStream), on purpo
   residual).detach()`, the residual after codebook 1 is constant and a loss on codebook 2's
   output has exactly zero gradient into the encoder.)
 * The decoder input keeps EnCodec's identity gradient: `x + (sum_k c_k - x).detach()`.
-* The commitment loss is `sum_k mse(residual_k, c_k)`, so every codebook's commitment term pulls
-  the encoder output (EnCodec's form gives the same per-term gradients; we sum the terms where
-  EnCodec averages them).
+* The commitment loss is `sum_k mse(residual_k, c_k)`. Since every residual carries a gradient,
+  every codebook's term pulls the encoder output (d/dx = sum_k 2 (residual_k - c_k) / numel). In
+  EnCodec the residuals after the first are constants, so only codebook 1's term reaches the
+  encoder; EnCodec also averages the terms where we sum them (the commitment weight sees up to
+  n_q times EnCodec's value).
 * After k-means init, `embed_avg` holds the cluster sums (means x counts), consistent with
   `embed = embed_avg / count`; EnCodec stores the means there, so its first EMA step divides
   every code by its count.
