@@ -186,11 +186,16 @@ def checkpoint_labels(paths: list[str]) -> list[str]:
 def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
     """Measure every checkpoint of `cfg.checkpoints` on the same validation pairs."""
     paths = [to_absolute_path(str(p)) for p in _as_list(cfg.checkpoints)]
+    labels = checkpoint_labels(paths)
+    if cfg.get("labels"):
+        labels = [str(label) for label in cfg.labels]
+        if len(labels) != len(paths) or len(set(labels)) != len(labels):
+            raise ValueError(f"labels={labels}: need one distinct label per checkpoint ({len(paths)})")
     device = resolve_device(cfg.device)
     loaders: dict[int, DataLoader] = {}
     data_cfg = None
     reports = []
-    for path, label in zip(paths, checkpoint_labels(paths)):
+    for path, label in zip(paths, labels):
         model, train_cfg = load_model(path, device)
         # The first checkpoint fixes the validation items (seed, segment length, classes) so
         # that every checkpoint is scored on the same pairs; only the rate follows the model.
