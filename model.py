@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from modules import SEANetDecoder, SEANetEncoder
@@ -36,7 +37,8 @@ class EncodecOutput:
         commit_loss: scalar commitment loss (sum over codebooks).
         codes: `[B, n_q, F]` long, `F = ceil(T / hop)`; the codes that were decoded.
         embeddings: None unless asked; else `n_q` tensors `[B, D, F]`, codebook k's chosen
-            vectors with a straight-through gradient into the encoder.
+            vectors with a straight-through gradient into the encoder (in training mode, the
+            vectors before this step's EMA update, i.e. the ones that were decoded).
     """
     audio: torch.Tensor
     commit_loss: torch.Tensor
@@ -236,8 +238,8 @@ class EncodecModel(nn.Module):
             **overrides: constructor arguments that differ from the official model (whose
                 architecture is causal, weight norm, no audio normalisation).
         """
-        model = cls(n_q=n_q, **{**OFFICIAL_24KHZ, **overrides})
         converted = convert_official_state_dict(state_dict, n_q)
+        model = cls(n_q=n_q, **{**OFFICIAL_24KHZ, **overrides})
         missing, unexpected = _key_mismatch(model.state_dict(), converted)
         if missing or unexpected:
             raise ValueError(
@@ -289,8 +291,4 @@ def _init_keys() -> list[str]:
 
 def _plain(value: Any) -> Any:
     """OmegaConf containers -> Python lists/dicts, so the model holds no config objects."""
-    try:
-        from omegaconf import OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency of the project
-        return value
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value

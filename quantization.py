@@ -137,11 +137,15 @@ class EuclideanCodebook(nn.Module):
         self.epsilon = epsilon
         self.threshold_ema_dead_code = threshold_ema_dead_code
         embed = torch.zeros(codebook_size, dim)
+        cluster_size = torch.zeros(codebook_size)
         if not kmeans_init:
+            # Random codes counted once each, so that embed == embed_avg / cluster_size holds
+            # from the start (EnCodec leaves the counts at 0 and its first EMA step blows up).
             nn.init.kaiming_uniform_(embed)
+            cluster_size.fill_(1.0)
         # Buffer names and shapes are those of EnCodec's checkpoints (`inited` is a float [1]).
         self.register_buffer("inited", torch.tensor([float(not kmeans_init)]))
-        self.register_buffer("cluster_size", torch.zeros(codebook_size))
+        self.register_buffer("cluster_size", cluster_size)
         self.register_buffer("embed", embed)
         self.register_buffer("embed_avg", embed.clone())
 

@@ -121,7 +121,7 @@ def test_decoded_codes_are_the_codes_of_the_embeddings_in_training(tiny_from_con
     model = tiny_from_config.train()
     x = torch.randn(2, 1, 1920) * 0.5
     out = model(x, return_embeddings=True)
-    _, scale = model._normalize(x)
+    _, scale = model.encode(x, return_scale=True)  # encode never updates the codebooks
     with torch.no_grad():
         from_embeddings = model.decoder(sum(out.embeddings))[..., :1920] * scale
     torch.testing.assert_close(out.audio.detach(), from_embeddings, atol=1e-5, rtol=1e-4)
@@ -259,6 +259,8 @@ def test_from_config_loads_official_weights_from_init_from(cfg_factory, official
     tiny = cfg_factory("config_mono_nq2", [f"model.init_from={path}"])
     with pytest.raises(ValueError, match="does not match"):
         EncodecModel.from_config(tiny.model)
+    with pytest.raises(ValueError, match="holds only 32"):
+        EncodecModel.from_official_state_dict(official.state_dict(), n_q=33)
     missing = cfg_factory("config_mono_nq2", [f"model.init_from={tmp_path / 'nope.th'}"])
     with pytest.raises(FileNotFoundError, match="nope.th"):
         EncodecModel.from_config(missing.model)

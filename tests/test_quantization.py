@@ -94,6 +94,15 @@ def test_kmeans_init_runs_once_on_first_training_batch():
     assert (codebook.embed - embed).norm(dim=1).max() < 50.0
 
 
+def test_random_init_without_kmeans_stays_bounded_after_first_update():
+    torch.manual_seed(0)
+    codebook = EuclideanCodebook(DIM, BINS, kmeans_init=False, threshold_ema_dead_code=0)
+    assert codebook.inited.item() == 1
+    before = codebook.embed.abs().max()
+    codebook(torch.randn(5, DIM))  # most codes unused in this batch
+    assert codebook.embed.abs().max() < 10 * before
+
+
 def test_kmeans_returns_cluster_sizes_of_last_assignment():
     torch.manual_seed(0)
     samples = torch.cat([torch.zeros(6, 2), torch.full((4, 2), 5.0)])
