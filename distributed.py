@@ -5,6 +5,8 @@ unconditionally and stay correct with or without a process group.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -62,3 +64,41 @@ def barrier() -> None:
     """Wait for every rank."""
     if is_distributed():
         dist.barrier()
+
+
+# ---------------------------------------------------------------------------- process group
+# Used by the training engine under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK).
+
+def env_world_size() -> int:
+    """World size announced by torchrun (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_local_rank() -> int:
+    """This process's index on its node, as announced by torchrun."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_process_group(backend: str, device: torch.device) -> None:
+    """Join torchrun's process group: NCCL on CUDA, gloo on CPU when `backend` is 'auto'."""
+    if dist.is_initialized():
+        return
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend=backend, **kwargs)
+
+
+def destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_true(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (one tiny all-reduce)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0],
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -343,7 +343,7 @@ def train_step(p: Parts, rt: Runtime, wavs: torch.Tensor, metas: list[dict[str, 
     rest = p.gen_loss.commit_weight * commit
     pair: dict[str, torch.Tensor] = {}
     if p.pairwise is not None:
-        channels = torch.tensor([m["channels"] for m in metas], device=rt.device)
+        channels = torch.tensor([m["channels"] for m in metas])  # CPU: range-checked there
         pair = p.pairwise(split_views(out.embeddings, views), step, classes=[m["class"] for m in metas],
                           channels=channels)
         rest = rest + sum(pair[k] for k in ("l_sim", "l_div", "l_cls") if k in pair)
