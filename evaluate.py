@@ -313,7 +313,7 @@ def write_markdown(reports: list[CheckpointReport], path: Path) -> str:
 
 def plot_code_agreement(reports: list[CheckpointReport], path: Path) -> None:
     """Grouped bars: agreement per codebook for each checkpoint, chance as black ticks."""
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(reports), 3.5))
+    fig, ax = plt.subplots(figsize=(4 + 1.6 * len(reports), 3.5))
     n_q = max(len(r.results.get("codebook_agreement") or []) for r in reports)
     width = 0.8 / max(n_q, 1)
     for k in range(n_q):
@@ -326,7 +326,7 @@ def plot_code_agreement(reports: list[CheckpointReport], path: Path) -> None:
     ax.set_xticks(range(len(reports)), [f"{r.label}\n({r.mode})" for r in reports])
     ax.set_ylabel("cross-channel code agreement")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # never over a bar
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -345,8 +345,8 @@ def plot_swap_test(reports: list[CheckpointReport], path: Path) -> None:
         ax.set_xticks(range(len(variants)), variants, fontsize="small")
         ax.set_title(f"{report.label} ({report.mode})", fontsize="small")
     axes[0][0].set_ylabel("mel distance")
-    axes[0][0].legend(fontsize="small")
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize="small")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

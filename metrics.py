@@ -338,8 +338,10 @@ def channel_probe_accuracy(features: Tensor, channels: Tensor, steps: int = 200)
     `features`: `[N, V, n_q, D]` time-pooled embeddings of the V views of N items;
     `channels`: `[N, V]` microphone channel of each view (the label). A logistic regression
     is trained on the views of the even items and scored on the odd ones (`probe_split`).
-    Chance is 1 / number of channels present. A codebook that carries the channel scores far
-    above chance; one that carries only shared content stays near it.
+    Chance is the accuracy of guessing uniformly among the channels seen in training:
+    1 / number of channels present when every channel occurs in both halves (the usual case),
+    lower when test views carry channels the probe never saw. A codebook that carries the
+    channel scores far above chance; one that carries only shared content stays near it.
     """
     if features.dim() != 4 or channels.shape != features.shape[:2]:
         raise ValueError(f"expected features [N, V, n_q, D] and channels [N, V], got "
@@ -348,9 +350,10 @@ def channel_probe_accuracy(features: Tensor, channels: Tensor, steps: int = 200)
     if n_items < 2:
         raise ValueError("the probe needs at least 2 items (one to train on, one to test on)")
     present, labels = torch.unique(channels, return_inverse=True)
-    chance = 1.0 / len(present)
     train_idx, test_idx = probe_split(n_items)
     y_train, y_test = labels[train_idx].flatten(), labels[test_idx].flatten()
+    seen = torch.unique(y_train)
+    chance = torch.isin(y_test, seen).double().mean().item() / len(seen)
     accuracies = []
     for k in range(n_q):
         x_train = features[train_idx, :, k].flatten(0, 1).double()
