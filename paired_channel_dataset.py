@@ -166,7 +166,7 @@ def find_audio_files(data_root: str | os.PathLike, classes: Sequence[str], min_c
     """
     root = Path(data_root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"datasets.data_root={root} is not a folder. Point it at the EigenScape "
+        raise FileNotFoundError(f"data_root {root} (datasets.data_root / --data-root) is not a folder. Point it at the EigenScape "
                                 "recordings (flat as downloaded or one folder per class), or generate a "
                                 "synthetic set: python synth_eigenscape.py --out DIR")
     classes = canonical_classes(classes)
