@@ -78,6 +78,8 @@ def prepare_config(cfg: DictConfig, views: int) -> DictConfig:
         value = cfg[group].get(key)
         if value:
             cfg[group][key] = to_absolute_path(str(value))
+    if cfg.common.amp is False:  # YAML reads a bare `off` / `false` as a boolean
+        cfg.common.amp = "off"
     if cfg.common.amp not in AMP_MODES:
         raise ConfigError(f"common.amp={cfg.common.amp!r}: use one of {list(AMP_MODES)}")
     if views >= 2:
@@ -526,10 +528,6 @@ def training_state(p: Parts, cfg: DictConfig, epoch: int, batch: int, step: int,
     return state
 
 
-def _lr_lambda_free(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in state.items() if k != "lr_lambdas"}
-
-
 def check_compatible(ckpt: dict[str, Any], cfg: DictConfig, path: Path) -> None:
     """Name the settings that change shapes, instead of a wall of size mismatches."""
     old = ckpt.get("config", {})
@@ -566,9 +564,9 @@ def load_training_state(p: Parts, ckpt: dict[str, Any], cfg: DictConfig, path: P
     p.opt_g.load_state_dict(ckpt["opt_g"])
     if p.opt_d is not None and ckpt.get("opt_d"):
         p.opt_d.load_state_dict(ckpt["opt_d"])
-    p.sched_g.load_state_dict(_lr_lambda_free(ckpt["sched_g"]))
+    p.sched_g.load_state_dict(ckpt["sched_g"])
     if p.sched_d is not None and ckpt.get("sched_d"):
-        p.sched_d.load_state_dict(_lr_lambda_free(ckpt["sched_d"]))
+        p.sched_d.load_state_dict(ckpt["sched_d"])
     # The schedule's length comes from the current config (max_epoch may have grown):
     # LambdaLR recomputes the lr from the restored step count on the next step; set it now.
     for sched in (p.sched_g, p.sched_d):
