@@ -205,12 +205,18 @@ def test_nothing_usable_is_a_clear_error(tmp_path, cfg_factory):
         PairedChannelDataset(config(cfg_factory, tmp_path / "missing"), "train")
 
 
-def test_file_unreadable_during_training_is_redrawn_then_bounded(tmp_path, cfg_factory):
+@pytest.mark.parametrize("corruption", ["garbage", "truncated", "deleted"])
+def test_file_unreadable_during_training_is_redrawn_then_bounded(tmp_path, cfg_factory, corruption):
     good = write_wav(tmp_path / "Beach-01-Raw.wav", noise(9600, 4))
     bad = write_wav(tmp_path / "Beach-02-Raw.wav", noise(9600, 4, seed=1))
     cfg = config(cfg_factory, tmp_path, "datasets.fixed_length=40", "datasets.max_read_retries=30")
     ds = PairedChannelDataset(cfg, "train")
-    bad.write_bytes(b"RIFF garbage")
+    if corruption == "garbage":
+        bad.write_bytes(b"RIFF garbage")
+    elif corruption == "truncated":
+        bad.write_bytes(bad.read_bytes()[:3000])
+    else:
+        bad.unlink()
     with pytest.warns(DataWarning, match="read failed") as record:
         metas = [ds[i][1] for i in range(len(ds))]
     assert {m["path"] for m in metas} == {str(good)}
@@ -247,3 +253,22 @@ def test_short_file_zero_padded_with_warning(tmp_path, cfg_factory):
     t = ds.length
     assert wavs.shape == (2, 1, t) and meta["start"] == 0 and ds.stats["short_files"] == 1
     assert wavs[:, 0, 100:480].abs().min() > 0.1 and wavs[:, 0, 520:].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "PCM_32", "FLOAT"])
+def test_fast_pcm_decode_equals_soundfile(tmp_path, subtype):
+    path = write_wav(tmp_path / "Beach-01-Raw.wav", noise(3000, 5).clip(-1, 0.99) * 9, subtype=subtype)
+    f = find_audio_files(tmp_path, ["Beach"])[0]
+    expected = sf.read(str(path), start=700, stop=2500, dtype="float32", always_2d=True)[0][:, [4, 0, 2]]
+    got = pcd.read_frames(f, 700, 2500, [4, 0, 2])
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+    stat = path.stat()
+    assert (pcd.pcm_layout(str(path), stat.st_size, stat.st_mtime_ns) is None) == (subtype == "FLOAT")
+
+
+def test_fast_pcm_decode_real_wavex(fixtures_dir):
+    for f in find_audio_files(fixtures_dir, ["Beach"]):
+        stat = f.path.stat()
+        assert pcd.pcm_layout(str(f.path), stat.st_size, stat.st_mtime_ns) is not None  # extensible PCM_24
+        expected = sf.read(str(f.path), start=100, stop=9000, dtype="float32", always_2d=True)[0]
+        assert np.array_equal(pcd.read_frames(f, 100, 9000, range(f.channels)), expected)
