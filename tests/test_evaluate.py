@@ -168,3 +168,34 @@ def test_command_line_explains_a_missing_checkpoint(tmp_path):
                            "out_dir=report"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "checkpoint not found" in proc.stderr
+
+
+def test_wandb_gets_the_same_numbers_and_plots(tmp_path, monkeypatch):
+    import tracking
+
+    logged: dict = {}
+
+    class FakeTracker:
+        def __init__(self, mode, project, name, directory, config, **_):
+            logged["mode"] = mode
+
+        def log(self, data, step):
+            logged.update(data)
+
+        def log_images(self, items, step):
+            logged["images"] = sorted(items)
+
+        def finish(self, exit_code=0):
+            logged["finished"] = True
+
+    monkeypatch.setattr(tracking, "Tracker", FakeTracker)
+    reports = [_report("mono", "mono", [0.12, 0.02], 0.9), _report("paired", "paired", [0.73, 0.01], 0.4)]
+    files = evaluate.write_report(reports, tmp_path)
+    cfg = OmegaConf.create({"wandb": {"mode": "disabled", "project": "p", "name": None}})
+    evaluate.log_to_wandb(reports, files, cfg)
+    assert logged == {}  # disabled: wandb is never touched
+    cfg.wandb.mode = "offline"
+    evaluate.log_to_wandb(reports, files, cfg)
+    assert logged["paired/agreement_cb1"] == 0.73 and logged["mono/si_snr"] == 5.5
+    assert logged["images"] == ["code_agreement", "spectrograms", "swap_test"]
+    assert logged["finished"]
