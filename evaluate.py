@@ -8,7 +8,8 @@ the same segment, encoded separately, so mono and paired models are scored alike
 against chance, embedding cosine, the swap test and the channel-identity probe.
 
 Writes to `out_dir`: `metrics.json` (one entry per checkpoint), `report.md` (the checkpoints
-side by side), `code_agreement.png`, `swap_test.png`, `spectrograms.png`; and the same
+side by side), `code_agreement.png`, `swap_test.png`, `codebook_usage.png`,
+`spectrograms.png`; and the same
 numbers to wandb when `wandb.mode` is not `disabled`. Config: config/evaluate.yaml.
 """
 from __future__ import annotations
@@ -351,6 +352,29 @@ def plot_swap_test(reports: list[CheckpointReport], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_codebook_usage(reports: list[CheckpointReport], path: Path) -> None:
+    """Per codebook: share of frames taken by each code, most used first (log scale).
+
+    A flat curve over all entries is a healthy codebook; a cliff after a few codes is collapse.
+    """
+    n_q = max(len(r.results.get("code_histogram") or []) for r in reports)
+    fig, axes = plt.subplots(1, n_q, figsize=(4 * n_q, 3), squeeze=False, sharey=True)
+    for k, ax in enumerate(axes[0]):
+        for report in reports:
+            hist = torch.tensor(report.results["code_histogram"][k], dtype=torch.float64)
+            share = hist.sort(descending=True).values / hist.sum().clamp_min(1)
+            ax.plot(range(1, len(share) + 1), share.numpy(),
+                    label=f"{report.label} (perplexity {report.results['perplexity'][k]:.0f})")
+        ax.set_yscale("log")
+        ax.set_xlabel("code rank")
+        ax.set_title(f"codebook {k + 1}", fontsize="small")
+        ax.legend(fontsize="x-small")
+    axes[0][0].set_ylabel("share of frames")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_spectrograms(reports: list[CheckpointReport], path: Path) -> None:
     """Log-mel spectrograms of the first example: inputs, reconstructions, swap."""
     columns = ("input_a", "input_b", "recon_a", "recon_b", "swap")
@@ -380,11 +404,12 @@ def write_report(reports: list[CheckpointReport], out_dir: Path) -> dict[str, Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"metrics": out_dir / "metrics.json", "report": out_dir / "report.md",
              "code_agreement": out_dir / "code_agreement.png", "swap_test": out_dir / "swap_test.png",
-             "spectrograms": out_dir / "spectrograms.png"}
+             "codebook_usage": out_dir / "codebook_usage.png", "spectrograms": out_dir / "spectrograms.png"}
     write_metrics_json(reports, files["metrics"])
     write_markdown(reports, files["report"])
     plot_code_agreement(reports, files["code_agreement"])
     plot_swap_test(reports, files["swap_test"])
+    plot_codebook_usage(reports, files["codebook_usage"])
     if any(r.examples for r in reports):
         plot_spectrograms(reports, files["spectrograms"])
     else:

@@ -103,7 +103,7 @@ def test_report_files_hold_the_checkpoints_side_by_side(tmp_path):
     reports = [_report("mono", "mono", [0.12, 0.02], 0.9), _report("paired", "paired", [0.73, 0.01], 0.4)]
     files = evaluate.write_report(reports, tmp_path / "out")
     assert {p.name for p in files.values()} == {"metrics.json", "report.md", "code_agreement.png",
-                                                 "swap_test.png", "spectrograms.png"}
+                                                 "swap_test.png", "codebook_usage.png", "spectrograms.png"}
     data = json.loads(files["metrics"].read_text())
     assert list(data) == ["mono", "paired"]
     for key in ("si_snr", "mel_distance", "codebook_agreement", "chance_agreement", "swap_test",
@@ -116,7 +116,7 @@ def test_report_files_hold_the_checkpoints_side_by_side(tmp_path):
     assert "| metric | mono (mono) | paired (paired) |" in table
     assert "| cb1 cross-channel code agreement | 0.12 (chance 0.01) | 0.73 (chance 0.01) |" in table
     assert "| swap test `swap`: mel to x_A / x_B | 1 / 0.9 | 1 / 0.4 |" in table
-    for png in ("code_agreement", "swap_test", "spectrograms"):
+    for png in ("code_agreement", "swap_test", "codebook_usage", "spectrograms"):
         assert files[png].read_bytes().startswith(b"\x89PNG")
 
 
@@ -197,5 +197,5 @@ def test_wandb_gets_the_same_numbers_and_plots(tmp_path, monkeypatch):
     cfg.wandb.mode = "offline"
     evaluate.log_to_wandb(reports, files, cfg)
     assert logged["paired/agreement_cb1"] == 0.73 and logged["mono/si_snr"] == 5.5
-    assert logged["images"] == ["code_agreement", "spectrograms", "swap_test"]
+    assert logged["images"] == ["code_agreement", "codebook_usage", "spectrograms", "swap_test"]
     assert logged["finished"]
