@@ -407,6 +407,12 @@ def _distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
+def _absolute(path: Any) -> Path:
+    """Relative paths are relative to where the command was started, even inside a Hydra run dir."""
+    from hydra.utils import to_absolute_path
+    return Path(to_absolute_path(str(Path(str(path)).expanduser())))
+
+
 def _setting(ds: Any, key: str, default: Any = None) -> Any:
     value = ds.get(key, default)
     return default if value is None else value
@@ -424,7 +430,7 @@ class ChannelViewsDataset(Dataset):
             raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
         ds = config.datasets
         try:
-            data_root = Path(str(ds.data_root)).expanduser()
+            data_root = _absolute(ds.data_root)
         except Exception as err:  # omegaconf MissingMandatoryValue for '???'
             raise ValueError("datasets.data_root is not set: pass datasets.data_root=/path/to/EigenScape "
                              "(or a synthetic set from synth_eigenscape.py)") from err
@@ -438,7 +444,8 @@ class ChannelViewsDataset(Dataset):
         key = "train_classes" if mode == "train" else "val_classes"
         self.classes = canonical_classes(list(ds[key]), f"datasets.{key}")
         self.channel_choice = self._channel_setting(ds)
-        self.epoch = 0
+        # Shared memory, so that persistent DataLoader workers see set_epoch() too.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.rank, self.world_size = _distributed_rank()
         self.stats: Counter = Counter()
         self._reported: set[str] = set()
@@ -464,7 +471,7 @@ class ChannelViewsDataset(Dataset):
 
     def _prepared_root(self, ds: Any) -> Path:
         root = ds.get("prepared_root", None)
-        return Path(str(root)).expanduser() if root else self.data_root / PREPARED_DIRNAME
+        return _absolute(root) if root else self.data_root / PREPARED_DIRNAME
 
     def _resolve_format(self, ds: Any) -> str:
         fmt = str(_setting(ds, "format", "auto"))
@@ -548,9 +555,18 @@ class ChannelViewsDataset(Dataset):
 
     # -- public
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Training items of a new epoch (items are a function of seed, epoch, index, rank)."""
-        self.epoch = int(epoch)
+        """Training items of a new epoch (items are a function of seed, epoch, index, rank).
+
+        Call it before iterating; it reaches workers that already exist (persistent_workers).
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._epoch.fill_(int(epoch))
 
     def set_rank(self, rank: int, world_size: int = 1) -> None:
         """Override the distributed rank (taken from torch.distributed at construction)."""

@@ -149,6 +149,8 @@ def test_train_items_pure_in_seed_epoch_index_rank(synth_root, cfg_factory):
         wb, mb = b[i]
         assert ma == mb and torch.equal(wa, wb)
     epoch0 = [a.draw(i) for i in range(4)]
+    assert [m for _, m in DataLoader(a, batch_size=2, num_workers=0, collate_fn=collate_fn)][0][0]["start"] \
+        == epoch0[0][2]
     a.set_epoch(3)
     assert [a.draw(i) for i in range(4)] != epoch0
     assert torch.equal(a[2][0], later[0])
@@ -157,6 +159,16 @@ def test_train_items_pure_in_seed_epoch_index_rank(synth_root, cfg_factory):
     assert [a.draw(i) for i in range(4)] != epoch0
     other_seed = PairedChannelDataset(config(cfg_factory, synth_root, "common.seed=1"), "train")
     assert [other_seed.draw(i) for i in range(4)] != epoch0
+
+
+def test_set_epoch_reaches_persistent_workers(synth_root, cfg_factory):
+    ds = PairedChannelDataset(config(cfg_factory, synth_root, "datasets.fixed_length=4"), "train")
+    loader = DataLoader(ds, batch_size=2, num_workers=1, persistent_workers=True, collate_fn=collate_fn)
+    for epoch in (0, 1, 2):
+        ds.set_epoch(epoch)
+        starts = [m["start"] for _, metas in loader for m in metas]
+        assert starts == [ds.draw(i)[2] for i in range(4)]
+        assert [m["channels"] for _, metas in loader for m in metas] == [list(ds.draw(i)[1]) for i in range(4)]
 
 
 def test_validation_pairs_fixed_and_spread(synth_root, cfg_factory):
