@@ -4,7 +4,8 @@
     python codec.py decode --checkpoint CKPT out.tok out.wav
 
 Any sample rate and channel count: each channel is resampled to the model rate and encoded
-separately; decoding restores the original rate, channel count and length.
+separately, in one piece (so the codes equal `model.encode` of the whole channel; memory grows
+with the file's duration); decoding restores the original rate, channel count and length.
 
 Token file (data only, nothing is unpickled):
     8 bytes   magic b"PENCTOK1"
