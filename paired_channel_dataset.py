@@ -14,7 +14,9 @@ a fixed plan derived from the sorted file list and the seed.
 
 A segment of `tensor_cut` samples at the model rate is read from just the source frames it
 needs (plus the resampler's margin), as float32, and resampled with a cached resampler; the
-result equals the same span of the whole file resampled. When `prepare_dataset.py` has
+result equals the same span of the whole file resampled. Integer-PCM WAV files (EigenScape is
+PCM_24) are decoded from the raw bytes of the selected channels only (values identical to
+soundfile's); other formats go through soundfile. When `prepare_dataset.py` has
 converted the data to int16 arrays at the model rate (`<data_root>/.prepared/` by default,
 or `datasets.prepared_root`), items read only their channels' bytes from those arrays and
 are the same items up to 16-bit quantisation (`datasets.format`: auto | wav | prepared).
@@ -454,6 +456,7 @@ class ChannelViewsDataset(Dataset):
         self._read = read_prepared_segment if self.format == "prepared" else read_wav_segment
         self._allowed = [_usable_channels(f.channels, self.channel_choice) for f in self.files]
         self._warn_short_files()
+        self._warn_mixed_channel_counts()
         self.items = int(ds.fixed_length) if mode == "train" else int(ds.val_pairs)
         self.plan = self._validation_plan() if mode == "val" else None
 
@@ -523,6 +526,13 @@ class ChannelViewsDataset(Dataset):
             warnings.warn(f"{len(short)} file(s) are shorter than one segment (datasets.tensor_cut={self.length} "
                           f"samples at {self.model_rate} Hz) and will be zero-padded: {short}",
                           DataWarning, stacklevel=3)
+
+    def _warn_mixed_channel_counts(self) -> None:
+        counts = Counter(f.channels for f in self.files)
+        if len(counts) > 1:
+            warnings.warn(f"{mode_files(self)} have different channel counts {dict(counts)} (raw A-format "
+                          "and B-format mixed?). Channels of an item always come from one file; keep one "
+                          "variant per data_root or restrict datasets.channels.", DataWarning, stacklevel=3)
 
     def _validation_plan(self) -> list[tuple[int, tuple[int, ...], int]]:
         """(file, channels, start) per validation item: spread over files, channel sets and time.
@@ -611,7 +621,7 @@ class ChannelViewsDataset(Dataset):
                     self._reported.add(f.rel)
                     warnings.warn(f"read failed, drawing another item: {err}", DataWarning, stacklevel=2)
                 continue
-            if not torch.isfinite(wavs).all():
+            if self.format == "wav" and not torch.isfinite(wavs).all():  # int16 arrays cannot hold NaN
                 self.stats["nonfinite_segments"] += 1
                 failures.append(f"{f.path}: NaN/Inf in channels {list(channels)} from frame {start}")
                 if self.stats["nonfinite_segments"] == 1:
@@ -647,6 +657,10 @@ class MonoChannelDataset(ChannelViewsDataset):
 
     def __init__(self, config: Any, mode: str) -> None:
         super().__init__(config, mode, views=1)
+
+
+def mode_files(dataset: ChannelViewsDataset) -> str:
+    return f"the {len(dataset.files)} {dataset.mode} files under {dataset.data_root}"
 
 
 def collate_fn(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:

@@ -82,6 +82,17 @@ def test_real_fixtures_read(fixtures_dir):
         assert seg.abs().max() > 0
 
 
+def test_real_fixtures_items(fixtures_dir, cfg_factory):
+    cfg = config(cfg_factory, fixtures_dir, "datasets.train_classes=[Beach]", "datasets.fixed_length=40")
+    with pytest.warns(DataWarning, match="different channel counts"):
+        ds = PairedChannelDataset(cfg, "train")
+    items = [ds[i] for i in range(len(ds))]
+    assert {sf.info(m["path"]).channels for _, m in items} == {25, 32}
+    assert max(max(m["channels"]) for _, m in items) > 24  # the 32-capsule file's upper half is used
+    for wavs, meta in items[:5]:
+        assert wavs.shape == (2, 1, ds.length) and torch.isfinite(wavs).all() and wavs.abs().max() > 0
+
+
 # ----------------------------------------------------------------------------- content
 
 
