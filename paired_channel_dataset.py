@@ -478,13 +478,14 @@ class ChannelViewsDataset(Dataset):
 
     def _resolve_format(self, ds: Any) -> str:
         fmt = str(_setting(ds, "format", "auto"))
+        if fmt not in ("auto", "wav", "prepared"):
+            raise ValueError(f"datasets.format must be auto, wav or prepared, got {fmt!r}")
         self.prepared_root = self._prepared_root(ds)
         has_index = (self.prepared_root / PREPARED_INDEX).is_file()
         if fmt == "prepared" and not has_index:
             raise FileNotFoundError(f"datasets.format=prepared but {self.prepared_root / PREPARED_INDEX} does not "
-                                    f"exist: run python prepare_dataset.py --data-root {self.data_root}")
-        if fmt not in ("auto", "wav", "prepared"):
-            raise ValueError(f"datasets.format must be auto, wav or prepared, got {fmt!r}")
+                                    f"exist: run python prepare_dataset.py --data-root {self.data_root}"
+                                    + (f" --out {self.prepared_root}" if ds.get("prepared_root") else ""))
         if fmt == "auto" and not has_index:
             return "wav"
         return fmt

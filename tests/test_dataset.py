@@ -1,7 +1,6 @@
 """EigenScape datasets: finding files, exact segments, randomness, validation plan, bad files."""
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 

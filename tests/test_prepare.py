@@ -13,7 +13,7 @@ import torchaudio
 
 import paired_channel_dataset as pcd
 import prepare_dataset
-from paired_channel_dataset import DataWarning, PairedChannelDataset, find_audio_files
+from paired_channel_dataset import DataWarning, PairedChannelDataset
 
 Q = 1 / 32768  # one int16 step
 
