@@ -118,8 +118,12 @@ class EuclideanCodebook(nn.Module):
         kmeans_iters (int): k-means iterations.
         decay (float): EMA decay.
         epsilon (float): Laplace smoothing of the counts.
-        threshold_ema_dead_code (float): Codes whose EMA count falls below it are replaced by
-            vectors of the current batch (0 disables).
+        threshold_ema_dead_code (float): A code used fewer than this many times over the EMA
+            horizon (`1 / (1 - decay)` steps, 100 at decay 0.99) is dead and replaced by a vector
+            of the current batch (0 disables). EnCodec compares the per-step EMA count with it
+            directly, which only makes sense for large batches: at batch 8 x 1 s (600-1200
+            frames for 1024 codes) the average code is used about once per step, so nearly
+            the whole codebook would count as dead and be re-drawn every step.
     """
 
     def __init__(self, dim: int, codebook_size: int, kmeans_init: bool = True,
@@ -190,16 +194,22 @@ class EuclideanCodebook(nn.Module):
         for buffer in (self.embed, self.embed_avg, self.cluster_size):
             distributed.broadcast_(buffer)
 
+    @property
+    def dead_count(self) -> float:
+        """Per-step EMA count under which a code is dead: `threshold` uses over the horizon."""
+        return self.threshold_ema_dead_code * (1.0 - self.decay)
+
     @torch.no_grad()
     def expire_codes_(self, x: torch.Tensor) -> None:
-        """Replace codes whose EMA count is below the threshold by vectors of the batch.
+        """Replace dead codes by vectors of the batch.
 
-        The replaced code starts as a code used `threshold` times (count and sum), so the EMA
-        update that follows keeps the new vector instead of recomputing the old one.
+        A replaced code starts as a code used twice the threshold over the horizon (count and
+        sum), so the EMA update that follows keeps the new vector, and the code has about
+        `ln 2 * horizon` steps (69 at decay 0.99) to attract vectors before it counts as dead.
         """
         if self.threshold_ema_dead_code <= 0:
             return
-        expired = self.cluster_size < self.threshold_ema_dead_code
+        expired = self.cluster_size < self.dead_count
         if not bool(expired.any()):  # same decision on every rank: the buffers are in sync
             return
         samples = distributed.all_gather_cat(x.float())
@@ -207,9 +217,9 @@ class EuclideanCodebook(nn.Module):
             fresh = sample_vectors(samples, self.codebook_size)
             mask = expired.unsqueeze(1)
             self.embed.copy_(torch.where(mask, fresh, self.embed))
-            self.embed_avg.copy_(torch.where(mask, fresh * self.threshold_ema_dead_code,
-                                             self.embed_avg))
-            self.cluster_size.masked_fill_(expired, float(self.threshold_ema_dead_code))
+            fresh_count = 2.0 * self.dead_count
+            self.embed_avg.copy_(torch.where(mask, fresh * fresh_count, self.embed_avg))
+            self.cluster_size.masked_fill_(expired, fresh_count)
         for buffer in (self.embed, self.embed_avg, self.cluster_size):
             distributed.broadcast_(buffer)
 
