@@ -29,6 +29,7 @@ import argparse
 import csv
 import functools
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -463,6 +464,8 @@ def generate_file(path: Path, scene_class: str, seconds: float, seed: int, numbe
             out.write(np.clip(block, -1.0, 1.0))
         render(scene, n, rng, write)
     os.replace(tmp, path)
+    if peak[0] > 1.0:
+        warnings.warn(f"{path.name}: peak {peak[0]:.2f} clipped to full scale", stacklevel=2)
     return {"sources": ";".join(p.name for p in scene.points),
             "beds": ";".join(b.name for b in scene.beds), "peak": f"{peak[0]:.4f}"}
 
