@@ -87,3 +87,12 @@ def test_prepared_without_index_is_a_clear_error(small_root, cfg_factory):
 def test_quantize_clips_and_counts():
     q, clipped = prepare_dataset.quantize(np.array([-1.5, -1.0, 0.0, Q, 0.9999, 1.2], np.float32))
     assert q.tolist() == [-32768, -32768, 0, 1, 32765, 32767] and clipped == 2
+
+
+def test_index_at_another_rate(small_root, cfg_factory):
+    prepare_dataset.prepare(small_root, model_rate=16000)
+    base = [f"datasets.data_root={small_root}"]
+    with pytest.warns(DataWarning, match="model.sample_rate=24000"):
+        assert PairedChannelDataset(cfg_factory("config_paired_nq2", base), "train").format == "wav"
+    with pytest.raises(ValueError, match="prepared at 16000 Hz"):
+        PairedChannelDataset(cfg_factory("config_paired_nq2", [*base, "datasets.format=prepared"]), "train")
