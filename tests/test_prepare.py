@@ -96,3 +96,12 @@ def test_index_at_another_rate(small_root, cfg_factory):
         assert PairedChannelDataset(cfg_factory("config_paired_nq2", base), "train").format == "wav"
     with pytest.raises(ValueError, match="prepared at 16000 Hz"):
         PairedChannelDataset(cfg_factory("config_paired_nq2", [*base, "datasets.format=prepared"]), "train")
+
+
+def test_prepared_elsewhere(small_root, tmp_path_factory, cfg_factory):
+    out = tmp_path_factory.mktemp("arrays")
+    prepare_dataset.main(["--data-root", str(small_root), "--out", str(out)])
+    assert (out / "index.json").is_file() and not (small_root / ".prepared").exists()
+    cfg = cfg_factory("config_paired_nq2", [f"datasets.data_root={small_root}", f"+datasets.prepared_root={out}"])
+    ds = PairedChannelDataset(cfg, "train")
+    assert ds.format == "prepared" and ds.files[0].array.parent == out
