@@ -340,8 +340,9 @@ def train_step(p: Parts, rt: Runtime, wavs: torch.Tensor, metas: list[dict[str, 
 
     items = p.gen_loss(x, y, fake_logits, real_fmaps, fake_fmaps)
     views_losses = per_view_means(items, batch, views)
-    per_loss = {k: v.sum() for k, v in views_losses.items()}
-    commit = out.commit_loss * views  # mean over B*V items -> sum of per-view means
+    per_loss = {k: v.sum() for k, v in views_losses.items()}  # channel 1 + channel 2 + ...
+    views_losses["commit"] = per_view_means({"c": out.commit_per_item}, batch, views)["c"]
+    commit = views_losses["commit"].sum()
     rest = p.gen_loss.commit_weight * commit
     pair: dict[str, torch.Tensor] = {}
     if p.pairwise is not None:
@@ -371,8 +372,8 @@ def train_step(p: Parts, rt: Runtime, wavs: torch.Tensor, metas: list[dict[str, 
     # ONE host sync per step: every logged scalar plus the finiteness check.
     names = [f"{k}_ch{v + 1}" for k, pv in views_losses.items() for v in range(len(pv))]
     values = [pv[v] for pv in views_losses.values() for v in range(len(pv))]
-    names += ["commit", "loss_g", "grad_norm_g"]
-    values += [commit.detach() / views, loss_g.detach(), grad_norm_g]
+    names += ["loss_g", "grad_norm_g"]
+    values += [loss_g.detach(), grad_norm_g]
     for k in ("l_sim", "l_div", "l_cls", "sim", "div"):
         if k in pair:
             names.append(k)
@@ -406,7 +407,11 @@ def train_step(p: Parts, rt: Runtime, wavs: torch.Tensor, metas: list[dict[str, 
         p.scaler_d.update()
     p.sched_g.step()
     if p.sched_d is not None:
-        p.sched_d.step()
+        with warnings.catch_warnings():
+            # The discriminator's schedule follows the generator's steps, also on the steps
+            # (or warmup epochs) where the discriminator itself does not update.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            p.sched_d.step()
     scalars["lr_g"] = p.opt_g.param_groups[0]["lr"]
     if p.opt_d is not None:
         scalars["lr_d"] = p.opt_d.param_groups[0]["lr"]

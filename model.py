@@ -39,11 +39,14 @@ class EncodecOutput:
         embeddings: None unless asked; else `n_q` tensors `[B, D, F]`, codebook k's chosen
             vectors with a straight-through gradient into the encoder (in training mode, the
             vectors before this step's EMA update, i.e. the ones that were decoded).
+        commit_per_item: `[B]` commitment loss of each item (its mean is `commit_loss`), so
+            that a batch of several channel views can report one value per channel.
     """
     audio: torch.Tensor
     commit_loss: torch.Tensor
     codes: torch.Tensor
     embeddings: list[torch.Tensor] | None = None
+    commit_per_item: torch.Tensor | None = None
 
 
 class EncodecModel(nn.Module):
@@ -149,7 +152,7 @@ class EncodecModel(nn.Module):
         q = self.quantizer(self.encoder(x_normalized), return_embeddings=return_embeddings)
         audio = self._restore(self.decoder(q.quantized), scale, x.shape[-1])
         return EncodecOutput(audio=audio, commit_loss=q.commit_loss, codes=q.codes,
-                             embeddings=q.embeddings)
+                             embeddings=q.embeddings, commit_per_item=q.commit_per_item)
 
     def encode(self, x: torch.Tensor, return_scale: bool = False
                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:

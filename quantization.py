@@ -47,11 +47,13 @@ class QuantizerOutput:
         commit_loss: scalar, sum over codebooks of the commitment MSE.
         embeddings: None unless asked; else `n_q` tensors `[B, D, F]`, codebook k's chosen
             vectors with a straight-through gradient into the input.
+        commit_per_item: `[B]` the commitment loss of each item (its mean is `commit_loss`).
     """
     quantized: torch.Tensor
     codes: torch.Tensor
     commit_loss: torch.Tensor
     embeddings: list[torch.Tensor] | None = None
+    commit_per_item: torch.Tensor | None = None
 
 
 def nearest_code(x: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
@@ -300,13 +302,13 @@ class ResidualVectorQuantizer(nn.Module):
         batch, dim, frames = x.shape
         residual = x
         total = torch.zeros_like(x)
-        commit_loss = x.new_zeros(())
+        commit_per_item = x.new_zeros(batch)
         codes, embeddings = [], []
         for codebook in self.codebooks:
             flat = residual.detach().transpose(1, 2).reshape(-1, dim)
             vectors, indices = codebook(flat)
             chosen = vectors.view(batch, frames, dim).transpose(1, 2)
-            commit_loss = commit_loss + F.mse_loss(residual, chosen)
+            commit_per_item = commit_per_item + (residual - chosen).pow(2).mean(dim=(1, 2))
             if return_embeddings:
                 embeddings.append(residual + (chosen - residual).detach())
             # `chosen` has no gradient, so the next residual keeps an identity gradient to x.
@@ -315,8 +317,9 @@ class ResidualVectorQuantizer(nn.Module):
             codes.append(indices.view(batch, frames))
         quantized = x + (total - x).detach()
         return QuantizerOutput(quantized=quantized, codes=torch.stack(codes, dim=1),
-                               commit_loss=commit_loss,
-                               embeddings=embeddings if return_embeddings else None)
+                               commit_loss=commit_per_item.mean(),
+                               embeddings=embeddings if return_embeddings else None,
+                               commit_per_item=commit_per_item)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes `[B, n_q, F]` of `x` `[B, D, F]`; never updates the codebooks."""

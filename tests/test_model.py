@@ -270,3 +270,17 @@ def test_from_config_rejects_unknown_keys(cfg_factory):
     cfg = cfg_factory("config_mono_nq2", ["+model.n_codebooks=4"])
     with pytest.raises(ValueError, match="n_codebooks"):
         EncodecModel.from_config(cfg.model)
+
+
+def test_commitment_loss_per_item_sums_codebooks_and_averages_to_the_scalar(tiny_from_config):
+    model = ready(tiny_from_config).eval()
+    x = torch.randn(3, 1, 1920) * torch.tensor([0.01, 0.1, 1.0]).view(3, 1, 1)
+    with torch.no_grad():
+        out = model(x, return_embeddings=True)
+        latent = model.encoder(model._normalize(x)[0])
+    residual, expected = latent, torch.zeros(3)
+    for emb in out.embeddings:  # the chosen vectors, codebook by codebook
+        expected += (residual - emb).pow(2).mean(dim=(1, 2))
+        residual = residual - emb
+    torch.testing.assert_close(out.commit_per_item, expected)
+    torch.testing.assert_close(out.commit_loss, out.commit_per_item.mean())
