@@ -287,7 +287,7 @@ def wandering_direction(rng: np.random.Generator) -> Callable:
 @dataclass
 class PointSource:
     name: str
-    signal: np.ndarray                     # mono, unit RMS, scaled by `level`
+    signal: np.ndarray                     # mono, unit active level (see active_level)
     direction: Callable[[np.ndarray], np.ndarray]  # frame times (s) -> unit vectors [K, 3]
     level_db: float
 
@@ -332,6 +332,16 @@ RECIPES: dict[str, dict] = {
 POINT_GENERATORS = {"voice": voice, "bird": bird, "chime": chime, "footsteps": footsteps, "hum": hum}
 
 
+def active_level(sig: np.ndarray) -> float:
+    """RMS while the source sounds (50 ms frames within 20 dB of the loudest), not averaged over
+    silence, so that a sparse source (one chime, a few steps) is as loud in short files as in long."""
+    frame = int(0.05 * SAMPLE_RATE)
+    n = len(sig) // frame
+    frames = sig[:n * frame].reshape(n, frame) if n else sig[None, :]
+    power = np.mean(frames ** 2, axis=1)
+    return float(np.sqrt(power[power >= 0.01 * power.max()].mean())) if power.max() > 0 else 0.0
+
+
 def build_scene(scene_class: str, n: int, rng: np.random.Generator) -> Scene:
     """Draw one scene of `n` samples from the class recipe."""
     recipe = RECIPES[scene_class]
@@ -351,9 +361,9 @@ def build_scene(scene_class: str, n: int, rng: np.random.Generator) -> Scene:
                 sig = POINT_GENERATORS[kind](rng, n)
                 direction = (fixed_direction(rng, (20, 70)) if kind in ("bird", "chime")
                              else fixed_direction(rng) if kind == "hum" else wandering_direction(rng))
-            rms = np.sqrt(np.mean(sig ** 2))
-            if rms > 0:
-                scene.points.append(PointSource(kind, (sig / rms).astype(np.float32), direction,
+            level_now = active_level(sig)
+            if level_now > 0:
+                scene.points.append(PointSource(kind, (sig / level_now).astype(np.float32), direction,
                                                 level + rng.uniform(-3, 3)))
     return scene
 
