@@ -79,6 +79,8 @@ def evaluation_data_config(train_cfg: DictConfig, eval_cfg: DictConfig) -> DictC
         cfg.datasets.val_classes = list(data.classes)
     if data.val_pairs is not None:
         cfg.datasets.val_pairs = int(data.val_pairs)
+    if data.get("channels") is not None:
+        cfg.datasets.channels = [int(c) for c in data.channels]
     cfg.datasets.views = 2
     cfg.datasets.batch_size = int(data.batch_size)
     cfg.datasets.num_workers = int(data.num_workers)

@@ -129,9 +129,14 @@ def test_checkpoint_labels_are_short_and_unique():
 def test_data_config_turns_mono_into_pairs_and_applies_overrides(cfg_factory, synth_root):
     train_cfg = cfg_factory("config_mono_nq2", [f"datasets.data_root={synth_root}"])
     eval_cfg = OmegaConf.create({"datasets": {"data_root": None, "classes": ["Woodland"], "val_pairs": 3,
-                                              "batch_size": 2, "num_workers": 0}})
+                                              "channels": [0, 9], "batch_size": 2, "num_workers": 0}})
     data_cfg = evaluate.evaluation_data_config(train_cfg, eval_cfg)
     assert data_cfg.datasets.views == 2 and data_cfg.datasets.val_classes == ["Woodland"]
+    assert data_cfg.datasets.channels == [0, 9]
+    batches = list(evaluate.validation_loader(data_cfg))
+    assert sum(len(metas) for _, metas in batches) == 3
+    assert all(sorted(meta["channels"]) == [0, 9] and meta["class"] == "Woodland"
+               for _, metas in batches for meta in metas)
     assert data_cfg.datasets.val_pairs == 3 and data_cfg.datasets.data_root == str(synth_root)
     eval_cfg.datasets.data_root = str(synth_root / "missing")
     with pytest.raises(FileNotFoundError, match="datasets.data_root"):
