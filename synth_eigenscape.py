@@ -381,7 +381,7 @@ def stft_scale(variance: float) -> float:
 
 
 def capsule_noise_std(bed_psd: np.ndarray, point_frames: list[np.ndarray], window: np.ndarray) -> float:
-    """Per-bin std of the white capsule self-noise: it crosses the scene spectrum at
+    """Per-bin STFT std of the white capsule self-noise (time std: this / sqrt(NFFT)); it crosses the scene spectrum at
     NOISE_CROSSOVER_HZ, so that (as measured on the real em32) the capsules share content
     at low frequencies and carry mostly their own noise above about 6 kHz."""
     k = int(NOISE_CROSSOVER_HZ * NFFT / SAMPLE_RATE)
@@ -438,14 +438,14 @@ def render(scene: Scene, n: int, rng: np.random.Generator, write: Callable[[np.n
         for p, frames in zip(scene.points, frames_of):
             s = np.fft.rfft(frames[t0:t1] * window, axis=-1).astype(np.complex64)  # [K, F]
             dirs = p.direction(times)  # [K, 3]
+            if np.ptp(dirs, axis=0).max() < 1e-9:  # static source: one response for the block
+                spec += capsule_responses(dirs[:1])[:, :, 0, None] * s.T[:, None, :]
+                continue
             cos = dirs @ CAPSULES.T  # [K, 32]
             idx = np.rint((cos + 1.0) * 0.5 * (COS_GRID - 1)).astype(np.int64)
             h = sphere_response_table()[:, idx]  # [F, K, 32]
             spec += np.transpose(h * s.T[:, :, None], (0, 2, 1))
         spec *= coloration[:, :, None]
-        spec += (noise_std / np.sqrt(2)) * (
-            rng.standard_normal(spec.shape, dtype=np.float32)
-            + 1j * rng.standard_normal(spec.shape, dtype=np.float32))
         frames_out = np.fft.irfft(np.transpose(spec, (2, 1, 0)), n=NFFT, axis=-1) * window  # [K, 32, N]
         block = np.zeros(((k + 1) * HOP, N_CAPSULES), np.float32)
         block[:HOP] = carry
@@ -455,6 +455,8 @@ def render(scene: Scene, n: int, rng: np.random.Generator, write: Callable[[np.n
         done = done[skip:]
         skip = 0
         done = done[:n - written]
+        # White capsule self-noise, added in time (white there too, and half the random draws).
+        done += rng.standard_normal(done.shape, dtype=np.float32) * np.float32(noise_std / np.sqrt(NFFT))
         write(done)
         written += len(done)
 
