@@ -11,7 +11,8 @@ Physics, kept simple but not trivial:
   facing the source, shadow behind it);
 - point sources (cars, voices, birds, chimes, footsteps, hum) come from one direction each,
   some moving; the diffuse bed (traffic rumble, wind, surf, babble) is many uncorrelated
-  plane waves from random directions, so inter-capsule coherence falls with frequency;
+  plane waves from random directions (scattered around a main direction, as real beds are),
+  so inter-capsule coherence falls with frequency and with capsule distance;
 - each capsule has a small fixed coloration and independent self-noise, which dominates
   above a few kHz as in the real recordings.
 Spectra are low-frequency heavy (the real excerpt has 91% of its energy below 1 kHz).
@@ -47,8 +48,9 @@ HOP = NFFT // 2
 FRAMES_PER_BLOCK = 32   # small blocks keep the mixing loop in cache
 COS_GRID = 2049  # resolution of the cos(angle) lookup of the sphere response
 DIFFUSE_DIRECTIONS = 32
+DIFFUSE_FOCUS = 2.5      # 0 = isotropic; 2.5 brings the coherence bands close to the real Beach excerpt
 DIFFUSE_MAX_HZ = 16000  # the beds are far below the capsule noise above this
-NOISE_CROSSOVER_HZ = 6000
+NOISE_CROSSOVER_HZ = 7000  # real em32: an uncorrelated noise floor above about 6-8 kHz
 ARRAY_SEED = 32  # the simulated em32 unit: its capsule coloration is the same in every set
 
 SCENE_CLASSES = ["Beach", "Busy Street", "Park", "Pedestrian Zone", "Quiet Street",
@@ -130,9 +132,12 @@ def capsule_coloration() -> np.ndarray:
     return (10 ** (gain_db / 20)).astype(np.float32)
 
 
-def random_directions(rng: np.random.Generator, count: int) -> np.ndarray:
-    """`count` directions uniform on the sphere, [count, 3]."""
-    v = rng.normal(size=(count, 3))
+def random_directions(rng: np.random.Generator, count: int, focus: float = 0.0) -> np.ndarray:
+    """`count` random unit vectors [count, 3]: uniform on the sphere for focus 0, gathered
+    around one random near-horizontal direction as focus grows (real beds are not isotropic:
+    the sea, the road, the hall's open side)."""
+    main = unit_vectors(rng.uniform(70, 110), rng.uniform(0, 360))
+    v = rng.normal(size=(count, 3)) + focus * main
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
@@ -412,7 +417,7 @@ def render(scene: Scene, n: int, rng: np.random.Generator, write: Callable[[np.n
     window = np.sqrt(0.5 - 0.5 * np.cos(2 * np.pi * np.arange(NFFT) / NFFT)).astype(np.float32)
     n_frames = n // HOP + 2  # frame t covers padded samples [t*HOP, t*HOP + NFFT); pad = HOP
     n_bins = NFFT // 2 + 1
-    diffuse_dirs = random_directions(rng, DIFFUSE_DIRECTIONS)
+    diffuse_dirs = random_directions(rng, DIFFUSE_DIRECTIONS, DIFFUSE_FOCUS)
     h_diffuse = capsule_responses(diffuse_dirs)  # [F, 32, D]
     n_diffuse_bins = int(DIFFUSE_MAX_HZ * NFFT / SAMPLE_RATE) + 1
     bed_psd = np.stack([b.shape * 10 ** (b.level_db / 10) for b in scene.beds])  # [beds, F]
