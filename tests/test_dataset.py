@@ -294,3 +294,14 @@ def test_fast_pcm_decode_real_wavex(fixtures_dir):
         assert pcd.pcm_layout(str(f.path), stat.st_size, stat.st_mtime_ns) is not None  # extensible PCM_24
         expected = sf.read(str(f.path), start=100, stop=9000, dtype="float32", always_2d=True)[0]
         assert np.array_equal(pcd.read_frames(f, 100, 9000, range(f.channels)), expected)
+
+
+def test_validation_read_failure_is_an_error_not_a_redraw(tmp_path, cfg_factory):
+    write_wav(tmp_path / "Woodland-01-Raw.wav", noise(9600, 4))
+    bad = write_wav(tmp_path / "TrainStation-01-Raw.wav", noise(9600, 4))
+    ds = PairedChannelDataset(config(cfg_factory, tmp_path), "val")
+    first = [ds[i][1] for i in range(len(ds))]
+    bad.write_bytes(b"not audio any more")
+    failing = next(i for i, m in enumerate(first) if m["path"] == str(bad))
+    with pytest.raises(pcd.ReadError, match="TrainStation-01-Raw.wav"):
+        ds[failing]
