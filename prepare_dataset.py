@@ -48,12 +48,17 @@ def array_name(rel: str) -> str:
     return rel + ".npy"
 
 
+def resampled_length(file: AudioFile, model_rate: int) -> int:
+    """Length torchaudio gives the whole file at model_rate: ceil(frames * new / old), in integers."""
+    return -(-file.frames * model_rate // file.sample_rate)
+
+
 def convert_file(file: AudioFile, out: Path, model_rate: int, chunk_seconds: float) -> dict:
     """Write one recording as int16 [C, T] at model_rate under `out`, chunk by chunk; return its index entry."""
     target = out / array_name(file.rel)
     g = math.gcd(file.sample_rate, model_rate)
     down, up = file.sample_rate // g, model_rate // g
-    total = math.ceil(file.frames * up / down)  # the length torchaudio gives the whole file
+    total = resampled_length(file, model_rate)
     chunk = max(int(chunk_seconds * model_rate) // up, 1) * up  # whole resampling blocks
     channels = list(range(file.channels))
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +98,7 @@ def _unchanged(entry: dict | None, file: AudioFile, out: Path, model_rate: int) 
     if (entry["source_size"], entry["source_mtime_ns"]) != (stat.st_size, stat.st_mtime_ns) or not target.is_file():
         return False
     shape = np.load(target, mmap_mode="r").shape
-    return shape == (file.channels, math.ceil(file.frames * model_rate / file.sample_rate))
+    return shape == (file.channels, resampled_length(file, model_rate))
 
 
 def prepare(data_root: str | os.PathLike, out: str | os.PathLike | None = None, workers: int = 1,
