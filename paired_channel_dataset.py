@@ -149,8 +149,8 @@ def _warn_skipped(skipped: list[tuple[str, str]], root: Path) -> None:
 def _nothing_usable(root: Path, classes: list[str], found: Counter, skipped: list, other: Counter,
                     unnamed: int) -> RuntimeError:
     parts = [f"no usable audio files for classes {classes} under data_root={root}."]
-    parts.append(f"Found: {sum(found.values())} file(s) of these classes "
-                 f"({len(skipped)} skipped as unusable, listed in the warning above)"
+    parts.append(f"Found: {sum(found.values())} file(s) of these classes"
+                 + (f" ({len(skipped)} skipped as unusable, listed in the warning above)" if skipped else "")
                  + (f", {dict(other)} of other classes" if other else "")
                  + (f", {unnamed} audio file(s) with no recognisable class" if unnamed else "") + ".")
     parts.append("Check datasets.data_root and datasets.train_classes / datasets.val_classes: "
@@ -170,9 +170,9 @@ def find_audio_files(data_root: str | os.PathLike, classes: Sequence[str], min_c
     """
     root = Path(data_root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"data_root {root} (datasets.data_root / --data-root) is not a folder. Point it at the EigenScape "
-                                "recordings (flat as downloaded or one folder per class), or generate a "
-                                "synthetic set: python synth_eigenscape.py --out DIR")
+        raise FileNotFoundError(f"data_root {root} (datasets.data_root / --data-root) is not a folder. "
+                                "Point it at the EigenScape recordings (flat as downloaded or one folder "
+                                "per class), or generate a synthetic set: python synth_eigenscape.py --out DIR")
     classes = canonical_classes(classes)
     files, skipped = [], []
     found, other, unnamed = Counter(), Counter(), 0
