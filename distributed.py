@@ -69,6 +69,16 @@ def barrier() -> None:
 # ---------------------------------------------------------------------------- process group
 # Used by the training engine under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK).
 
+def export_submitit_env() -> None:
+    """Inside a Slurm job started by submitit (config/hydra/launcher/slurm.yaml) with several
+    tasks, set the env:// variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*) that torchrun
+    would set. Does nothing under torchrun or outside such a job."""
+    if (os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "WORLD_SIZE" not in os.environ
+            and int(os.environ.get("SLURM_NTASKS", "1")) > 1):
+        from submitit.helpers import TorchDistributedEnvironment
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def env_world_size() -> int:
     """World size announced by torchrun (1 when not launched by it)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -102,3 +112,52 @@ def any_true(flag: bool) -> bool:
                      device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank only if `flag` is true on every rank."""
+    return not any_true(not flag)
+
+
+def average_gradients_(params) -> None:
+    """Average the gradients of parameters that no DDP wrapper reduces (in place)."""
+    if not is_distributed():
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world_size()
+
+
+def gather_to_main(obj):
+    """Rank 0 gets the list of every rank's `obj` concatenated in rank order (`obj` is a
+    list); other ranks get None. The identity in a single process."""
+    if not is_distributed():
+        return obj
+    parts = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(obj, parts, dst=0)
+    return [item for part in parts for item in part] if rank() == 0 else None
+
+
+def assert_same_on_all_ranks(named_tensors) -> None:
+    """Raise if any of `named_tensors` ((name, tensor) pairs) differs between ranks.
+
+    Compares an exact float64 checksum per tensor (plain and position-weighted sums), so
+    replicas that drifted apart - weights or codebooks - are named, not silently averaged.
+    """
+    if not is_distributed():
+        return
+    names, sums = [], []
+    for name, tensor in named_tensors:
+        flat = tensor.detach().double().flatten()
+        position = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
+        names.append(name)
+        sums.append(torch.stack([flat.sum(), (flat * position).sum()]))
+    local = torch.stack(sums)
+    gathered = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(gathered, local)
+    for other_rank, other in enumerate(gathered):
+        differs = (other != local).any(dim=1).nonzero().flatten().tolist()
+        if differs:
+            raise RuntimeError(f"rank {rank()} and rank {other_rank} disagree on "
+                               f"{[names[i] for i in differs[:5]]}: the replicas drifted apart.")

@@ -122,6 +122,7 @@ class Runtime:
 def setup_runtime(cfg: DictConfig) -> Runtime:
     """Pick the device, join the process group under torchrun, set precision flags."""
     wanted = str(cfg.common.device)
+    du.export_submitit_env()
     distributed = du.env_world_size() > 1
     if wanted == "auto":
         wanted = "cuda" if torch.cuda.is_available() else "cpu"
@@ -251,24 +252,34 @@ def build_datasets(cfg: DictConfig):
     return train_set, val_set
 
 
-def make_loader(dataset, cfg: DictConfig, rt: Runtime, start_item: int = 0,
-                train: bool = True, limit: int | None = None) -> DataLoader:
-    """Items are pure functions of (seed, epoch, index, rank), so resuming mid-epoch is just
-    starting the index range later. The loader gets its own generator so that creating it
-    does not consume the global torch RNG (which would break bit-exact resume)."""
-    stop = len(dataset) if limit is None else min(len(dataset), limit)
+def make_loader(dataset, cfg: DictConfig, rt: Runtime, indices: range) -> DataLoader:
+    """A loader over ``indices`` of ``dataset``, in order.
+
+    Training items are pure functions of (seed, epoch, index, rank), so resuming mid-epoch
+    is starting the index range later, and every rank can use the same range. The loader
+    gets its own generator so that creating it does not consume the global torch RNG (which
+    would break bit-exact resume).
+    """
     return DataLoader(
-        dataset, batch_size=cfg.datasets.batch_size, sampler=range(start_item, stop),
+        dataset, batch_size=cfg.datasets.batch_size, sampler=indices,
         num_workers=cfg.datasets.num_workers, collate_fn=collate_fn,
         pin_memory=cfg.datasets.pin_memory and rt.device.type == "cuda",
-        drop_last=train, generator=torch.Generator().manual_seed(cfg.common.seed),
-        persistent_workers=False)
+        drop_last=dataset.mode == "train",
+        generator=torch.Generator().manual_seed(cfg.common.seed), persistent_workers=False)
 
 
-def steps_in_epoch(dataset, cfg: DictConfig) -> int:
-    steps = len(dataset) // cfg.datasets.batch_size
+def steps_in_epoch(dataset, cfg: DictConfig, world_size: int) -> int:
+    """An epoch is ``datasets.fixed_length`` items in all, shared by the ranks."""
+    steps = len(dataset) // (cfg.datasets.batch_size * world_size)
     cap = cfg.common.get("max_steps_per_epoch")
     return min(steps, cap) if cap else steps
+
+
+def rank_share(n: int, rank: int, world_size: int) -> range:
+    """Contiguous block of ``range(n)`` for ``rank``: concatenated in rank order, the blocks
+    are ``range(n)`` again (validation results are gathered in that order)."""
+    per_rank = math.ceil(n / world_size)
+    return range(min(n, rank * per_rank), min(n, (rank + 1) * per_rank))
 
 
 def discriminator_coin(seed: int, epoch: int, batch: int) -> float:
@@ -358,6 +369,8 @@ def train_step(p: Parts, rt: Runtime, wavs: torch.Tensor, metas: list[dict[str, 
         p.balancer.backward(per_loss, y, rest)
     else:
         p.scaler_g.scale(loss_g).backward()
+    if p.pairwise is not None and rt.world_size > 1:
+        du.average_gradients_(p.pairwise.parameters())  # the head is outside DDP
     p.scaler_g.unscale_(p.opt_g)
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm_g = torch.nn.utils.clip_grad_norm_(p.generator_params(), max_norm)
@@ -391,7 +404,8 @@ def train_step(p: Parts, rt: Runtime, wavs: torch.Tensor, metas: list[dict[str, 
     finite_loss = math.isfinite(scalars["loss_g"]) and math.isfinite(scalars.get("loss_d", 0.0))
     finite_grad = p.scaler_g.is_enabled() or (math.isfinite(scalars["grad_norm_g"])
                                                and math.isfinite(scalars.get("grad_norm_d", 0.0)))
-    if not (finite_loss and finite_grad):
+    # Every rank skips or steps together (a NaN on one rank must not fork the replicas).
+    if not du.all_true(finite_loss and finite_grad):
         with torch.no_grad():
             for b, saved in zip(p.raw_model.buffers(), codebook_backup):
                 b.copy_(saved)
@@ -418,6 +432,14 @@ def train_step(p: Parts, rt: Runtime, wavs: torch.Tensor, metas: list[dict[str, 
     return StepResult(True, scalars)
 
 
+def replicated_state(p: Parts) -> Iterator[tuple[str, torch.Tensor]]:
+    """Everything that must be identical on every rank: weights and codebooks."""
+    for prefix, module in (("model", p.raw_model), ("disc", p.raw_disc), ("pairwise", p.pairwise)):
+        if module is not None:
+            for name, t in [*module.named_parameters(), *module.named_buffers()]:
+                yield f"{prefix}.{name}", t
+
+
 # ----------------------------------------------------------------------------------------
 # Validation
 
@@ -427,14 +449,15 @@ def validate(p: Parts, rt: Runtime, cfg: DictConfig, loader: DataLoader, epoch: 
              step: int, tracker: Tracker, audio_dir: Path | None) -> dict[str, float]:
     """Over ALL fixed validation items: mean losses per channel, pairwise losses, SI-SNR,
     mel distance, codebook perplexity, per-codebook cross-channel code agreement against
-    its chance level, and the channel-identity probe (metrics.MetricAccumulator)."""
+    its chance level, and the channel-identity probe (metrics.MetricAccumulator).
+
+    Each rank encodes its block of the items; the outputs are gathered on rank 0 in item
+    order, so the numbers are those of a single process. Returns the scalars on rank 0
+    (an empty dict elsewhere).
+    """
     p.model.eval()
     model = p.raw_model
-    acc = metrics.MetricAccumulator(n_q=model.n_q, bins=cfg.model.bins,
-                                    sample_rate=model.sample_rate, frame_rate=model.frame_rate)
-    loss_sums: dict[str, float] = {}
-    n_items = 0
-    to_save: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = []
+    batches = []
     for wavs, metas in loader:
         batch, views = wavs.shape[:2]
         x = wavs.to(rt.device).flatten(0, 1)
@@ -442,27 +465,36 @@ def validate(p: Parts, rt: Runtime, cfg: DictConfig, loader: DataLoader, epoch: 
             out = model(x, return_embeddings=True)
         y = out.audio.float()
         losses = per_view_means(p.gen_loss(x, y), batch, views)
-        batch_sums = {f"{k}_ch{v + 1}": pv[v] * batch for k, pv in losses.items()
-                      for v in range(views)}
+        sums = {f"{k}_ch{v + 1}": pv[v] * batch for k, pv in losses.items() for v in range(views)}
         if p.pairwise is not None:
             pair = p.pairwise(split_views(out.embeddings, views), step)
-            batch_sums.update({k: pair[k] * batch for k in ("l_sim", "l_div", "sim", "div")
-                               if k in pair})
-        for k, v in batch_sums.items():
-            loss_sums[k] = loss_sums.get(k, 0.0) + float(v)
-        n_items += batch
-        acc.update_from_output(wavs, out, metas)
-        for b in range(min(batch, cfg.checkpoint.save_audio - len(to_save))):
-            to_save.append((wavs[b].cpu(), y.reshape(batch, views, *y.shape[1:])[b].cpu(), metas[b]))
+            sums.update({k: pair[k] * batch for k in ("l_sim", "l_div", "sim", "div")})
+        cpu = lambda t: t.reshape(batch, views, *t.shape[1:]).cpu()  # noqa: E731
+        batches.append({"wavs": wavs, "audio": cpu(y), "codes": cpu(out.codes),
+                        "embeddings": [cpu(emb.float()) for emb in out.embeddings],
+                        "metas": metas, "sums": {k: float(v) for k, v in sums.items()}})
+    batches = du.gather_to_main(batches)
+    if not rt.is_main:
+        return {}
+    acc = metrics.MetricAccumulator(n_q=model.n_q, bins=cfg.model.bins,
+                                    sample_rate=model.sample_rate, frame_rate=model.frame_rate)
+    loss_sums: dict[str, float] = {}
+    for b in batches:
+        acc.update(b["wavs"], b["audio"], b["codes"], b["embeddings"],
+                   torch.tensor([m["channels"] for m in b["metas"]]))
+        for k, v in b["sums"].items():
+            loss_sums[k] = loss_sums.get(k, 0.0) + v
+    n_items = sum(len(b["metas"]) for b in batches)
     scalars = {f"val/{k}": v / n_items for k, v in loss_sums.items()}
     scalars.update({f"val/{k}": v for k, v in flatten_metrics(acc.compute()).items()})
-    if rt.is_main:
-        log.info("validation epoch %d: %s", epoch, " ".join(
-            f"{k[4:]}={scalars[k]:.4g}" for k in VAL_SUMMARY if k in scalars))
-        tracker.log({**scalars, "epoch": epoch}, step)
-        if audio_dir is not None and to_save:
-            write_validation_audio(to_save, audio_dir / f"epoch{epoch:04d}",
-                                   cfg.model.sample_rate, tracker, step)
+    log.info("validation epoch %d: %s", epoch, " ".join(
+        f"{k[4:]}={scalars[k]:.4g}" for k in VAL_SUMMARY if k in scalars))
+    tracker.log({**scalars, "epoch": epoch}, step)
+    to_save = [(b["wavs"][i], b["audio"][i], b["metas"][i])
+               for b in batches for i in range(len(b["metas"]))][:cfg.checkpoint.save_audio]
+    if audio_dir is not None and to_save:
+        write_validation_audio(to_save, audio_dir / f"epoch{epoch:04d}", cfg.model.sample_rate,
+                               tracker, step)
     return scalars
 
 
@@ -526,7 +558,7 @@ def training_state(p: Parts, cfg: DictConfig, epoch: int, batch: int, step: int,
         "scaler_d": p.scaler_d.state_dict(),
         "balancer": p.balancer.state_dict() if p.balancer is not None else {},
         "epoch": epoch, "batch": batch, "step": step,
-        "rng": ckpt_io.capture_rng_state(),
+        "rng": du.gather_to_main([ckpt_io.capture_rng_state()]),  # one entry per rank
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     state.update(extra)
@@ -556,7 +588,8 @@ def check_compatible(ckpt: dict[str, Any], cfg: DictConfig, path: Path) -> None:
             "checkpoint.save_folder.")
 
 
-def load_training_state(p: Parts, ckpt: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+def load_training_state(p: Parts, rt: Runtime, ckpt: dict[str, Any], cfg: DictConfig,
+                        path: Path) -> None:
     check_compatible(ckpt, cfg, path)
     try:
         p.raw_model.load_state_dict(ckpt["model"])
@@ -582,7 +615,12 @@ def load_training_state(p: Parts, ckpt: dict[str, Any], cfg: DictConfig, path: P
     p.scaler_d.load_state_dict(ckpt["scaler_d"])
     if p.balancer is not None and ckpt.get("balancer"):
         p.balancer.load_state_dict(ckpt["balancer"])
-    ckpt_io.restore_rng_state(ckpt["rng"])
+    rng = ckpt["rng"]
+    if len(rng) != rt.world_size:
+        warnings.warn(f"{path} was saved by {len(rng)} process(es), this run has "
+                      f"{rt.world_size}: every rank restores rank 0's random state, so the "
+                      "run continues correctly but not bit-identically.")
+    ckpt_io.restore_rng_state(rng[rt.rank] if len(rng) == rt.world_size else rng[0])
 
 
 def find_resume_checkpoint(cfg: DictConfig) -> Path | None:
@@ -668,7 +706,7 @@ def train(cfg: DictConfig, views: int, run_dir: str | Path | None = None,
     stop_after_step = stop_after_step or cfg.common.get("stop_after_step")
 
     train_set, val_set = build_datasets(cfg)
-    steps_per_epoch = steps_in_epoch(train_set, cfg)
+    steps_per_epoch = steps_in_epoch(train_set, cfg, rt.world_size)
     p = build_parts(cfg, rt, steps_per_epoch)
     save_folder = Path(cfg.checkpoint.save_folder)
     save_folder.mkdir(parents=True, exist_ok=True)
@@ -678,7 +716,7 @@ def train(cfg: DictConfig, views: int, run_dir: str | Path | None = None,
     resume_path = find_resume_checkpoint(cfg)
     if resume_path is not None:
         state = ckpt_io.load_checkpoint(resume_path, rt.device)
-        load_training_state(p, state, cfg, resume_path)
+        load_training_state(p, rt, state, cfg, resume_path)
         prog = Progress(epoch=state["epoch"], batch=state["batch"], step=state["step"],
                         skipped_total=state.get("skipped_total", 0),
                         best=state.get("best", math.inf))
@@ -697,23 +735,26 @@ def train(cfg: DictConfig, views: int, run_dir: str | Path | None = None,
              "generator %.2fM parameters", mode, rt.device, rt.world_size, len(train_set.files),
              len(val_set), steps_per_epoch, n_params / 1e6)
 
-    val_loader = make_loader(val_set, cfg, rt, train=False)
+    val_loader = make_loader(val_set, cfg, rt, rank_share(len(val_set), rt.rank, rt.world_size))
     d_start = cfg.discriminator.start_epoch or cfg.lr_scheduler.warmup_epoch + 1
     last_val: dict[str, float] = {}
     saved: Path | None = None
 
-    def save(epoch: int, batch: int) -> Path | None:
+    def save(epoch: int, batch: int, name: str | None = None) -> Path | None:
+        """Every rank calls it (RNG states are gathered); rank 0 writes."""
         nonlocal saved
         du.barrier()
+        extra = {"wandb_id": tracker.run_id, "best": prog.best, "skipped_total": prog.skipped_total,
+                 "val": last_val}
+        state = training_state(p, cfg, epoch, batch, prog.step, extra)
         path = None
         if rt.is_main:
-            extra = {"wandb_id": tracker.run_id, "best": prog.best,
-                     "skipped_total": prog.skipped_total}
-            state = training_state(p, cfg, epoch, batch, prog.step, extra)
-            path = ckpt_io.atomic_save(state, save_folder / ckpt_io.checkpoint_name(epoch, prog.step))
-            ckpt_io.prune_checkpoints(save_folder, cfg.checkpoint.keep_last)
+            path = save_folder / (name or ckpt_io.checkpoint_name(epoch, prog.step))
+            ckpt_io.atomic_save(state, path)
+            if name is None:
+                ckpt_io.prune_checkpoints(save_folder, cfg.checkpoint.keep_last)
+                saved = path
             log.info("checkpoint saved: %s", path)
-            saved = path
         du.barrier()
         return path
 
@@ -725,20 +766,22 @@ def train(cfg: DictConfig, views: int, run_dir: str | Path | None = None,
                 epoch = prog.epoch
                 train_set.set_epoch(epoch)
                 adversarial = p.raw_disc is not None and epoch >= d_start
-                loader = make_loader(train_set, cfg, rt, start_item=prog.batch * cfg.datasets.batch_size)
+                bs = cfg.datasets.batch_size
+                loader = make_loader(train_set, cfg, rt, range(prog.batch * bs, steps_per_epoch * bs))
                 bar = tqdm(total=steps_per_epoch, initial=prog.batch, desc=f"epoch {epoch}",
                            disable=not rt.is_main, dynamic_ncols=True, leave=False)
                 window: dict[str, list[float]] = {}
                 t0, seen = time.perf_counter(), 0
                 for wavs, metas in loader:
-                    if prog.batch >= steps_per_epoch:
-                        break
                     update_disc = adversarial and discriminator_coin(
                         cfg.common.seed, epoch, prog.batch) < cfg.discriminator.update_prob
                     result = train_step(p, rt, wavs, metas, step=prog.step, adversarial=adversarial,
                                         update_disc=update_disc,
                                         grad_clip=cfg.optimization.grad_clip, bins=cfg.model.bins)
                     prog.batch += 1
+                    every = cfg.distributed.check_sync_every
+                    if rt.world_size > 1 and every and prog.batch % every == 0:
+                        du.assert_same_on_all_ranks(replicated_state(p))
                     if result.ok:
                         prog.step += 1
                         prog.skipped_in_a_row = 0
@@ -787,13 +830,10 @@ def train(cfg: DictConfig, views: int, run_dir: str | Path | None = None,
                 if epoch % cfg.common.val_interval == 0 or epoch == cfg.common.max_epoch:
                     last_val = validate(p, rt, cfg, val_loader, epoch, prog.step, tracker,
                                         save_folder / "audio")
-                    metric = last_val.get(cfg.checkpoint.best_metric)
-                    if rt.is_main and metric is not None and metric < prog.best:
+                    metric = last_val.get(cfg.checkpoint.best_metric, math.inf)
+                    if du.any_true(metric < prog.best):  # rank 0 decides
                         prog.best = metric
-                        extra = {"wandb_id": tracker.run_id, "best": prog.best,
-                                 "skipped_total": prog.skipped_total}
-                        ckpt_io.atomic_save(training_state(p, cfg, epoch, steps_per_epoch,
-                                                           prog.step, extra), save_folder / "best.pt")
+                        save(epoch, steps_per_epoch, name="best.pt")
                 if epoch % cfg.common.save_interval == 0 or epoch == cfg.common.max_epoch:
                     save(epoch, steps_per_epoch)
                 prog.epoch, prog.batch = epoch + 1, 0
