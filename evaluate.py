@@ -281,6 +281,7 @@ def markdown_table(reports: list[CheckpointReport]) -> str:
               for r in reports]),
             (f"{cb} cross-channel code agreement", pair("codebook_agreement", "chance_agreement")),
             (f"{cb} embedding cosine", pair("embedding_cosine", "chance_cosine")),
+            (f"{cb} centred pooled-embedding cosine", pair("centered_cosine", "chance_centered_cosine")),
             (f"{cb} channel probe accuracy",
              [f"{_fmt(_per_codebook(r.results, 'probe_accuracy', k))} (chance {_fmt(r.results.get('probe_chance'))})"
               for r in reports]),

@@ -13,7 +13,7 @@ Three groups of metrics:
   `dead_codes` (per codebook);
 - disentanglement (does codebook 1 carry what the channels share and codebook 2 what
   differs?): `code_agreement` vs `chance_agreement`, `embedding_cosine` vs
-  `chance_cosine`, `swap_test`, `channel_probe_accuracy`.
+  `chance_cosine`, `centered_pooled_cosine`, `swap_test`, `channel_probe_accuracy`.
 `MetricAccumulator` collects all of them over a validation set and returns one dict.
 """
 from __future__ import annotations
@@ -214,6 +214,26 @@ def embedding_cosine(emb_a: Sequence[Tensor], emb_b: Sequence[Tensor]) -> Tensor
 def chance_cosine(emb_a: Sequence[Tensor], emb_b: Sequence[Tensor]) -> Tensor:
     """`embedding_cosine` between different segments (batch of `emb_b` rolled by one)."""
     return embedding_cosine(emb_a, _rolled(emb_b))
+
+
+def centered_pooled_cosine(pooled: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-view cosine of time-pooled embeddings after removing their mean over the set.
+
+    `pooled`: `[N, V, n_q, D]` (see `pool_embeddings`). Returns `(same, chance)`, each
+    `[n_q]`: views i < j of the same item, and view i of item n against view j of item
+    n + 1. Raw cosines of codebook vectors are often all near 1, because the vectors in use
+    share a large common offset; centring removes it, so that what remains is whether the
+    two channels move together (about 0 for unrelated segments).
+    """
+    if pooled.dim() != 4 or pooled.shape[1] < 2:
+        raise ValueError(f"expected pooled embeddings [N, V >= 2, n_q, D], got {tuple(pooled.shape)}")
+    centered = pooled - pooled.mean(dim=(0, 1), keepdim=True)
+    following = _rolled(centered)
+    pairs = list(itertools.combinations(range(pooled.shape[1]), 2))
+    cosine = torch.nn.functional.cosine_similarity
+    same = torch.stack([cosine(centered[:, i], centered[:, j], dim=-1) for i, j in pairs]).mean(dim=(0, 1))
+    chance = torch.stack([cosine(centered[:, i], following[:, j], dim=-1) for i, j in pairs]).mean(dim=(0, 1))
+    return same, chance
 
 
 # ----------------------------------------------------------------------------------------
@@ -504,8 +524,9 @@ class MetricAccumulator:
         `num_items`, `probe_chance`. Per view: `*_per_view`. Per codebook (lists): `perplexity`,
         `entropy` (nats), `effective_bits` (log2 perplexity), `dead_codes`, `code_histogram`,
         `codebook_agreement`, `chance_agreement`, `embedding_cosine`, `chance_cosine`,
-        `probe_accuracy`. `swap_test`: `{variant: {metric: mean}}`. Entries that need more
-        than one view, embeddings or channel labels are None when those are missing.
+        `centered_cosine`, `chance_centered_cosine` (`centered_pooled_cosine`), `probe_accuracy`.
+        `swap_test`: `{variant: {metric: mean}}`. Entries that need more than one view,
+        embeddings or channel labels are None when those are missing.
         """
         if self.num_items == 0:
             raise RuntimeError("MetricAccumulator.compute() called before any update()")
@@ -534,7 +555,8 @@ class MetricAccumulator:
         }
 
     def _pair_results(self) -> dict:
-        results = dict.fromkeys(["codebook_agreement", "chance_agreement", "embedding_cosine", "chance_cosine"])
+        results = dict.fromkeys(["codebook_agreement", "chance_agreement", "embedding_cosine", "chance_cosine",
+                                 "centered_cosine", "chance_centered_cosine"])
         if not self._agreement:
             return results
         chance_agree, chance_cos = list(self._chance_agreement), list(self._chance_cosine)
@@ -551,6 +573,9 @@ class MetricAccumulator:
             results["embedding_cosine"] = mean(self._cosine)
             if chance_cos and chance_cos[0] is not None:
                 results["chance_cosine"] = mean(chance_cos)
+        if self._pooled and self.num_items >= 2:
+            same, chance = centered_pooled_cosine(torch.cat(self._pooled))
+            results["centered_cosine"], results["chance_centered_cosine"] = same.tolist(), chance.tolist()
         return results
 
     @staticmethod

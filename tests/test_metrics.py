@@ -214,14 +214,18 @@ def test_accumulator_matches_the_batch_functions_and_ignores_batch_size():
     assert whole["chance_agreement"] == pytest.approx(metrics.chance_agreement(codes[:, 0], codes[:, 1]).tolist())
     assert whole["embedding_cosine"] == pytest.approx(metrics.embedding_cosine(emb_a, emb_b).tolist(), abs=1e-6)
     assert whole["chance_cosine"] == pytest.approx(metrics.chance_cosine(emb_a, emb_b).tolist(), abs=1e-6)
+    pooled = torch.stack([e.mean(dim=-1) for e in embeddings], dim=2)
+    same, chance = metrics.centered_pooled_cosine(pooled)
+    assert whole["centered_cosine"] == pytest.approx(same.tolist(), abs=1e-6)
+    assert whole["chance_centered_cosine"] == pytest.approx(chance.tolist(), abs=1e-6)
     assert whole["si_snr"] == pytest.approx(metrics.si_snr(wavs.flatten(0, 1), audio.flatten(0, 1)).mean().item(), rel=1e-5)
     assert whole["perplexity"] == pytest.approx(metrics.codebook_perplexity(codes.flatten(0, 1), 16).tolist())
     assert len(whole["probe_accuracy"]) == 2 and 0 < whole["probe_chance"] <= 1 / 3
 
     for batch_size, flatten in ((1, False), (3, True)):
         other = _accumulate(stream, batch_size, flatten)
-        for key in ("codebook_agreement", "chance_agreement", "chance_cosine", "perplexity", "si_snr",
-                    "mel_distance", "probe_accuracy"):
+        for key in ("codebook_agreement", "chance_agreement", "chance_cosine", "centered_cosine", "perplexity",
+                    "si_snr", "mel_distance", "probe_accuracy"):
             assert other[key] == pytest.approx(whole[key], abs=1e-6), key
 
 
@@ -254,3 +258,22 @@ def test_probe_chance_counts_only_channels_seen_in_training():
     channels = torch.tensor([[0], [0], [1], [2]])  # train (even items): {0, 1}; test: {0, 2}
     _, chance = metrics.channel_probe_accuracy(features, channels, steps=5)
     assert chance == pytest.approx(0.5 * 1 / 2)
+
+
+def test_centering_reveals_what_a_common_offset_hides():
+    """Every vector sits near a large shared offset: raw cosine is ~1 everywhere, but after
+    centring the shared codebook correlates across channels and the independent one does not."""
+    gen = torch.Generator().manual_seed(6)
+    n, dim = 200, 16
+    offset = 20 * torch.ones(dim)
+    content = torch.randn(n, 1, dim, generator=gen)
+    shared = offset + content.expand(n, 2, dim) + 0.1 * torch.randn(n, 2, dim, generator=gen)
+    independent = offset + torch.randn(n, 2, dim, generator=gen)
+    pooled = torch.stack([shared, independent], dim=2)  # [N, V, n_q, D]
+
+    raw = metrics.embedding_cosine([shared[:, 0, :, None], independent[:, 0, :, None]],
+                                   [shared[:, 1, :, None], independent[:, 1, :, None]])
+    assert torch.all(raw > 0.9)
+    same, chance = metrics.centered_pooled_cosine(pooled)
+    assert same[0] > 0.95 and abs(same[1]) < 0.1
+    assert torch.all(chance.abs() < 0.1)
