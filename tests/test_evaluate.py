@@ -57,9 +57,10 @@ def test_identical_channels_agree_on_every_codebook_and_swap_is_free(tiny_model)
     results, examples = evaluate.evaluate_model(model, cfg.model.bins, _pairs(2, 3, cfg.datasets.tensor_cut, True),
                                                 probe_steps=10, keep_examples=2)
     assert results["codebook_agreement"] == [1.0, 1.0]
-    # Same codes, same vectors: cosine 1 wherever the chosen vector is not all zeros.
-    assert results["embedding_cosine"][0] == pytest.approx(1.0, abs=1e-5)
-    assert results["embedding_cosine"][1] >= max(results["chance_cosine"][1], 0.9)
+    # Same codes, same vectors. (The frame-wise cosine is not asserted: in the tiny model the
+    # k-means init fits codebook 1 almost exactly, leaves codebook 2 near-zero residuals, and
+    # the cosine of zero vectors is 0.)
+    assert results["centered_cosine"] == pytest.approx([1.0, 1.0], abs=1e-4)
     assert all(c < 1.0 for c in results["chance_agreement"])
     swap = results["swap_test"]
     # A and B are the same signal: mixing their codebooks changes nothing.
