@@ -312,93 +312,139 @@ class StepResult:
     scalars: dict[str, float]
 
 
-def train_step(p: Parts, rt: Runtime, wavs: torch.Tensor, metas: list[dict[str, Any]], *,
-               step: int, adversarial: bool, update_disc: bool, grad_clip: float,
-               bins: int) -> StepResult:
-    """One GAN step on ``wavs [B, V, 1, T]``; returns logged scalars, or ok=False when the
-    step was skipped because a loss or gradient was not finite."""
-    batch, views = wavs.shape[:2]
-    x = wavs.to(rt.device, non_blocking=True).flatten(0, 1)
-    p.model.train()
-    # The quantizer updates its codebooks during the forward; keep a copy so that a skipped
-    # (non-finite) step leaves no trace in them either.
-    codebook_backup = [b.detach().clone() for b in p.raw_model.buffers()]
+@dataclass
+class Adversarial:
+    """The discriminator's view of one step (all None before the discriminator starts)."""
+    fake_logits: list[torch.Tensor] | None = None
+    real_fmaps: list[list[torch.Tensor]] | None = None
+    fake_fmaps: list[list[torch.Tensor]] | None = None
+    loss_d: torch.Tensor | None = None  # set on the steps where the discriminator updates
 
-    with rt.autocast():
-        out = p.model(x, return_embeddings=views > 1)
-    y = out.audio
 
-    real_fmaps = fake_logits = fake_fmaps = loss_d = None
-    if adversarial:
-        p.disc.train()
-        n = x.shape[0]
-        if update_disc:
-            # One discriminator pass on real and detached fake: its real features also serve
-            # the generator's feature matching (detached), so real audio is seen only once.
-            with rt.autocast():
-                logits, fmaps = p.disc(torch.cat([x, y.detach()]))
-            d_items = discriminator_loss([l[:n] for l in logits], [l[n:] for l in logits])
-            loss_d = d_items.reshape(batch, views).mean(0).sum()
-            real_fmaps = [[f[:n].detach() for f in scale] for scale in fmaps]
-        else:
-            with torch.no_grad(), rt.autocast():
-                _, real_fmaps = p.raw_disc(x)
-        # The generator's adversarial terms need gradients w.r.t. the audio only.
-        p.raw_disc.requires_grad_(False)
+def discriminate(p: Parts, rt: Runtime, x: torch.Tensor, y: torch.Tensor, batch: int,
+                 views: int, update_disc: bool) -> Adversarial:
+    """Discriminator passes of one step: as few as the maths needs.
+
+    On update steps one pass on [real, detached fake] gives the discriminator loss, and its
+    real features serve the generator's feature matching (detached); otherwise the real
+    features are computed without a graph. The fake pass for the generator runs with the
+    discriminator's weights frozen: its gradient goes to the audio only.
+    """
+    p.disc.train()
+    n = x.shape[0]
+    adv = Adversarial()
+    if update_disc:
         with rt.autocast():
-            fake_logits, fake_fmaps = p.raw_disc(y)
-        p.raw_disc.requires_grad_(True)
+            logits, fmaps = p.disc(torch.cat([x, y.detach()]))
+        d_items = discriminator_loss([l[:n] for l in logits], [l[n:] for l in logits])
+        adv.loss_d = d_items.reshape(batch, views).mean(0).sum()  # channel 1 + channel 2 + ...
+        adv.real_fmaps = [[f[:n].detach() for f in scale] for scale in fmaps]
+    else:
+        with torch.no_grad(), rt.autocast():
+            _, adv.real_fmaps = p.raw_disc(x)
+    p.raw_disc.requires_grad_(False)
+    with rt.autocast():
+        adv.fake_logits, adv.fake_fmaps = p.raw_disc(y)
+    p.raw_disc.requires_grad_(True)
+    return adv
 
-    items = p.gen_loss(x, y, fake_logits, real_fmaps, fake_fmaps)
-    views_losses = per_view_means(items, batch, views)
-    per_loss = {k: v.sum() for k, v in views_losses.items()}  # channel 1 + channel 2 + ...
-    views_losses["commit"] = per_view_means({"c": out.commit_per_item}, batch, views)["c"]
-    commit = views_losses["commit"].sum()
-    rest = p.gen_loss.commit_weight * commit
+
+@dataclass
+class GeneratorLosses:
+    per_view: dict[str, torch.Tensor]   # name -> [V] means, incl. commit (logged per channel)
+    per_loss: dict[str, torch.Tensor]   # output-dependent losses summed over views
+    rest: torch.Tensor                  # commitment + pairwise: not through the balancer
+    pair: dict[str, torch.Tensor]
+    total: torch.Tensor                 # the design document's sum
+
+
+def generator_losses(p: Parts, out, x: torch.Tensor, adv: Adversarial,
+                     metas: list[dict[str, Any]], step: int, batch: int,
+                     views: int) -> GeneratorLosses:
+    """sum over channels of (weighted l_t, l_f, l_g, l_feat, commit) + l_sim + l_div."""
+    items = p.gen_loss(x, out.audio, adv.fake_logits, adv.real_fmaps, adv.fake_fmaps)
+    per_view = per_view_means({**items, "commit": out.commit_per_item}, batch, views)
+    per_loss = {k: v.sum() for k, v in per_view.items() if k != "commit"}
+    rest = p.gen_loss.commit_weight * per_view["commit"].sum()
     pair: dict[str, torch.Tensor] = {}
     if p.pairwise is not None:
         channels = torch.tensor([m["channels"] for m in metas])  # CPU: range-checked there
-        pair = p.pairwise(split_views(out.embeddings, views), step, classes=[m["class"] for m in metas],
-                          channels=channels)
+        pair = p.pairwise(split_views(out.embeddings, views), step,
+                          classes=[m["class"] for m in metas], channels=channels)
         rest = rest + sum(pair[k] for k in ("l_sim", "l_div", "l_cls") if k in pair)
+    total = p.gen_loss.weighted_sum(per_loss) + rest
+    return GeneratorLosses(per_view, per_loss, rest, pair, total)
 
-    loss_g = p.gen_loss.weighted_sum(per_loss) + rest
+
+def backward(p: Parts, rt: Runtime, g: GeneratorLosses, y: torch.Tensor, adv: Adversarial,
+             grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of both players (one backward each); returns their norms before clipping."""
     p.opt_g.zero_grad(set_to_none=True)
     if p.balancer is not None:
-        # Output-dependent losses through the balancer, the rest as is: one backward.
-        p.balancer.backward(per_loss, y, rest)
+        p.balancer.backward(g.per_loss, y, g.rest)  # balanced output losses + the rest as is
     else:
-        p.scaler_g.scale(loss_g).backward()
+        p.scaler_g.scale(g.total).backward()
     if p.pairwise is not None and rt.world_size > 1:
         du.average_gradients_(p.pairwise.parameters())  # the head is outside DDP
     p.scaler_g.unscale_(p.opt_g)
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm_g = torch.nn.utils.clip_grad_norm_(p.generator_params(), max_norm)
-
     grad_norm_d = torch.zeros((), device=rt.device)
-    if loss_d is not None:
+    if adv.loss_d is not None:
         p.opt_d.zero_grad(set_to_none=True)
-        p.scaler_d.scale(loss_d).backward()
+        p.scaler_d.scale(adv.loss_d).backward()
         p.scaler_d.unscale_(p.opt_d)
         grad_norm_d = torch.nn.utils.clip_grad_norm_(p.raw_disc.parameters(), max_norm)
+    return grad_norm_g, grad_norm_d
 
-    # ONE host sync per step: every logged scalar plus the finiteness check.
-    names = [f"{k}_ch{v + 1}" for k, pv in views_losses.items() for v in range(len(pv))]
-    values = [pv[v] for pv in views_losses.values() for v in range(len(pv))]
-    names += ["loss_g", "grad_norm_g"]
-    values += [loss_g.detach(), grad_norm_g]
-    for k in ("l_sim", "l_div", "l_cls", "sim", "div"):
-        if k in pair:
-            names.append(k)
-            values.append(pair[k].detach())
-    if loss_d is not None:
-        names += ["loss_d", "grad_norm_d"]
-        values += [loss_d.detach(), grad_norm_d]
-    usage = codebook_usage(out.codes, bins)
-    names += [f"usage_cb{k + 1}" for k in range(len(usage))]
-    values += list(usage)
-    flat = torch.stack([v.detach().float().reshape(()) for v in values]).cpu()
-    scalars = dict(zip(names, flat.tolist()))
+
+def step_scalars(g: GeneratorLosses, adv: Adversarial, grad_norm_g: torch.Tensor,
+                 grad_norm_d: torch.Tensor, codes: torch.Tensor, bins: int) -> dict[str, float]:
+    """Every logged number of a step, moved to the host in ONE transfer."""
+    named = {f"{k}_ch{v + 1}": pv[v] for k, pv in g.per_view.items() for v in range(len(pv))}
+    named.update({"loss_g": g.total, "grad_norm_g": grad_norm_g})
+    named.update({k: g.pair[k] for k in ("l_sim", "l_div", "l_cls", "sim", "div") if k in g.pair})
+    if adv.loss_d is not None:
+        named.update({"loss_d": adv.loss_d, "grad_norm_d": grad_norm_d})
+    named.update({f"usage_cb{k + 1}": u for k, u in enumerate(codebook_usage(codes, bins))})
+    values = torch.stack([v.detach().float().reshape(()) for v in named.values()]).cpu()
+    return dict(zip(named, values.tolist()))
+
+
+def apply_updates(p: Parts, update_disc: bool) -> None:
+    p.scaler_g.step(p.opt_g)
+    p.scaler_g.update()
+    if update_disc:
+        p.scaler_d.step(p.opt_d)
+        p.scaler_d.update()
+    p.sched_g.step()
+    if p.sched_d is not None:
+        with warnings.catch_warnings():
+            # The discriminator's schedule follows the generator's steps, also on the steps
+            # (and warmup epochs) where the discriminator itself does not update.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            p.sched_d.step()
+
+
+def train_step(p: Parts, rt: Runtime, wavs: torch.Tensor, metas: list[dict[str, Any]], *,
+               step: int, adversarial: bool, update_disc: bool, grad_clip: float,
+               bins: int) -> StepResult:
+    """One GAN step on ``wavs [B, V, 1, T]``: the V views of B segments go through the
+    generator as one batch of B*V. Returns the logged scalars, or ok=False when the step
+    was skipped because a loss or gradient was not finite (on any rank)."""
+    batch, views = wavs.shape[:2]
+    x = wavs.to(rt.device, non_blocking=True).flatten(0, 1)
+    p.model.train()
+    # The quantizer updates its codebooks during the forward; keep a copy so that a skipped
+    # step leaves no trace in them either.
+    codebook_backup = [b.detach().clone() for b in p.raw_model.buffers()]
+    with rt.autocast():
+        out = p.model(x, return_embeddings=views > 1)
+    adv = (discriminate(p, rt, x, out.audio, batch, views, update_disc) if adversarial
+           else Adversarial())
+    g = generator_losses(p, out, x, adv, metas, step, batch, views)
+    grad_norm_g, grad_norm_d = backward(p, rt, g, out.audio, adv, grad_clip)
+    scalars = step_scalars(g, adv, grad_norm_g, grad_norm_d, out.codes, bins)
 
     # Under fp16 the GradScaler skips inf/NaN gradients itself; a non-finite LOSS is ours.
     finite_loss = math.isfinite(scalars["loss_g"]) and math.isfinite(scalars.get("loss_d", 0.0))
@@ -413,19 +459,7 @@ def train_step(p: Parts, rt: Runtime, wavs: torch.Tensor, metas: list[dict[str, 
         if p.opt_d is not None:
             p.opt_d.zero_grad(set_to_none=True)
         return StepResult(False, scalars)
-
-    p.scaler_g.step(p.opt_g)
-    p.scaler_g.update()
-    if loss_d is not None:
-        p.scaler_d.step(p.opt_d)
-        p.scaler_d.update()
-    p.sched_g.step()
-    if p.sched_d is not None:
-        with warnings.catch_warnings():
-            # The discriminator's schedule follows the generator's steps, also on the steps
-            # (or warmup epochs) where the discriminator itself does not update.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-            p.sched_d.step()
+    apply_updates(p, adv.loss_d is not None)
     scalars["lr_g"] = p.opt_g.param_groups[0]["lr"]
     if p.opt_d is not None:
         scalars["lr_d"] = p.opt_d.param_groups[0]["lr"]

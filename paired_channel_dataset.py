@@ -14,9 +14,8 @@ a fixed plan derived from the sorted file list and the seed.
 
 A segment of `tensor_cut` samples at the model rate is read from just the source frames it
 needs (plus the resampler's margin), as float32, and resampled with a cached resampler; the
-result equals the same span of the whole file resampled. Integer-PCM WAV files (EigenScape is
-PCM_24) are decoded from the raw bytes of the selected channels only (values identical to
-soundfile's); other formats go through soundfile. When `prepare_dataset.py` has
+result equals the same span of the whole file resampled (read with soundfile). When
+`prepare_dataset.py` has
 converted the data to int16 arrays at the model rate (`<data_root>/.prepared/` by default,
 or `datasets.prepared_root`), items read only their channels' bytes from those arrays and
 are the same items up to 16-bit quantisation (`datasets.format`: auto | wav | prepared).
@@ -29,7 +28,6 @@ import json
 import math
 import os
 import re
-import struct
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -48,7 +46,6 @@ AUDIO_EXTENSIONS = {".wav", ".wave", ".flac", ".w64", ".rf64", ".aif", ".aiff", 
 PREPARED_DIRNAME = ".prepared"
 PREPARED_INDEX = "index.json"
 PREPARED_SCALE = 32768.0  # int16 full scale
-FAST_PCM = True  # decode integer-PCM WAV from raw bytes (False: always soundfile; for benchmarks)
 VALIDATION_STREAM = 7919  # separates the validation plan's random stream from training items
 
 
@@ -285,74 +282,17 @@ def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
     return x if x.shape[-1] >= length else torch.nn.functional.pad(x, (0, length - x.shape[-1]))
 
 
-@functools.lru_cache(maxsize=1024)
-def pcm_layout(path: str, size: int, mtime_ns: int) -> tuple[int, int, int] | None:
-    """(data offset, bytes per sample, channels) of an integer-PCM RIFF/WAVE file, else None.
-
-    Keyed by size and mtime so that a file replaced during training is parsed again.
-    WAVE_FORMAT_EXTENSIBLE (as in EigenScape) is accepted when its subformat is PCM and
-    all container bits are valid; anything else is read through soundfile.
-    """
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        fmt = None
-        while len(chunk := f.read(8)) == 8:
-            cid, n = chunk[:4], struct.unpack("<I", chunk[4:])[0]
-            if cid == b"fmt ":
-                body = f.read(n + (n & 1))
-                if len(body) < 16:
-                    return None
-                tag, channels, _, _, align, bits = struct.unpack("<HHIIHH", body[:16])
-                if tag == 0xFFFE and len(body) >= 26:  # extensible: valid bits, subformat GUID
-                    valid, tag = struct.unpack("<H", body[18:20])[0], struct.unpack("<H", body[24:26])[0]
-                    if valid != bits:
-                        return None
-                fmt = (tag, channels, align, bits)
-            elif cid == b"data":
-                if fmt is None or fmt[0] != 1 or fmt[3] not in (16, 24, 32) or fmt[2] != fmt[1] * fmt[3] // 8:
-                    return None
-                return f.tell(), fmt[3] // 8, fmt[1]
-            else:
-                f.seek(n + (n & 1), 1)
-    return None
-
-
-def _decode_pcm(raw: np.ndarray, width: int) -> np.ndarray:
-    """Little-endian integer PCM bytes [..., width] -> float32 in [-1, 1), as libsndfile scales it."""
-    if width == 2:
-        return raw.view("<i2")[..., 0].astype(np.float32) * np.float32(2.0 ** -15)
-    if width == 3:  # place the 3 bytes in the top of an int32: sign comes for free
-        wide = np.zeros(raw.shape[:-1] + (4,), np.uint8)
-        wide[..., 1:] = raw
-        raw, width = wide, 4
-    return raw.view("<i4")[..., 0].astype(np.float32) * np.float32(2.0 ** -31)
-
-
 def read_frames(file: AudioFile, lo: int, hi: int, channels: Sequence[int]) -> np.ndarray:
-    """Source frames [lo, hi) of `channels` as float32 [hi - lo, V].
+    """Source frames [lo, hi) of `channels` as float32 [hi - lo, V] (soundfile seek + read).
 
-    Integer-PCM WAV (EigenScape) is decoded from its raw bytes for the selected channels only,
-    which is several times faster than converting all 32 channels; the values are identical
-    to soundfile's. Other files go through soundfile (seek + read float32, then select).
+    WAV interleaves channels, so the selected frames of all channels are read and the wanted
+    ones kept; `prepare_dataset.py` arrays are the fast path that reads only their bytes.
     """
     path = str(file.path)
     try:
-        stat = os.stat(path)
-        layout = pcm_layout(path, stat.st_size, stat.st_mtime_ns) if FAST_PCM else None
-        if layout is not None and layout[2] == file.channels:
-            offset, width, n_channels = layout
-            count = (hi - lo) * n_channels * width
-            raw = np.fromfile(path, dtype=np.uint8, count=count, offset=offset + lo * n_channels * width)
-            if raw.size != count:
-                raise ReadError(f"{path}: file ends before frame {hi} (truncated after the scan?)")
-            return _decode_pcm(raw.reshape(hi - lo, n_channels, width)[:, list(channels)], width)
         with sf.SoundFile(path) as f:
             f.seek(lo)
             data = f.read(hi - lo, dtype="float32", always_2d=True)
-    except ReadError:
-        raise
     except Exception as err:
         raise ReadError(f"{path}: {type(err).__name__}: {err}") from err
     if data.shape[0] != hi - lo or data.shape[1] != file.channels:

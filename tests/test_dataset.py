@@ -277,23 +277,11 @@ def test_short_file_zero_padded_with_warning(tmp_path, cfg_factory):
     assert wavs[:, 0, 100:480].abs().min() > 0.1 and wavs[:, 0, 520:].abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "PCM_32", "FLOAT"])
-def test_fast_pcm_decode_equals_soundfile(tmp_path, subtype):
-    path = write_wav(tmp_path / "Beach-01-Raw.wav", noise(3000, 5).clip(-1, 0.99) * 9, subtype=subtype)
-    f = find_audio_files(tmp_path, ["Beach"])[0]
-    expected = sf.read(str(path), start=700, stop=2500, dtype="float32", always_2d=True)[0][:, [4, 0, 2]]
-    got = pcd.read_frames(f, 700, 2500, [4, 0, 2])
-    assert got.dtype == np.float32 and np.array_equal(got, expected)
-    stat = path.stat()
-    assert (pcd.pcm_layout(str(path), stat.st_size, stat.st_mtime_ns) is None) == (subtype == "FLOAT")
-
-
-def test_fast_pcm_decode_real_wavex(fixtures_dir):
+def test_read_frames_selects_channels_of_the_real_wavex_span(fixtures_dir):
     for f in find_audio_files(fixtures_dir, ["Beach"]):
-        stat = f.path.stat()
-        assert pcd.pcm_layout(str(f.path), stat.st_size, stat.st_mtime_ns) is not None  # extensible PCM_24
         expected = sf.read(str(f.path), start=100, stop=9000, dtype="float32", always_2d=True)[0]
-        assert np.array_equal(pcd.read_frames(f, 100, 9000, range(f.channels)), expected)
+        got = pcd.read_frames(f, 100, 9000, [f.channels - 1, 0, 3])
+        assert got.dtype == np.float32 and np.array_equal(got, expected[:, [f.channels - 1, 0, 3]])
 
 
 def test_validation_read_failure_is_an_error_not_a_redraw(tmp_path, cfg_factory):

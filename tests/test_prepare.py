@@ -102,6 +102,6 @@ def test_prepared_elsewhere(small_root, tmp_path_factory, cfg_factory):
     out = tmp_path_factory.mktemp("arrays")
     prepare_dataset.main(["--data-root", str(small_root), "--out", str(out)])
     assert (out / "index.json").is_file() and not (small_root / ".prepared").exists()
-    cfg = cfg_factory("config_paired_nq2", [f"datasets.data_root={small_root}", f"+datasets.prepared_root={out}"])
+    cfg = cfg_factory("config_paired_nq2", [f"datasets.data_root={small_root}", f"datasets.prepared_root={out}"])
     ds = PairedChannelDataset(cfg, "train")
     assert ds.format == "prepared" and ds.files[0].array.parent == out
