@@ -129,7 +129,7 @@ def measure_batch(model: EncodecModel, wavs: torch.Tensor, content_codebook: int
     out = model(x, return_embeddings=True)
     if model.n_q < 2 or views < 2:
         return out, None, None
-    _, scale = model.encode(x, return_scale=True)
+    _, scale = model.normalize(x)  # the level each view is restored to
     scale = None if scale is None else scale.reshape(batch, views, 1, 1)
     per_view = [e.reshape(batch, views, *e.shape[1:]) for e in out.embeddings]
     emb_a, emb_b = [e[:, 0] for e in per_view], [e[:, 1] for e in per_view]

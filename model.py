@@ -148,7 +148,7 @@ class EncodecModel(nn.Module):
             return_embeddings: also return the per-codebook embeddings.
         """
         self._check_audio(x)
-        x_normalized, scale = self._normalize(x)
+        x_normalized, scale = self.normalize(x)
         q = self.quantizer(self.encoder(x_normalized), return_embeddings=return_embeddings)
         audio = self._restore(self.decoder(q.quantized), scale, x.shape[-1])
         return EncodecOutput(audio=audio, commit_loss=q.commit_loss, codes=q.codes,
@@ -162,7 +162,7 @@ class EncodecModel(nn.Module):
         input was divided by (None when audio normalisation is off); pass it to `decode`.
         """
         self._check_audio(x)
-        x_normalized, scale = self._normalize(x)
+        x_normalized, scale = self.normalize(x)
         codes = self.quantizer.encode(self.encoder(x_normalized))
         return (codes, scale) if return_scale else codes
 
@@ -178,7 +178,9 @@ class EncodecModel(nn.Module):
         audio = self.decoder(self.quantizer.decode(codes))
         return self._restore(audio, scale, length)
 
-    def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(x / scale, scale)` with `scale` `[B, 1, 1]` the input's RMS (+eps), or `(x, None)`
+        without audio normalisation: what the encoder sees and what decoding restores."""
         if not self.audio_normalize:
             return x, None
         # sqrt(mean + eps^2) rather than EnCodec's eps + sqrt(mean): the same for any audible

@@ -277,7 +277,7 @@ def test_commitment_loss_per_item_sums_codebooks_and_averages_to_the_scalar(tiny
     x = torch.randn(3, 1, 1920) * torch.tensor([0.01, 0.1, 1.0]).view(3, 1, 1)
     with torch.no_grad():
         out = model(x, return_embeddings=True)
-        latent = model.encoder(model._normalize(x)[0])
+        latent = model.encoder(model.normalize(x)[0])
     residual, expected = latent, torch.zeros(3)
     for emb in out.embeddings:  # the chosen vectors, codebook by codebook
         expected += (residual - emb).pow(2).mean(dim=(1, 2))
