@@ -560,17 +560,28 @@ def flatten_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 def write_validation_audio(items, folder: Path, sample_rate: int, tracker: Tracker,
                            step: int) -> None:
-    """Input and reconstruction of every view as WAV files, and as wandb audio."""
+    """Input and reconstruction of every view as WAV files, and to wandb as audio and
+    log-mel spectrograms (one row per item: input and reconstruction of views 1 and 2)."""
     import soundfile as sf
     folder.mkdir(parents=True, exist_ok=True)
-    audio = {}
+    audio, rows = {}, []
     for i, (inp, rec, meta) in enumerate(items):
+        waves = {}
         for v, ch in enumerate(meta["channels"]):
             for kind, wav in (("input", inp[v]), ("recon", rec[v])):
                 data = wav.squeeze(0).numpy()
                 sf.write(folder / f"item{i}_ch{ch}_{kind}.wav", data, sample_rate, subtype="FLOAT")
                 audio[f"audio/item{i}_view{v + 1}_{kind}"] = data
+                waves[f"{kind}_{v + 1}"] = wav.squeeze(0)
+        rows.append((f"item{i} ch{list(meta['channels'])}", waves))
+    columns = tuple(f"{kind}_{v + 1}" for v in range(len(items[0][0])) for kind in ("input", "recon"))
     tracker.log_audio(audio, sample_rate, step)
+    if tracker.run is not None:
+        import matplotlib.pyplot as plt
+        from evaluate import spectrogram_figure
+        figure = spectrogram_figure(rows, sample_rate, columns)
+        tracker.log_images({"val/spectrograms": figure}, step)
+        plt.close(figure)
 
 
 # ----------------------------------------------------------------------------------------

@@ -378,26 +378,36 @@ def plot_codebook_usage(reports: list[CheckpointReport], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_spectrograms(reports: list[CheckpointReport], path: Path) -> None:
-    """Log-mel spectrograms of the first example: inputs, reconstructions, swap."""
-    columns = ("input_a", "input_b", "recon_a", "recon_b", "swap")
-    fig, axes = plt.subplots(len(reports), len(columns), figsize=(2.6 * len(columns), 2.2 * len(reports)),
+SPECTROGRAM_COLUMNS = ("input_a", "input_b", "recon_a", "recon_b", "swap")
+
+
+def spectrogram_figure(rows: list[tuple[str, dict[str, torch.Tensor]]], sample_rate: int,
+                       columns: tuple[str, ...] = SPECTROGRAM_COLUMNS):
+    """Log-mel spectrograms: one row per (label, {column name: waveform [T]}), one column
+    per name (blank where a row lacks it). Returns the matplotlib figure."""
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=1024, hop_length=256, n_mels=64)
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.6 * len(columns), 2.2 * len(rows)),
                              squeeze=False)
-    for index, (row, report) in enumerate(zip(axes, reports)):
-        mel = torchaudio.transforms.MelSpectrogram(report.results["sample_rate"], n_fft=1024,
-                                                   hop_length=256, n_mels=64)
+    for index, (row, (label, waves)) in enumerate(zip(axes, rows)):
         for ax, name in zip(row, columns):
             ax.set_xticks([])
             ax.set_yticks([])
-            if name not in report.examples:
+            if name not in waves:
                 ax.set_axis_off()
                 continue
-            spec = 10 * torch.log10(mel(report.examples[name][0]) + 1e-10)
+            spec = 10 * torch.log10(mel(waves[name].float().cpu()) + 1e-10)
             ax.imshow(spec.numpy(), origin="lower", aspect="auto", cmap="magma",
                       vmin=float(spec.max()) - 80)
             ax.set_title(name if index == 0 else "", fontsize="small")
-        row[0].set_ylabel(report.label, fontsize="small")
+        row[0].set_ylabel(label, fontsize="small")
     fig.tight_layout()
+    return fig
+
+
+def plot_spectrograms(reports: list[CheckpointReport], path: Path) -> None:
+    """Log-mel spectrograms of the first example: inputs, reconstructions, swap."""
+    rows = [(r.label, {name: wave[0] for name, wave in r.examples.items()}) for r in reports]
+    fig = spectrogram_figure(rows, reports[0].results["sample_rate"])
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -187,3 +187,18 @@ def test_wandb_online_failure_falls_back_to_offline(tmp_path, monkeypatch):
     tracker.log({"x": 1.0}, step=1)
     tracker.finish()
     assert list(tmp_path.rglob("*.wandb")), "offline run files were not written"
+
+
+def test_validation_audio_goes_to_wav_files_and_wandb(tmp_path):
+    from tracking import Tracker
+    tracker = Tracker("offline", "test", None, tmp_path / "wandb", {})
+    inp, rec = 0.1 * torch.randn(2, 1, 4800), 0.1 * torch.randn(2, 1, 4800)
+    engine.write_validation_audio([(inp, rec, {"channels": [3, 17], "path": "x.wav"})],
+                                  tmp_path / "audio", 24000, tracker, step=1)
+    run_dir = Path(tracker.directory)
+    tracker.finish()
+    names = sorted(p.name for p in (tmp_path / "audio").iterdir())
+    assert names == ["item0_ch17_input.wav", "item0_ch17_recon.wav",
+                     "item0_ch3_input.wav", "item0_ch3_recon.wav"]
+    media = [p.suffix for p in run_dir.rglob("*") if p.is_file() and "media" in p.parts]
+    assert media.count(".wav") == 4 and ".png" in media, media
