@@ -18,7 +18,7 @@ test: venv
 
 # A few minutes on 2 CPU cores: synthetic data, paired + mono training, evaluation.
 demo: venv
-	EPOCHS=2 STEPS=25 EVAL_PAIRS=0 WANDB=offline bash scripts/mini_experiment.sh runs/demo
+	EPOCHS=2 STEPS=200 EVAL_PAIRS=0 WANDB=offline bash scripts/mini_experiment.sh runs/demo
 
 bench: venv
 	$(PY) bench/step_time.py

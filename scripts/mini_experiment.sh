@@ -5,12 +5,12 @@
 #
 #   bash scripts/mini_experiment.sh [WORK_DIR]      (default: runs/mini_experiment)
 #
-# Environment: EPOCHS (default 4) x STEPS optimizer steps per epoch (default 50), both modes;
+# Environment: EPOCHS (default 6) x STEPS optimizer steps per epoch (default 100), both modes;
 # EVAL_PAIRS / EVAL_CHANNELS for the second evaluation (EVAL_PAIRS=0 skips it); WANDB
 # (disabled | offline | online, default disabled); PYTHON (default: the project's .venv).
 # `make demo` runs it shorter, with wandb offline, in runs/demo.
-# With the defaults (+preset=demo) it took about 14 minutes on 2 shared CPU cores (synthetic
-# data 1.5, mono 2.6, paired 7.7, evaluation 0.6 + 1.4). Re-running reuses the generated data.
+# Duration with the defaults (+preset=demo, 600 steps per mode) on 2 CPU cores: see README.
+# Re-running reuses the generated data.
 # Note: both runs take the same steps with the same batch size (4 items), so the paired
 # model sees 2 channels per item, i.e. twice the segments of the mono model.
 set -euo pipefail
@@ -18,9 +18,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="$(mkdir -p "${1:-$here/runs/mini_experiment}" && cd "${1:-$here/runs/mini_experiment}" && pwd)"
 py="${PYTHON:-$here/.venv/bin/python}"
 [ -x "$py" ] || py="$(command -v python3)"
-epochs="${EPOCHS:-4}"
+epochs="${EPOCHS:-6}"
 wandb_mode="${WANDB:-disabled}"
-steps="${STEPS:-50}"
+steps="${STEPS:-100}"
 data="$work/data"
 start=$SECONDS
 
@@ -32,8 +32,10 @@ if [ ! -f "$data/.complete" ]; then
   touch "$data/.complete"
 fi
 
+# An epoch of exactly $steps steps: fixed_length = steps x the demo preset's batch of 4 items.
 common=(+preset=demo "datasets.data_root=$data" "common.max_epoch=$epochs"
-        "common.max_steps_per_epoch=$steps" common.device=cpu "wandb.mode=$wandb_mode")
+        "datasets.fixed_length=$(( steps * 4 ))" "common.max_steps_per_epoch=$steps"
+        common.device=cpu "wandb.mode=$wandb_mode")
 train() {  # train MODE SCRIPT CONFIG
   phase "training $1 ($epochs epochs x $steps steps)"
   rm -rf "$work/$1"
