@@ -245,11 +245,12 @@ def build_datasets(cfg: DictConfig):
     """Training items with V views, and paired validation items for both modes (so that a
     mono model's cross-channel code agreement is measured on the same pairs)."""
     train_cls = PairedChannelDataset if cfg.datasets.views >= 2 else MonoChannelDataset
-    train_set = train_cls(cfg, "train")
     val_cfg = cfg.copy()
     val_cfg.datasets.views = max(2, cfg.datasets.views)
-    val_set = PairedChannelDataset(val_cfg, "val")
-    return train_set, val_set
+    try:
+        return train_cls(cfg, "train"), PairedChannelDataset(val_cfg, "val")
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # messages name file and setting
+        raise ConfigError(str(e)) from e
 
 
 def make_loader(dataset, cfg: DictConfig, rt: Runtime, indices: range) -> DataLoader:

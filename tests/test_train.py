@@ -62,6 +62,14 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
     assert "datasets.data_root is required" in res.stderr
 
 
+def test_data_root_without_recordings_is_a_one_line_config_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = run_script("train_single_gpu.py", ["+preset=tiny", "datasets.data_root=empty"], cwd=tmp_path)
+    assert res.returncode != 0
+    assert res.stderr.startswith("config error:") and "Traceback" not in res.stderr
+    assert str(tmp_path / "empty") in res.stderr
+
+
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, synth_root):
     extra = ["common.max_epoch=2", "datasets.fixed_length=6", "common.save_interval=5",
              "common.val_interval=5"]  # 3 steps per epoch, no periodic saves in between
