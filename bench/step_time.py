@@ -4,7 +4,7 @@ Uses the paired config's model, discriminator, losses and balancer settings and 
 engine step, on random audio (no dataset needed). Each mode runs in its own process so
 that its peak memory is its own.
 
-    python bench/step_time.py [--batch 8] [--seconds 1.0] [--steps 5] [--device auto]
+    python bench/step_time.py [--batch 8] [--seconds 1.0] [--steps 5] [--rounds 2] [--device auto]
 
 Prints ``paired_s_per_step=``, ``mono2B_s_per_step=``, ``peak_rss_mb=`` (paired) and, last,
 ``paired_over_mono2B=`` (target <= 1.05 on CPU: pairing must cost no more than the same
@@ -46,7 +46,8 @@ def time_mode(views: int, batch: int, seconds: float, steps: int, device: str,
     gen = torch.Generator().manual_seed(0)
     metas = [{"class": "Beach", "channels": list(range(views)), "path": "", "start": 0}] * batch
     times = []
-    for i in range(steps + 1):  # the first step initialises the codebooks (k-means): not timed
+    warmup = 2  # k-means init and the allocator's first growth: not timed
+    for i in range(steps + warmup):
         wavs = 0.1 * torch.randn(batch, views, 1, length, generator=gen)
         update_disc = engine.discriminator_coin(0, 1, i) < cfg.discriminator.update_prob
         if rt.device.type == "cuda":
@@ -56,7 +57,7 @@ def time_mode(views: int, batch: int, seconds: float, steps: int, device: str,
                                    update_disc=update_disc, grad_clip=0.0, bins=cfg.model.bins)
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
-        if i > 0:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
         assert result.ok, "non-finite step in the benchmark"
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -73,11 +74,19 @@ def run_child(views: int, batch: int, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def merge_rounds(results: list[dict]) -> dict:
+    steps = [t for r in results for t in r["steps"]]
+    return {"steps": steps, "median_s": statistics.median(steps), "device": results[0]["device"],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "peak_gpu_mb": max(r["peak_gpu_mb"] for r in results)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8, help="paired batch B (mono runs 2B)")
     ap.add_argument("--seconds", type=float, default=1.0, help="segment length in seconds")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per mode")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per mode and round")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating paired/mono rounds")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--override", action="append", default=[],
                     help="extra Hydra override for the paired config, e.g. model.filters=8")
@@ -87,9 +96,19 @@ def main() -> None:
         print(json.dumps(time_mode(args.child, args.batch, args.seconds, args.steps,
                                    args.device, args.override)))
         return
-    paired = run_child(2, args.batch, args)
-    mono = run_child(1, 2 * args.batch, args)
-    print(f"device={paired['device']} batch={args.batch} seconds={args.seconds} steps={args.steps}")
+    # Alternate which mode goes first, round by round: the first process on a machine runs
+    # measurably slower, and that must not be charged to one mode.
+    runs = {"paired": [], "mono": []}
+    for r in range(args.rounds):
+        order = ("paired", "mono") if r % 2 == 0 else ("mono", "paired")
+        for mode in order:
+            views, batch = (2, args.batch) if mode == "paired" else (1, 2 * args.batch)
+            runs[mode].append(run_child(views, batch, args))
+        ratio = runs["paired"][-1]["median_s"] / runs["mono"][-1]["median_s"]
+        print(f"round={r + 1} first={order[0]} paired_over_mono2B={ratio:.3f}")
+    paired, mono = (merge_rounds(runs[k]) for k in ("paired", "mono"))
+    print(f"device={paired['device']} batch={args.batch} seconds={args.seconds} "
+          f"steps={args.steps} rounds={args.rounds}")
     print(f"paired_steps={','.join(f'{t:.3f}' for t in paired['steps'])}")
     print(f"mono2B_steps={','.join(f'{t:.3f}' for t in mono['steps'])}")
     print(f"paired_s_per_step={paired['median_s']:.4f}")
