@@ -300,11 +300,7 @@ def per_view_means(items: dict[str, torch.Tensor], batch: int, views: int) -> di
 
 def codebook_usage(codes: torch.Tensor, bins: int) -> torch.Tensor:
     """Fraction of each codebook's entries used in the batch, [n_q]."""
-    n_q = codes.shape[1]
-    flat = codes.transpose(0, 1).reshape(n_q, -1)
-    offsets = torch.arange(n_q, device=codes.device).unsqueeze(1) * bins
-    counts = torch.bincount((flat + offsets).flatten(), minlength=n_q * bins).view(n_q, bins)
-    return (counts > 0).float().mean(1)
+    return (metrics.code_counts(codes, bins) > 0).float().mean(1)
 
 
 @dataclass

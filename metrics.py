@@ -134,6 +134,12 @@ def _check_codes(codes: Tensor, bins: int | None = None) -> None:
 def codebook_histogram(codes: Tensor, bins: int) -> Tensor:
     """Usage counts of each code, `[n_q, bins]` (int64), from codes `[N, n_q, F]`."""
     _check_codes(codes, bins)
+    return code_counts(codes, bins)
+
+
+def code_counts(codes: Tensor, bins: int) -> Tensor:
+    """`codebook_histogram` without the range check (which costs a host sync): for codes
+    straight from the model, e.g. in the training step."""
     per_codebook = codes.transpose(0, 1).reshape(codes.shape[1], -1).long()
     hist = torch.zeros(codes.shape[1], bins, dtype=torch.long, device=codes.device)
     return hist.scatter_add_(1, per_codebook, torch.ones_like(per_codebook))

@@ -210,3 +210,8 @@ def test_validation_audio_goes_to_wav_files_and_wandb(tmp_path):
                      "item0_ch3_input.wav", "item0_ch3_recon.wav"]
     media = [p.suffix for p in run_dir.rglob("*") if p.is_file() and "media" in p.parts]
     assert media.count(".wav") == 4 and ".png" in media, media
+
+
+def test_codebook_usage_is_the_fraction_of_entries_used_per_codebook():
+    codes = torch.tensor([[[0, 0, 1], [3, 3, 3]], [[2, 0, 1], [3, 3, 3]]])  # [N=2, n_q=2, F=3]
+    assert engine.codebook_usage(codes, bins=4).tolist() == [0.75, 0.25]
