@@ -40,15 +40,13 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
-def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's `tensor` along dim 0, in rank order.
+def _all_gather_padded(tensor: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+    """Every rank's `tensor` (in rank order) and their first-dimension sizes.
 
     Ranks may hold different first-dimension sizes (e.g. a smaller last batch): sizes are
     gathered first and every tensor is padded to the largest, since collectives need equal
     shapes. All other dimensions must match.
     """
-    if not is_distributed():
-        return tensor
     size = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
     sizes = [torch.empty_like(size) for _ in range(world_size())]
     dist.all_gather(sizes, size)
@@ -57,7 +55,57 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     padded[:tensor.shape[0]] = tensor
     gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded)
-    return torch.cat([part[:count] for part, count in zip(gathered, counts)])
+    return [part[:count] for part, count in zip(gathered, counts)], counts
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `tensor` along dim 0, in rank order (no gradient).
+
+    Ranks may hold different first-dimension sizes; all other dimensions must match.
+    """
+    if not is_distributed():
+        return tensor
+    return torch.cat(_all_gather_padded(tensor)[0])
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: the gathered tensor (computed outside, passed in). Backward: the gradient of
+    the whole gathered tensor is summed over ranks and each rank keeps the slice of its own
+    part.
+
+    The sum is what makes a loss on the global batch exact: rank r's loss also depends on
+    the parts gathered from the other ranks, and only their owners can carry that gradient
+    on into their encoders.
+    """
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, gathered: torch.Tensor,  # type: ignore[override]
+                start: int) -> torch.Tensor:
+        ctx.start, ctx.count = start, local.shape[0]
+        return gathered.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()  # all_reduce works in place on its own buffer
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.start:ctx.start + ctx.count], None, None
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Differentiable `all_gather_cat`: `(global tensor, offset of this rank's rows in it)`.
+
+    For losses over the global batch (contrastive negatives from every rank). Every rank
+    must call it, in the same order, and run the backward (which all-reduces the gradient).
+    With each rank's loss the mean over its own rows against the global batch, DDP's
+    gradient averaging then gives exactly the gradient of the global-batch loss (for equal
+    per-rank batch sizes). Ranks may hold different first-dimension sizes. In a single
+    process: `(tensor, 0)`, the identity.
+    """
+    if not is_distributed():
+        return tensor, 0
+    parts, counts = _all_gather_padded(tensor.detach())
+    start = sum(counts[:rank()])
+    return _AllGatherWithGrad.apply(tensor, torch.cat(parts), start), start
 
 
 def barrier() -> None:

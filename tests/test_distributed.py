@@ -10,11 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 import checkpoints as ckpt_io
+import distributed as du
 import engine
 from conftest import ROOT
+from pairwise_losses import PairwiseLoss
 
 
 def free_port() -> int:
@@ -83,3 +87,102 @@ def test_validation_split_over_ranks_equals_one_process(two_rank_runs):
     assert single.keys() == distributed_val.keys()
     for k, v in single.items():
         assert math.isclose(v, distributed_val[k], rel_tol=1e-4, abs_tol=1e-6), (k, v, distributed_val[k])
+
+
+# ----------------------------------------------------------------------------------------
+# InfoNCE across ranks: the global batch, gathered with gradient, gives the single-process
+# loss and (after DDP's averaging) its gradients.
+
+NCE_WORLD, NCE_BATCH = 2, 6  # 3 items per rank
+NCE_CASES = {
+    "frame": dict(sim_kind="infonce", nce_pooling="frame", temperature=0.2),
+    "mean_projected": dict(sim_kind="infonce", nce_pooling="mean", nce_projection=3,
+                           dimension=5, nce_center=False),
+    "frame_with_segment_negatives": dict(sim_kind="infonce", nce_same_segment_negatives=True),
+}
+
+
+def nce_case(name: str) -> tuple[PairwiseLoss, list[list[torch.Tensor]]]:
+    """The loss (same initial projection on every rank) and the GLOBAL batch of 2 views."""
+    torch.manual_seed(0)
+    loss = PairwiseLoss(sim_weight=1.0, **NCE_CASES[name])
+    views = [[torch.randn(NCE_BATCH, 5, 4) for _ in range(2)] for _ in range(2)]
+    return loss, views
+
+
+def nce_run(loss: PairwiseLoss, views: list[list[torch.Tensor]], rows: slice) -> dict:
+    """Loss, accuracy and gradients (embeddings and parameters) on the items `rows`."""
+    leaves = [[e[rows].clone().requires_grad_() for e in view] for view in views]
+    out = loss(leaves, step=0)
+    loss.zero_grad()
+    out["l_sim"].backward()
+    return {"l_sim": out["l_sim"].detach(), "nce_accuracy": out["nce_accuracy"],
+            "grads": [view[0].grad for view in leaves],
+            "param_grads": [p.grad.clone() for p in loss.parameters()]}
+
+
+def nce_worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=NCE_WORLD)
+    torch.set_num_threads(1)
+    per_rank = NCE_BATCH // NCE_WORLD
+    results = {name: nce_run(*nce_case(name), slice(rank * per_rank, (rank + 1) * per_rank))
+               for name in NCE_CASES}
+    # Unequal sizes (3 rows and 2 rows): values in rank order, gradient summed over ranks.
+    local = torch.arange(3 - rank, dtype=torch.float32).add(10 * rank).requires_grad_()
+    gathered, offset = du.all_gather_with_grad(local)
+    weights = torch.arange(1, 6, dtype=torch.float32)
+    (gathered * weights).sum().backward()
+    results["uneven"] = {"gathered": gathered.detach(), "offset": offset, "grad": local.grad}
+    # Validation (no_grad): no collective, negatives from this rank only.
+    loss, views = nce_case("frame")
+    with torch.no_grad():
+        results["no_grad"] = loss([[e[rank * per_rank:(rank + 1) * per_rank] for e in view]
+                                   for view in views], step=0)["sim"]
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def nce_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("nce")
+    mp.spawn(nce_worker, args=(free_port(), str(out)), nprocs=NCE_WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(NCE_WORLD)]
+
+
+@pytest.mark.parametrize("name", list(NCE_CASES))
+def test_infonce_over_two_ranks_equals_one_process(nce_ranks, name):
+    single = nce_run(*nce_case(name), slice(None))
+    ranks = [r[name] for r in nce_ranks]
+    per_rank = NCE_BATCH // NCE_WORLD
+    # The mean of the ranks' losses is the global-batch loss (equal per-rank batches).
+    torch.testing.assert_close(sum(r["l_sim"] for r in ranks) / NCE_WORLD, single["l_sim"])
+    torch.testing.assert_close(sum(r["nce_accuracy"] for r in ranks) / NCE_WORLD,
+                               single["nce_accuracy"])
+    for rank, r in enumerate(ranks):
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        for v in range(2):  # DDP divides by the world size
+            torch.testing.assert_close(r["grads"][v] / NCE_WORLD, single["grads"][v][rows])
+    for i, grad in enumerate(single["param_grads"]):  # DDP / average_gradients_: the mean
+        torch.testing.assert_close(sum(r["param_grads"][i] for r in ranks) / NCE_WORLD, grad)
+
+
+def test_all_gather_with_grad_uneven_sizes(nce_ranks):
+    expected = torch.tensor([0., 1., 2., 10., 11.])
+    for rank, r in enumerate(nce_ranks):
+        torch.testing.assert_close(r["uneven"]["gathered"], expected)
+        assert r["uneven"]["offset"] == 3 * rank
+        rows = slice(0, 3) if rank == 0 else slice(3, 5)
+        # Both ranks' losses depend on this rank's rows: the gradient is their sum.
+        torch.testing.assert_close(r["uneven"]["grad"],
+                                   NCE_WORLD * torch.arange(1, 6, dtype=torch.float32)[rows])
+    gathered, offset = du.all_gather_with_grad(expected)  # one process: the identity
+    assert gathered is expected and offset == 0
+
+
+def test_infonce_under_no_grad_stays_local(nce_ranks):
+    loss, views = nce_case("frame")
+    per_rank = NCE_BATCH // NCE_WORLD
+    for rank, r in enumerate(nce_ranks):
+        local = [[e[rank * per_rank:(rank + 1) * per_rank] for e in view] for view in views]
+        torch.testing.assert_close(r["no_grad"], loss(local, step=0)["sim"])

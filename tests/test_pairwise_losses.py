@@ -1,14 +1,19 @@
-"""Pairwise similarity / diversity losses, K-view averaging, PairwiseLoss options."""
+"""Pairwise similarity / diversity losses, InfoNCE, cross-reconstruction, level-difference
+heads, K-view averaging, PairwiseLoss options and the `pairwise=` config group."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
-from omegaconf import open_dict
+import yaml
+from omegaconf import OmegaConf, open_dict
 
-from pairwise_losses import (PairwiseLoss, diversity_loss, pairwise_losses, similarity_loss,
-                             split_views)
+from conftest import ROOT
+from pairwise_losses import (LevelDifferenceHead, PairwiseLoss, centred_cosine, diversity_loss,
+                             info_nce, level_difference_loss, pairwise_losses, reverse_gradient,
+                             similarity_loss, split_views, swap_latents)
 
 # One item, D = 2, F = 2. Frames of a: (1, 0), (0, 1); frames of b: (0, 1), (0, 2).
 A = torch.tensor([[[1., 0.], [0., 1.]]])
@@ -94,14 +99,15 @@ def test_cosine_diversity_is_bounded():
     assert diversity_loss(a, 3 * a, 'cosine').item() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_k_views_average_all_pairs():
+@pytest.mark.parametrize("sim_kind, div_kind", [('mse', 'margin'), ('infonce', 'cos_hinge')])
+def test_k_views_average_all_pairs(sim_kind, div_kind):
     torch.manual_seed(0)
     views = random_views(3)
-    out = pairwise_losses(*views, sim_weight=1.0, div_weight=1.0, div_kind='margin', margin=3.0)
+    kinds = dict(sim_kind=sim_kind, div_kind=div_kind, margin=3.0, max_cosine=-0.2)
+    out = pairwise_losses(*views, sim_weight=1.0, div_weight=1.0, **kinds)
     pairs = list(itertools.combinations(views, 2))
     assert len(pairs) == 3
-    sims = [pairwise_losses(u, v, sim_weight=1.0, div_weight=1.0, div_kind='margin',
-                            margin=3.0) for u, v in pairs]
+    sims = [pairwise_losses(u, v, sim_weight=1.0, div_weight=1.0, **kinds) for u, v in pairs]
     torch.testing.assert_close(out['l_sim'], torch.stack([s['l_sim'] for s in sims]).mean())
     torch.testing.assert_close(out['l_div'], torch.stack([s['l_div'] for s in sims]).mean())
 
@@ -226,3 +232,407 @@ def test_channel_classifier_errors():
         loss(views, step=0)
     with pytest.raises(ValueError, match="num_channels=4"):
         loss(views, step=0, channels=torch.tensor([[0, 1], [2, 7], [1, 0]]))
+    with torch.no_grad():  # validation: the head term is left out rather than failing
+        assert 'l_cls' not in loss(views, step=0)
+
+
+# ----------------------------------------------------------------------------- InfoNCE
+
+def one_hot_views(batch: int, frames: int, dim: int = 8) -> torch.Tensor:
+    """`[B, D, F]`: item i is the unit vector e_i in every frame (orthogonal items)."""
+    return torch.eye(dim)[:batch].unsqueeze(-1).expand(-1, -1, frames).clone()
+
+
+@pytest.mark.parametrize("pooling", ['frame', 'mean'])
+@pytest.mark.parametrize("center", [True, False])
+def test_infonce_collapsed_codebook_scores_chance(pooling, center):
+    # One code for every frame of every item and channel: exactly chance, whatever the batch.
+    for batch, frames in ((2, 3), (5, 7)):
+        collapsed = torch.randn(1, 6, 1).expand(batch, -1, frames)
+        out = info_nce(collapsed, collapsed.clone(), pooling=pooling, center=center)
+        torch.testing.assert_close(out.loss, torch.ones(batch))
+        assert out.accuracy.item() == 0.0  # a tie is not a positive ranked first
+
+
+@pytest.mark.parametrize("pooling", ['frame', 'mean'])
+def test_infonce_identical_views_reach_the_minimum(pooling):
+    a = one_hot_views(batch=4, frames=3)
+    out = info_nce(a, a.clone(), temperature=0.1, pooling=pooling)
+    assert out.loss.max().item() < 1e-3 and out.accuracy.item() == 1.0
+    # 0 is the bound (a log-softmax): identical well-separated views reach it. For views that
+    # are not well separated a channel difference costs, the more the larger it is.
+    torch.manual_seed(0)
+    a = torch.randn(6, 8, 3)
+    previous = info_nce(a, a.clone(), pooling=pooling).loss.mean()
+    assert (info_nce(a, a + torch.randn_like(a), pooling=pooling).loss >= 0).all()
+    for noise in (0.5, 1.0, 3.0):
+        other = info_nce(a, a + noise * torch.randn_like(a), pooling=pooling).loss.mean()
+        assert other > previous + 1e-3
+        previous = other
+
+
+def direct_info_nce(a: torch.Tensor, b: torch.Tensor, tau: float, pooling: str) -> torch.Tensor:
+    """The definition, one anchor at a time: per-item normalised InfoNCE `[B]`."""
+    batch, dim, frames = a.shape
+    if pooling == 'mean':
+        a, b, frames = a.mean(-1, keepdim=True), b.mean(-1, keepdim=True), 1
+    mean = torch.cat([a, b]).mean(dim=(0, 2), keepdim=True)
+    a, b = ((e - mean) / (e - mean).norm(dim=1, keepdim=True) for e in (a, b))
+    per_item = torch.zeros(batch)
+    for anchors, others in ((a, b), (b, a)):
+        for i in range(batch):
+            for f in range(frames):
+                positive = anchors[i, :, f] @ others[i, :, f] / tau
+                candidates = [positive] + [anchors[i, :, f] @ others[j, :, g] / tau
+                                           for j in range(batch) if j != i for g in range(frames)]
+                row = torch.logsumexp(torch.stack(candidates), 0) - positive
+                per_item[i] += row / math.log(len(candidates)) / (2 * frames)
+    return per_item
+
+
+@pytest.mark.parametrize("pooling", ['frame', 'mean'])
+def test_infonce_matches_a_direct_computation(pooling):
+    torch.manual_seed(0)
+    a = torch.randn(4, 6, 3) + 2.0  # an offset, as codebook vectors share a common part
+    b = a + torch.randn(4, 6, 3)
+    out = info_nce(a, b, temperature=0.3, pooling=pooling)
+    torch.testing.assert_close(out.loss, direct_info_nce(a, b, 0.3, pooling))
+    torch.testing.assert_close(info_nce(b, a, temperature=0.3, pooling=pooling).loss, out.loss)
+
+
+@pytest.mark.parametrize("pooling", ['frame', 'mean'])
+def test_infonce_negatives_are_the_other_segments_of_the_batch(pooling):
+    # Segments 0 and 1 are alike (cos 0.9), the others orthogonal: only items 0 and 1 have a
+    # hard negative, and each has exactly one such segment (F frames of it per frame).
+    batch, frames, tau = 4, 3, 0.1
+    a = one_hot_views(batch, frames)
+    a[1] = 0.9 * a[0] + math.sqrt(1 - 0.81) * a[1]
+    out = info_nce(a, a.clone(), temperature=tau, pooling=pooling, center=False)
+    per_segment = frames if pooling == 'frame' else 1
+    candidates = 1 + (batch - 1) * per_segment  # same-segment frames are not candidates
+    hard = math.log(math.exp(1 / tau) + per_segment * math.exp(0.9 / tau)
+                    + (batch - 2) * per_segment) - 1 / tau
+    easy = math.log(math.exp(1 / tau) + (batch - 1) * per_segment) - 1 / tau
+    expected = torch.tensor([hard, hard, easy, easy]) / math.log(candidates)
+    torch.testing.assert_close(out.loss, expected)
+    assert out.accuracy.item() == 1.0
+
+
+def test_infonce_same_segment_frames_are_negatives_only_on_request():
+    a = one_hot_views(batch=3, frames=4)  # constant in time: same-segment frames tie
+    assert info_nce(a, a.clone()).loss.max() < 1e-3
+    with_them = info_nce(a, a.clone(), same_segment_negatives=True)
+    # 4 tied frames out of 3 * 4 candidates, the orthogonal ones negligible at tau 0.1.
+    torch.testing.assert_close(with_them.loss, torch.full((3,), math.log(4) / math.log(12)),
+                               atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="at least one negative"):
+        info_nce(a[:1], a[:1].clone())
+
+
+def test_infonce_is_scale_free_and_float32():
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 8, 5), torch.randn(4, 8, 5)
+    reference = info_nce(a, b).loss
+    for scale in (1e-4, 1e3):  # codebook 2 can start at an RMS of ~2e-4
+        torch.testing.assert_close(info_nce(scale * a, scale * b).loss, reference)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low = info_nce(a.bfloat16(), b.bfloat16()).loss
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, reference, atol=0.03, rtol=0)
+
+
+def test_pairwise_loss_infonce_outputs_and_gradient():
+    torch.manual_seed(0)
+    views = random_views(2, requires_grad=True)
+    loss = PairwiseLoss(sim_kind='infonce', sim_weight=2.0, div_kind='cos_hinge',
+                        temperature=0.2, nce_pooling='mean')
+    out = loss(views, step=0)
+    assert {'l_sim', 'l_div', 'sim', 'div', 'nce_accuracy', 'div_cosine'} <= set(out)
+    expected = info_nce(views[0][0], views[1][0], temperature=0.2, pooling='mean')
+    torch.testing.assert_close(out['sim'], expected.loss.mean())
+    torch.testing.assert_close(out['l_sim'], 2.0 * expected.loss.mean())
+    torch.testing.assert_close(out['nce_accuracy'], expected.accuracy)
+    out['l_sim'].backward()
+    assert views[0][0].grad.abs().sum() > 0 and views[1][0].grad.abs().sum() > 0
+    assert views[0][1].grad is None  # InfoNCE is on the content codebook only
+
+
+def test_nce_projection_is_a_parameter():
+    loss = PairwiseLoss(sim_kind='infonce', nce_projection=3, dimension=4)
+    assert [p.shape for p in loss.parameters()] == [torch.Size([3, 4])]
+    loss(random_views(2, dim=4), step=0)['l_sim'].backward()
+    assert loss.projection.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="dimension"):
+        PairwiseLoss(sim_kind='infonce', nce_projection=3)
+
+
+# ----------------------------------------------------------------------------- diversity
+
+def test_cos_hinge_is_bounded_scale_free_and_zero_when_apart():
+    # A large common component (as codebook vectors have) plus zero-mean per-channel parts.
+    common = 5.0 * torch.ones(1, 4, 1)
+    u = torch.tensor([1., 0., 0., 0.]).view(1, 4, 1) * torch.tensor([1., -1.]).view(2, 1, 1)
+    v = torch.tensor([0., 1., 0., 0.]).view(1, 4, 1) * torch.tensor([1., -1.]).view(2, 1, 1)
+    a, b_orthogonal, b_opposite = common + u, common + v, common - u
+    for scale in (1e-4, 1.0, 1e3):
+        assert diversity_loss(scale * a, scale * b_orthogonal, 'cos_hinge').item() == 0.0
+        assert diversity_loss(scale * a, scale * b_opposite, 'cos_hinge').item() == 0.0
+        assert diversity_loss(scale * a, scale * a, 'cos_hinge').item() == pytest.approx(1.0)
+        assert diversity_loss(scale * a, scale * a, 'cos_hinge',
+                              max_cosine=0.5).item() == pytest.approx(0.5)
+    torch.manual_seed(0)
+    for _ in range(5):  # bounded: never below 0 nor above 1 - max_cosine
+        x, y = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
+        value = diversity_loss(x, y, 'cos_hinge', max_cosine=-0.5, reduction='none')
+        assert (value >= 0).all() and (value <= 1.5 + 1e-6).all()
+    # Satisfied: zero gradient, so it stops pushing once the channels differ enough.
+    a = a.clone().requires_grad_()
+    diversity_loss(a, b_orthogonal, 'cos_hinge').backward()
+    assert a.grad.abs().max() == 0
+
+
+def test_centred_cosine_ignores_the_common_component():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 8, 5), torch.randn(4, 8, 5)
+    offset = 100 * torch.randn(1, 8, 1)
+    torch.testing.assert_close(centred_cosine(x + offset, y + offset), centred_cosine(x, y),
+                               atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- cross-reconstruction
+
+def coded_views(batch: int, num_views: int, n_q: int, requires_grad: bool = False):
+    """Embeddings whose value names their origin: item b, view v, codebook k holds
+    1000 * b + (v + 1) * 10 ** k in every entry."""
+    return [[torch.full((batch, 2, 3), float((v + 1) * 10 ** k))
+             .add(1000 * torch.arange(batch).view(-1, 1, 1)).requires_grad_(requires_grad)
+             for k in range(n_q)] for v in range(num_views)]
+
+
+@pytest.mark.parametrize("content_codebook", [0, 1])
+def test_swap_latents_take_the_right_codebooks_of_the_right_views(content_codebook):
+    batch, num_views, n_q = 2, 3, 3
+    views = coded_views(batch, num_views, n_q)
+    swap = swap_latents(views, content_codebook)
+    pairs = list(itertools.permutations(range(num_views), 2))
+    assert swap.pairs == pairs and swap.latents.shape == (batch * len(pairs), 2, 3)
+    for b in range(batch):
+        for p, (i, j) in enumerate(pairs):
+            row = b * len(pairs) + p
+            # Codebook values: 1000 b per codebook summed (n_q of them), plus the origins.
+            expected = n_q * 1000 * b + (i + 1) * 10 ** content_codebook + sum(
+                (j + 1) * 10 ** k for k in range(n_q) if k != content_codebook)
+            assert swap.latents[row].unique().tolist() == [expected]
+            assert swap.content_index[row].item() == b * num_views + i
+            assert swap.target_index[row].item() == b * num_views + j
+    # The indices address the flattened generator batch: x[target_index] is x_B.
+    wavs = torch.arange(batch * num_views).float().view(batch, num_views, 1, 1).expand(-1, -1, 1, 5)
+    targets = wavs.flatten(0, 1)[swap.target_index]
+    assert targets[:, 0, 0].tolist() == [b * num_views + j for b in range(batch) for _, j in pairs]
+
+
+def test_swap_latents_gradient_reaches_both_views():
+    views = coded_views(batch=2, num_views=2, n_q=2, requires_grad=True)
+    swap = swap_latents(views, content_codebook=0)
+    pair = swap.pairs.index((0, 1))  # codebook 1 of view 0 + codebook 2 of view 1 -> x_1
+    swap.latents.unflatten(0, (2, -1))[:, pair].sum().backward()
+    assert views[0][0].grad.abs().min() > 0 and views[1][1].grad.abs().min() > 0
+    for unused in (views[0][1], views[1][0]):  # neither the content of B nor the rest of A
+        assert unused.grad is None or unused.grad.abs().max() == 0
+
+
+def test_xrec_loss_is_weighted_and_scheduled():
+    loss = PairwiseLoss(xrec_weight=0.5, start_step=10, schedule='linear', ramp_steps=10)
+    assert loss.uses_xrec and not PairwiseLoss().uses_xrec
+    per_item = torch.tensor([1.0, 3.0])
+    assert loss.xrec_loss(per_item, step=5)['l_xrec'].item() == 0.0
+    out = loss.xrec_loss(per_item, step=15)
+    assert out['l_xrec'].item() == pytest.approx(0.5 * 0.5 * 2.0)
+    assert out['xrec'].item() == pytest.approx(2.0)
+
+
+# ----------------------------------------------------------------------------- level differences
+
+def test_gradient_reversal_twin_opposes_the_plain_head():
+    torch.manual_seed(0)
+    loss = PairwiseLoss(ild_head=True, ild_weight=1.0, ild_adv_weight=1.0, ild_reversal=1.0,
+                        dimension=4, ild_bands=3, ild_hidden=8)
+    loss.ild_twin.load_state_dict(loss.ild_head.state_dict())
+    base = torch.randn(2, 2, 4, 5)
+    # Codebook 1 and codebook 2 hold the same values: the heads see the same input.
+    views = [[base[v].clone().requires_grad_(), base[v].clone().requires_grad_()]
+             for v in range(2)]
+    targets = torch.randn(2, 3)
+    out = loss(views, step=0, ild_targets=targets)
+    torch.testing.assert_close(out['ild'], out['ild_adv'])
+    (out['l_ild'] + out['l_ild_adv']).backward()
+    for v in range(2):
+        assert views[v][1].grad.abs().sum() > 0
+        torch.testing.assert_close(views[v][0].grad, -views[v][1].grad)
+    # The twin itself learns to predict, like the head: same-sign parameter gradients.
+    for p_head, p_twin in zip(loss.ild_head.parameters(), loss.ild_twin.parameters()):
+        torch.testing.assert_close(p_twin.grad, p_head.grad)
+    x = torch.randn(3, requires_grad=True)
+    reverse_gradient(x, 0.25).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), -0.25))
+
+
+def test_level_difference_head_learns_and_is_antisymmetric():
+    torch.manual_seed(0)
+    batch, dim, n_bands = 16, 8, 4
+    head = LevelDifferenceHead(dim, n_bands, hidden=32)
+    a, b = torch.randn(batch, dim, 5), torch.randn(batch, dim, 5)
+    torch.testing.assert_close(head(a, b), -head(b, a))
+    torch.testing.assert_close(head(a, a), torch.zeros(batch, n_bands))
+    # Codebook 2's time mean carries each channel's level (scaled far down, as at init).
+    levels = 3 * torch.randn(batch, 2, n_bands)
+    mix = torch.randn(n_bands, dim)
+    views = [1e-4 * ((levels[:, v] @ mix).unsqueeze(-1) + 0.1 * torch.randn(batch, dim, 5))
+             for v in range(2)]
+    target = levels[:, 0] - levels[:, 1]
+    assert level_difference_loss(torch.zeros_like(target), target).item() == pytest.approx(1.0)
+    optimizer = torch.optim.Adam(head.parameters(), lr=2e-2)
+    for _ in range(100):
+        error = level_difference_loss(head(*views), target)
+        optimizer.zero_grad()
+        error.backward()
+        optimizer.step()
+    assert error.item() < 0.1
+
+
+def test_ild_targets_shapes_and_missing_targets():
+    torch.manual_seed(0)
+    loss = PairwiseLoss(ild_head=True, dimension=4, ild_bands=3, ild_hidden=8)
+    views = random_views(3, dim=4)
+    levels = torch.randn(3, 3, 3)  # per-view levels [B, V, n_bands]
+    out = loss(views, step=0, ild_targets=levels)
+    pairs = list(itertools.combinations(range(3), 2))
+    expected = torch.stack([level_difference_loss(
+        loss.ild_head(views[i][1], views[j][1]), levels[:, i] - levels[:, j]) for i, j in pairs])
+    torch.testing.assert_close(out['ild'], expected.mean())
+    torch.testing.assert_close(out['l_ild'], 0.3 * expected.mean())
+    two = random_views(2, dim=4)
+    difference = torch.randn(3, 3)
+    expected = level_difference_loss(loss.ild_head(two[0][1], two[1][1]), difference)
+    torch.testing.assert_close(loss(two, step=0, ild_targets=difference)['ild'], expected)
+    with pytest.raises(ValueError, match="ild_targets"):
+        loss(views, step=0)  # training without targets
+    with pytest.raises(ValueError, match=r"\[B, 3\]"):
+        loss(views, step=0, ild_targets=torch.randn(3, 3))  # a difference for 3 views
+    with torch.no_grad():
+        assert 'l_ild' not in loss(views, step=0)  # validation
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def test_start_step_switches_every_term_on_then_ramps():
+    torch.manual_seed(0)
+    views = random_views(2, dim=4)
+    targets = torch.randn(3, 8)
+    full = PairwiseLoss(ild_head=True, dimension=4)
+    late = PairwiseLoss(ild_head=True, dimension=4, start_step=100, schedule='linear',
+                        ramp_steps=10)
+    late.load_state_dict(full.state_dict())
+    reference = full(views, step=0, ild_targets=targets)
+    assert not late.is_active(50) and not late.is_active(100) and late.is_active(101)
+    early = late(views, step=50, ild_targets=targets)
+    assert all(early[k].item() == 0.0 for k in ('l_sim', 'l_div', 'l_ild', 'l_ild_adv'))
+    torch.testing.assert_close(early['sim'], reference['sim'])  # logging is unscheduled
+    half = late(views, step=105, ild_targets=targets)
+    for k in ('l_sim', 'l_div', 'l_ild', 'l_ild_adv'):
+        torch.testing.assert_close(half[k], 0.5 * reference[k])
+    torch.testing.assert_close(late(views, step=110, ild_targets=targets)['l_sim'],
+                               reference['l_sim'])
+    with pytest.raises(ValueError, match="pairwise.start_step"):
+        PairwiseLoss(start_step=-1)
+
+
+# ----------------------------------------------------------------------------- config group
+
+def group_file(name: str) -> dict:
+    return yaml.safe_load((ROOT / "config" / "pairwise" / f"{name}.yaml").read_text())
+
+
+def test_seed_is_the_default_and_the_design_documents_recipe(cfg_factory):
+    for config in ("config_paired_nq2", "config_mono_nq2"):
+        cfg = cfg_factory(config)
+        assert OmegaConf.to_container(cfg.pairwise) == group_file("seed")
+    seed = group_file("seed")
+    assert (seed['sim_kind'], seed['div_kind'], seed['sim_weight'], seed['div_weight']) == (
+        'mse', 'neg_mse', 0.5, 0.5)
+    assert seed['xrec_weight'] == 0 and seed['start_step'] == 0
+    assert not seed['ild_head']['enabled'] and not seed['channel_classifier']['enabled']
+
+
+def test_contrastive_group_composes_from_the_command_line(cfg_factory):
+    cfg = cfg_factory("config_paired_nq2", ["pairwise=contrastive", "pairwise.sim_weight=1.0",
+                                            "pairwise.ild_head.enabled=true"])
+    assert (cfg.pairwise.sim_kind, cfg.pairwise.div_kind) == ('infonce', 'cos_hinge')
+    assert cfg.pairwise.sim_weight == 1.0 and cfg.pairwise.ild_head.enabled
+    loss = PairwiseLoss.from_config(cfg.pairwise, dimension=cfg.model.dimension)
+    contrastive = group_file("contrastive")
+    assert (loss.sim_kind, loss.div_kind, loss.temperature, loss.nce_pooling, loss.xrec_weight,
+            loss.start_step, loss.max_cosine) == (
+        'infonce', 'cos_hinge', contrastive['temperature'], contrastive['nce_pooling'],
+        contrastive['xrec_weight'], contrastive['start_step'], contrastive['max_cosine'])
+    assert loss.ild_head is not None and loss.ild_twin is not None
+    out = loss(random_views(2, dim=cfg.model.dimension), step=10_000,
+               ild_targets=torch.randn(3, contrastive['ild_head']['n_bands']))
+    assert set(out) >= {'l_sim', 'l_div', 'l_ild', 'l_ild_adv', 'nce_accuracy'}
+    seed_override = cfg_factory("config_paired_nq2", ["pairwise.xrec_weight=1.0"])
+    assert PairwiseLoss.from_config(seed_override.pairwise).uses_xrec
+
+
+def test_from_config_reads_every_key(cfg_factory):
+    # Every key of the group set away from both recipes' values must reach PairwiseLoss.
+    values = {"sim_weight": 0.7, "div_weight": 0.3, "sim_kind": "infonce", "div_kind": "margin",
+              "margin": 2.0, "max_cosine": 0.25, "content_codebook": 1, "channel_codebook": 0,
+              "start_step": 7, "schedule": "linear", "ramp_steps": 9,
+              "class_weights": {"Beach": 2.0}, "temperature": 0.07, "nce_pooling": "mean",
+              "nce_center": False, "nce_same_segment_negatives": True, "nce_projection": 5,
+              "xrec_weight": 0.4, "channel_classifier.enabled": True,
+              "channel_classifier.weight": 0.2, "channel_classifier.num_channels": 6,
+              "ild_head.enabled": True, "ild_head.n_bands": 5, "ild_head.hidden": 11,
+              "ild_head.weight": 0.6, "ild_head.adv_weight": 0.9, "ild_head.reversal": 0.5,
+              "ild_head.floor_db": 2.0}
+    heads = ("channel_classifier", "ild_head")
+    assert set(values) == {f"{k}.{sub}" if k in heads else k
+                           for k, v in group_file("seed").items()
+                           for sub in (v if k in heads else [None])}
+    overrides = [f"pairwise.{k}={v}" for k, v in values.items() if k != "class_weights"]
+    cfg = cfg_factory("config_paired_nq2", [*overrides, "+pairwise.class_weights.Beach=2.0"])
+    loss = PairwiseLoss.from_config(cfg.pairwise, dimension=4)
+    read = {"sim_weight": loss.sim_weight, "div_weight": loss.div_weight,
+            "sim_kind": loss.sim_kind, "div_kind": loss.div_kind, "margin": loss.margin,
+            "max_cosine": loss.max_cosine, "content_codebook": loss.content_codebook,
+            "channel_codebook": loss.channel_codebook, "start_step": loss.start_step,
+            "schedule": loss.schedule, "ramp_steps": loss.ramp_steps,
+            "class_weights": loss.class_weights, "temperature": loss.temperature,
+            "nce_pooling": loss.nce_pooling, "nce_center": loss.nce_center,
+            "nce_same_segment_negatives": loss.nce_same_segment_negatives,
+            "nce_projection": loss.projection.out_features, "xrec_weight": loss.xrec_weight,
+            "channel_classifier.enabled": loss.classifier is not None,
+            "channel_classifier.weight": loss.classifier_weight,
+            "channel_classifier.num_channels": loss.classifier.num_channels,
+            "ild_head.enabled": loss.ild_head is not None,
+            "ild_head.n_bands": loss.ild_twin.n_bands,
+            "ild_head.hidden": loss.ild_head.mlp[0].out_features,
+            "ild_head.weight": loss.ild_weight, "ild_head.adv_weight": loss.ild_adv_weight,
+            "ild_head.reversal": loss.ild_reversal, "ild_head.floor_db": loss.ild_floor_db}
+    assert read == values
+
+
+def test_group_files_hold_the_same_keys():
+    def keys(tree: dict, prefix: str = '') -> set[str]:
+        return {f"{prefix}{k}" for k in tree} | {
+            k for name, v in tree.items() if isinstance(v, dict) and v
+            for k in keys(v, f"{prefix}{name}.")}
+    assert keys(group_file("seed")) == keys(group_file("contrastive"))
+
+
+@pytest.mark.xfail(strict=True, reason="config_paired_nq2.yaml still sets pairwise.sim_weight/"
+                   "div_weight (0.5, the seed values) after its defaults, so they override the "
+                   "selected group's; remove that block (and this marker) when switching recipes")
+def test_selected_group_keeps_its_weights_in_the_paired_config(cfg_factory):
+    cfg = cfg_factory("config_paired_nq2", ["pairwise=contrastive"])
+    assert cfg.pairwise.sim_weight == group_file("contrastive")['sim_weight']
