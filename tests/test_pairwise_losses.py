@@ -630,9 +630,6 @@ def test_group_files_hold_the_same_keys():
     assert keys(group_file("seed")) == keys(group_file("contrastive"))
 
 
-@pytest.mark.xfail(strict=True, reason="config_paired_nq2.yaml still sets pairwise.sim_weight/"
-                   "div_weight (0.5, the seed values) after its defaults, so they override the "
-                   "selected group's; remove that block (and this marker) when switching recipes")
 def test_selected_group_keeps_its_weights_in_the_paired_config(cfg_factory):
     cfg = cfg_factory("config_paired_nq2", ["pairwise=contrastive"])
     assert cfg.pairwise.sim_weight == group_file("contrastive")['sim_weight']
