@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from modules import SEANetDecoder, SEANetEncoder
-from quantization import ResidualVectorQuantizer
+from quantization import EuclideanCodebook, ResidualVectorQuantizer
 
 # Official 24 kHz EnCodec: causal, weight norm, no audio normalisation (its other
 # hyper-parameters are this class's defaults).
@@ -71,6 +71,8 @@ class EncodecModel(nn.Module):
         epsilon (float): Codebook Laplace smoothing.
         kmeans_iters (int): k-means iterations of the codebook init.
         dead_code_threshold (float): EMA count below which a code is replaced (0 disables).
+        kmeans_buffer (float): Each codebook's k-means runs on `kmeans_buffer x bins` vectors
+            gathered over training forwards, codebook after codebook (0: the first batch).
     """
 
     # Floor of the RMS used for audio normalisation: silence gives a finite scale and gradient.
@@ -83,7 +85,7 @@ class EncodecModel(nn.Module):
                  residual_layers: int = 1, lstm: int = 2, causal: bool = True,
                  norm: str = "weight_norm", audio_normalize: bool = True,
                  ema_decay: float = 0.99, epsilon: float = 1e-5, kmeans_iters: int = 50,
-                 dead_code_threshold: float = 2):
+                 dead_code_threshold: float = 2, kmeans_buffer: float = 10):
         super().__init__()
         seanet = dict(channels=channels, dimension=dimension, n_filters=filters,
                       n_residual_layers=residual_layers, ratios=tuple(ratios), norm=norm,
@@ -92,7 +94,7 @@ class EncodecModel(nn.Module):
         self.quantizer = ResidualVectorQuantizer(
             dimension=dimension, n_q=n_q, bins=bins, decay=ema_decay, epsilon=epsilon,
             kmeans_init=True, kmeans_iters=kmeans_iters,
-            threshold_ema_dead_code=dead_code_threshold)
+            threshold_ema_dead_code=dead_code_threshold, kmeans_buffer=kmeans_buffer)
         self.decoder = SEANetDecoder(**seanet)
         self._sample_rate = int(sample_rate)
         self.channels = channels
@@ -127,6 +129,16 @@ class EncodecModel(nn.Module):
         """kbps of the codes this model produces (all `n_q` codebooks)."""
         return self.n_q * self.bandwidth_per_codebook
 
+    @property
+    def codebooks_initialized(self) -> bool:
+        """True once every codebook has run its final k-means (the same on every rank)."""
+        return self.quantizer.initialized
+
+    @property
+    def kmeans_progress(self) -> list[float]:
+        """Per codebook, the fraction of its k-means buffer gathered (1.0: initialised)."""
+        return self.quantizer.kmeans_progress
+
     def _cap_bandwidths(self, target_bandwidths: Sequence[float]) -> list[float]:
         targets = [float(bw) for bw in target_bandwidths]
         capped = sorted({min(bw, self.bandwidth) for bw in targets})
@@ -140,29 +152,35 @@ class EncodecModel(nn.Module):
         return capped
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, return_embeddings: bool = False) -> EncodecOutput:
+    def forward(self, x: torch.Tensor, return_embeddings: bool = False,
+                scale: torch.Tensor | None = None) -> EncodecOutput:
         """Encode, quantize (updating the codebooks once in training mode) and decode.
 
         Args:
             x: waveform `[B, channels, T]`.
             return_embeddings: also return the per-codebook embeddings.
+            scale: `[B, 1, 1]` normalisation scale to use instead of each item's RMS, e.g.
+                `shared_scale(x, views)` for the channels of a pair; the output is restored
+                with it. Only with audio normalisation.
         """
         self._check_audio(x)
-        x_normalized, scale = self.normalize(x)
+        x_normalized, scale = self.normalize(x, scale)
         q = self.quantizer(self.encoder(x_normalized), return_embeddings=return_embeddings)
         audio = self._restore(self.decoder(q.quantized), scale, x.shape[-1])
         return EncodecOutput(audio=audio, commit_loss=q.commit_loss, codes=q.codes,
                              embeddings=q.embeddings, commit_per_item=q.commit_per_item)
 
-    def encode(self, x: torch.Tensor, return_scale: bool = False
+    def encode(self, x: torch.Tensor, return_scale: bool = False,
+               scale: torch.Tensor | None = None
                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Codes `[B, n_q, F]` of waveform `x` `[B, channels, T]`.
 
         With `return_scale`, returns `(codes, scale)` where `scale` `[B, 1, 1]` is the RMS the
         input was divided by (None when audio normalisation is off); pass it to `decode`.
+        A given `scale` `[B, 1, 1]` (e.g. `shared_scale`) replaces each item's RMS.
         """
         self._check_audio(x)
-        x_normalized, scale = self.normalize(x)
+        x_normalized, scale = self.normalize(x, scale)
         codes = self.quantizer.encode(self.encoder(x_normalized))
         return (codes, scale) if return_scale else codes
 
@@ -178,16 +196,50 @@ class EncodecModel(nn.Module):
         audio = self.decoder(self.quantizer.decode(codes))
         return self._restore(audio, scale, length)
 
-    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`(x / scale, scale)` with `scale` `[B, 1, 1]` the input's RMS (+eps), or `(x, None)`
-        without audio normalisation: what the encoder sees and what decoding restores."""
+    def normalize(self, x: torch.Tensor, scale: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(x / scale, scale)` with `scale` `[B, 1, 1]` the input's RMS (+eps) or the `scale`
+        given, or `(x, None)` without audio normalisation: what the encoder sees and what
+        decoding restores."""
         if not self.audio_normalize:
+            if scale is not None:
+                raise ValueError("a normalisation scale was given but this model does not "
+                                 "normalise audio (audio_normalize=False): pass scale=None.")
             return x, None
-        # sqrt(mean + eps^2) rather than EnCodec's eps + sqrt(mean): the same for any audible
-        # input, but smooth at zero, so silence gives a finite gradient instead of NaN.
-        power = x.mean(dim=1, keepdim=True).pow(2).mean(dim=2, keepdim=True)
-        scale = (power + self.normalize_eps ** 2).sqrt()
+        if scale is None:
+            scale = self._rms(self._power(x))
+        elif scale.shape != (x.shape[0], 1, 1):
+            raise ValueError(f"scale must have shape [B, 1, 1] = {(x.shape[0], 1, 1)}, got "
+                             f"{tuple(scale.shape)}.")
         return x / scale, scale
+
+    @classmethod
+    def shared_scale(cls, x: torch.Tensor, views: int) -> torch.Tensor:
+        """One normalisation scale per group of `views` consecutive items: their common RMS.
+
+        For a batch flattened view-major inside items (`[B*V, C, T]`: item 0 view 0, item 0
+        view 1, ..., item 1 view 0, ...), returns `[B*V, 1, 1]`: the square root of the mean
+        power over the V views of each item (same eps rule as `normalize`), repeated for its V
+        members. Dividing by it keeps the level differences between the views of an item,
+        which per-view scales erase.
+        """
+        if x.dim() != 3 or views < 1 or x.shape[0] % views:
+            raise ValueError(f"expected [B*V, C, T] with B*V a multiple of views={views}, got "
+                             f"shape {tuple(x.shape)}.")
+        power = cls._power(x).view(-1, views).mean(dim=1)
+        return cls._rms(power).repeat_interleave(views).view(-1, 1, 1)
+
+    @staticmethod
+    def _power(x: torch.Tensor) -> torch.Tensor:
+        """`[B, 1, 1]` mean power of each item (of its channels' mean)."""
+        return x.mean(dim=1, keepdim=True).pow(2).mean(dim=2, keepdim=True)
+
+    @classmethod
+    def _rms(cls, power: torch.Tensor) -> torch.Tensor:
+        """Scale of a mean power: sqrt(power + eps^2) rather than EnCodec's eps + sqrt(power),
+        the same for any audible input but smooth at zero, so silence gives a finite gradient
+        instead of NaN."""
+        return (power + cls.normalize_eps ** 2).sqrt()
 
     @staticmethod
     def _restore(audio: torch.Tensor, scale: torch.Tensor | None,
@@ -246,6 +298,9 @@ class EncodecModel(nn.Module):
         converted = convert_official_state_dict(state_dict, n_q)
         model = cls(n_q=n_q, **{**OFFICIAL_24KHZ, **overrides})
         missing, unexpected = _key_mismatch(model.state_dict(), converted)
+        # Our k-means buffers are not in EnCodec's checkpoints; the codebooks default them.
+        missing = [key for key in missing
+                   if key.rsplit(".", 1)[-1] not in EuclideanCodebook.OPTIONAL_BUFFERS]
         if missing or unexpected:
             raise ValueError(
                 "the state dict does not match an EnCodec model with this architecture "

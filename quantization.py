@@ -22,13 +22,22 @@ Differences from the usual straight-through RVQ (EnCodec, SoundStream), on purpo
   EnCodec the EMA update that follows recomputes `embed` from the old `embed_avg` and the
   replacement is lost.
 * Codebooks are synchronised across ranks (see `EuclideanCodebook`).
+* k-means runs on a buffer of `kmeans_buffer x bins` vectors gathered over several training
+  forwards (and ranks), codebook after codebook, instead of on the first batch: on one batch of
+  about as many frames as codes, codebook 1 fits nearly every frame and codebook 2 starts on
+  near-zero residuals. Until its buffer is full a codebook works on a provisional k-means of
+  one batch (see `EuclideanCodebook`).
+* Everything runs in float32 with autocast off: `x.float()` alone does not stop autocast from
+  casting the distance matmul, which changes ~9% of the codes under bf16.
 
 The codebooks run once per forward: the codes returned are the codes decoded and the codes of
 the embeddings, and a training forward makes exactly one EMA update per codebook.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,6 +86,11 @@ def sample_vectors(samples: torch.Tensor, num: int) -> torch.Tensor:
     return samples[indices]
 
 
+def float32_region(x: torch.Tensor) -> torch.autocast:
+    """Context with autocast off on `x`'s device, so that float32 tensors stay float32."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def kmeans(samples: torch.Tensor, num_clusters: int,
            num_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means from randomly drawn samples.
@@ -103,20 +117,30 @@ def kmeans(samples: torch.Tensor, num_clusters: int,
 class EuclideanCodebook(nn.Module):
     """Codebook of `codebook_size` vectors updated by exponential moving averages.
 
-    In training mode, each forward: k-means init on the first batch (if `kmeans_init`), then
-    nearest-code search, dead-code replacement, and one EMA update of the per-code counts and
-    sums. In eval mode the buffers are never touched.
+    In training mode, each forward: k-means init (see below), then nearest-code search,
+    dead-code replacement, and one EMA update of the per-code counts and sums. In eval mode the
+    buffers are never touched.
 
-    Distributed training: the EMA statistics are all-reduced before the update, k-means and
-    dead-code sampling run on rank 0 on the all-gathered batch and are broadcast. Every rank
-    therefore holds the codebook one process would compute on the concatenated batch, and
-    every rank takes the same (buffer-based) decisions, so the collectives always match.
+    k-means init over several batches: a training forward that may gather (`gather=True`, given
+    by `ResidualVectorQuantizer` only once every earlier codebook is initialised) appends its
+    vectors to the `kmeans_samples` buffer; the forward at which the buffer reaches
+    `kmeans_buffer x codebook_size` vectors runs k-means on it (a random subset of exactly that
+    many) and marks the codebook initialised (`inited`), then empties the buffer. Until then the
+    codebook holds a provisional k-means of its first training batch and makes its usual EMA and
+    dead-code updates; the final init overwrites all of it (codes, counts and sums), so nothing
+    of the provisional codebook survives.
+
+    Distributed training: the EMA statistics are all-reduced before the update, the k-means
+    buffer holds the all-gathered batches (so it is identical on every rank), k-means and
+    dead-code sampling run on rank 0 and are broadcast. Every rank therefore holds the codebook
+    one process would compute on the concatenated batch, and every rank takes the same
+    (buffer-based) decisions, so the collectives always match.
 
     Args:
         dim (int): Vector dimension.
         codebook_size (int): Number of codes K.
-        kmeans_init (bool): Initialise by k-means on the first training batch (else uniform
-            random init, marked as initialised).
+        kmeans_init (bool): Initialise by k-means (else uniform random init, marked as
+            initialised).
         kmeans_iters (int): k-means iterations.
         decay (float): EMA decay.
         epsilon (float): Laplace smoothing of the counts.
@@ -126,22 +150,31 @@ class EuclideanCodebook(nn.Module):
             directly, which only makes sense for large batches: at batch 8 x 1 s (600-1200
             frames for 1024 codes) the average code is used about once per step, so nearly
             the whole codebook would count as dead and be re-drawn every step.
+        kmeans_buffer (float): k-means runs on at least `kmeans_buffer x codebook_size` vectors
+            gathered over training forwards and ranks; 0 runs it on the first training batch
+            alone (EnCodec's init).
     """
+
+    # Buffers that EnCodec's checkpoints lack; loading defaults them (`_load_from_state_dict`).
+    OPTIONAL_BUFFERS: tuple[str, ...] = ("kmeans_samples",)
 
     def __init__(self, dim: int, codebook_size: int, kmeans_init: bool = True,
                  kmeans_iters: int = 50, decay: float = 0.99, epsilon: float = 1e-5,
-                 threshold_ema_dead_code: float = 2):
+                 threshold_ema_dead_code: float = 2, kmeans_buffer: float = 10):
         super().__init__()
         if kmeans_init and kmeans_iters < 1:
             raise ValueError(f"kmeans_iters must be >= 1 with kmeans_init, got {kmeans_iters}.")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}.")
+        if kmeans_buffer < 0:
+            raise ValueError(f"kmeans_buffer must be >= 0, got {kmeans_buffer}.")
         self.dim = dim
         self.codebook_size = codebook_size
         self.kmeans_iters = kmeans_iters
         self.decay = decay
         self.epsilon = epsilon
         self.threshold_ema_dead_code = threshold_ema_dead_code
+        self.kmeans_target = math.ceil(kmeans_buffer * codebook_size)
         embed = torch.zeros(codebook_size, dim)
         cluster_size = torch.zeros(codebook_size)
         if not kmeans_init:
@@ -154,48 +187,126 @@ class EuclideanCodebook(nn.Module):
         self.register_buffer("cluster_size", cluster_size)
         self.register_buffer("embed", embed)
         self.register_buffer("embed_avg", embed.clone())
+        # Vectors gathered for k-means, [n, dim] with 0 <= n < kmeans_target: it grows while the
+        # codebook gathers and is emptied by the init, so that an initialised codebook carries
+        # no dead weight (up to 5 MB per codebook at the defaults). Persistent so that a run
+        # resumed mid-gather initialises exactly as an uninterrupted one; its variable length is
+        # handled by `_load_from_state_dict`.
+        self.register_buffer("kmeans_samples", torch.zeros(0, dim))
 
+    # ---------------------------------------------------------------- status
+    @property
+    def initialized(self) -> bool:
+        """True once the final k-means has run (or without k-means init)."""
+        return bool(self.inited)
+
+    @property
+    def kmeans_progress(self) -> float:
+        """Fraction of the k-means buffer gathered: 1.0 once initialised."""
+        if self.initialized:
+            return 1.0
+        return self.kmeans_samples.shape[0] / max(self.kmeans_target, 1)
+
+    @property
+    def has_codes(self) -> bool:
+        """True once the codebook holds codes to quantize with (final or provisional).
+
+        Every k-means init counts each vector once and later EMA or dead-code updates keep the
+        counts positive, so a codebook with no count at all has never been initialised.
+        """
+        return self.initialized or bool(self.cluster_size.sum() > 0)
+
+    # ---------------------------------------------------------------- quantization
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes `[N]` of vectors `x` `[N, D]`."""
-        return nearest_code(x, self.embed)
+        with float32_region(x):
+            return nearest_code(x.float(), self.embed)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Vectors `[..., D]` of `codes` `[...]`."""
         return F.embedding(codes, self.embed)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor,
+                gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize `x` `[N, D]` (no gradient flows here); update the codebook in training.
 
+        Args:
+            x: vectors `[N, D]`.
+            gather: whether this training batch may fill the k-means buffer (else it can at
+                most give the codebook its provisional init).
         Returns:
             the chosen vectors `[N, D]` (before this step's update) and their codes `[N]`.
         """
-        x = x.detach()
-        if self.training:
-            self.init_embed_(x)
-        codes = self.encode(x)
-        vectors = self.decode(codes)
-        if self.training:
-            self.expire_codes_(x)
-            self.update_ema_(x, codes)
+        with float32_region(x):
+            x = x.detach().float()
+            if self.training:
+                self.init_embed_(x, gather)
+            codes = self.encode(x)
+            vectors = self.decode(codes)
+            if self.training:
+                self.expire_codes_(x)
+                self.update_ema_(x, codes)
         return vectors, codes
 
+    # ---------------------------------------------------------------- k-means init
     @torch.no_grad()
-    def init_embed_(self, x: torch.Tensor) -> None:
-        """k-means on the first training batch of all ranks (rank 0 computes, then broadcast)."""
-        if bool(self.inited):
+    def init_embed_(self, x: torch.Tensor, gather: bool = True) -> None:
+        """Gather `x` into the k-means buffer and initialise when it is full, or give the
+        codebook its provisional init from this batch (see the class docstring)."""
+        if self.initialized or (not gather and self.has_codes):
             return
-        samples = distributed.all_gather_cat(x.float())
+        batch = distributed.all_gather_cat(x)
+        if gather:
+            pool = torch.cat([self.kmeans_samples, batch])
+            if pool.shape[0] >= self.kmeans_target:
+                self._set_kmeans_(pool, step_vectors=batch.shape[0],
+                                  max_samples=self.kmeans_target)
+                self.inited.fill_(1.0)
+                self.kmeans_samples = pool.new_zeros(0, self.dim)
+                return
+            self.kmeans_samples = pool
+        if not self.has_codes:
+            self._set_kmeans_(batch, step_vectors=batch.shape[0])
+
+    @torch.no_grad()
+    def _set_kmeans_(self, samples: torch.Tensor, step_vectors: int,
+                     max_samples: int = 0) -> None:
+        """Codes, counts and sums from k-means on `samples` (identical on every rank), randomly
+        thinned to `max_samples` rows when there are more (0: all); rank 0 computes, then
+        broadcasts.
+
+        The counts are rescaled to `step_vectors` vectors (one training step's, all ranks), as
+        the EMA holds per-step counts: counts of a buffer of many batches would weigh the init
+        like that many steps and freeze the codebook for hundreds of steps.
+        """
         if distributed.rank() == 0:
+            if 0 < max_samples < samples.shape[0]:
+                # Random rows, not a stride, which could alias with the periodic layout of
+                # the batch (items x views x frames); rank 0's RNG, like k-means itself.
+                samples = sample_vectors(samples, max_samples)
             embed, counts = kmeans(samples, self.codebook_size, self.kmeans_iters)
+            counts = counts * (step_vectors / samples.shape[0])
             self.embed.copy_(embed)
             # embed_avg is the EMA of per-code sums (embed = embed_avg / count); EnCodec copies
             # the means here, which shrinks every code by ~count at the first EMA step.
             self.embed_avg.copy_(embed * counts.unsqueeze(1))
             self.cluster_size.copy_(counts)
-        self.inited.fill_(1.0)
         for buffer in (self.embed, self.embed_avg, self.cluster_size):
             distributed.broadcast_(buffer)
 
+    def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str,
+                              *args: Any, **kwargs: Any) -> None:
+        """Accept a k-means buffer of any length (it changes during a gather), and state dicts
+        without one (official EnCodec, or saved before it existed): an empty buffer, so that an
+        initialised codebook stays as it is and an unfinished gather restarts."""
+        key = prefix + "kmeans_samples"
+        if key not in state_dict:
+            state_dict[key] = self.kmeans_samples.new_zeros(0, self.dim)
+        # Only the length adapts: a wrong vector dimension is still reported as a mismatch.
+        self.kmeans_samples = self.kmeans_samples.new_zeros(state_dict[key].shape[0], self.dim)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ---------------------------------------------------------------- updates
     @property
     def dead_count(self) -> float:
         """Per-step EMA count under which a code is dead: `threshold` uses over the horizon."""
@@ -214,7 +325,7 @@ class EuclideanCodebook(nn.Module):
         expired = self.cluster_size < self.dead_count
         if not bool(expired.any()):  # same decision on every rank: the buffers are in sync
             return
-        samples = distributed.all_gather_cat(x.float())
+        samples = distributed.all_gather_cat(x)
         if distributed.rank() == 0:
             fresh = sample_vectors(samples, self.codebook_size)
             mask = expired.unsqueeze(1)
@@ -265,14 +376,17 @@ class ResidualVectorQuantizer(nn.Module):
         bins (int): Codes per codebook.
         decay (float): EMA decay.
         epsilon (float): Laplace smoothing.
-        kmeans_init (bool): k-means init on the first training batch.
+        kmeans_init (bool): k-means init (else random codes).
         kmeans_iters (int): k-means iterations.
         threshold_ema_dead_code (float): Dead-code threshold (0 disables).
+        kmeans_buffer (float): Each codebook runs k-means on `kmeans_buffer x bins` vectors
+            gathered over training forwards; codebook k starts gathering once codebooks < k are
+            initialised, so that it sees their true residuals. 0: the first training batch.
     """
 
     def __init__(self, dimension: int = 128, n_q: int = 2, bins: int = 1024, decay: float = 0.99,
                  epsilon: float = 1e-5, kmeans_init: bool = True, kmeans_iters: int = 50,
-                 threshold_ema_dead_code: float = 2):
+                 threshold_ema_dead_code: float = 2, kmeans_buffer: float = 10):
         super().__init__()
         if n_q < 1 or bins < 2:
             raise ValueError(f"need n_q >= 1 and bins >= 2, got n_q={n_q}, bins={bins}.")
@@ -282,13 +396,33 @@ class ResidualVectorQuantizer(nn.Module):
         self.vq = ResidualVectorQuantization([
             VectorQuantization(EuclideanCodebook(
                 dimension, bins, kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
-                decay=decay, epsilon=epsilon, threshold_ema_dead_code=threshold_ema_dead_code))
+                decay=decay, epsilon=epsilon, threshold_ema_dead_code=threshold_ema_dead_code,
+                kmeans_buffer=kmeans_buffer))
             for _ in range(n_q)])
 
     @property
     def codebooks(self) -> list[EuclideanCodebook]:
         """The `n_q` codebooks, in residual order."""
         return [layer._codebook for layer in self.vq.layers]
+
+    @property
+    def initialized(self) -> bool:
+        """True once every codebook has run its final k-means (the same on every rank)."""
+        return all(codebook.initialized for codebook in self.codebooks)
+
+    @property
+    def kmeans_progress(self) -> list[float]:
+        """Per codebook, the fraction of its k-means buffer gathered (1.0: initialised)."""
+        return [codebook.kmeans_progress for codebook in self.codebooks]
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of every codebook buffer (k-means buffers included), for `restore`."""
+        return {name: tensor.detach().clone() for name, tensor in self.state_dict().items()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Put back the codebooks of `snapshot` (from `snapshot()`): undoes every update made
+        since (k-means gathering and init, dead codes, EMA), e.g. by a skipped training step."""
+        self.load_state_dict(snapshot)
 
     def forward(self, x: torch.Tensor, return_embeddings: bool = False) -> QuantizerOutput:
         """Quantize `x` `[B, D, F]`; in training mode, also update the codebooks (once).
@@ -298,24 +432,31 @@ class ResidualVectorQuantizer(nn.Module):
             return_embeddings: also return the per-codebook embeddings.
         """
         self._check_latent(x)
-        x = x.float()  # distances and EMA statistics in float32, also under autocast
-        batch, dim, frames = x.shape
-        residual = x
-        total = torch.zeros_like(x)
-        commit_per_item = x.new_zeros(batch)
-        codes, embeddings = [], []
-        for codebook in self.codebooks:
-            flat = residual.detach().transpose(1, 2).reshape(-1, dim)
-            vectors, indices = codebook(flat)
-            chosen = vectors.view(batch, frames, dim).transpose(1, 2)
-            commit_per_item = commit_per_item + (residual - chosen).pow(2).mean(dim=(1, 2))
-            if return_embeddings:
-                embeddings.append(residual + (chosen - residual).detach())
-            # `chosen` has no gradient, so the next residual keeps an identity gradient to x.
-            residual = residual - chosen
-            total = total + chosen
-            codes.append(indices.view(batch, frames))
-        quantized = x + (total - x).detach()
+        input_dtype = x.dtype
+        with float32_region(x):
+            x = x.float()
+            batch, dim, frames = x.shape
+            residual = x
+            total = torch.zeros_like(x)
+            commit_per_item = x.new_zeros(batch)
+            codes, embeddings = [], []
+            # Codebook k may fill its k-means buffer only once codebooks < k are initialised.
+            earlier_initialized = True
+            for codebook in self.codebooks:
+                flat = residual.detach().transpose(1, 2).reshape(-1, dim)
+                vectors, indices = codebook(flat, gather=earlier_initialized)
+                earlier_initialized = earlier_initialized and codebook.initialized
+                chosen = vectors.view(batch, frames, dim).transpose(1, 2)
+                commit_per_item = commit_per_item + (residual - chosen).pow(2).mean(dim=(1, 2))
+                if return_embeddings:
+                    embeddings.append(residual + (chosen - residual).detach())
+                # `chosen` has no gradient, so the next residual keeps an identity gradient to x.
+                residual = residual - chosen
+                total = total + chosen
+                codes.append(indices.view(batch, frames))
+            # The decoder's input in the encoder's dtype (that of the decoder's weights outside
+            # autocast); losses and embeddings stay float32.
+            quantized = (x + (total - x).detach()).to(input_dtype)
         return QuantizerOutput(quantized=quantized, codes=torch.stack(codes, dim=1),
                                commit_loss=commit_per_item.mean(),
                                embeddings=embeddings if return_embeddings else None,
@@ -324,13 +465,14 @@ class ResidualVectorQuantizer(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes `[B, n_q, F]` of `x` `[B, D, F]`; never updates the codebooks."""
         self._check_latent(x)
-        residual = x.float().transpose(1, 2)
-        batch, frames, dim = residual.shape
-        codes = []
-        for codebook in self.codebooks:
-            indices = codebook.encode(residual.reshape(-1, dim)).view(batch, frames)
-            residual = residual - codebook.decode(indices)
-            codes.append(indices)
+        with float32_region(x):
+            residual = x.float().transpose(1, 2)
+            batch, frames, dim = residual.shape
+            codes = []
+            for codebook in self.codebooks:
+                indices = codebook.encode(residual.reshape(-1, dim)).view(batch, frames)
+                residual = residual - codebook.decode(indices)
+                codes.append(indices)
         return torch.stack(codes, dim=1)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -284,3 +284,90 @@ def test_commitment_loss_per_item_sums_codebooks_and_averages_to_the_scalar(tiny
         residual = residual - emb
     torch.testing.assert_close(out.commit_per_item, expected)
     torch.testing.assert_close(out.commit_loss, out.commit_per_item.mean())
+
+
+# ------------------------------------------------------------------ shared pair scale
+def pair_6db_apart(items: int = 2, length: int = 1920) -> torch.Tensor:
+    """`[items * 2, 1, T]` view-major pairs: view 1 is view 0 attenuated by 6 dB, items at
+    different levels."""
+    torch.manual_seed(3)
+    loud = torch.randn(items, 1, 1, length) * torch.tensor([0.3, 0.02][:items]).view(-1, 1, 1, 1)
+    pair = torch.cat([loud, loud * 10 ** (-6 / 20)], dim=1)  # [items, 2, 1, T]
+    return pair.flatten(0, 1)
+
+
+def level_difference_db(x: torch.Tensor) -> torch.Tensor:
+    """Per item of view-major pairs, 20 log10 of the RMS ratio view 0 / view 1."""
+    rms = x.pow(2).mean(dim=(1, 2)).sqrt().view(-1, 2)
+    return 20 * torch.log10(rms[:, 0] / rms[:, 1])
+
+
+def test_shared_scale_keeps_the_level_difference_of_a_pair():
+    model = make_tiny()
+    x = pair_6db_apart()
+    scale = EncodecModel.shared_scale(x, views=2)
+    assert scale.shape == (4, 1, 1)
+    power = x.pow(2).mean(dim=(1, 2)).view(2, 2).mean(dim=1)
+    torch.testing.assert_close(scale.flatten(), power.sqrt().repeat_interleave(2))
+
+    shared, returned = model.normalize(x, scale)
+    assert returned is scale
+    torch.testing.assert_close(level_difference_db(shared), torch.full((2,), 6.0))
+    own, _ = model.normalize(x)
+    torch.testing.assert_close(level_difference_db(own), torch.zeros(2), atol=1e-4, rtol=0)
+    # Each pair is at the common level 1: the items' overall levels are still removed.
+    pair_power = shared.pow(2).mean(dim=(1, 2)).view(2, 2).mean(dim=1)
+    torch.testing.assert_close(pair_power, torch.ones(2))
+    assert torch.equal(EncodecModel.shared_scale(x, views=1), model.normalize(x)[1])
+
+
+def test_a_given_scale_is_used_by_encode_forward_and_decode_restores_the_level(
+        tiny_from_config):
+    model = tiny_from_config.eval()
+    x = pair_6db_apart()
+    scale = EncodecModel.shared_scale(x, views=2)
+    with torch.no_grad():
+        out = model(x, scale=scale)
+        codes, returned = model.encode(x, return_scale=True, scale=scale)
+        assert returned is scale
+        assert torch.equal(codes, out.codes)
+        assert torch.equal(codes, model.quantizer.encode(model.encoder(x / scale)))
+        torch.testing.assert_close(model.decode(codes, scale=scale, length=x.shape[-1]),
+                                   out.audio)
+        # The pair's common level is side information: the same pair 20 dB louder gives the
+        # same codes and a decode 20 dB louder (the level difference lives in the codes).
+        louder = model.encode(x * 10, scale=EncodecModel.shared_scale(x * 10, views=2))
+        assert torch.equal(louder, codes)
+        torch.testing.assert_close(
+            model.decode(louder, scale=EncodecModel.shared_scale(x * 10, views=2)),
+            10 * model.decode(codes, scale=scale))
+        # Without a scale, each item's own RMS (default behaviour unchanged).
+        _, own = model.normalize(x)
+        torch.testing.assert_close(model(x).audio, model(x, scale=own).audio)
+
+
+def test_a_scale_is_rejected_where_it_cannot_apply():
+    x = pair_6db_apart()
+    scale = EncodecModel.shared_scale(x, views=2)
+    with pytest.raises(ValueError, match="audio_normalize=False"):
+        make_tiny(audio_normalize=False).encode(x, scale=scale)
+    with pytest.raises(ValueError, match=r"\[B, 1, 1\]"):
+        make_tiny().encode(x, scale=scale[:2])
+    with pytest.raises(ValueError, match="multiple of views"):
+        EncodecModel.shared_scale(x[:3], views=2)
+
+
+# ------------------------------------------------------------------ k-means status
+def test_codebooks_initialise_in_order_after_enough_training_forwards():
+    model = make_tiny(kmeans_buffer=1).train()  # 32 vectors per codebook, 24 per forward
+    x = torch.randn(4, 1, 1920)
+    model.eval()
+    model(x)
+    assert model.kmeans_progress == [0.0, 0.0], "eval forwards never gather"
+    model.train()
+    progress = []
+    while not model.codebooks_initialized:
+        model(x)
+        progress.append(model.kmeans_progress)
+        assert len(progress) < 10
+    assert progress == [[0.75, 0.0], [1.0, 0.75], [1.0, 1.0]]

@@ -2,6 +2,7 @@
 codebook, and codebook synchronisation across 2 gloo processes."""
 from __future__ import annotations
 
+import io
 import socket
 
 import pytest
@@ -11,6 +12,7 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 import distributed
+import quantization
 from quantization import EuclideanCodebook, ResidualVectorQuantizer, kmeans
 
 DIM, BINS = 4, 8
@@ -72,11 +74,12 @@ def test_ema_update_matches_definition_and_eval_never_updates():
         torch.testing.assert_close(got, exp)
 
 
-def test_kmeans_init_runs_once_on_first_training_batch():
+def test_kmeans_buffer_0_initialises_on_the_first_training_batch():
     torch.manual_seed(0)
     centres = torch.randn(BINS, DIM) * 10
     x = (centres.repeat(20, 1) + 0.01 * torch.randn(20 * BINS, DIM))
-    codebook = EuclideanCodebook(DIM, BINS, kmeans_iters=10, threshold_ema_dead_code=0)
+    codebook = EuclideanCodebook(DIM, BINS, kmeans_iters=10, threshold_ema_dead_code=0,
+                                 kmeans_buffer=0)
     codebook.eval()
     codebook(x)
     assert codebook.inited.item() == 0 and codebook.embed.abs().sum() == 0, "eval must not init"
@@ -232,6 +235,215 @@ def test_distributed_helpers_are_noops_in_a_single_process():
     distributed.barrier()
 
 
+# ------------------------------------------------------------------ k-means on a buffer
+@pytest.fixture
+def kmeans_sizes(monkeypatch) -> list[int]:
+    """The number of vectors of every k-means run, in order."""
+    sizes: list[int] = []
+
+    def recording_kmeans(samples, num_clusters, num_iters):
+        sizes.append(samples.shape[0])
+        return kmeans(samples, num_clusters, num_iters)
+
+    monkeypatch.setattr(quantization, "kmeans", recording_kmeans)
+    return sizes
+
+
+def test_kmeans_waits_for_a_buffer_of_kmeans_buffer_x_bins_vectors(kmeans_sizes):
+    torch.manual_seed(0)
+    codebook = EuclideanCodebook(DIM, BINS, kmeans_iters=3, threshold_ema_dead_code=0,
+                                 kmeans_buffer=2)  # 16 vectors
+    batches = [torch.randn(5, DIM) for _ in range(4)]
+    codebook.eval()
+    codebook(batches[0])
+    assert codebook.kmeans_samples.shape[0] == 0 and not codebook.has_codes, "eval never gathers"
+    codebook.train()
+    for step, batch in enumerate(batches[:3]):
+        codebook(batch)
+        assert not codebook.initialized and codebook.has_codes  # provisional codes
+        assert torch.equal(codebook.kmeans_samples, torch.cat(batches[:step + 1]))
+        assert codebook.kmeans_progress == pytest.approx(5 * (step + 1) / 16)
+    assert kmeans_sizes == [5], "one provisional k-means, on the first batch"
+    codebook(batches[3])  # 20 vectors >= 16
+    assert codebook.initialized and codebook.kmeans_progress == 1.0
+    assert kmeans_sizes == [5, 16], "the final k-means runs on exactly 2 x bins vectors"
+    assert codebook.kmeans_samples.shape == (0, DIM), "the buffer is freed after the init"
+    codebook(torch.randn(5, DIM))
+    assert kmeans_sizes == [5, 16] and codebook.kmeans_samples.shape[0] == 0
+
+
+def test_kmeans_buffer_memory_is_bounded(kmeans_sizes):
+    torch.manual_seed(0)
+    codebook = EuclideanCodebook(DIM, BINS, kmeans_iters=2, threshold_ema_dead_code=0,
+                                 kmeans_buffer=3)  # 24 vectors
+    codebook(torch.randn(23, DIM))
+    assert codebook.kmeans_samples.shape[0] == 23 and not codebook.initialized
+    codebook(torch.randn(1000, DIM))  # one huge batch: k-means on a subset of the cap
+    assert codebook.initialized and kmeans_sizes == [23, 24]
+    assert codebook.kmeans_samples.numel() == 0
+
+
+def test_the_final_init_ignores_what_happened_to_the_provisional_codebook():
+    """EMA and dead-code updates of the provisional codebook must not leak into the final init."""
+    torch.manual_seed(0)
+    batches = [torch.randn(6, DIM) * 2 for _ in range(3)]
+    results = []
+    for tamper in (False, True):
+        torch.manual_seed(1)
+        codebook = EuclideanCodebook(DIM, BINS, kmeans_iters=3, threshold_ema_dead_code=0,
+                                     kmeans_buffer=2)
+        for step, batch in enumerate(batches):
+            if tamper and step == 2:  # as if many EMA / dead-code updates had moved it
+                other = torch.Generator().manual_seed(2)  # leaves the k-means RNG alone
+                codebook.embed.mul_(-7.0).add_(3.0)
+                codebook.embed_avg.uniform_(generator=other)
+                codebook.cluster_size.uniform_(0.5, 9.0, generator=other)
+            codebook(batch)
+        assert codebook.initialized
+        results.append(buffers(codebook))
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name
+
+
+def latent_batch(seed: int, dim: int = 8, frames: int = 8) -> torch.Tensor:
+    """A `[2, dim, frames]` latent at the encoder's typical RMS (~6e-2)."""
+    return torch.randn(2, dim, frames, generator=torch.Generator().manual_seed(seed)) * 0.06
+
+
+def test_codebook_2_initialises_on_the_residuals_of_codebook_1_final_init():
+    torch.manual_seed(0)
+    rvq = ResidualVectorQuantizer(dimension=8, n_q=2, bins=16, kmeans_iters=10,
+                                  threshold_ema_dead_code=0, kmeans_buffer=4).train()
+    first, second = rvq.codebooks
+    step = 0
+    while not first.initialized:
+        assert second.kmeans_samples.shape[0] == 0, "codebook 2 waits for codebook 1"
+        x = latent_batch(step)
+        out = rvq(x, return_embeddings=True)
+        step += 1
+    assert not rvq.initialized and rvq.kmeans_progress == [1.0, 0.25]
+    # It started gathering in the forward of codebook 1's final init, on the true residuals.
+    residual = (x - out.embeddings[0]).transpose(1, 2).reshape(-1, 8)
+    assert torch.equal(second.kmeans_samples, residual)
+    while not second.initialized:
+        x = latent_batch(step)
+        out = rvq(x, return_embeddings=True)
+        step += 1
+    assert rvq.initialized and rvq.kmeans_progress == [1.0, 1.0]
+    residual_rms = float((x - out.embeddings[0]).pow(2).mean().sqrt())
+    codebook_2_rms = float(second.embed.pow(2).mean().sqrt())
+    # On one batch of as many frames as codes, codebook 1 fits every frame and codebook 2
+    # starts at ~0; k-means on real residuals gives codes of about the residual's size.
+    assert residual_rms > 0.02 and codebook_2_rms > 0.5 * residual_rms
+
+
+def test_resume_mid_gather_gives_the_codebooks_of_an_uninterrupted_run():
+    def make() -> ResidualVectorQuantizer:
+        return ResidualVectorQuantizer(dimension=8, n_q=2, bins=16, kmeans_iters=5,
+                                       threshold_ema_dead_code=2, kmeans_buffer=3).train()
+
+    torch.manual_seed(0)
+    uninterrupted = make()
+    for step in range(8):
+        uninterrupted(latent_batch(step))
+    assert uninterrupted.initialized
+
+    torch.manual_seed(0)
+    first_half = make()
+    for step in range(4):
+        first_half(latent_batch(step))
+    assert first_half.kmeans_progress[0] == 1.0 and 0 < first_half.kmeans_progress[1] < 1, \
+        "the checkpoint is taken while codebook 2 gathers"
+    saved = io.BytesIO()
+    torch.save({"rvq": first_half.state_dict(), "rng": torch.get_rng_state()}, saved)
+    saved.seek(0)
+    checkpoint = torch.load(saved, weights_only=True)
+    resumed = make()
+    resumed.load_state_dict(checkpoint["rvq"])
+    torch.set_rng_state(checkpoint["rng"])
+    for step in range(4, 8):
+        resumed(latent_batch(step))
+    for (name, want), (_, got) in zip(uninterrupted.state_dict().items(),
+                                      resumed.state_dict().items()):
+        assert torch.equal(want, got), name
+
+
+def test_state_dicts_without_a_kmeans_buffer_still_load():
+    """Official EnCodec checkpoints and ours from before the buffer existed."""
+    rvq = inited_rvq()
+    old_style = {key: value for key, value in rvq.state_dict().items()
+                 if not key.endswith("kmeans_samples")}
+    fresh = ResidualVectorQuantizer(dimension=DIM, n_q=2, bins=BINS)
+    fresh.codebooks[0].kmeans_samples = torch.randn(5, DIM)  # stale gather, dropped
+    fresh.load_state_dict(old_style)
+    assert fresh.initialized
+    assert all(cb.kmeans_samples.shape == (0, DIM) for cb in fresh.codebooks)
+    with pytest.raises(RuntimeError, match="kmeans_samples"):  # wrong dimension still caught
+        fresh.load_state_dict({**old_style, "vq.layers.0._codebook.kmeans_samples":
+                               torch.zeros(3, DIM + 1)})
+
+
+# ------------------------------------------------------------------ skipped steps
+@pytest.mark.parametrize("steps_before", [0, 2, 3])  # fresh, provisional + gathering, final init
+def test_restoring_a_snapshot_undoes_a_training_forward_exactly(steps_before):
+    torch.manual_seed(0)
+    rvq = ResidualVectorQuantizer(dimension=8, n_q=2, bins=16, kmeans_iters=3,
+                                  threshold_ema_dead_code=2, kmeans_buffer=4).train()
+    for step in range(steps_before):
+        rvq(latent_batch(step))
+    before = {name: value.clone() for name, value in rvq.state_dict().items()}
+    snapshot = rvq.snapshot()
+    rvq(latent_batch(100) * 10)  # the discarded step (e.g. the GradScaler skipped it)
+    assert any(not torch.equal(before[name], value) or before[name].shape != value.shape
+               for name, value in rvq.state_dict().items()), "the forward changed something"
+    rvq.restore(snapshot)
+    after = rvq.state_dict()
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+
+
+# ------------------------------------------------------------------ mixed precision
+def test_quantizer_runs_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    dim, bins = 128, 1024
+    rvq = inited_rvq(n_q=2, dim=dim, bins=bins)
+    for codebook in rvq.codebooks:
+        codebook.embed.mul_(0.06)
+    x = torch.randn(4, dim, 100) * 0.06
+    rvq.eval()
+    want = rvq(x, return_embeddings=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = rvq(x, return_embeddings=True)
+        codes = rvq.encode(x)
+    assert torch.equal(got.codes, want.codes), \
+        f"{(got.codes != want.codes).float().mean():.1%} of the codes differ from float32"
+    assert torch.equal(codes, want.codes)
+    assert torch.equal(got.commit_loss, want.commit_loss)
+    assert all(e.dtype == torch.float32 for e in got.embeddings)
+
+    # k-means, dead codes and EMA in training: bit-identical codebooks.
+    trained = []
+    for amp in (False, True):
+        torch.manual_seed(1)
+        fresh = ResidualVectorQuantizer(dimension=dim, n_q=2, bins=64, kmeans_iters=5,
+                                        kmeans_buffer=0).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            codes = [fresh(x).codes for _ in range(2)]
+        trained.append((codes, fresh.state_dict()))
+    for a, b in zip(trained[0][0], trained[1][0]):
+        assert torch.equal(a, b)
+    for name, value in trained[0][1].items():
+        assert torch.equal(value, trained[1][1][name]), name
+
+
+def test_quantized_keeps_the_dtype_of_the_input():
+    rvq = inited_rvq().eval()
+    out = rvq(torch.randn(2, DIM, 5, dtype=torch.bfloat16))
+    assert out.quantized.dtype == torch.bfloat16
+    assert out.commit_loss.dtype == torch.float32
+
+
 # ------------------------------------------------------------------ 2 gloo processes
 def free_port() -> int:
     with socket.socket() as sock:
@@ -273,6 +485,16 @@ def run_scenarios() -> dict[str, dict[str, torch.Tensor]]:
     results["dead_code"] = buffers(codebook)
     # 4. Gather with unequal sizes.
     results["gather"] = {"x": distributed.all_gather_cat(batches[10])}
+    # 5. k-means buffers filled over several steps and both ranks (27 vectors a step, 40 per
+    # buffer): codebook 1 initialises at step 2, codebook 2 gathers from there, at step 3.
+    torch.manual_seed(7 + rank)  # ranks draw differently: only rank 0's draws may count
+    rvq = ResidualVectorQuantizer(dimension=DIM, n_q=2, bins=BINS, kmeans_iters=3,
+                                  threshold_ema_dead_code=2, kmeans_buffer=5).train()
+    for seed in (30, 40, 50, 60):
+        step_batch = (rank_batch(rank, seed) if world > 1
+                      else torch.cat([rank_batch(r, seed) for r in range(2)]))
+        rvq(step_batch.unsqueeze(-1))  # [N, D, 1]: one frame per item
+        results[f"rvq_step{seed}"] = {name: b.clone() for name, b in rvq.state_dict().items()}
     return results
 
 
@@ -293,6 +515,10 @@ def test_codebooks_identical_across_ranks_and_equal_to_one_process_on_whole_batc
     reference = run_scenarios()
     fresh = 2 * 2.0 * (1 - 0.99)  # replaced codes start at twice the dead count
     assert ranks[0]["dead_code"]["cluster_size"][[1, 5]].min() >= 0.99 * fresh, "replacement ran"
+    gathering = ranks[0]["rvq_step40"]
+    assert gathering["vq.layers.0._codebook.inited"] == 1, "codebook 1 initialised at step 2"
+    assert gathering["vq.layers.1._codebook.kmeans_samples"].shape[0] == 27, "codebook 2 gathers"
+    assert ranks[0]["rvq_step50"]["vq.layers.1._codebook.inited"] == 1
     for scenario, expected in reference.items():
         for name, value in expected.items():
             assert torch.equal(ranks[0][scenario][name], ranks[1][scenario][name]), \
