@@ -244,21 +244,15 @@ class PairwiseLoss(nn.Module):
     @classmethod
     def from_config(cls, pairwise_cfg: tp.Any, dimension: int | None = None) -> "PairwiseLoss":
         """Build from the `pairwise` config group; `dimension` is `model.dimension`."""
-        head = pairwise_cfg.get('channel_classifier', None) or {}
-        return cls(sim_weight=pairwise_cfg.get('sim_weight', 0.5),
-                   div_weight=pairwise_cfg.get('div_weight', 0.5),
-                   sim_kind=pairwise_cfg.get('sim_kind', 'mse'),
-                   div_kind=pairwise_cfg.get('div_kind', 'neg_mse'),
-                   margin=pairwise_cfg.get('margin', 1.0),
-                   content_codebook=pairwise_cfg.get('content_codebook', 0),
-                   channel_codebook=pairwise_cfg.get('channel_codebook', 1),
-                   schedule=pairwise_cfg.get('schedule', 'constant'),
-                   ramp_steps=pairwise_cfg.get('ramp_steps', 0),
-                   class_weights=dict(pairwise_cfg.get('class_weights', None) or {}),
-                   channel_classifier=bool(head.get('enabled', False)),
-                   classifier_weight=float(head.get('weight', 0.1)),
-                   num_channels=int(head.get('num_channels', 32)),
-                   dimension=dimension)
+        head = pairwise_cfg.channel_classifier
+        return cls(sim_weight=pairwise_cfg.sim_weight, div_weight=pairwise_cfg.div_weight,
+                   sim_kind=pairwise_cfg.sim_kind, div_kind=pairwise_cfg.div_kind,
+                   margin=pairwise_cfg.margin, content_codebook=pairwise_cfg.content_codebook,
+                   channel_codebook=pairwise_cfg.channel_codebook, schedule=pairwise_cfg.schedule,
+                   ramp_steps=pairwise_cfg.ramp_steps,
+                   class_weights=dict(pairwise_cfg.class_weights or {}),
+                   channel_classifier=bool(head.enabled), classifier_weight=float(head.weight),
+                   num_channels=int(head.num_channels), dimension=dimension)
 
     def schedule_factor(self, step: int) -> float:
         """Multiplier of the similarity and diversity weights at optimizer step `step`."""
