@@ -211,16 +211,19 @@ def keep_examples_of(examples: dict[str, list[Tensor]], limit: int, batch: Measu
 
 
 @torch.no_grad()
-def validation_losses(parts: Parts, x: Tensor, out: EncodecOutput, batch_size: int, views: int,
+def validation_losses(parts: Parts, x: Tensor, out: EncodecOutput, batch: MeasuredBatch,
                       step: int) -> dict[str, float]:
     """The training losses of a validation batch at optimizer step `step`, summed over its
-    items: reconstruction losses per channel (`l_t_ch1`, ...) and the pairwise losses."""
+    items: reconstruction losses per channel (`l_t_ch1`, ...) and the pairwise losses (with
+    the channel classifier's `l_cls` when it is on)."""
+    batch_size, views = batch.wavs.shape[:2]
     per_view = per_view_means(parts.generator_loss(x, out.audio.float()), batch_size, views)
     sums = {f"{name}_ch{v + 1}": values[v] * batch_size
             for name, values in per_view.items() for v in range(views)}
     if parts.pairwise is not None:
-        pair = parts.pairwise(split_views(out.embeddings, views), step)
-        sums.update({k: pair[k] * batch_size for k in ("l_sim", "l_div", "sim", "div")})
+        pair = parts.pairwise(split_views(out.embeddings, views), step,
+                              classes=[m["class"] for m in batch.metas], channels=batch.channels)
+        sums.update({k: pair[k] * batch_size for k in ("l_sim", "l_div", "l_cls", "sim", "div") if k in pair})
     return {name: float(value) for name, value in sums.items()}
 
 
@@ -241,8 +244,7 @@ def validate(parts: Parts, runtime: Runtime, cfg: DictConfig, loader: DataLoader
     for wavs, metas in loader:
         wavs = wavs.to(runtime.device)
         batch, out = measure_batch(model, wavs, metas, cfg.pairwise.content_codebook, runtime.autocast)
-        losses = validation_losses(parts, wavs.flatten(0, 1), out, *wavs.shape[:2], step)
-        measured.append((batch, losses))
+        measured.append((batch, validation_losses(parts, wavs.flatten(0, 1), out, batch, step)))
     measured = distributed.gather_to_main(measured)
     if not runtime.is_main:
         return {}
