@@ -9,8 +9,8 @@ through the output only (commitment, pairwise):
     grad = balancer.balanced_grad({'l_t': l_t, 'l_f': l_f, ...}, output)
     torch.autograd.backward([output, rest], [grad, torch.ones_like(rest)])
 
-so that no loss reaches the parameters twice (the reference code backpropagated the raw
-weighted losses on top of the balanced gradient: 15.5x too large).
+so that no loss reaches the parameters twice: a separate backward of the raw weighted losses
+on top would count the output losses again, at the raw scales the balancer is there to undo.
 """
 from __future__ import annotations
 

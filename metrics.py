@@ -403,37 +403,37 @@ class MetricAccumulator:
         """
         if wavs.dim() != 4:
             raise ValueError(f"expected wavs [B, V, C, T], got shape {tuple(wavs.shape)}")
-        batch, views = wavs.shape[:2]
+        batch_size, views = wavs.shape[:2]
         if self.views is None:
             self.views = views
         elif views != self.views:
             raise ValueError(f"number of views changed from {self.views} to {views} between batches")
-        unflat = lambda t: t.reshape(batch, views, *t.shape[-2:]) if t.dim() == 3 else t  # noqa: E731
+        unflat = lambda t: t.reshape(batch_size, views, *t.shape[-2:]) if t.dim() == 3 else t  # noqa: E731
         audio, codes = unflat(audio), unflat(codes).detach().cpu()
         if codes.shape[2] != self.n_q:
             raise ValueError(f"codes have {codes.shape[2]} codebooks, the accumulator expects {self.n_q}")
         embeddings = None if embeddings is None else [unflat(e).detach().float().cpu() for e in embeddings]
 
         reference = wavs.to(audio.device).flatten(0, 1)  # inputs often stay on the CPU
-        self._update_reconstruction(reference, audio[..., : wavs.shape[-1]].flatten(0, 1), batch, views)
+        self._update_reconstruction(reference, audio[..., : wavs.shape[-1]].flatten(0, 1), batch_size, views)
         self._hist += codebook_histogram(codes.flatten(0, 1), self.bins)
         if embeddings is not None:
             self._pooled.append(torch.stack([e.mean(dim=-1) for e in embeddings], dim=2))
         if channels is not None:
-            self._channels.append(torch.as_tensor(channels, dtype=torch.long).reshape(batch, views))
+            self._channels.append(torch.as_tensor(channels, dtype=torch.long).reshape(batch_size, views))
         if views >= 2:
             self._update_pairs(codes, embeddings)
         if swap is not None:
             for variant, values in swap.items():
                 for name, value in values.items():
                     self._swap.setdefault(variant, {}).setdefault(name, []).append(value.detach().float().cpu())
-        self.num_items += batch
+        self.num_items += batch_size
 
-    def _update_reconstruction(self, x: Tensor, y: Tensor, batch: int, views: int) -> None:
+    def _update_reconstruction(self, x: Tensor, y: Tensor, batch_size: int, views: int) -> None:
         for name, value in (("si_snr", si_snr(x, y)),
                             ("mel_distance", mel_distance(x, y, self.sample_rate)),
                             ("stft_distance", stft_distance(x, y))):
-            self._recon[name].append(value.detach().cpu().reshape(batch, views))
+            self._recon[name].append(value.detach().cpu().reshape(batch_size, views))
 
     def _update_pairs(self, codes: Tensor, embeddings: list[Tensor] | None) -> None:
         same_agree, same_cos = self._pair_stats(codes, embeddings, codes, embeddings)

@@ -592,7 +592,7 @@ def mode_files(dataset: ChannelViewsDataset) -> str:
     return f"the {len(dataset.files)} {dataset.mode} files under {dataset.data_root}"
 
 
-def collate_fn(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
+def collate_fn(items: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
     """Stack items to wavs [B, V, 1, T] and the list of metas."""
-    wavs, metas = zip(*batch)
+    wavs, metas = zip(*items)
     return torch.stack(wavs), list(metas)

@@ -133,12 +133,12 @@ def by_view(t: Tensor, batch_size: int, views: int) -> Tensor:
 
 
 @torch.no_grad()
-def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]],
-                  content_codebook: int = 0,
+def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]], content_codebook: int,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
                   ) -> tuple[MeasuredBatch, EncodecOutput]:
-    """One forward over the V views of `wavs [B, V, C, T]` (on the model's device), and the
-    swap test between views 1 and 2 (in float32).
+    """One forward over the V views of `wavs [B, V, C, T]` (on the model's device, under
+    `autocast`), and the swap test between views 1 and 2 (in float32) with the content
+    codebook `content_codebook` (`pairwise.content_codebook`).
 
     Returns the measured batch (on the CPU) and the model's output on `wavs.flatten(0, 1)`.
     """
@@ -159,9 +159,10 @@ def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]]
     return measured, out
 
 
-def accumulate(acc: metrics.MetricAccumulator, batch: MeasuredBatch) -> None:
+def accumulate(acc: metrics.MetricAccumulator, measured: MeasuredBatch) -> None:
     """Feed one measured batch to the accumulator."""
-    acc.update(batch.wavs, batch.audio, batch.codes, batch.embeddings, batch.channels, batch.swap)
+    acc.update(measured.wavs, measured.audio, measured.codes, measured.embeddings, measured.channels,
+               measured.swap)
 
 
 # ----------------------------------------------------------------------------------------
@@ -169,13 +170,15 @@ def accumulate(acc: metrics.MetricAccumulator, batch: MeasuredBatch) -> None:
 
 
 @torch.no_grad()
-def evaluate_model(model: EncodecModel, bins: int, batches: Iterable[tuple[Tensor, list[dict]]],
-                   content_codebook: int = 0, probe_steps: int = 200, keep_examples: int = 1,
+def evaluate_model(model: EncodecModel, bins: int, batches: Iterable[tuple[Tensor, list[dict]]], *,
+                   content_codebook: int, probe_steps: int, keep_examples: int,
                    desc: str = "evaluate") -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Run `model` over paired batches `(wavs [B, V, 1, T], metas)`.
 
-    Returns `(results, examples)`: `MetricAccumulator.compute()` results, and the first
-    `keep_examples` items' inputs, reconstructions and swap as `{name: [items, T]}`.
+    `content_codebook` is the model's `pairwise.content_codebook`, `probe_steps` the probe's
+    L-BFGS iterations, `desc` the progress bar's label. Returns `(results, examples)`:
+    `MetricAccumulator.compute()` results, and the first `keep_examples` items' inputs,
+    reconstructions and swap as `{name: [items, T]}`.
     """
     device = next(model.parameters()).device
     model.eval()
@@ -190,17 +193,18 @@ def evaluate_model(model: EncodecModel, bins: int, batches: Iterable[tuple[Tenso
     return acc.compute(), {name: torch.cat(parts) for name, parts in examples.items()}
 
 
-def keep_examples_of(examples: dict[str, list[Tensor]], limit: int, batch: MeasuredBatch) -> None:
+def keep_examples_of(examples: dict[str, list[Tensor]], limit: int, measured: MeasuredBatch) -> None:
     """Add the batch's first items to `examples` until `limit` items are kept (first audio
     channel of each view: `input_a`, `input_b`, `recon_a`, `recon_b`, `swap`)."""
     kept = sum(len(part) for part in examples.get("input_a", []))
-    take = min(limit - kept, batch.wavs.shape[0])
+    take = min(limit - kept, measured.wavs.shape[0])
     if take <= 0:
         return
-    paired = batch.wavs.shape[1] > 1
-    waves = {"input_a": batch.wavs[:take, 0], "input_b": batch.wavs[:take, 1] if paired else None,
-             "recon_a": batch.audio[:take, 0], "recon_b": batch.audio[:take, 1] if paired else None,
-             "swap": None if batch.swap_audio is None else batch.swap_audio[:take]}
+    wavs, audio, swap = measured.wavs, measured.audio, measured.swap_audio
+    paired = wavs.shape[1] > 1
+    waves = {"input_a": wavs[:take, 0], "input_b": wavs[:take, 1] if paired else None,
+             "recon_a": audio[:take, 0], "recon_b": audio[:take, 1] if paired else None,
+             "swap": None if swap is None else swap[:take]}
     for name, value in waves.items():
         if value is not None:
             examples.setdefault(name, []).append(value[:, 0].float())
@@ -211,18 +215,18 @@ def keep_examples_of(examples: dict[str, list[Tensor]], limit: int, batch: Measu
 
 
 @torch.no_grad()
-def validation_losses(parts: Parts, x: Tensor, out: EncodecOutput, batch: MeasuredBatch,
+def validation_losses(parts: Parts, x: Tensor, out: EncodecOutput, measured: MeasuredBatch,
                       step: int) -> dict[str, float]:
     """The training losses of a validation batch at optimizer step `step`, summed over its
     items: reconstruction losses per channel (`l_t_ch1`, ...) and the pairwise losses (with
     the channel classifier's `l_cls` when it is on)."""
-    batch_size, views = batch.wavs.shape[:2]
+    batch_size, views = measured.wavs.shape[:2]
     per_view = per_view_means(parts.generator_loss(x, out.audio.float()), batch_size, views)
     sums = {f"{name}_ch{v + 1}": values[v] * batch_size
             for name, values in per_view.items() for v in range(views)}
     if parts.pairwise is not None:
         pair = parts.pairwise(split_views(out.embeddings, views), step,
-                              classes=[m["class"] for m in batch.metas], channels=batch.channels)
+                              classes=[m["class"] for m in measured.metas], channels=measured.channels)
         sums.update({k: pair[k] * batch_size for k in ("l_sim", "l_div", "l_cls", "sim", "div") if k in pair})
     return {name: float(value) for name, value in sums.items()}
 
@@ -240,19 +244,19 @@ def validate(parts: Parts, runtime: Runtime, cfg: DictConfig, loader: DataLoader
     """
     parts.model.eval()
     model = parts.raw_model
-    measured: list[tuple[MeasuredBatch, dict[str, float]]] = []
+    batches: list[tuple[MeasuredBatch, dict[str, float]]] = []
     for wavs, metas in loader:
         wavs = wavs.to(runtime.device)
-        batch, out = measure_batch(model, wavs, metas, cfg.pairwise.content_codebook, runtime.autocast)
-        measured.append((batch, validation_losses(parts, wavs.flatten(0, 1), out, batch, step)))
-    measured = distributed.gather_to_main(measured)
+        measured, out = measure_batch(model, wavs, metas, cfg.pairwise.content_codebook, runtime.autocast)
+        batches.append((measured, validation_losses(parts, wavs.flatten(0, 1), out, measured, step)))
+    batches = distributed.gather_to_main(batches)
     if not runtime.is_main:
         return {}
     acc = metrics.MetricAccumulator(n_q=model.n_q, bins=cfg.model.bins,
                                     sample_rate=model.sample_rate, frame_rate=model.frame_rate)
     loss_sums: dict[str, float] = {}
-    for batch, sums in measured:
-        accumulate(acc, batch)
+    for measured, sums in batches:
+        accumulate(acc, measured)
         for name, value in sums.items():
             loss_sums[name] = loss_sums.get(name, 0.0) + value
     scalars = {f"val/{name}": value / acc.num_items for name, value in loss_sums.items()}
@@ -260,8 +264,8 @@ def validate(parts: Parts, runtime: Runtime, cfg: DictConfig, loader: DataLoader
     log.info("validation epoch %d: %s", epoch, " ".join(
         f"{k[4:]}={scalars[k]:.4g}" for k in VAL_SUMMARY if k in scalars))
     tracker.log({**scalars, "epoch": epoch}, step)
-    to_save = [(batch.wavs[i], batch.audio[i], batch.metas[i])
-               for batch, _ in measured for i in range(len(batch.metas))][:cfg.checkpoint.save_audio]
+    to_save = [(measured.wavs[i], measured.audio[i], measured.metas[i])
+               for measured, _ in batches for i in range(len(measured.metas))][:cfg.checkpoint.save_audio]
     if audio_dir is not None and to_save:
         write_validation_audio(to_save, audio_dir / f"epoch{epoch:04d}", cfg.model.sample_rate,
                                tracker, step)

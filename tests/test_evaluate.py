@@ -63,7 +63,8 @@ def test_measurements_pair_the_views_of_each_item(tiny_model):
     batches = _pairs(2, 4, cfg.datasets.tensor_cut, same_signal=False)
     for wavs, _ in batches:
         wavs[::2, 1] = wavs[::2, 0]  # items 0 and 2 of each batch: the same signal twice
-    results, examples = evaluate_model(model, cfg.model.bins, batches, probe_steps=10, keep_examples=2)
+    results, examples = evaluate_model(model, cfg.model.bins, batches, content_codebook=0, probe_steps=10,
+                                       keep_examples=2)
     wavs = torch.cat([w for w, _ in batches])
     with torch.no_grad():
         codes_a, codes_b = model.encode(wavs[:, 0]), model.encode(wavs[:, 1])
@@ -83,7 +84,7 @@ def test_codebook_one_forced_identical_gives_agreement_one(tiny_model):
     embed = model.quantizer.codebooks[0].embed
     embed.copy_(embed[:1].expand_as(embed))
     results, _ = evaluate_model(model, cfg.model.bins, _pairs(2, 3, cfg.datasets.tensor_cut, False),
-                                probe_steps=10)
+                                content_codebook=0, probe_steps=10, keep_examples=0)
     assert results["codebook_agreement"][0] == 1.0
     assert results["perplexity"][0] == pytest.approx(1.0)
     assert results["dead_codes"][0] == cfg.model.bins - 1

@@ -242,7 +242,7 @@ def test_balancer_total_gradient_counts_every_loss_once():
         for got, want in zip(balanced, by_hand):
             torch.testing.assert_close(got, want)
 
-        # The reference defect backpropagated the raw weighted losses on top: not what we do.
+        # Backpropagating the raw weighted losses on top would count them twice: not what happens.
         raw = torch.autograd.grad(sum(weights[k] * v for k, v in output_losses.items()),
                                   list(model.parameters()))
         assert not torch.allclose(balanced[0], by_hand[0] + raw[0])

@@ -30,7 +30,7 @@ def tiny_setup(overrides: list[str] | None = None, runtime: Runtime | None = Non
     return cfg, runtime, build_parts(cfg, runtime, steps_per_epoch=10)
 
 
-def batch(cfg, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+def make_batch(cfg, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
     gen = torch.Generator().manual_seed(seed)
     wavs = 0.1 * torch.randn(BATCH, VIEWS, 1, cfg.datasets.tensor_cut, generator=gen)
     metas = [{"path": "x.wav", "class": "Beach", "channels": [2 * i, 2 * i + 1], "start": 0}
@@ -50,7 +50,7 @@ def init_codebooks(parts, wavs) -> None:
 
 def test_train_step_applies_the_design_documents_loss_and_its_gradients():
     cfg, runtime, parts = tiny_setup()
-    wavs, metas = batch(cfg)
+    wavs, metas = make_batch(cfg)
     init_codebooks(parts, wavs)
     model, disc, pairwise = (copy.deepcopy(m) for m in (parts.raw_model, parts.raw_disc, parts.pairwise))
 
@@ -95,7 +95,7 @@ def test_train_step_applies_the_design_documents_loss_and_its_gradients():
 
 def test_non_finite_step_changes_nothing_and_restores_the_codebooks():
     cfg, runtime, parts = tiny_setup()
-    wavs, metas = batch(cfg)
+    wavs, metas = make_batch(cfg)
     init_codebooks(parts, wavs)
     codebooks = {name: b.clone() for name, b in parts.raw_model.named_buffers()}
     weights = [p.clone() for p in parts.raw_model.parameters()]
@@ -126,7 +126,7 @@ def test_non_finite_step_changes_nothing_and_restores_the_codebooks():
 
 def test_generator_losses_through_the_fake_path_train_only_the_generator():
     cfg, runtime, parts = tiny_setup()
-    wavs, _ = batch(cfg)
+    wavs, _ = make_batch(cfg)
     x = wavs.flatten(0, 1)
     y = (x + 0.01 * torch.randn_like(x)).requires_grad_()
     adversarial = discriminate(parts, runtime, x, y, BATCH, VIEWS, update_disc=False)
@@ -146,7 +146,7 @@ def test_generator_losses_through_the_fake_path_train_only_the_generator():
 
 def test_discriminator_stays_trainable_when_its_frozen_pass_raises():
     cfg, runtime, parts = tiny_setup()
-    wavs, _ = batch(cfg)
+    wavs, _ = make_batch(cfg)
     x = wavs.flatten(0, 1)
     real_forward = parts.raw_disc.forward
     calls = []
