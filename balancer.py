@@ -9,15 +9,16 @@ through the output only (commitment, pairwise):
     grad = balancer.balanced_grad({'l_t': l_t, 'l_f': l_f, ...}, output)
     torch.autograd.backward([output, rest], [grad, torch.ones_like(rest)])
 
-so that no loss reaches the parameters twice (the reference code backpropagated the raw
-weighted losses on top of the balanced gradient: 15.5x too large).
+so that no loss reaches the parameters twice: a separate backward of the raw weighted losses
+on top would count the output losses again, at the raw scales the balancer is there to undo.
 """
 from __future__ import annotations
 
 import typing as tp
 
 import torch
-import torch.distributed as dist
+
+import distributed
 
 BALANCED_LOSS_NAMES = ('l_t', 'l_f', 'l_g', 'l_feat')
 
@@ -53,14 +54,12 @@ class Balancer:
         self.weight_sums: dict[str, float] = {}
 
     @classmethod
-    def from_config(cls, cfg: tp.Any) -> "Balancer":
-        """Build from the whole config: `balancer.{ema_decay, total_norm}` and the weights
-        `losses.{l_t, l_f, l_g, l_feat}`. Whether to use it (`balancer.enabled`) is the
-        caller's decision."""
-        weights = {name: float(cfg.losses[name]) for name in BALANCED_LOSS_NAMES
-                   if name in cfg.losses}
-        return cls(weights, ema_decay=float(cfg.balancer.get('ema_decay', 0.999)),
-                   total_norm=float(cfg.balancer.get('total_norm', 1.0)))
+    def from_config(cls, balancer_cfg: tp.Any, weights: tp.Mapping[str, float]) -> "Balancer":
+        """Build from the `balancer` config group (`ema_decay`, `total_norm`) and the loss
+        weights (`GeneratorLoss.weights`, from the `losses` group). Whether to use it
+        (`balancer.enabled`) is the caller's decision."""
+        return cls({name: weights[name] for name in BALANCED_LOSS_NAMES if name in weights},
+                   ema_decay=float(balancer_cfg.ema_decay), total_norm=float(balancer_cfg.total_norm))
 
     def update_norms(self, norms: dict[str, float]) -> dict[str, float]:
         """Fold this step's gradient norms into the EMAs; return the bias-corrected EMAs."""
@@ -86,11 +85,10 @@ class Balancer:
             grad, = torch.autograd.grad(loss, [output], retain_graph=True)
             grads[name] = grad
             norms.append(grad.flatten(1).norm(dim=1).mean() if grad.dim() > 1 else grad.norm())
-        # One host transfer for all norms (and one all-reduce under DDP).
-        norm_values = torch.stack(norms).detach().float()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(norm_values)
-            norm_values /= dist.get_world_size()
+        # One host transfer for all norms (and one all-reduce under DDP, so that every rank
+        # keeps the same EMA).
+        norm_values = distributed.all_reduce_sum_(torch.stack(norms).detach().float())
+        norm_values /= distributed.world_size()
         ema_norms = self.update_norms(dict(zip(grads, norm_values.tolist())))
         weight_total = sum(self.weights[name] for name in grads)
         out = torch.zeros_like(output)

@@ -1,11 +1,13 @@
 """Encode a WAV file into a token file and decode it back, with a trained checkpoint.
 
-    python codec.py encode --checkpoint CKPT in.wav out.tok
+    python codec.py encode --checkpoint CKPT [--bandwidth KBPS] in.wav out.tok
     python codec.py decode --checkpoint CKPT out.tok out.wav
 
 Any sample rate and channel count: each channel is resampled to the model rate and encoded
 separately, in one piece (so the codes equal `model.encode` of the whole channel; memory grows
 with the file's duration); decoding restores the original rate, channel count and length.
+`--bandwidth` (one of the checkpoint's `model.target_bandwidths`) keeps the first codebooks
+that fit in it, as EnCodec does; the default keeps all `n_q`.
 
 Token file (data only, nothing is unpickled):
     8 bytes   magic b"PENCTOK1"
@@ -207,12 +209,17 @@ def decode_audio(model: EncodecModel, codes: torch.Tensor, metadata: dict[str, A
 
 def check_compatible(model: EncodecModel, bins: int, metadata: dict[str, Any],
                      checkpoint_sha256: str, ignore_hash: bool = False) -> None:
-    """Raise CheckpointMismatchError unless the tokens were written with this checkpoint."""
-    for key, ours in (("n_q", model.n_q), ("bins", bins), ("sample_rate", model.sample_rate)):
+    """Raise CheckpointMismatchError unless the tokens were written with this checkpoint
+    (with all its codebooks or, at a lower bandwidth, the first ones)."""
+    for key, ours in (("bins", bins), ("sample_rate", model.sample_rate)):
         if metadata[key] != ours:
             raise CheckpointMismatchError(
                 f"the tokens have {key}={metadata[key]} but the checkpoint's model has "
                 f"{key}={ours}: decode with the checkpoint that encoded them.")
+    if not 1 <= metadata["n_q"] <= model.n_q:
+        raise CheckpointMismatchError(
+            f"the tokens have n_q={metadata['n_q']} codebooks but the checkpoint's model has "
+            f"{model.n_q}: decode with the checkpoint that encoded them.")
     if metadata["checkpoint_sha256"] != checkpoint_sha256 and not ignore_hash:
         raise CheckpointMismatchError(
             f"the tokens were encoded with checkpoint sha256 {metadata['checkpoint_sha256'][:16]}..., "
@@ -222,13 +229,19 @@ def check_compatible(model: EncodecModel, bins: int, metadata: dict[str, Any],
 
 
 def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | Path,
-                device: str = "auto") -> dict[str, Any]:
-    """WAV file -> token file; returns the metadata written."""
+                device: str = "auto", bandwidth: float | None = None) -> dict[str, Any]:
+    """WAV file -> token file; returns the metadata written.
+
+    `bandwidth` (kbps, one of the model's `target_bandwidths`) keeps the first
+    `model.codebooks_for_bandwidth(bandwidth)` codebooks; None keeps all of them.
+    """
     model, cfg = load_model(checkpoint, device)
     audio, rate = sf.read(str(wav_path), dtype="float32", always_2d=True)  # [T, channels]
     if audio.shape[0] == 0:
         raise ValueError(f"{wav_path} holds no samples")
     codes, scales, length = encode_audio(model, torch.from_numpy(audio.T.copy()), rate)
+    if bandwidth is not None:
+        codes = codes[:, :model.codebooks_for_bandwidth(bandwidth)]
     metadata = token_metadata(model, cfg.model.bins, codes, scales, length, rate, audio.shape[0],
                               file_sha256(checkpoint))
     write_tokens(token_path, codes, metadata)
@@ -255,6 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     enc = commands.add_parser("encode", help="WAV file -> token file")
     enc.add_argument("input", help="WAV (or any format libsndfile reads), any rate and channel count")
     enc.add_argument("output", help="token file to write")
+    enc.add_argument("--bandwidth", type=float, default=None,
+                     help="kbps, one of the checkpoint's model.target_bandwidths (default: all codebooks)")
     dec = commands.add_parser("decode", help="token file -> WAV file")
     dec.add_argument("input", help="token file written by `codec.py encode`")
     dec.add_argument("output", help="WAV file to write")
@@ -271,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "encode":
-            meta = encode_file(args.checkpoint, args.input, args.output, args.device)
+            meta = encode_file(args.checkpoint, args.input, args.output, args.device, args.bandwidth)
             print(f"{args.input}: {meta['channels']} channel(s), {meta['original_length']} samples at "
                   f"{meta['original_sample_rate']} Hz -> {meta['n_q']} x {meta['frames']} codes "
                   f"per channel -> {args.output}")

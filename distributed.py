@@ -40,6 +40,16 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
+def broadcast_module_(module: torch.nn.Module, src: int = 0) -> torch.nn.Module:
+    """Overwrite `module`'s parameters and buffers on every rank with rank `src`'s, in place
+    (for modules outside DDP, which would otherwise start from each rank's own init)."""
+    if is_distributed():
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor, src=src)
+    return module
+
+
 def _all_gather_padded(tensor: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
     """Every rank's `tensor` (in rank order) and their first-dimension sizes.
 

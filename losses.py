@@ -36,26 +36,35 @@ def time_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class MelLoss(nn.Module):
     """Multi-scale mel-spectrogram loss of EnCodec, per item.
 
-    For each window 2^i, i in [min_exp, max_exp] (hop = window / 4, `n_mels` bins), the loss is
-    the L1 distance of the mel magnitudes plus the squared distance of their logs; the result
-    is averaged over scales. The transforms are built once here and run in float32 even under
-    autocast.
+    For each window 2^i, i in [min_exp, max_exp] (hop = window / 4, `n_mels` bins), the loss
+    is the L1 distance of the mel magnitudes plus the mean squared distance of
+    `log10(floor + mel)`, averaged over scales (EnCodec's l_f with alpha_i = 1; the log term
+    as in audiocraft's mel loss). The transforms are built once here and run in float32
+    even under autocast.
+
+    Two choices keep every scale in play:
+    - The STFT is normalised (divided by the window's L2 norm), as in the EnCodec paper.
+      Unnormalised magnitudes grow with the window, so the largest window's L1 term
+      dominated the sum (about 300x the smallest window's on a pair of scene recordings);
+      normalised, the per-scale losses stay within a few times of each other.
+    - The floor sits inside the log. `log(max(mel, eps))` has no gradient wherever the
+      reconstruction is quieter than eps, so a decoder that outputs silence there gets no
+      signal to come back; `log10(floor + mel)` always has one.
 
     Args:
         sample_rate (int): Audio sample rate.
         n_mels (int): Number of mel bins per scale.
         min_exp (int): Exponent of the smallest window.
         max_exp (int): Exponent of the largest window (inclusive).
-        log_eps (float): Floor of the mel magnitudes before the log, so that silent bins do
-            not dominate the L2 term.
+        floor (float): Added to the mel magnitudes inside the log.
     """
 
     def __init__(self, sample_rate: int, n_mels: int = 64, min_exp: int = 5, max_exp: int = 11,
-                 log_eps: float = 1e-5):
+                 floor: float = 1e-5):
         super().__init__()
         if min_exp > max_exp:
             raise ValueError(f"MelLoss: min_exp ({min_exp}) must not exceed max_exp ({max_exp})")
-        self.log_eps = log_eps
+        self.floor = floor
         self.max_window = 2 ** max_exp
         with warnings.catch_warnings():
             # Small windows have fewer FFT bins than mel bins, so some filters are empty by
@@ -65,7 +74,7 @@ class MelLoss(nn.Module):
             self.transforms = nn.ModuleList([
                 torchaudio.transforms.MelSpectrogram(
                     sample_rate=sample_rate, n_fft=2 ** i, win_length=2 ** i,
-                    hop_length=2 ** i // 4, n_mels=n_mels, power=1.0)
+                    hop_length=2 ** i // 4, n_mels=n_mels, power=1.0, normalized=True)
                 for i in range(min_exp, max_exp + 1)])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -81,8 +90,8 @@ class MelLoss(nn.Module):
             loss = x.new_zeros(n, dtype=torch.float32)
             for transform in self.transforms:
                 mel_x, mel_y = transform(both).split(n)
-                log_x = mel_x.clamp_min(self.log_eps).log()
-                log_y = mel_y.clamp_min(self.log_eps).log()
+                log_x = torch.log10(self.floor + mel_x)
+                log_y = torch.log10(self.floor + mel_y)
                 loss = loss + per_item_mean((mel_x - mel_y).abs()) + per_item_mean((log_x - log_y) ** 2)
         return loss / len(self.transforms)
 
@@ -128,31 +137,34 @@ def feature_matching_loss(fmaps_real: list[list[torch.Tensor]],
 
 
 class GeneratorLoss(nn.Module):
-    """All per-item generator losses of one step, built from the whole training config.
+    """All per-item generator losses of one step and their weights.
 
-    Reads `model.sample_rate` and the weights `losses.{l_t, l_f, l_g, l_feat, commit}`.
     `forward` returns unweighted per-item losses; `weights` holds their weights (the same
     dict the balancer uses) and `commit_weight` the weight of the model's commitment loss,
     which the engine applies.
 
     Args:
-        cfg: The whole training config (Hydra / OmegaConf or anything with the same keys).
+        weights (dict): Weight of each of 'l_t', 'l_f', 'l_g', 'l_feat'.
+        commit_weight (float): Weight of the quantizer's commitment loss.
+        sample_rate (int): Audio sample rate (for the mel loss).
     """
 
-    def __init__(self, cfg: tp.Any):
+    def __init__(self, weights: tp.Mapping[str, float], commit_weight: float, sample_rate: int):
         super().__init__()
-        missing = [name for name in GENERATOR_LOSS_NAMES if name not in cfg.losses]
+        missing = [name for name in GENERATOR_LOSS_NAMES if name not in weights]
         if missing:
             raise ValueError(f"GeneratorLoss: missing config keys "
                              f"{', '.join('losses.' + name for name in missing)}")
-        self.weights = {name: float(cfg.losses[name]) for name in GENERATOR_LOSS_NAMES}
-        self.commit_weight = float(cfg.losses.get('commit', 1.0))
-        self.mel_loss = MelLoss(int(cfg.model.sample_rate))
+        self.weights = {name: float(weights[name]) for name in GENERATOR_LOSS_NAMES}
+        self.commit_weight = float(commit_weight)
+        self.mel_loss = MelLoss(int(sample_rate))
 
     @classmethod
-    def from_config(cls, cfg: tp.Any) -> "GeneratorLoss":
-        """Same as `GeneratorLoss(cfg)`, for symmetry with the other modules."""
-        return cls(cfg)
+    def from_config(cls, losses_cfg: tp.Any, sample_rate: int) -> "GeneratorLoss":
+        """Build from the `losses` config group (weights `l_t`, `l_f`, `l_g`, `l_feat`,
+        `commit`); `sample_rate` is `model.sample_rate`."""
+        weights = {name: losses_cfg[name] for name in GENERATOR_LOSS_NAMES if name in losses_cfg}
+        return cls(weights, commit_weight=losses_cfg.commit, sample_rate=sample_rate)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor,
                 logits_fake: list[torch.Tensor] | None = None,

@@ -9,19 +9,21 @@ Shapes used throughout: waveforms `[N, C, T]`, codes `[N, n_q, F]`, per-codebook
 
 Three groups of metrics:
 - reconstruction: `si_snr`, `mel_distance`, `stft_distance` (per item), `nominal_bitrate_kbps`;
-- codebook health: `codebook_histogram`, `codebook_perplexity`, `codebook_entropy`,
-  `dead_codes` (per codebook);
+- codebook health: `codebook_histogram` and `histogram_entropy` (perplexity, dead codes);
 - disentanglement (does codebook 1 carry what the channels share and codebook 2 what
-  differs?): `code_agreement` vs `chance_agreement`, `embedding_cosine` vs
-  `chance_cosine`, `centered_pooled_cosine`, `swap_test`, `channel_probe_accuracy`.
-`MetricAccumulator` collects all of them over a validation set and returns one dict.
+  differs?): cross-channel code agreement and embedding cosine against their chance levels,
+  `centered_pooled_cosine`, `swap_test`, `channel_probe_accuracy`.
+`MetricAccumulator` collects all of them over a validation set and returns one dict;
+`flatten_metrics` turns that dict into the flat scalars that are logged, and
+`CheckpointReport` holds one checkpoint's results for the evaluation report.
 """
 from __future__ import annotations
 
 import functools
 import itertools
 import math
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 import torchaudio
@@ -151,24 +153,6 @@ def histogram_entropy(hist: Tensor) -> Tensor:
     return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=1)
 
 
-def codebook_entropy(codes: Tensor, bins: int) -> Tensor:
-    """Entropy in nats of the code distribution of each codebook, `[n_q]`."""
-    return histogram_entropy(codebook_histogram(codes, bins))
-
-
-def codebook_perplexity(codes: Tensor, bins: int) -> Tensor:
-    """exp(entropy) per codebook, `[n_q]`: the number of equally used codes it amounts to.
-
-    1 when a codebook always emits the same code, `bins` when all codes are used equally.
-    """
-    return histogram_entropy(codebook_histogram(codes, bins)).exp()
-
-
-def dead_codes(codes: Tensor, bins: int) -> Tensor:
-    """Number of codes never used, per codebook, `[n_q]`."""
-    return (codebook_histogram(codes, bins) == 0).sum(dim=1)
-
-
 # ----------------------------------------------------------------------------------------
 # Disentanglement: agreement and similarity across channels of the same segment
 # ----------------------------------------------------------------------------------------
@@ -189,45 +173,19 @@ def _per_item_cosine(emb_a: Sequence[Tensor], emb_b: Sequence[Tensor]) -> Tensor
                         for a, b in zip(emb_a, emb_b)], dim=1)
 
 
-def _rolled(items: Tensor | Sequence[Tensor]):
-    """Shift the batch by one item so that item i meets item i + 1 (a different segment)."""
-    if isinstance(items, Tensor):
-        if items.shape[0] < 2:
-            raise ValueError("chance level needs at least 2 items (different segments) per batch")
-        return items.roll(-1, dims=0)
-    return [_rolled(item) for item in items]
-
-
-def code_agreement(codes_a: Tensor, codes_b: Tensor) -> Tensor:
-    """Fraction of frames where both channels pick the same code, per codebook, `[n_q]`.
-
-    `codes_a`, `codes_b`: `[N, n_q, F]`, item i of both being the same segment seen by two
-    channels. A content codebook should agree far above `chance_agreement`.
-    """
-    return _per_item_agreement(codes_a, codes_b).mean(dim=0)
-
-
-def chance_agreement(codes_a: Tensor, codes_b: Tensor) -> Tensor:
-    """`code_agreement` between different segments (the batch of `codes_b` rolled by one)."""
-    return code_agreement(codes_a, _rolled(codes_b))
-
-
-def embedding_cosine(emb_a: Sequence[Tensor], emb_b: Sequence[Tensor]) -> Tensor:
-    """Mean frame-wise cosine similarity per codebook, `[n_q]`, of two channels' embeddings."""
-    return _per_item_cosine(emb_a, emb_b).mean(dim=0)
-
-
-def chance_cosine(emb_a: Sequence[Tensor], emb_b: Sequence[Tensor]) -> Tensor:
-    """`embedding_cosine` between different segments (batch of `emb_b` rolled by one)."""
-    return embedding_cosine(emb_a, _rolled(emb_b))
+def _rolled(items: Tensor) -> Tensor:
+    """Shift the items by one so that item i meets item i + 1 (a different segment)."""
+    if items.shape[0] < 2:
+        raise ValueError("chance level needs at least 2 items (different segments)")
+    return items.roll(-1, dims=0)
 
 
 def centered_pooled_cosine(pooled: Tensor) -> tuple[Tensor, Tensor]:
     """Cross-view cosine of time-pooled embeddings after removing their mean over the set.
 
-    `pooled`: `[N, V, n_q, D]` (see `pool_embeddings`). Returns `(same, chance)`, each
-    `[n_q]`: views i < j of the same item, and view i of item n against view j of item
-    n + 1. Raw cosines of codebook vectors are often all near 1, because the vectors in use
+    `pooled`: `[N, V, n_q, D]`, per-codebook embeddings averaged over frames. Returns
+    `(same, chance)`, each `[n_q]`: views i < j of the same item, and view i of item n
+    against view j of item n + 1. Raw cosines of codebook vectors are often all near 1, because the vectors in use
     share a large common offset; centring removes it, so that what remains is whether the
     two channels move together (about 0 for unrelated segments).
     """
@@ -317,11 +275,6 @@ def swap_test(decode: Callable[[Tensor, str], Tensor], emb_a: Sequence[Tensor],
 # Channel-identity probe
 # ----------------------------------------------------------------------------------------
 
-def pool_embeddings(embeddings: Sequence[Tensor]) -> Tensor:
-    """Time-pooled per-codebook embeddings: list of n_q `[N, D, F]` -> `[N, n_q, D]`."""
-    return torch.stack([e.float().mean(dim=-1) for e in embeddings], dim=1)
-
-
 def probe_split(n_items: int) -> tuple[Tensor, Tensor]:
     """Indices of the probe's training and test halves: even and odd items.
 
@@ -396,13 +349,15 @@ def channel_probe_accuracy(features: Tensor, channels: Tensor, steps: int = 200)
 class MetricAccumulator:
     """Collects per-batch statistics over a validation set; `compute()` returns one dict.
 
-    Shared by the engine's validation and `evaluate.py`. Feed it batches of V views:
+    Fed by `validation.accumulate` for both the engine's validation and `evaluate.py`; by
+    hand, batches of V views go in like this:
 
         acc = MetricAccumulator(n_q=model.n_q, bins=cfg.model.bins,
                                 sample_rate=model.sample_rate, frame_rate=model.frame_rate)
         for wavs, metas in loader:                      # wavs [B, V, 1, T]
             out = model(wavs.flatten(0, 1), return_embeddings=True)
-            acc.update_from_output(wavs, out, metas)
+            acc.update(wavs, out.audio, out.codes, out.embeddings,
+                       torch.tensor([m["channels"] for m in metas]))
         results = acc.compute()
 
     Memory stays small: per-item scalars, code histograms and time-pooled embeddings (for
@@ -435,14 +390,6 @@ class MetricAccumulator:
 
     # -- collection ------------------------------------------------------------------
 
-    def update_from_output(self, wavs: Tensor, out, metas: Sequence[dict] | None = None,
-                           swap: dict[str, dict[str, Tensor]] | None = None) -> None:
-        """`update` from a model output on `wavs.flatten(0, 1)` (an `EncodecOutput`)."""
-        channels = None
-        if metas is not None:
-            channels = torch.tensor([list(m["channels"]) for m in metas], dtype=torch.long)
-        self.update(wavs, out.audio, out.codes, out.embeddings, channels, swap)
-
     @torch.no_grad()
     def update(self, wavs: Tensor, audio: Tensor, codes: Tensor,
                embeddings: Sequence[Tensor] | None = None, channels: Tensor | None = None,
@@ -456,37 +403,37 @@ class MetricAccumulator:
         """
         if wavs.dim() != 4:
             raise ValueError(f"expected wavs [B, V, C, T], got shape {tuple(wavs.shape)}")
-        batch, views = wavs.shape[:2]
+        batch_size, views = wavs.shape[:2]
         if self.views is None:
             self.views = views
         elif views != self.views:
             raise ValueError(f"number of views changed from {self.views} to {views} between batches")
-        unflat = lambda t: t.reshape(batch, views, *t.shape[-2:]) if t.dim() == 3 else t  # noqa: E731
+        unflat = lambda t: t.reshape(batch_size, views, *t.shape[-2:]) if t.dim() == 3 else t  # noqa: E731
         audio, codes = unflat(audio), unflat(codes).detach().cpu()
         if codes.shape[2] != self.n_q:
             raise ValueError(f"codes have {codes.shape[2]} codebooks, the accumulator expects {self.n_q}")
         embeddings = None if embeddings is None else [unflat(e).detach().float().cpu() for e in embeddings]
 
         reference = wavs.to(audio.device).flatten(0, 1)  # inputs often stay on the CPU
-        self._update_reconstruction(reference, audio[..., : wavs.shape[-1]].flatten(0, 1), batch, views)
+        self._update_reconstruction(reference, audio[..., : wavs.shape[-1]].flatten(0, 1), batch_size, views)
         self._hist += codebook_histogram(codes.flatten(0, 1), self.bins)
         if embeddings is not None:
             self._pooled.append(torch.stack([e.mean(dim=-1) for e in embeddings], dim=2))
         if channels is not None:
-            self._channels.append(torch.as_tensor(channels, dtype=torch.long).reshape(batch, views))
+            self._channels.append(torch.as_tensor(channels, dtype=torch.long).reshape(batch_size, views))
         if views >= 2:
             self._update_pairs(codes, embeddings)
         if swap is not None:
             for variant, values in swap.items():
                 for name, value in values.items():
                     self._swap.setdefault(variant, {}).setdefault(name, []).append(value.detach().float().cpu())
-        self.num_items += batch
+        self.num_items += batch_size
 
-    def _update_reconstruction(self, x: Tensor, y: Tensor, batch: int, views: int) -> None:
+    def _update_reconstruction(self, x: Tensor, y: Tensor, batch_size: int, views: int) -> None:
         for name, value in (("si_snr", si_snr(x, y)),
                             ("mel_distance", mel_distance(x, y, self.sample_rate)),
                             ("stft_distance", stft_distance(x, y))):
-            self._recon[name].append(value.detach().cpu().reshape(batch, views))
+            self._recon[name].append(value.detach().cpu().reshape(batch_size, views))
 
     def _update_pairs(self, codes: Tensor, embeddings: list[Tensor] | None) -> None:
         same_agree, same_cos = self._pair_stats(codes, embeddings, codes, embeddings)
@@ -597,3 +544,66 @@ class MetricAccumulator:
             return results  # one channel only: nothing to tell apart
         accuracy, chance = channel_probe_accuracy(torch.cat(self._pooled), channels, self.probe_steps)
         return {"probe_accuracy": accuracy, "probe_chance": chance}
+
+
+# ----------------------------------------------------------------------------------------
+# Results as logged and reported
+# ----------------------------------------------------------------------------------------
+
+# Accumulator result -> logged name prefix, for the per-codebook lists.
+PER_CODEBOOK = {"perplexity": "perplexity", "dead_codes": "dead_codes",
+                "codebook_agreement": "agreement", "chance_agreement": "chance_agreement",
+                "embedding_cosine": "cosine", "chance_cosine": "chance_cosine",
+                "probe_accuracy": "probe_accuracy"}
+SCALARS = ("si_snr", "mel_distance", "stft_distance", "effective_bitrate_kbps", "probe_chance")
+PER_VIEW = ("si_snr", "mel_distance")
+
+
+def flatten_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """`MetricAccumulator.compute()` results -> flat scalars for logging.
+
+    Per-codebook lists become `<name>_cbK`, per-view lists `<name>_chV` (K, V from 1), and
+    the swap test `swap_<variant>_<metric>`; entries that are None are left out.
+    """
+    flat: dict[str, float] = {}
+    for key in SCALARS:
+        if results.get(key) is not None:
+            flat[key] = float(results[key])
+    for key in PER_VIEW:
+        for v, value in enumerate(results.get(f"{key}_per_view") or []):
+            flat[f"{key}_ch{v + 1}"] = float(value)
+    for key, name in PER_CODEBOOK.items():
+        for k, value in enumerate(results.get(key) or []):
+            flat[f"{name}_cb{k + 1}"] = float(value)
+    for variant, values in (results.get("swap_test") or {}).items():
+        for name, value in values.items():
+            flat[f"swap_{variant}_{name}"] = float(value)
+    return flat
+
+
+def per_codebook(results: dict[str, Any], key: str, k: int) -> Any:
+    """Codebook k's entry of the per-codebook list `results[key]`, or None."""
+    values = results.get(key)
+    return values[k] if values is not None and k < len(values) else None
+
+
+@dataclass
+class CheckpointReport:
+    """Everything measured for one checkpoint: its metrics and a few waveforms to plot.
+
+    Attributes:
+        label: column name in the report.
+        path: the checkpoint file.
+        mode: 'mono' or 'paired' (how it was trained).
+        results: `MetricAccumulator.compute()` results plus `step` and `sample_rate`.
+        examples: waveform name ('input_a', 'recon_b', 'swap', ...) -> `[items, T]`.
+    """
+    label: str
+    path: str
+    mode: str
+    results: dict[str, Any]
+    examples: dict[str, Tensor] = field(default_factory=dict)
+
+    def entry(self) -> dict[str, Any]:
+        """The checkpoint's metrics.json entry."""
+        return {"checkpoint": self.path, "mode": self.mode, **self.results}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 import math
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +57,9 @@ class EncodecModel(nn.Module):
         n_q (int): Codebooks.
         bins (int): Codes per codebook.
         dimension (int): Latent dimension.
-        target_bandwidths (list of float): Bandwidths (kbps) the model is meant for; those above
-            what `n_q` codebooks give are capped, with one warning.
+        target_bandwidths (list of float): Bandwidths (kbps) the model can be used at, as in
+            EnCodec: each selects the first codebooks that fit in it
+            (`codebooks_for_bandwidth`); at or above `bandwidth` that is all `n_q`.
         filters (int): SEANet base width.
         ratios (list of int): Decoder up-sampling ratios (hop = their product).
         residual_layers (int): Residual blocks per resolution.
@@ -101,7 +101,10 @@ class EncodecModel(nn.Module):
         self.audio_normalize = audio_normalize
         self.hop_length = self.encoder.hop_length
         self._frame_rate = math.ceil(self._sample_rate / self.hop_length)
-        self.target_bandwidths = self._cap_bandwidths(target_bandwidths)
+        self.target_bandwidths = sorted(float(bw) for bw in target_bandwidths)
+        if not self.target_bandwidths or self.target_bandwidths[0] <= 0:
+            raise ValueError(f"target_bandwidths must be positive kbps values, "
+                             f"got {list(target_bandwidths)}")
 
     # ---------------------------------------------------------------- properties
     @property
@@ -139,17 +142,14 @@ class EncodecModel(nn.Module):
         """Per codebook, the fraction of its k-means buffer gathered (1.0: initialised)."""
         return self.quantizer.kmeans_progress
 
-    def _cap_bandwidths(self, target_bandwidths: Sequence[float]) -> list[float]:
-        targets = [float(bw) for bw in target_bandwidths]
-        capped = sorted({min(bw, self.bandwidth) for bw in targets})
-        too_high = [bw for bw in targets if bw > self.bandwidth]
-        if too_high:
-            warnings.warn(
-                f"target_bandwidths {too_high} kbps exceed the {self.bandwidth:g} kbps that "
-                f"n_q={self.n_q} codebooks of {self.quantizer.bins} entries give at "
-                f"{self.frame_rate} Hz; capped to {capped}. Raise n_q or lower "
-                f"target_bandwidths to silence this.", UserWarning, stacklevel=3)
-        return capped
+    def codebooks_for_bandwidth(self, bandwidth: float) -> int:
+        """Number of codebooks to encode and decode with at `bandwidth` kbps, one of
+        `target_bandwidths`: as many as fit (at least 1), at most `n_q` (EnCodec's rule)."""
+        if float(bandwidth) not in self.target_bandwidths:
+            raise ValueError(f"bandwidth {bandwidth} kbps is not one of model.target_bandwidths "
+                             f"{self.target_bandwidths}")
+        fitting = math.floor(float(bandwidth) / self.bandwidth_per_codebook + 1e-9)
+        return min(self.n_q, max(1, fitting))
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, return_embeddings: bool = False,

@@ -131,10 +131,6 @@ class MultiScaleSTFTDiscriminator(nn.Module):
                               n_fft=n_fft, hop_length=hop, win_length=win, **kwargs)
             for n_fft, hop, win in zip(n_ffts, hop_lengths, win_lengths)])
 
-    @property
-    def num_discriminators(self) -> int:
-        return len(self.discriminators)
-
     def forward(self, x: torch.Tensor) -> DiscriminatorOutput:
         """Return (logits, fmaps) for `x [N, C, T]`: one logit map and one list of feature
         maps per scale, in the order of the configured scales."""

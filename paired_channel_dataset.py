@@ -40,8 +40,8 @@ import torch
 import torchaudio
 from torch.utils.data import Dataset
 
-SCENE_CLASSES = ["Beach", "Busy Street", "Park", "Pedestrian Zone", "Quiet Street",
-                 "Shopping Centre", "Train Station", "Woodland"]
+from eigenscape import SCENE_CLASSES
+
 AUDIO_EXTENSIONS = {".wav", ".wave", ".flac", ".w64", ".rf64", ".aif", ".aiff", ".caf", ".ogg"}
 PREPARED_DIRNAME = ".prepared"
 PREPARED_INDEX = "index.json"
@@ -258,7 +258,7 @@ class Span:
     margin: int      # extra source frames each side for the resampling kernel (multiple of down)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)
 def span_for(source_rate: int, model_rate: int, length: int) -> Span:
     """How many source frames a segment needs; starts must be multiples of `down`."""
     g = math.gcd(source_rate, model_rate)
@@ -272,9 +272,9 @@ def span_for(source_rate: int, model_rate: int, length: int) -> Span:
     return Span(down, up, math.ceil(length * down / up), margin)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=8)
 def resampler(source_rate: int, model_rate: int) -> torchaudio.transforms.Resample:
-    """One resampler per rate pair and process; it caches its kernel."""
+    """One resampler per rate pair and process (a few pairs at most); it caches its kernel."""
     return torchaudio.transforms.Resample(source_rate, model_rate)
 
 
@@ -322,9 +322,11 @@ def read_wav_segment(file: AudioFile, channels: Sequence[int], start: int, lengt
     return _pad_to(out[:, offset:offset + length], length)
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=64)
 def _open_array(path: Path) -> np.ndarray:
-    # read-only memory maps are safe to share with forked DataLoader workers
+    # Read-only memory maps are safe to share with forked DataLoader workers. Each holds a
+    # file descriptor: 64 covers EigenScape's 64 recordings and keeps workers x maps far
+    # below the usual limit of 1024 open files.
     return np.load(path, mmap_mode="r")
 
 
@@ -344,31 +346,21 @@ def read_prepared_segment(file: AudioFile, channels: Sequence[int], start: int, 
 # ----------------------------------------------------------------------------- datasets
 
 
-def _distributed_rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _absolute(path: Any) -> Path:
     """Relative paths are relative to where the command was started, even inside a Hydra run dir."""
     from hydra.utils import to_absolute_path
     return Path(to_absolute_path(str(Path(str(path)).expanduser())))
 
 
-def _setting(ds: Any, key: str, default: Any = None) -> Any:
-    value = ds.get(key, default)
-    return default if value is None else value
-
-
 class ChannelViewsDataset(Dataset):
     """Items of V distinct channels of one segment: (wavs [V, 1, T] float32, meta).
 
-    `mode` 'train': `datasets.fixed_length` random items per epoch (call `set_epoch`).
-    `mode` 'val': `datasets.val_pairs` fixed items.
+    `mode` 'train': `datasets.fixed_length` random items per epoch (call `set_epoch`), drawn
+    for the process of `rank` (under DDP each rank draws its own items).
+    `mode` 'val': `datasets.val_pairs` fixed items (the same for every rank).
     """
 
-    def __init__(self, config: Any, mode: str, views: int) -> None:
+    def __init__(self, config: Any, mode: str, views: int, rank: int = 0) -> None:
         if mode not in ("train", "val"):
             raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
         ds = config.datasets
@@ -383,13 +375,13 @@ class ChannelViewsDataset(Dataset):
         self.seed = int(config.common.seed)
         if self.seed < 0 or self.length <= 0:
             raise ValueError(f"common.seed must be >= 0 and datasets.tensor_cut > 0, got {self.seed}, {self.length}")
-        self.max_retries = int(_setting(ds, "max_read_retries", 10))
+        self.max_retries = int(ds.max_read_retries)
         key = "train_classes" if mode == "train" else "val_classes"
         self.classes = canonical_classes(list(ds[key]), f"datasets.{key}")
         self.channel_choice = self._channel_setting(ds)
         # Shared memory, so that persistent DataLoader workers see set_epoch() too.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self.rank, self.world_size = _distributed_rank()
+        self.rank = int(rank)
         self.stats: Counter = Counter()
         self._reported: set[str] = set()
         self.format = self._resolve_format(ds)
@@ -404,7 +396,7 @@ class ChannelViewsDataset(Dataset):
     # -- set-up
 
     def _channel_setting(self, ds: Any) -> list[int] | None:
-        channels = ds.get("channels", None)
+        channels = ds.channels
         if channels is None:
             return None
         channels = [int(c) for c in channels]
@@ -414,11 +406,10 @@ class ChannelViewsDataset(Dataset):
         return sorted(channels)
 
     def _prepared_root(self, ds: Any) -> Path:
-        root = ds.get("prepared_root", None)
-        return _absolute(root) if root else self.data_root / PREPARED_DIRNAME
+        return _absolute(ds.prepared_root) if ds.prepared_root else self.data_root / PREPARED_DIRNAME
 
     def _resolve_format(self, ds: Any) -> str:
-        fmt = str(_setting(ds, "format", "auto"))
+        fmt = str(ds.format)
         if fmt not in ("auto", "wav", "prepared"):
             raise ValueError(f"datasets.format must be auto, wav or prepared, got {fmt!r}")
         self.prepared_root = self._prepared_root(ds)
@@ -426,7 +417,7 @@ class ChannelViewsDataset(Dataset):
         if fmt == "prepared" and not has_index:
             raise FileNotFoundError(f"datasets.format=prepared but {self.prepared_root / PREPARED_INDEX} does not "
                                     f"exist: run python prepare_dataset.py --data-root {self.data_root}"
-                                    + (f" --out {self.prepared_root}" if ds.get("prepared_root") else ""))
+                                    + (f" --out {self.prepared_root}" if ds.prepared_root else ""))
         if fmt == "auto" and not has_index:
             return "wav"
         return fmt
@@ -520,10 +511,6 @@ class ChannelViewsDataset(Dataset):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self._epoch.fill_(int(epoch))
 
-    def set_rank(self, rank: int, world_size: int = 1) -> None:
-        """Override the distributed rank (taken from torch.distributed at construction)."""
-        self.rank, self.world_size = int(rank), int(world_size)
-
     def __len__(self) -> int:
         return self.items
 
@@ -590,22 +577,22 @@ class ChannelViewsDataset(Dataset):
 class PairedChannelDataset(ChannelViewsDataset):
     """Two (or `datasets.views` > 2) distinct channels of one segment per item."""
 
-    def __init__(self, config: Any, mode: str) -> None:
-        super().__init__(config, mode, views=max(2, int(_setting(config.datasets, "views", 2))))
+    def __init__(self, config: Any, mode: str, rank: int = 0) -> None:
+        super().__init__(config, mode, views=max(2, int(config.datasets.views)), rank=rank)
 
 
 class MonoChannelDataset(ChannelViewsDataset):
     """One random channel of one segment per item (wavs [1, 1, T])."""
 
-    def __init__(self, config: Any, mode: str) -> None:
-        super().__init__(config, mode, views=1)
+    def __init__(self, config: Any, mode: str, rank: int = 0) -> None:
+        super().__init__(config, mode, views=1, rank=rank)
 
 
 def mode_files(dataset: ChannelViewsDataset) -> str:
     return f"the {len(dataset.files)} {dataset.mode} files under {dataset.data_root}"
 
 
-def collate_fn(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
+def collate_fn(items: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
     """Stack items to wavs [B, V, 1, T] and the list of metas."""
-    wavs, metas = zip(*batch)
+    wavs, metas = zip(*items)
     return torch.stack(wavs), list(metas)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import distributed as du
+import distributed
 
 SIM_KINDS = ('mse', 'cosine', 'infonce')
 DIV_KINDS = ('neg_mse', 'cosine', 'margin', 'cos_hinge')
@@ -179,8 +179,8 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1, pooling
         rows_a = nce_vectors(a.float(), pooling, projection)
         rows_b = nce_vectors(b.float(), pooling, projection)
         if gather:
-            all_a, offset = du.all_gather_with_grad(rows_a)
-            all_b, _ = du.all_gather_with_grad(rows_b)
+            all_a, offset = distributed.all_gather_with_grad(rows_a)
+            all_b, _ = distributed.all_gather_with_grad(rows_b)
         else:
             all_a, all_b, offset = rows_a, rows_b, 0
         if center:
@@ -635,40 +635,27 @@ class PairwiseLoss(nn.Module):
 
     @classmethod
     def from_config(cls, pairwise_cfg: tp.Any, dimension: int | None = None) -> "PairwiseLoss":
-        """Build from the `pairwise` config group; `dimension` is `model.dimension`. Keys
-        missing from an older run's config take the `seed` recipe's values."""
-        get = pairwise_cfg.get
-        head = get('channel_classifier', None) or {}
-        ild = get('ild_head', None) or {}
-        return cls(sim_weight=get('sim_weight', 0.5),
-                   div_weight=get('div_weight', 0.5),
-                   sim_kind=get('sim_kind', 'mse'),
-                   div_kind=get('div_kind', 'neg_mse'),
-                   margin=get('margin', 1.0),
-                   content_codebook=get('content_codebook', 0),
-                   channel_codebook=get('channel_codebook', 1),
-                   schedule=get('schedule', 'constant'),
-                   ramp_steps=get('ramp_steps', 0),
-                   class_weights=dict(get('class_weights', None) or {}),
-                   channel_classifier=bool(head.get('enabled', False)),
-                   classifier_weight=float(head.get('weight', 0.1)),
-                   num_channels=int(head.get('num_channels', 32)),
-                   dimension=dimension,
-                   start_step=int(get('start_step', 0)),
-                   max_cosine=float(get('max_cosine', 0.0)),
-                   temperature=float(get('temperature', 0.1)),
-                   nce_pooling=get('nce_pooling', 'frame'),
-                   nce_center=bool(get('nce_center', True)),
-                   nce_same_segment_negatives=bool(get('nce_same_segment_negatives', False)),
-                   nce_projection=int(get('nce_projection', 0) or 0),
-                   xrec_weight=float(get('xrec_weight', 0.0)),
-                   ild_head=bool(ild.get('enabled', False)),
-                   ild_weight=float(ild.get('weight', 0.3)),
-                   ild_adv_weight=float(ild.get('adv_weight', 0.3)),
-                   ild_reversal=float(ild.get('reversal', 1.0)),
-                   ild_bands=int(ild.get('n_bands', 8)),
-                   ild_hidden=int(ild.get('hidden', 128)),
-                   ild_floor_db=float(ild.get('floor_db', 0.5)))
+        """Build from the `pairwise` config group (`config/pairwise/*.yaml`); `dimension` is
+        `model.dimension`."""
+        cfg = pairwise_cfg
+        head, ild = cfg.channel_classifier, cfg.ild_head
+        return cls(sim_weight=cfg.sim_weight, div_weight=cfg.div_weight, sim_kind=cfg.sim_kind,
+                   div_kind=cfg.div_kind, margin=cfg.margin,
+                   content_codebook=cfg.content_codebook, channel_codebook=cfg.channel_codebook,
+                   schedule=cfg.schedule, ramp_steps=cfg.ramp_steps,
+                   class_weights=dict(cfg.class_weights or {}),
+                   channel_classifier=bool(head.enabled), classifier_weight=float(head.weight),
+                   num_channels=int(head.num_channels), dimension=dimension,
+                   start_step=int(cfg.start_step), max_cosine=float(cfg.max_cosine),
+                   temperature=float(cfg.temperature), nce_pooling=cfg.nce_pooling,
+                   nce_center=bool(cfg.nce_center),
+                   nce_same_segment_negatives=bool(cfg.nce_same_segment_negatives),
+                   nce_projection=int(cfg.nce_projection or 0),
+                   xrec_weight=float(cfg.xrec_weight),
+                   ild_head=bool(ild.enabled), ild_weight=float(ild.weight),
+                   ild_adv_weight=float(ild.adv_weight), ild_reversal=float(ild.reversal),
+                   ild_bands=int(ild.n_bands), ild_hidden=int(ild.hidden),
+                   ild_floor_db=float(ild.floor_db))
 
     # ------------------------------------------------------------------ schedule
     def schedule_factor(self, step: int) -> float:

@@ -30,8 +30,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from paired_channel_dataset import (PREPARED_DIRNAME, PREPARED_INDEX, PREPARED_SCALE, SCENE_CLASSES,
-                                    AudioFile, find_audio_files, read_wav_segment)
+from eigenscape import SCENE_CLASSES
+from paired_channel_dataset import (PREPARED_DIRNAME, PREPARED_INDEX, PREPARED_SCALE, AudioFile,
+                                    find_audio_files, read_wav_segment)
 
 INDEX_VERSION = 1
 

@@ -40,6 +40,8 @@ import numpy as np
 import soundfile as sf
 from scipy import signal, special
 
+from eigenscape import SCENE_CLASSES
+
 SAMPLE_RATE = 48000
 SPEED_OF_SOUND = 343.0
 SPHERE_RADIUS = 0.042
@@ -52,9 +54,6 @@ DIFFUSE_FOCUS = 2.5      # 0 = isotropic; 2.5 brings the coherence bands close t
 DIFFUSE_MAX_HZ = 16000  # the beds are far below the capsule noise above this
 NOISE_CROSSOVER_HZ = 7000  # real em32: an uncorrelated noise floor above about 6-8 kHz
 ARRAY_SEED = 32  # the simulated em32 unit: its capsule coloration is the same in every set
-
-SCENE_CLASSES = ["Beach", "Busy Street", "Park", "Pedestrian Zone", "Quiet Street",
-                 "Shopping Centre", "Train Station", "Woodland"]
 
 # Colatitude / azimuth (degrees) of em32 capsules 1-32 (fixtures README).
 EM32_ANGLES_DEG = [

@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import engine
+from configuration import ConfigError
 
 
 @hydra.main(config_path="config", config_name="config_paired_nq2", version_base="1.3")
@@ -21,8 +22,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit("config error: train_paired_gpu.py needs datasets.views >= 2 "
                  "(use train_single_gpu.py for mono training).")
     try:
-        engine.train(cfg, views=cfg.datasets.views, run_dir=HydraConfig.get().runtime.output_dir)
-    except engine.ConfigError as e:
+        engine.train(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+    except ConfigError as e:
         sys.exit(f"config error: {e}")
 
 

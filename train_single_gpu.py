@@ -9,6 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import engine
+from configuration import ConfigError
 
 
 @hydra.main(config_path="config", config_name="config_mono_nq2", version_base="1.3")
@@ -17,8 +18,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit("config error: train_single_gpu.py trains on one channel per item; "
                  "use train_paired_gpu.py for datasets.views >= 2.")
     try:
-        engine.train(cfg, views=1, run_dir=HydraConfig.get().runtime.output_dir)
-    except engine.ConfigError as e:
+        engine.train(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+    except ConfigError as e:
         sys.exit(f"config error: {e}")
 
 

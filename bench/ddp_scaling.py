@@ -1,6 +1,6 @@
 """Training throughput with 1 and 2 processes under torchrun (gloo on CPU, NCCL on GPUs).
 
-Each process runs the real paired training step (engine.train_step, DistributedDataParallel,
+Each process runs the real paired training step (training_step.train_step, DistributedDataParallel,
 codebook all-reduce) on random audio at ``--batch`` items per process; throughput counts
 segments (items x 2 views) of all processes per second.
 

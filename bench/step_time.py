@@ -1,7 +1,7 @@
 """Time one training step: paired at batch B against mono at batch 2B (same segments/step).
 
 Uses the paired config's model, discriminator, losses and balancer settings and the real
-engine step, on random audio (no dataset needed). Each mode runs in its own process so
+training step (training_step.train_step), on random audio (no dataset needed). Each mode runs in its own process so
 that its peak memory is its own.
 
     python bench/step_time.py [--batch 8] [--seconds 1.0] [--steps 5] [--rounds 2] [--device auto]
@@ -35,13 +35,16 @@ def compose_paired_config(overrides: list[str]):
 def time_mode(views: int, batch: int, seconds: float, steps: int, device: str,
               overrides: list[str]) -> dict:
     import torch
-    import engine
+    from configuration import prepare_config
+    from parts import build_parts
+    from runtime import seed_everything, setup_runtime
+    from training_step import discriminator_coin, train_step
 
-    cfg = compose_paired_config([f"common.device={device}", *overrides])
-    cfg = engine.prepare_config(cfg, views)
-    rt = engine.setup_runtime(cfg)
-    engine.seed_everything(0)
-    parts = engine.build_parts(cfg, rt, steps_per_epoch=1000)
+    cfg = compose_paired_config([f"common.device={device}", f"datasets.views={views}", *overrides])
+    cfg = prepare_config(cfg)
+    runtime = setup_runtime(cfg)
+    seed_everything(0)
+    parts = build_parts(cfg, runtime, steps_per_epoch=1000)
     length = int(seconds * cfg.model.sample_rate)
     gen = torch.Generator().manual_seed(0)
     metas = [{"class": "Beach", "channels": list(range(views)), "path": "", "start": 0}] * batch
@@ -49,21 +52,21 @@ def time_mode(views: int, batch: int, seconds: float, steps: int, device: str,
     warmup = 2  # k-means init and the allocator's first growth: not timed
     for i in range(steps + warmup):
         wavs = 0.1 * torch.randn(batch, views, 1, length, generator=gen)
-        update_disc = engine.discriminator_coin(0, 1, i) < cfg.discriminator.update_prob
-        if rt.device.type == "cuda":
+        update_disc = discriminator_coin(0, 1, i) < cfg.discriminator.update_prob
+        if runtime.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        result = engine.train_step(parts, rt, wavs, metas, step=i, adversarial=True,
+        result = train_step(parts, runtime, wavs, metas, step=i, adversarial=True,
                                    update_disc=update_disc, grad_clip=0.0, bins=cfg.model.bins)
-        if rt.device.type == "cuda":
+        if runtime.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
         assert result.ok, "non-finite step in the benchmark"
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if rt.device.type == "cuda" else 0.0
+    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if runtime.device.type == "cuda" else 0.0
     return {"median_s": statistics.median(times), "steps": times, "peak_rss_mb": peak_mb,
-            "peak_gpu_mb": gpu_mb, "device": str(rt.device)}
+            "peak_gpu_mb": gpu_mb, "device": str(runtime.device)}
 
 
 def run_child(views: int, batch: int, args) -> dict:

@@ -114,8 +114,28 @@ def test_decoding_with_another_checkpoint_is_refused(tiny, cfg_factory, tmp_path
 
     three = tmp_path / "nq3.pt"
     save_tiny_checkpoint(cfg_factory(overrides=["model.n_q=3"]), three)
-    with pytest.raises(codec.CheckpointMismatchError, match="n_q=2"):
-        codec.decode_file(three, tmp_path / "x.tok", tmp_path / "y.wav", device="cpu", ignore_hash=True)
+    codec.encode_file(three, tmp_path / "in.wav", tmp_path / "x3.tok", device="cpu")
+    with pytest.raises(codec.CheckpointMismatchError, match="n_q=3"):
+        codec.decode_file(ckpt, tmp_path / "x3.tok", tmp_path / "y.wav", device="cpu", ignore_hash=True)
+
+
+def test_encoding_at_a_lower_bandwidth_keeps_the_first_codebooks(cfg_factory, tmp_path):
+    # 2 codebooks of 32 entries at 75 Hz: 0.375 kbps each.
+    cfg = cfg_factory(overrides=["model.target_bandwidths=[0.375,0.75,1.5]"])
+    ckpt = tmp_path / "tiny.pt"
+    save_tiny_checkpoint(cfg, ckpt)
+    _write_wav(tmp_path / "in.wav", channels=2, rate=24000, seconds=0.1)
+    full = codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "full.tok", device="cpu")
+    low = codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "low.tok", device="cpu", bandwidth=0.375)
+    capped = codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "capped.tok", device="cpu", bandwidth=1.5)
+    assert (full["n_q"], low["n_q"], capped["n_q"]) == (2, 1, 2)
+    codes_full, _ = codec.read_tokens(tmp_path / "full.tok")
+    codes_low, _ = codec.read_tokens(tmp_path / "low.tok")
+    assert torch.equal(codes_low, codes_full[:, :1])
+    codec.decode_file(ckpt, tmp_path / "low.tok", tmp_path / "low.wav", device="cpu")
+    assert sf.info(str(tmp_path / "low.wav")).channels == 2
+    assert codec.main(["encode", "--checkpoint", str(ckpt), "--bandwidth", "0.5",
+                       str(tmp_path / "in.wav"), str(tmp_path / "bad.tok")]) == 1
 
 
 def test_load_model_rejects_a_file_that_is_not_a_checkpoint(tmp_path):

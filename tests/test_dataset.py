@@ -164,11 +164,19 @@ def test_train_items_pure_in_seed_epoch_index_rank(synth_root, cfg_factory):
     a.set_epoch(3)
     assert [a.draw(i) for i in range(4)] != epoch0
     assert torch.equal(a[2][0], later[0])
-    a.set_epoch(0)
-    a.set_rank(1, 2)
-    assert [a.draw(i) for i in range(4)] != epoch0
+    rank1 = PairedChannelDataset(cfg, "train", rank=1)
+    assert [rank1.draw(i) for i in range(4)] != epoch0
     other_seed = PairedChannelDataset(config(cfg_factory, synth_root, "common.seed=1"), "train")
     assert [other_seed.draw(i) for i in range(4)] != epoch0
+
+
+def test_the_rank_is_given_not_read_from_torch_distributed(synth_root, cfg_factory, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *args: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 2)
+    cfg = config(cfg_factory, synth_root)
+    assert PairedChannelDataset(cfg, "train").rank == 0
+    assert PairedChannelDataset(cfg, "train", rank=1).rank == 1
 
 
 def test_set_epoch_reaches_persistent_workers(synth_root, cfg_factory):

@@ -15,10 +15,14 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 import checkpoints as ckpt_io
-import distributed as du
-import engine
+import distributed
 from conftest import ROOT
+from loaders import make_loader
+from parts import build_parts
+from runtime import setup_runtime
+from tracking import Tracker
 from pairwise_losses import PairwiseLoss
+from validation import validate, validation_dataset
 
 
 def free_port() -> int:
@@ -32,6 +36,7 @@ def torchrun(tmp_path: Path, data_root: Path, save: str, extra: list[str]) -> su
             f"--master_port={free_port()}", str(ROOT / "train_paired_gpu.py"), "+preset=tiny",
             f"datasets.data_root={data_root}", f"checkpoint.save_folder={save}",
             "common.max_epoch=2", "datasets.fixed_length=12",  # 3 steps per epoch per rank
+            "pairwise.channel_classifier.enabled=true",  # a part outside DDP, kept in sync by hand
             "distributed.check_sync_every=1", f"hydra.run.dir={tmp_path / 'hydra' / save}", *extra]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -51,9 +56,11 @@ def two_rank_runs(tmp_path_factory, synth_root):
 def test_two_ranks_stay_in_sync_and_share_the_epoch(two_rank_runs):
     tmp, full, _ = two_rank_runs
     state = ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(tmp / "full"))
-    # fixed_length 12 items per epoch shared by 2 ranks of batch 2: 3 steps per epoch.
-    assert (state["epoch"], state["step"]) == (2, 6)
-    # check_sync_every=1 compared weights and codebooks of both ranks after every step.
+    # fixed_length 12 items per epoch shared by 2 ranks of batch 2: 3 steps per epoch; the
+    # checkpoint after epoch 2 points at the start of epoch 3.
+    assert (state["epoch"], state["batch"], state["step"]) == (3, 0, 6)
+    # check_sync_every=1 compared weights, codebooks and the channel-classifier head of both
+    # ranks after every step.
     assert "disagree" not in full.stderr
     assert "world size 2" in full.stderr
     assert len(state["rng"]) == 2  # each rank's random state is kept
@@ -76,14 +83,15 @@ def test_validation_split_over_ranks_equals_one_process(two_rank_runs):
     assert distributed_val and "val/agreement_cb1" in distributed_val
 
     cfg = OmegaConf.create(state["config"])
-    rt = engine.setup_runtime(cfg)
-    train_set, val_set = engine.build_datasets(cfg)
-    parts = engine.build_parts(cfg, rt, engine.steps_in_epoch(train_set, cfg, 1))
+    runtime = setup_runtime(cfg)
+    val_set = validation_dataset(cfg)
+    parts = build_parts(cfg, runtime, steps_per_epoch=3)
     parts.raw_model.load_state_dict(state["model"])
     parts.raw_disc.load_state_dict(state["discriminator"])
-    loader = engine.make_loader(val_set, cfg, rt, range(len(val_set)))
-    single = engine.validate(parts, rt, cfg, loader, epoch=2, step=6,
-                             tracker=engine.Tracker("disabled", "", None, tmp, {}), audio_dir=None)
+    parts.pairwise.load_state_dict(state["pairwise"])
+    loader = make_loader(val_set, cfg, runtime.device, range(len(val_set)))
+    single = validate(parts, runtime, cfg, loader, epoch=2, step=6,
+                      tracker=Tracker("disabled", "", None, tmp, {}), audio_dir=None)
     assert single.keys() == distributed_val.keys()
     for k, v in single.items():
         assert math.isclose(v, distributed_val[k], rel_tol=1e-4, abs_tol=1e-6), (k, v, distributed_val[k])
@@ -130,7 +138,7 @@ def nce_worker(rank: int, port: int, out_dir: str) -> None:
                for name in NCE_CASES}
     # Unequal sizes (3 rows and 2 rows): values in rank order, gradient summed over ranks.
     local = torch.arange(3 - rank, dtype=torch.float32).add(10 * rank).requires_grad_()
-    gathered, offset = du.all_gather_with_grad(local)
+    gathered, offset = distributed.all_gather_with_grad(local)
     weights = torch.arange(1, 6, dtype=torch.float32)
     (gathered * weights).sum().backward()
     results["uneven"] = {"gathered": gathered.detach(), "offset": offset, "grad": local.grad}
@@ -176,7 +184,7 @@ def test_all_gather_with_grad_uneven_sizes(nce_ranks):
         # Both ranks' losses depend on this rank's rows: the gradient is their sum.
         torch.testing.assert_close(r["uneven"]["grad"],
                                    NCE_WORLD * torch.arange(1, 6, dtype=torch.float32)[rows])
-    gathered, offset = du.all_gather_with_grad(expected)  # one process: the identity
+    gathered, offset = distributed.all_gather_with_grad(expected)  # one process: the identity
     assert gathered is expected and offset == 0
 
 

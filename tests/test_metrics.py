@@ -57,20 +57,22 @@ def test_nominal_bitrate_matches_encodec_1_5_kbps():
 
 # -- codebook health --------------------------------------------------------------------
 
-def test_perplexity_entropy_and_dead_codes():
+def test_histogram_entropy_gives_perplexity_and_dead_codes():
     bins = 8
     constant = torch.zeros(4, 1, 10, dtype=torch.long)
     uniform = torch.arange(bins).repeat(4).reshape(4, 1, bins)
     half = torch.arange(bins // 2).repeat(4).reshape(4, 1, bins // 2)
     codes = torch.cat([constant[..., :4], uniform[..., :4]], dim=1)  # 2 codebooks
-    assert metrics.codebook_perplexity(constant, bins).tolist() == pytest.approx([1.0])
-    assert metrics.codebook_perplexity(uniform, bins).tolist() == pytest.approx([bins])
-    assert metrics.codebook_entropy(half, bins).tolist() == pytest.approx([math.log(bins // 2)])
-    assert metrics.dead_codes(half, bins).tolist() == [bins // 2]
+    entropy = lambda c: metrics.histogram_entropy(metrics.codebook_histogram(c, bins))  # noqa: E731
+    assert entropy(constant).exp().tolist() == pytest.approx([1.0])
+    assert entropy(uniform).exp().tolist() == pytest.approx([bins])
+    assert entropy(half).tolist() == pytest.approx([math.log(bins // 2)])
     hist = metrics.codebook_histogram(codes, bins)
     assert hist.shape == (2, bins)
     assert hist[0].tolist() == [16] + [0] * 7
     assert hist[1].tolist() == [4, 4, 4, 4, 0, 0, 0, 0]
+    results = accumulate_codes(torch.stack([half, half], dim=1), bins)  # the accumulator agrees
+    assert results["perplexity"] == pytest.approx([bins // 2]) and results["dead_codes"] == [bins // 2]
 
 
 def test_codes_out_of_range_are_rejected():
@@ -82,31 +84,43 @@ def test_codes_out_of_range_are_rejected():
 
 # -- agreement and cosine ---------------------------------------------------------------
 
+def accumulate_codes(codes: torch.Tensor, bins: int, embeddings: list[torch.Tensor] | None = None) -> dict:
+    """MetricAccumulator results for codes `[N, V, n_q, F]` (the audio is a stand-in)."""
+    n, views, n_q, _ = codes.shape
+    wavs = torch.randn(n, views, 1, 2400, generator=torch.Generator().manual_seed(0))
+    acc = metrics.MetricAccumulator(n_q=n_q, bins=bins, sample_rate=24000, frame_rate=75)
+    acc.update(wavs, wavs.clone(), codes, embeddings)
+    return acc.compute()
+
+
 def test_shared_codebook_agrees_and_channel_codebook_does_not():
     gen = torch.Generator().manual_seed(1)
     bins, n, frames = 64, 50, 20
     content = torch.randint(0, bins, (n, 1, frames), generator=gen)
     codes_a = torch.cat([content, torch.randint(0, bins, (n, 1, frames), generator=gen)], dim=1)
     codes_b = torch.cat([content, torch.randint(0, bins, (n, 1, frames), generator=gen)], dim=1)
-    agreement = metrics.code_agreement(codes_a, codes_b)
-    chance = metrics.chance_agreement(codes_a, codes_b)
-    assert agreement[0] == 1.0
-    assert agreement[1] < 0.05
-    assert chance.tolist() == pytest.approx([1 / bins, 1 / bins], abs=0.02)
+    results = accumulate_codes(torch.stack([codes_a, codes_b], dim=1), bins)
+    assert results["codebook_agreement"][0] == 1.0
+    assert results["codebook_agreement"][1] < 0.05
+    assert results["chance_agreement"] == pytest.approx([1 / bins, 1 / bins], abs=0.02)
 
 
 def test_chance_needs_two_segments():
-    codes = torch.zeros(1, 2, 5, dtype=torch.long)
+    codes = torch.zeros(1, 2, 2, 5, dtype=torch.long)
+    results = accumulate_codes(codes, bins=4)
+    assert results["codebook_agreement"] == [1.0, 1.0] and results["chance_agreement"] is None
     with pytest.raises(ValueError, match="at least 2 items"):
-        metrics.chance_agreement(codes, codes)
+        metrics.centered_pooled_cosine(torch.zeros(1, 2, 2, 3))
 
 
 def test_embedding_cosine_identical_opposite_and_chance():
     gen = torch.Generator().manual_seed(2)
     a = [torch.randn(6, 16, 5, generator=gen) for _ in range(2)]
     b = [a[0].clone(), -a[1]]
-    assert metrics.embedding_cosine(a, b).tolist() == pytest.approx([1.0, -1.0])
-    assert metrics.chance_cosine(a, b).abs().max() < 0.3
+    embeddings = [torch.stack([ea, eb], dim=1) for ea, eb in zip(a, b)]  # [N, V, D, F]
+    results = accumulate_codes(torch.zeros(6, 2, 2, 5, dtype=torch.long), 4, embeddings)
+    assert results["embedding_cosine"] == pytest.approx([1.0, -1.0])
+    assert all(abs(c) < 0.3 for c in results["chance_cosine"])
 
 
 # -- swap test --------------------------------------------------------------------------
@@ -203,30 +217,55 @@ def _accumulate(stream, batch_size, flatten=False, n_q=2, bins=16):
     return acc.compute()
 
 
-def test_accumulator_matches_the_batch_functions_and_ignores_batch_size():
+def test_accumulator_matches_direct_computations_and_ignores_batch_size():
     stream = _stream()
     wavs, audio, codes, embeddings, _ = stream
     whole = _accumulate(stream, batch_size=7)
+    following = lambda t: t.roll(-1, dims=0)  # item n meets item n + 1, the last the first  # noqa: E731
+    agreement = lambda a, b: (a == b).float().mean(dim=(0, 2)).tolist()  # noqa: E731
+    cosine = lambda a, b: [torch.nn.functional.cosine_similarity(x, y, dim=1).mean().item()  # noqa: E731
+                           for x, y in zip(a, b)]
     emb_a, emb_b = [e[:, 0] for e in embeddings], [e[:, 1] for e in embeddings]
     assert whole["num_items"] == 7
     assert whole["codebook_agreement"][0] == 1.0
-    assert whole["codebook_agreement"] == pytest.approx(metrics.code_agreement(codes[:, 0], codes[:, 1]).tolist())
-    assert whole["chance_agreement"] == pytest.approx(metrics.chance_agreement(codes[:, 0], codes[:, 1]).tolist())
-    assert whole["embedding_cosine"] == pytest.approx(metrics.embedding_cosine(emb_a, emb_b).tolist(), abs=1e-6)
-    assert whole["chance_cosine"] == pytest.approx(metrics.chance_cosine(emb_a, emb_b).tolist(), abs=1e-6)
+    assert whole["codebook_agreement"] == pytest.approx(agreement(codes[:, 0], codes[:, 1]))
+    assert whole["chance_agreement"] == pytest.approx(agreement(codes[:, 0], following(codes[:, 1])))
+    assert whole["embedding_cosine"] == pytest.approx(cosine(emb_a, emb_b), abs=1e-6)
+    assert whole["chance_cosine"] == pytest.approx(cosine(emb_a, [following(e) for e in emb_b]), abs=1e-6)
     pooled = torch.stack([e.mean(dim=-1) for e in embeddings], dim=2)
     same, chance = metrics.centered_pooled_cosine(pooled)
     assert whole["centered_cosine"] == pytest.approx(same.tolist(), abs=1e-6)
     assert whole["chance_centered_cosine"] == pytest.approx(chance.tolist(), abs=1e-6)
     assert whole["si_snr"] == pytest.approx(metrics.si_snr(wavs.flatten(0, 1), audio.flatten(0, 1)).mean().item(), rel=1e-5)
-    assert whole["perplexity"] == pytest.approx(metrics.codebook_perplexity(codes.flatten(0, 1), 16).tolist())
-    assert len(whole["probe_accuracy"]) == 2 and 0 < whole["probe_chance"] <= 1 / 3
+    hist = metrics.codebook_histogram(codes.flatten(0, 1), 16)
+    assert whole["perplexity"] == pytest.approx(metrics.histogram_entropy(hist).exp().tolist())
+    assert whole["dead_codes"] == (hist == 0).sum(dim=1).tolist()
 
     for batch_size, flatten in ((1, False), (3, True)):
         other = _accumulate(stream, batch_size, flatten)
         for key in ("codebook_agreement", "chance_agreement", "chance_cosine", "centered_cosine", "perplexity",
                     "si_snr", "mel_distance", "probe_accuracy"):
             assert other[key] == pytest.approx(whole[key], abs=1e-6), key
+
+
+def test_accumulator_probe_finds_the_codebook_that_carries_the_channel():
+    """Codebook 2's embedding is a direction per channel (plus noise), codebook 1's is noise."""
+    gen = torch.Generator().manual_seed(7)
+    n_items, dim, frames, n_channels = 80, 8, 4, 4
+    channels = torch.stack([torch.randperm(n_channels, generator=gen)[:2] for _ in range(n_items)])
+    directions = 3 * torch.randn(n_channels, dim, generator=gen)
+    channel_emb = directions[channels][..., None] + 0.3 * torch.randn(n_items, 2, dim, frames, generator=gen)
+    noise_emb = torch.randn(n_items, 2, dim, frames, generator=gen)
+    wavs = torch.randn(n_items, 2, 1, 2400, generator=gen)
+    codes = torch.zeros(n_items, 2, 2, frames, dtype=torch.long)
+    acc = metrics.MetricAccumulator(n_q=2, bins=4, sample_rate=24000, frame_rate=75, probe_steps=50)
+    for start in range(0, n_items, 16):
+        part = slice(start, start + 16)
+        acc.update(wavs[part], wavs[part], codes[part], [noise_emb[part], channel_emb[part]], channels[part])
+    results = acc.compute()
+    assert results["probe_chance"] == pytest.approx(1 / n_channels)
+    assert results["probe_accuracy"][1] > 0.9
+    assert abs(results["probe_accuracy"][0] - results["probe_chance"]) < 0.15
 
 
 def test_accumulator_mono_has_no_pair_metrics_and_rejects_misuse():
@@ -271,8 +310,7 @@ def test_centering_reveals_what_a_common_offset_hides():
     independent = offset + torch.randn(n, 2, dim, generator=gen)
     pooled = torch.stack([shared, independent], dim=2)  # [N, V, n_q, D]
 
-    raw = metrics.embedding_cosine([shared[:, 0, :, None], independent[:, 0, :, None]],
-                                   [shared[:, 1, :, None], independent[:, 1, :, None]])
+    raw = torch.nn.functional.cosine_similarity(pooled[:, 0], pooled[:, 1], dim=-1).mean(dim=0)
     assert torch.all(raw > 0.9)
     same, chance = metrics.centered_pooled_cosine(pooled)
     assert same[0] > 0.95 and abs(same[1]) < 0.1

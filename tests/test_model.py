@@ -1,6 +1,6 @@
 """EncodecModel: shapes and lengths, one forward contract in train and eval, per-codebook
 embeddings with encoder gradients, one quantizer pass per forward, official-weights equivalence,
-numerical safety, bandwidth cap, variants, config building."""
+numerical safety, target bandwidths, variants, config building."""
 from __future__ import annotations
 
 import math
@@ -12,8 +12,7 @@ from torch.nn import functional as F
 
 from model import EncodecModel, EncodecOutput
 
-TINY = dict(filters=4, dimension=16, bins=32, lstm=1, kmeans_iters=2,
-            target_bandwidths=[0.75])
+TINY = dict(filters=4, dimension=16, bins=32, lstm=1, kmeans_iters=2)
 
 
 def make_tiny(**overrides) -> EncodecModel:
@@ -39,10 +38,8 @@ def encoder_grad_norm(model: EncodecModel) -> float:
 @pytest.fixture
 def tiny_from_config(cfg_factory) -> EncodecModel:
     cfg = cfg_factory("config_mono_nq2")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tiny preset's bandwidths are capped (tested below)
-        torch.manual_seed(0)
-        return ready(EncodecModel.from_config(cfg.model))
+    torch.manual_seed(0)
+    return ready(EncodecModel.from_config(cfg.model))
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +138,7 @@ def test_one_quantizer_pass_and_one_ema_update_per_training_forward(tiny_from_co
 
 
 def test_official_weights_give_the_same_codes_and_audio(official):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # 24 kbps target capped to the 2 codebooks kept
-        ours = EncodecModel.from_official_state_dict(official.state_dict(), n_q=2).eval()
+    ours = EncodecModel.from_official_state_dict(official.state_dict(), n_q=2).eval()
     assert not ours.audio_normalize and ours.encoder.model[0].causal
     torch.manual_seed(0)
     x = torch.randn(2, 1, 4007) * 0.1
@@ -177,18 +172,20 @@ def test_silence_and_very_quiet_input_stay_finite(amplitude, training):
         assert torch.isfinite(codebook.embed).all()
 
 
-def test_bandwidths_above_what_codebooks_give_are_capped_with_one_warning():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+def test_target_bandwidths_select_the_codebooks_that_fit_as_in_encodec():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the design document's list with n_q=2 is not a mistake
         model = make_tiny(bins=1024, target_bandwidths=[1.5, 3.0, 6.0, 12.0, 24.0])
-    capped = [w for w in caught if "capped" in str(w.message)]
-    assert len(capped) == 1 and issubclass(capped[0].category, UserWarning)
-    assert model.target_bandwidths == [1.5] and model.bandwidth == pytest.approx(1.5)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = make_tiny(bins=1024, n_q=32, target_bandwidths=[1.5, 3.0, 24.0])
-    assert not [w for w in caught if "capped" in str(w.message)]
-    assert model.target_bandwidths == [1.5, 3.0, 24.0] and model.bandwidth == pytest.approx(24)
+    assert model.target_bandwidths == [1.5, 3.0, 6.0, 12.0, 24.0] and model.bandwidth == pytest.approx(1.5)
+    assert [model.codebooks_for_bandwidth(bw) for bw in model.target_bandwidths] == [2, 2, 2, 2, 2]
+    # EnCodec 24 kHz: 32 codebooks of 1024 at 75 Hz, 0.75 kbps each.
+    full = make_tiny(bins=1024, n_q=32, target_bandwidths=[24.0, 1.5, 3.0, 6.0, 12.0])
+    assert full.target_bandwidths == [1.5, 3.0, 6.0, 12.0, 24.0]
+    assert [full.codebooks_for_bandwidth(bw) for bw in full.target_bandwidths] == [2, 4, 8, 16, 32]
+    with pytest.raises(ValueError, match="target_bandwidths"):
+        model.codebooks_for_bandwidth(0.75)
+    with pytest.raises(ValueError, match="positive"):
+        make_tiny(target_bandwidths=[])
 
 
 def future_sensitivity(model: EncodecModel) -> tuple[float, float]:

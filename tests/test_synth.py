@@ -12,7 +12,8 @@ import soundfile as sf
 from scipy.signal import coherence
 
 import synth_eigenscape as se
-from paired_channel_dataset import SCENE_CLASSES, find_audio_files
+from eigenscape import SCENE_CLASSES
+from paired_channel_dataset import find_audio_files
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["Beach-01-Raw.wav", "BusyStreet-01-Raw.wav", "Park-01-Raw.wav", "PedestrianZone-01-Raw.wav",

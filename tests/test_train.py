@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,11 @@ import torch
 
 import checkpoints as ckpt_io
 import engine
+import validation
+from configuration import ConfigError
 from conftest import ROOT, make_config
+from losses import GeneratorLoss
+from training_step import codebook_usage
 
 
 def tiny(tmp_path: Path, data_root: Path, name: str = "config_paired_nq2",
@@ -73,16 +78,16 @@ def test_data_root_without_recordings_is_a_one_line_config_error(tmp_path):
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, synth_root):
     extra = ["common.max_epoch=2", "datasets.fixed_length=6", "common.save_interval=5",
              "common.val_interval=5"]  # 3 steps per epoch, no periodic saves in between
-    full = engine.train(tiny(tmp_path / "full", synth_root, extra=extra), views=2)
+    full = engine.train(tiny(tmp_path / "full", synth_root, extra=extra))
     assert full["step"] == 6
 
     part_cfg = tiny(tmp_path / "part", synth_root, extra=extra)
-    first = engine.train(part_cfg, views=2, stop_after_step=4)  # mid-epoch 2
+    first = engine.train(part_cfg, stop_after_step=4)  # mid-epoch 2
     assert first["step"] == 4
     state = ckpt_io.load_checkpoint(first["checkpoint"])
     assert (state["epoch"], state["batch"]) == (2, 1)
     resumed = engine.train(tiny(tmp_path / "part", synth_root,
-                                extra=[*extra, "checkpoint.resume=true"]), views=2)
+                                extra=[*extra, "checkpoint.resume=true"]))
     assert resumed["step"] == 6
 
     a, b = model_state(full["checkpoint"]), model_state(resumed["checkpoint"])
@@ -95,12 +100,41 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, synth_root):
         assert torch.equal(da[k]["exp_avg"], db[k]["exp_avg"])
 
 
+def test_a_stop_right_after_an_epochs_last_batch_resumes_into_its_validation(tmp_path, synth_root):
+    extra = ["common.max_epoch=1"]  # 2 steps per epoch
+    first = engine.train(tiny(tmp_path, synth_root, extra=extra), stop_after_step=2)
+    state = ckpt_io.load_checkpoint(first["checkpoint"])
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 2) and not first["val"]
+    assert not (tmp_path / "ckpt" / "best.pt").exists()
+
+    resumed = engine.train(tiny(tmp_path, synth_root, extra=[*extra, "checkpoint.resume=true"]))
+    assert resumed["step"] == 2 and "val/mel_distance" in resumed["val"]
+    assert (tmp_path / "ckpt" / "best.pt").is_file()
+    final = ckpt_io.load_checkpoint(resumed["checkpoint"])
+    assert (final["epoch"], final["batch"]) == (2, 0) and final["val"] == resumed["val"]
+
+
+def test_adversarial_terms_start_at_the_discriminator_start_epoch_without_scheduler_warnings(
+        tmp_path, synth_root):
+    extra = ["discriminator.start_epoch=2", "lr_scheduler.warmup_epoch=1", "common.val_interval=5"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.train(tiny(tmp_path, synth_root, extra=extra), run_dir=tmp_path / "run")
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+    lines = [line for line in (tmp_path / "run" / "train.log").read_text().splitlines() if " step " in line]
+    epoch1 = [line for line in lines if " epoch 1 batch" in line]
+    epoch2 = [line for line in lines if " epoch 2 batch" in line]
+    assert epoch1 and epoch2
+    assert not any("l_g_ch1" in line for line in epoch1)
+    assert all("l_g_ch1" in line and "l_feat_ch2" in line for line in epoch2)
+
+
 def test_resume_with_shape_changing_config_fails_clearly(tmp_path, synth_root):
-    engine.train(tiny(tmp_path, synth_root, extra=["common.max_epoch=1"]), views=2)
+    engine.train(tiny(tmp_path, synth_root, extra=["common.max_epoch=1"]))
     cfg = tiny(tmp_path, synth_root, extra=["common.max_epoch=2", "checkpoint.resume=true",
                                             "model.n_q=3"])
-    with pytest.raises(engine.ConfigError, match=r"model\.n_q: checkpoint 2 vs now 3"):
-        engine.train(cfg, views=2)
+    with pytest.raises(ConfigError, match=r"model\.n_q: checkpoint 2 vs now 3"):
+        engine.train(cfg)
 
 
 def test_atomic_save_keeps_previous_checkpoint_loadable(tmp_path, monkeypatch):
@@ -132,7 +166,7 @@ def test_checkpoint_loading_refuses_code(tmp_path):
 
 def test_non_finite_steps_are_skipped_then_training_stops_with_a_checkpoint(tmp_path, synth_root,
                                                                          monkeypatch):
-    real_forward = engine.GeneratorLoss.forward
+    real_forward = GeneratorLoss.forward
     calls = {"n": 0}
 
     def nan_after_first(self, x, y, *args, **kwargs):
@@ -142,10 +176,10 @@ def test_non_finite_steps_are_skipped_then_training_stops_with_a_checkpoint(tmp_
             losses["l_t"] = losses["l_t"] * float("nan")
         return losses
 
-    monkeypatch.setattr(engine.GeneratorLoss, "forward", nan_after_first)
+    monkeypatch.setattr(GeneratorLoss, "forward", nan_after_first)
     cfg = tiny(tmp_path, synth_root, extra=["datasets.fixed_length=10", "common.max_nonfinite_steps=3"])
     with pytest.raises(engine.TrainingDiverged, match="3 consecutive non-finite steps"):
-        engine.train(cfg, views=2)
+        engine.train(cfg)
     saved = ckpt_io.latest_checkpoint(tmp_path / "ckpt")
     assert saved is not None
     state = ckpt_io.load_checkpoint(saved)
@@ -201,7 +235,7 @@ def test_validation_audio_goes_to_wav_files_and_wandb(tmp_path):
     from tracking import Tracker
     tracker = Tracker("offline", "test", None, tmp_path / "wandb", {})
     inp, rec = 0.1 * torch.randn(2, 1, 4800), 0.1 * torch.randn(2, 1, 4800)
-    engine.write_validation_audio([(inp, rec, {"channels": [3, 17], "path": "x.wav"})],
+    validation.write_validation_audio([(inp, rec, {"channels": [3, 17], "path": "x.wav"})],
                                   tmp_path / "audio", 24000, tracker, step=1)
     run_dir = Path(tracker.directory)
     tracker.finish()
@@ -214,4 +248,4 @@ def test_validation_audio_goes_to_wav_files_and_wandb(tmp_path):
 
 def test_codebook_usage_is_the_fraction_of_entries_used_per_codebook():
     codes = torch.tensor([[[0, 0, 1], [3, 3, 3]], [[2, 0, 1], [3, 3, 3]]])  # [N=2, n_q=2, F=3]
-    assert engine.codebook_usage(codes, bins=4).tolist() == [0.75, 0.25]
+    assert codebook_usage(codes, bins=4).tolist() == [0.75, 0.25]

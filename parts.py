@@ -1,0 +1,145 @@
+"""Everything a training step works with, built from the config: generator, discriminator,
+losses, balancer, optimizers, GradScalers, the learning-rate schedule and the DDP wrappers.
+
+Each part is built by its own module's `from_config` from its own config group; this file
+only decides which parts exist (mono vs paired, discriminator and balancer on or off) and
+how they are wrapped for the runtime.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+import distributed
+from balancer import Balancer
+from losses import GeneratorLoss
+from model import EncodecModel
+from msstftd import MultiScaleSTFTDiscriminator
+from pairwise_losses import PairwiseLoss
+from runtime import Runtime
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """Learning-rate factor at an optimizer step: linear warmup to 1 over `warmup_steps`,
+    then cosine to 0 at `total_steps` (and 0 after it).
+
+    Built from the current config on every start, so raising `common.max_epoch` on resume
+    stretches the schedule.
+    """
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Parts:
+    """The parts of training.
+
+    `model` and `disc` are what the step calls: DDP (and `torch.compile`) wrappers of
+    `raw_model` and `raw_disc` when the runtime asks for them, the raw modules otherwise.
+    State dicts always come from the raw modules. `disc`, `raw_disc`, `opt_d` are None
+    without a discriminator, `pairwise` is None in mono training and `balancer` when it is
+    off. The learning rate of optimizer step `s` is `lr_g * schedule(s)` (`lr_d` for the
+    discriminator), set by `set_learning_rates` before each step.
+    """
+    raw_model: EncodecModel
+    raw_disc: MultiScaleSTFTDiscriminator | None
+    model: nn.Module
+    disc: nn.Module | None
+    generator_loss: GeneratorLoss
+    pairwise: PairwiseLoss | None
+    balancer: Balancer | None
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer | None
+    scaler_g: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
+    schedule: WarmupCosine
+    lr_g: float
+    lr_d: float
+
+    def generator_params(self) -> list[nn.Parameter]:
+        """Everything the generator optimizer updates (model and channel-classifier head)."""
+        return [param for group in self.opt_g.param_groups for param in group["params"]]
+
+
+def build_parts(cfg: DictConfig, runtime: Runtime, steps_per_epoch: int) -> Parts:
+    """All parts on `runtime.device`, with `datasets.views` views per item (pairwise losses
+    from 2 on) and a schedule of `common.max_epoch * steps_per_epoch` optimizer steps."""
+    device = runtime.device
+    raw_model = EncodecModel.from_config(cfg.model).to(device)
+    raw_disc = (MultiScaleSTFTDiscriminator.from_config(cfg.discriminator).to(device)
+                if cfg.discriminator.enabled else None)
+    generator_loss = GeneratorLoss.from_config(cfg.losses, sample_rate=cfg.model.sample_rate).to(device)
+    pairwise = build_pairwise(cfg, device)
+    balancer = (Balancer.from_config(cfg.balancer, generator_loss.weights)
+                if cfg.balancer.enabled else None)
+    opt_g, opt_d = build_optimizers(cfg.optimization, raw_model, raw_disc, pairwise)
+    fp16 = runtime.amp_dtype == torch.float16
+    schedule = WarmupCosine(cfg.lr_scheduler.warmup_epoch * steps_per_epoch,
+                            cfg.common.max_epoch * steps_per_epoch)
+    return Parts(
+        raw_model=raw_model, raw_disc=raw_disc,
+        model=wrap_for_runtime(raw_model, cfg, runtime, compile_module=cfg.common.compile),
+        disc=None if raw_disc is None else wrap_for_runtime(raw_disc, cfg, runtime),
+        generator_loss=generator_loss, pairwise=pairwise, balancer=balancer,
+        opt_g=opt_g, opt_d=opt_d,
+        scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
+        scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
+        schedule=schedule, lr_g=cfg.optimization.lr, lr_d=cfg.optimization.disc_lr)
+
+
+def build_pairwise(cfg: DictConfig, device: torch.device) -> PairwiseLoss | None:
+    """The pairwise losses for 2 or more views (None in mono training).
+
+    Its optional channel-classifier head is trained outside DDP (its gradients are averaged
+    by hand), and every rank seeds differently before building it: rank 0's initial weights
+    are broadcast so that all ranks start, and stay, with the same head.
+    """
+    if cfg.datasets.views < 2:
+        return None
+    pairwise = PairwiseLoss.from_config(cfg.pairwise, dimension=cfg.model.dimension).to(device)
+    return distributed.broadcast_module_(pairwise)
+
+
+def build_optimizers(opt_cfg: DictConfig, model: nn.Module, disc: nn.Module | None,
+                     pairwise: nn.Module | None
+                     ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """Adam for the generator (model + pairwise head) and for the discriminator, from the
+    `optimization` group; their learning rates are set step by step (`set_learning_rates`)."""
+    adam = dict(betas=tuple(opt_cfg.betas), weight_decay=opt_cfg.weight_decay)
+    gen_params = list(model.parameters()) + (list(pairwise.parameters()) if pairwise else [])
+    opt_g = torch.optim.Adam(gen_params, lr=opt_cfg.lr, **adam)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=opt_cfg.disc_lr, **adam) if disc is not None else None
+    return opt_g, opt_d
+
+
+def wrap_for_runtime(module: nn.Module, cfg: DictConfig, runtime: Runtime,
+                     compile_module: bool = False) -> nn.Module:
+    """DDP under several processes (then `torch.compile` if asked); the module itself otherwise."""
+    wrapped = module
+    if runtime.world_size > 1:
+        # Codebooks are kept identical by the quantizer's own all-reduce, so DDP need not
+        # broadcast buffers every step.
+        wrapped = nn.parallel.DistributedDataParallel(
+            module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            broadcast_buffers=False, find_unused_parameters=cfg.distributed.find_unused_parameters)
+    return torch.compile(wrapped) if compile_module else wrapped
+
+
+def set_learning_rates(parts: Parts, step: int) -> None:
+    """The learning rates of optimizer step `step` (generator and discriminator alike)."""
+    factor = parts.schedule(step)
+    for optimizer, base in ((parts.opt_g, parts.lr_g), (parts.opt_d, parts.lr_d)):
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = base * factor

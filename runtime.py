@@ -1,0 +1,124 @@
+"""Where training runs: device, process group, mixed precision, seeding, and preemption.
+
+`setup_runtime(cfg)` picks the device and joins torchrun's process group; the `Runtime` it
+returns is what the rest of the training code asks about the machine (rank, autocast).
+`StopFlag` turns SIGTERM / SIGUSR1 / Ctrl-C into a request to save and stop at the next
+step boundary, agreed on by every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import signal
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+import distributed
+from configuration import AMP_MODES, ConfigError
+
+log = logging.getLogger("encodec")
+
+
+@dataclass
+class Runtime:
+    """The device this process trains on, its rank, and the autocast dtype (None = float32)."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp_dtype: torch.dtype | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes checkpoints, logs and wandb."""
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to `amp_dtype` on this device, or nothing in float32."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def setup_runtime(cfg: DictConfig) -> Runtime:
+    """Pick the device (`common.device`), join the process group under torchrun, set the
+    precision flags (`common.amp`)."""
+    distributed.export_submitit_env()
+    multi_process = distributed.env_world_size() > 1
+    device = pick_device(str(cfg.common.device), multi_process)
+    if multi_process:
+        distributed.init_process_group(cfg.distributed.backend, device)
+    amp_dtype = AMP_MODES[cfg.common.amp]
+    if amp_dtype is not None and device.type != "cuda":
+        warnings.warn(f"common.amp={cfg.common.amp} needs CUDA; training in float32 on CPU.")
+        amp_dtype = None
+    return Runtime(device=device, rank=distributed.rank(), world_size=distributed.world_size(),
+                   amp_dtype=amp_dtype)
+
+
+def pick_device(wanted: str, multi_process: bool) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> the device; under torchrun each process takes
+    the GPU of its local rank."""
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+        if wanted == "cpu":
+            warnings.warn("CUDA is not available: training on CPU (slow). "
+                          "Set common.device=cpu to silence this warning.")
+    if not wanted.startswith("cuda"):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"common.device={wanted} but CUDA is not available; "
+                          "use common.device=cpu or auto.")
+    index = distributed.env_local_rank() if multi_process else (torch.device(wanted).index or 0)
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (cluster preemption) / Ctrl-C: finish the step, save, exit cleanly.
+    A second Ctrl-C interrupts at once. Use as a context manager around the training loop."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: finishing the current step, then saving a checkpoint",
+                    self.requested)
+
+    def __enter__(self) -> "StopFlag":
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                with contextlib.suppress(ValueError):  # not the main thread
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        """All ranks stop together if any rank was signalled."""
+        return distributed.any_true(self.requested is not None)

@@ -1,0 +1,228 @@
+"""One training step on a tiny model: its losses and gradients against the design document's
+sum written out by hand, the discriminator's paths, skipped steps, the learning-rate
+schedule, and the parts that must be identical on every rank."""
+from __future__ import annotations
+
+import copy
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import engine
+from conftest import make_config
+from configuration import prepare_config
+from losses import discriminator_loss, feature_matching_loss
+from pairwise_losses import split_views
+from parts import WarmupCosine, build_parts
+from runtime import Runtime, seed_everything
+from training_step import discriminate, frozen, train_step
+
+BATCH, VIEWS = 2, 2
+
+
+def tiny_setup(overrides: list[str] | None = None, runtime: Runtime | None = None):
+    cfg = prepare_config(make_config("config_paired_nq2", ["datasets.data_root=unused", *(overrides or [])]))
+    runtime = runtime or Runtime(torch.device("cpu"))
+    torch.manual_seed(0)
+    return cfg, runtime, build_parts(cfg, runtime, steps_per_epoch=10)
+
+
+def make_batch(cfg, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+    gen = torch.Generator().manual_seed(seed)
+    wavs = 0.1 * torch.randn(BATCH, VIEWS, 1, cfg.datasets.tensor_cut, generator=gen)
+    metas = [{"path": "x.wav", "class": "Beach", "channels": [2 * i, 2 * i + 1], "start": 0}
+             for i in range(BATCH)]
+    return wavs, metas
+
+
+def init_codebooks(parts, wavs) -> None:
+    """One training forward: k-means initialises the codebooks (not part of the step under test)."""
+    with torch.no_grad():
+        parts.raw_model.train()(wavs.flatten(0, 1))
+
+
+# ----------------------------------------------------------------------------------------
+# The step
+
+
+def test_train_step_applies_the_design_documents_loss_and_its_gradients():
+    cfg, runtime, parts = tiny_setup()
+    wavs, metas = make_batch(cfg)
+    init_codebooks(parts, wavs)
+    model, disc, pairwise = (copy.deepcopy(m) for m in (parts.raw_model, parts.raw_disc, parts.pairwise))
+
+    result = train_step(parts, runtime, wavs, metas, step=3, adversarial=True, update_disc=True,
+                        grad_clip=0.0, bins=cfg.model.bins)
+    assert result.ok
+
+    # The same step written out: sum over channels of the weighted losses + commitment,
+    # plus the pairwise losses; the discriminator's hinge loss on real and detached fake.
+    x = wavs.flatten(0, 1)
+    out = model.train()(x, return_embeddings=True)
+    fake_logits, fake_fmaps = disc(out.audio)
+    real_fmaps = [[f.detach() for f in scale] for scale in disc(x)[1]]
+    items = parts.generator_loss(x, out.audio, fake_logits, real_fmaps, fake_fmaps)
+    per_channel = lambda t: t.reshape(BATCH, VIEWS).mean(0)  # noqa: E731
+    weights = cfg.losses
+    total = sum(weights[name] * per_channel(value).sum() for name, value in items.items())
+    total = total + weights.commit * per_channel(out.commit_per_item).sum()
+    pair = pairwise(split_views(out.embeddings, VIEWS), 3, classes=["Beach"] * BATCH,
+                    channels=torch.tensor([m["channels"] for m in metas]))
+    total = total + pair["l_sim"] + pair["l_div"]
+    model.zero_grad()
+    total.backward()
+    assert result.scalars["loss_g"] == pytest.approx(total.item(), rel=1e-5)
+    assert result.scalars["l_f_ch2"] == pytest.approx(per_channel(items["l_f"])[1].item(), rel=1e-5)
+    for (name, got), want in zip(parts.raw_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    disc.zero_grad()
+    logits = disc(torch.cat([x, out.audio.detach()]))[0]
+    loss_d = per_channel(discriminator_loss([l[:BATCH * VIEWS] for l in logits],
+                                            [l[BATCH * VIEWS:] for l in logits])).sum()
+    loss_d.backward()
+    assert result.scalars["loss_d"] == pytest.approx(loss_d.item(), rel=1e-5)
+    for got, want in zip(parts.raw_disc.parameters(), disc.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6)
+
+    # The update used the learning rate of step 3, and moved the weights.
+    assert result.scalars["lr_g"] == pytest.approx(cfg.optimization.lr * parts.schedule(3))
+    assert any(not torch.equal(a, b) for a, b in zip(parts.raw_model.parameters(), model.parameters()))
+
+
+def test_non_finite_step_changes_nothing_and_restores_the_codebooks():
+    cfg, runtime, parts = tiny_setup()
+    wavs, metas = make_batch(cfg)
+    init_codebooks(parts, wavs)
+    codebooks = {name: b.clone() for name, b in parts.raw_model.named_buffers()}
+    weights = [p.clone() for p in parts.raw_model.parameters()]
+    real_forward = type(parts.generator_loss).forward
+
+    def nan_time_loss(self, *args, **kwargs):
+        losses = real_forward(self, *args, **kwargs)
+        return {**losses, "l_t": losses["l_t"] * float("nan")}
+
+    parts.generator_loss.forward = nan_time_loss.__get__(parts.generator_loss)
+    result = train_step(parts, runtime, wavs, metas, step=0, adversarial=True, update_disc=True,
+                        grad_clip=0.0, bins=cfg.model.bins)
+    assert not result.ok
+    for name, buffer in parts.raw_model.named_buffers():
+        assert torch.equal(buffer, codebooks[name]), f"{name} kept the skipped step's update"
+    assert all(torch.equal(p, w) for p, w in zip(parts.raw_model.parameters(), weights))
+    assert all(p.grad is None for p in parts.raw_model.parameters())
+
+    del parts.generator_loss.forward  # a finite step does update the codebooks
+    assert train_step(parts, runtime, wavs, metas, step=0, adversarial=True, update_disc=True,
+                      grad_clip=0.0, bins=cfg.model.bins).ok
+    assert any(not torch.equal(b, codebooks[name]) for name, b in parts.raw_model.named_buffers())
+
+
+# ----------------------------------------------------------------------------------------
+# The discriminator's paths
+
+
+def test_generator_losses_through_the_fake_path_train_only_the_generator():
+    cfg, runtime, parts = tiny_setup()
+    wavs, _ = make_batch(cfg)
+    x = wavs.flatten(0, 1)
+    y = (x + 0.01 * torch.randn_like(x)).requires_grad_()
+    adversarial = discriminate(parts, runtime, x, y, BATCH, VIEWS, update_disc=False)
+    assert adversarial.loss_d is None
+    (feature_matching_loss(adversarial.real_fmaps, adversarial.fake_fmaps).sum()
+     + sum(logit.sum() for logit in adversarial.fake_logits)).backward()
+    assert all(p.grad is None for p in parts.raw_disc.parameters())
+    assert y.grad is not None and y.grad.abs().sum() > 0
+
+    y.grad = None
+    adversarial = discriminate(parts, runtime, x, y, BATCH, VIEWS, update_disc=True)
+    adversarial.loss_d.backward()  # the discriminator learns from a detached fake
+    assert all(p.grad is not None for p in parts.raw_disc.parameters())
+    assert y.grad is None
+    assert all(p.requires_grad for p in parts.raw_disc.parameters())
+
+
+def test_discriminator_stays_trainable_when_its_frozen_pass_raises():
+    cfg, runtime, parts = tiny_setup()
+    wavs, _ = make_batch(cfg)
+    x = wavs.flatten(0, 1)
+    real_forward = parts.raw_disc.forward
+    calls = []
+
+    def fails_on_the_fake_pass(audio):
+        calls.append(audio)
+        if len(calls) == 2:  # the real pass is first, the frozen fake pass second
+            raise RuntimeError("out of memory")
+        return real_forward(audio)
+
+    parts.raw_disc.forward = fails_on_the_fake_pass
+    with pytest.raises(RuntimeError, match="out of memory"):
+        discriminate(parts, runtime, x, x.clone(), BATCH, VIEWS, update_disc=False)
+    assert all(p.requires_grad for p in parts.raw_disc.parameters())
+
+
+def test_frozen_restores_each_parameters_own_flag():
+    module = torch.nn.Linear(2, 2)
+    module.bias.requires_grad_(False)
+    with pytest.raises(ValueError):
+        with frozen(module):
+            assert not any(p.requires_grad for p in module.parameters())
+            raise ValueError
+    assert module.weight.requires_grad and not module.bias.requires_grad
+
+
+# ----------------------------------------------------------------------------------------
+# Schedules
+
+
+def test_warmup_cosine_schedule():
+    schedule = WarmupCosine(warmup_steps=4, total_steps=12)
+    assert [schedule(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert schedule(4) == pytest.approx(1.0)
+    assert schedule(8) == pytest.approx(0.5)  # half way through the cosine
+    assert schedule(12) == pytest.approx(0.0) and schedule(30) == pytest.approx(0.0)
+    after = [schedule(s) for s in range(4, 13)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert WarmupCosine(warmup_steps=0, total_steps=10)(0) == pytest.approx(1.0)
+
+
+def test_discriminator_starts_after_warmup_unless_told_otherwise():
+    cfg = make_config("config_paired_nq2", ["lr_scheduler.warmup_epoch=5"], tiny=False)
+    assert engine.discriminator_start_epoch(cfg) == 6
+    cfg.discriminator.start_epoch = 3
+    assert engine.discriminator_start_epoch(cfg) == 3
+
+
+# ----------------------------------------------------------------------------------------
+# Two ranks
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_on_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        cfg = prepare_config(make_config("config_paired_nq2", [
+            "datasets.data_root=unused", "pairwise.channel_classifier.enabled=true"]))
+        seed_everything(cfg.common.seed + rank)  # as engine.train: every rank draws differently
+        parts = build_parts(cfg, Runtime(torch.device("cpu"), rank, world), steps_per_epoch=10)
+        torch.save({"pairwise": parts.pairwise.state_dict(), "model": parts.raw_model.state_dict()},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_builds_the_same_channel_classifier_head(tmp_path):
+    mp.spawn(build_on_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["pairwise"], "the head was not built"
+    for part in ("pairwise", "model"):
+        for name, value in ranks[0][part].items():
+            assert torch.equal(value, ranks[1][part][name]), f"{part}.{name} differs between ranks"

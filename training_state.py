@@ -1,0 +1,149 @@
+"""The training state: where training is (`Progress`), what a checkpoint holds, whether a
+checkpoint fits the current config, restoring it, and which checkpoint to resume from.
+
+A checkpoint's position (`epoch`, `batch`, `step`) is where training continues: `batch`
+batches of `epoch` are done. A checkpoint saved after the last batch of an epoch but before
+that epoch's validation (a stop right there) therefore resumes into the validation, the
+best-model check and the periodic checkpoint of that epoch; a checkpoint saved after them
+points at the next epoch.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import checkpoints as ckpt_io
+import distributed
+from configuration import ConfigError
+from parts import Parts
+from runtime import Runtime
+
+# Settings that change the shape of a saved tensor.
+SHAPE_KEYS = ([("model", k) for k in ("n_q", "bins", "dimension", "filters", "ratios",
+                                      "residual_layers", "lstm", "norm", "channels")]
+              + [("discriminator", k) for k in ("filters", "n_ffts", "enabled")]
+              + [("pairwise", "channel_classifier")])
+
+
+@dataclass
+class Progress:
+    """Where training is and what it has seen so far.
+
+    Attributes:
+        epoch: the epoch in progress (from 1).
+        batch: batches of `epoch` done (position in the epoch, not a size).
+        step: optimizer steps done, all epochs.
+        skipped_in_a_row, skipped_total: non-finite steps skipped.
+        best: best value of `checkpoint.best_metric` so far (lower is better).
+        last_val: the scalars of the last validation.
+        wandb_id: the wandb run to continue.
+    """
+    epoch: int = 1
+    batch: int = 0
+    step: int = 0
+    skipped_in_a_row: int = 0
+    skipped_total: int = 0
+    best: float = math.inf
+    last_val: dict[str, float] = field(default_factory=dict)
+    wandb_id: str | None = None
+
+
+def training_state(parts: Parts, cfg: DictConfig, progress: Progress) -> dict[str, Any]:
+    """Everything needed to continue bit-exactly, as tensors and plain types.
+
+    Every rank calls it: the random states of all ranks are gathered (one entry per rank).
+    """
+    return {
+        "model": parts.raw_model.state_dict(),
+        "discriminator": state_or_empty(parts.raw_disc),
+        "pairwise": state_or_empty(parts.pairwise),
+        "opt_g": parts.opt_g.state_dict(),
+        "opt_d": state_or_empty(parts.opt_d),
+        "scaler_g": parts.scaler_g.state_dict(),
+        "scaler_d": parts.scaler_d.state_dict(),
+        "balancer": state_or_empty(parts.balancer),
+        "epoch": progress.epoch, "batch": progress.batch, "step": progress.step,
+        "skipped_total": progress.skipped_total, "best": progress.best, "val": progress.last_val,
+        "wandb_id": progress.wandb_id,
+        "rng": distributed.gather_to_main([ckpt_io.capture_rng_state()]),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def state_or_empty(part: Any) -> dict[str, Any]:
+    """`part.state_dict()`, or {} for a part that this run does not have."""
+    return part.state_dict() if part is not None else {}
+
+
+def check_compatible(ckpt: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    """Name the settings that change shapes, instead of a wall of size mismatches."""
+    old = ckpt.get("config", {})
+    diffs = []
+    for group, key in SHAPE_KEYS:
+        saved = old.get(group, {}).get(key)
+        now = OmegaConf.to_container(cfg[group], resolve=True)[key]
+        if saved is not None and saved != now:
+            diffs.append(f"{group}.{key}: checkpoint {saved} vs now {now}")
+    if (old.get("datasets", {}).get("views", 1) >= 2) != (cfg.datasets.views >= 2):
+        diffs.append("training mode (mono vs paired)")
+    if diffs:
+        raise ConfigError(
+            f"cannot resume from {path}: the config changes shapes ({'; '.join(diffs)}). "
+            "Resume with the original settings, or start a new run with another "
+            "checkpoint.save_folder.")
+
+
+def restore_training_state(parts: Parts, runtime: Runtime, ckpt: dict[str, Any], cfg: DictConfig,
+                           path: Path) -> Progress:
+    """Load `ckpt` into `parts` and the random generators; returns where training continues."""
+    check_compatible(ckpt, cfg, path)
+    try:
+        parts.raw_model.load_state_dict(ckpt["model"])
+        if parts.raw_disc is not None and ckpt.get("discriminator"):
+            parts.raw_disc.load_state_dict(ckpt["discriminator"])
+        if parts.pairwise is not None and ckpt.get("pairwise"):
+            parts.pairwise.load_state_dict(ckpt["pairwise"])
+    except RuntimeError as e:
+        raise ConfigError(f"cannot resume from {path}: {e}") from e
+    parts.opt_g.load_state_dict(ckpt["opt_g"])
+    if parts.opt_d is not None and ckpt.get("opt_d"):
+        parts.opt_d.load_state_dict(ckpt["opt_d"])
+    parts.scaler_g.load_state_dict(ckpt["scaler_g"])
+    parts.scaler_d.load_state_dict(ckpt["scaler_d"])
+    if parts.balancer is not None and ckpt.get("balancer"):
+        parts.balancer.load_state_dict(ckpt["balancer"])
+    restore_rng(ckpt["rng"], runtime, path)
+    return Progress(epoch=ckpt["epoch"], batch=ckpt["batch"], step=ckpt["step"],
+                    skipped_total=ckpt.get("skipped_total", 0), best=ckpt.get("best", math.inf),
+                    last_val=ckpt.get("val", {}), wandb_id=ckpt.get("wandb_id"))
+
+
+def restore_rng(rng: list[dict[str, Any]], runtime: Runtime, path: Path) -> None:
+    """Each rank takes its own saved random state (rank 0's when the world size changed)."""
+    if len(rng) != runtime.world_size:
+        warnings.warn(f"{path} was saved by {len(rng)} process(es), this run has "
+                      f"{runtime.world_size}: every rank restores rank 0's random state, so the "
+                      "run continues correctly but not bit-identically.")
+    ckpt_io.restore_rng_state(rng[runtime.rank] if len(rng) == runtime.world_size else rng[0])
+
+
+def find_resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """`checkpoint.resume_path`, else the newest checkpoint in `checkpoint.save_folder` when
+    `checkpoint.resume` is on, else None (a fresh start)."""
+    if cfg.checkpoint.resume_path:
+        path = Path(cfg.checkpoint.resume_path)
+        if not path.is_file():
+            raise ConfigError(f"checkpoint.resume_path={path} does not exist.")
+        return path
+    if not cfg.checkpoint.resume:
+        return None
+    path = ckpt_io.latest_checkpoint(cfg.checkpoint.save_folder)
+    if path is None:
+        warnings.warn(f"checkpoint.resume=true but no checkpoint in {cfg.checkpoint.save_folder}; "
+                      "starting from scratch.")
+    return path

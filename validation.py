@@ -1,0 +1,297 @@
+"""Validation: the fixed validation pairs, measured one way for the engine's per-epoch
+validation and for `evaluate.py`.
+
+Both build the items from the config with `validation_dataset`, measure each batch with
+`measure_batch` (one forward over all views, and the swap test between views 1 and 2) and
+feed `metrics.MetricAccumulator` with `accumulate`, in item order. On top of that, the
+engine's `validate` adds the per-channel training losses, splits the items over the ranks
+and writes a few items as audio; `evaluate_model` keeps a few waveforms for the report.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import soundfile as sf
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import distributed
+import metrics
+from model import EncodecModel, EncodecOutput
+from paired_channel_dataset import PairedChannelDataset
+from pairwise_losses import split_views
+from parts import Parts
+from runtime import Runtime
+from tracking import Tracker
+from training_step import per_view_means
+
+log = logging.getLogger("encodec")
+
+# Logged on the console after each validation (all of them go to wandb).
+VAL_SUMMARY = ("val/l_f_ch1", "val/l_sim", "val/l_div", "val/si_snr", "val/mel_distance",
+               "val/agreement_cb1", "val/chance_agreement_cb1", "val/agreement_cb2",
+               "val/chance_agreement_cb2", "val/probe_accuracy_cb1", "val/probe_accuracy_cb2")
+
+
+# ----------------------------------------------------------------------------------------
+# The items
+
+
+def validation_config(cfg: DictConfig) -> DictConfig:
+    """`cfg` with at least two views per item.
+
+    Mono models are validated on pairs too (each channel encoded separately), so that
+    their cross-channel agreement, swap test and probe are measured on the same pairs as
+    paired models'.
+    """
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.datasets.views = max(2, cfg.datasets.views)
+    return cfg
+
+
+def validation_dataset(cfg: DictConfig) -> PairedChannelDataset:
+    """The `datasets.val_pairs` fixed validation items of `datasets.val_classes`."""
+    dataset = PairedChannelDataset(validation_config(cfg), "val")
+    if len(dataset) == 0:
+        raise ValueError(f"no validation items for classes {list(cfg.datasets.val_classes)} in "
+                         f"{cfg.datasets.data_root}: raise datasets.val_pairs or check the classes.")
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------
+# Measuring a batch
+
+
+@dataclass
+class MeasuredBatch:
+    """One validation batch, measured, on the CPU: what the metric accumulator takes.
+
+    Attributes:
+        wavs: `[B, V, C, T]` inputs.
+        audio: `[B, V, C, T]` reconstructions.
+        codes: `[B, V, n_q, F]`.
+        embeddings: `n_q` tensors `[B, V, D, F]`.
+        metas: the items' metadata (`channels` gives the probe's labels).
+        swap: per-item swap-test results `{variant: {metric: [B]}}`, or None (fewer than 2
+            codebooks or views).
+        swap_audio: `[B, C, T]` decoded swap (content codebook of view 1, the others of
+            view 2), or None.
+    """
+    wavs: Tensor
+    audio: Tensor
+    codes: Tensor
+    embeddings: list[Tensor]
+    metas: list[dict[str, Any]]
+    swap: dict[str, dict[str, Tensor]] | None = None
+    swap_audio: Tensor | None = None
+
+    @property
+    def channels(self) -> Tensor:
+        """`[B, V]` microphone channel of each view."""
+        return torch.tensor([list(m["channels"]) for m in self.metas], dtype=torch.long)
+
+
+def latent_decoder(model: EncodecModel, scale: Tensor | None,
+                   length: int) -> Callable[[Tensor, str], Tensor]:
+    """`decode(latent, view)` for `metrics.swap_test`: decoder, trim, and the view's level.
+
+    `scale` `[B, V, 1, 1]` (or None without audio normalisation): the loudness restored for
+    the view ('a' = 0, 'b' = 1) that provides the channel codebooks.
+    """
+    def decode(latent: Tensor, view: str) -> Tensor:
+        audio = model.decoder(latent)[..., :length]
+        return audio if scale is None else audio * scale[:, "ab".index(view)]
+    return decode
+
+
+def swap_batch(model: EncodecModel, wavs: Tensor, embeddings: list[Tensor],
+               content_codebook: int) -> tuple[dict[str, dict[str, Tensor]], Tensor]:
+    """The swap test between views 1 and 2 of `wavs [B, V, C, T]` (`embeddings`: `n_q`
+    tensors `[B, V, D, F]`): per-item results and the decoded swap `[B, C, T]`."""
+    batch_size, views, _, length = wavs.shape
+    _, scale = model.normalize(wavs.flatten(0, 1))  # the level each view is restored to
+    scale = None if scale is None else scale.reshape(batch_size, views, 1, 1)
+    emb_a, emb_b = [e[:, 0] for e in embeddings], [e[:, 1] for e in embeddings]
+    decode = latent_decoder(model, scale, length)
+    swap = metrics.swap_test(decode, emb_a, emb_b, wavs[:, 0], wavs[:, 1], model.sample_rate,
+                             content_codebook)
+    sources = metrics.swap_variants(model.n_q, content_codebook)["swap"]
+    return swap, decode(metrics.mix_embeddings(sources, emb_a, emb_b), "b")
+
+
+def by_view(t: Tensor, batch_size: int, views: int) -> Tensor:
+    """`[B*V, ...]` (view-major inside an item) -> `[B, V, ...]`."""
+    return t.reshape(batch_size, views, *t.shape[1:])
+
+
+@torch.no_grad()
+def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]], content_codebook: int,
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                  ) -> tuple[MeasuredBatch, EncodecOutput]:
+    """One forward over the V views of `wavs [B, V, C, T]` (on the model's device, under
+    `autocast`), and the swap test between views 1 and 2 (in float32) with the content
+    codebook `content_codebook` (`pairwise.content_codebook`).
+
+    Returns the measured batch (on the CPU) and the model's output on `wavs.flatten(0, 1)`.
+    """
+    batch_size, views = wavs.shape[:2]
+    with autocast():
+        out = model(wavs.flatten(0, 1), return_embeddings=True)
+    embeddings = [by_view(e.float(), batch_size, views) for e in out.embeddings]
+    swap, swap_audio = None, None
+    if model.n_q >= 2 and views >= 2:
+        swap, swap_audio = swap_batch(model, wavs, embeddings, content_codebook)
+        swap = {variant: {name: value.cpu() for name, value in values.items()}
+                for variant, values in swap.items()}
+        swap_audio = swap_audio.cpu()
+    measured = MeasuredBatch(
+        wavs=wavs.cpu(), audio=by_view(out.audio.float(), batch_size, views).cpu(),
+        codes=by_view(out.codes, batch_size, views).cpu(), embeddings=[e.cpu() for e in embeddings],
+        metas=list(metas), swap=swap, swap_audio=swap_audio)
+    return measured, out
+
+
+def accumulate(acc: metrics.MetricAccumulator, measured: MeasuredBatch) -> None:
+    """Feed one measured batch to the accumulator."""
+    acc.update(measured.wavs, measured.audio, measured.codes, measured.embeddings, measured.channels,
+               measured.swap)
+
+
+# ----------------------------------------------------------------------------------------
+# evaluate.py: one model over the validation items
+
+
+@torch.no_grad()
+def evaluate_model(model: EncodecModel, bins: int, batches: Iterable[tuple[Tensor, list[dict]]], *,
+                   content_codebook: int, probe_steps: int, keep_examples: int,
+                   desc: str = "evaluate") -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Run `model` over paired batches `(wavs [B, V, 1, T], metas)`.
+
+    `content_codebook` is the model's `pairwise.content_codebook`, `probe_steps` the probe's
+    L-BFGS iterations, `desc` the progress bar's label. Returns `(results, examples)`:
+    `MetricAccumulator.compute()` results, and the first `keep_examples` items' inputs,
+    reconstructions and swap as `{name: [items, T]}`.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    acc = metrics.MetricAccumulator(model.n_q, bins, model.sample_rate, model.frame_rate, probe_steps)
+    examples: dict[str, list[Tensor]] = {}
+    for wavs, metas in tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True):
+        measured, _ = measure_batch(model, wavs.to(device), metas, content_codebook)
+        accumulate(acc, measured)
+        keep_examples_of(examples, keep_examples, measured)
+    if acc.num_items == 0:
+        raise ValueError("no validation items to evaluate")
+    return acc.compute(), {name: torch.cat(parts) for name, parts in examples.items()}
+
+
+def keep_examples_of(examples: dict[str, list[Tensor]], limit: int, measured: MeasuredBatch) -> None:
+    """Add the batch's first items to `examples` until `limit` items are kept (first audio
+    channel of each view: `input_a`, `input_b`, `recon_a`, `recon_b`, `swap`)."""
+    kept = sum(len(part) for part in examples.get("input_a", []))
+    take = min(limit - kept, measured.wavs.shape[0])
+    if take <= 0:
+        return
+    wavs, audio, swap = measured.wavs, measured.audio, measured.swap_audio
+    paired = wavs.shape[1] > 1
+    waves = {"input_a": wavs[:take, 0], "input_b": wavs[:take, 1] if paired else None,
+             "recon_a": audio[:take, 0], "recon_b": audio[:take, 1] if paired else None,
+             "swap": None if swap is None else swap[:take]}
+    for name, value in waves.items():
+        if value is not None:
+            examples.setdefault(name, []).append(value[:, 0].float())
+
+
+# ----------------------------------------------------------------------------------------
+# The engine: per-epoch validation
+
+
+@torch.no_grad()
+def validation_losses(parts: Parts, x: Tensor, out: EncodecOutput, measured: MeasuredBatch,
+                      step: int) -> dict[str, float]:
+    """The training losses of a validation batch at optimizer step `step`, summed over its
+    items: reconstruction losses per channel (`l_t_ch1`, ...) and the pairwise losses (with
+    the channel classifier's `l_cls` when it is on)."""
+    batch_size, views = measured.wavs.shape[:2]
+    per_view = per_view_means(parts.generator_loss(x, out.audio.float()), batch_size, views)
+    sums = {f"{name}_ch{v + 1}": values[v] * batch_size
+            for name, values in per_view.items() for v in range(views)}
+    if parts.pairwise is not None:
+        pair = parts.pairwise(split_views(out.embeddings, views), step,
+                              classes=[m["class"] for m in measured.metas], channels=measured.channels)
+        sums.update({k: pair[k] * batch_size for k in ("l_sim", "l_div", "l_cls", "sim", "div") if k in pair})
+    return {name: float(value) for name, value in sums.items()}
+
+
+@torch.no_grad()
+def validate(parts: Parts, runtime: Runtime, cfg: DictConfig, loader: DataLoader, epoch: int,
+             step: int, tracker: Tracker, audio_dir: Path | None) -> dict[str, float]:
+    """Over ALL fixed validation items: mean losses per channel, pairwise losses, and the
+    metrics of `metrics.MetricAccumulator` (SI-SNR, mel distance, perplexity, cross-channel
+    code agreement against chance, the swap test, the channel-identity probe).
+
+    Each rank measures its block of the items (`loader`); the measured batches are gathered
+    on rank 0 in item order, so the numbers are those of a single process. Returns the
+    scalars on rank 0 (an empty dict elsewhere).
+    """
+    parts.model.eval()
+    model = parts.raw_model
+    batches: list[tuple[MeasuredBatch, dict[str, float]]] = []
+    for wavs, metas in loader:
+        wavs = wavs.to(runtime.device)
+        measured, out = measure_batch(model, wavs, metas, cfg.pairwise.content_codebook, runtime.autocast)
+        batches.append((measured, validation_losses(parts, wavs.flatten(0, 1), out, measured, step)))
+    batches = distributed.gather_to_main(batches)
+    if not runtime.is_main:
+        return {}
+    acc = metrics.MetricAccumulator(n_q=model.n_q, bins=cfg.model.bins,
+                                    sample_rate=model.sample_rate, frame_rate=model.frame_rate)
+    loss_sums: dict[str, float] = {}
+    for measured, sums in batches:
+        accumulate(acc, measured)
+        for name, value in sums.items():
+            loss_sums[name] = loss_sums.get(name, 0.0) + value
+    scalars = {f"val/{name}": value / acc.num_items for name, value in loss_sums.items()}
+    scalars.update({f"val/{name}": value for name, value in metrics.flatten_metrics(acc.compute()).items()})
+    log.info("validation epoch %d: %s", epoch, " ".join(
+        f"{k[4:]}={scalars[k]:.4g}" for k in VAL_SUMMARY if k in scalars))
+    tracker.log({**scalars, "epoch": epoch}, step)
+    to_save = [(measured.wavs[i], measured.audio[i], measured.metas[i])
+               for measured, _ in batches for i in range(len(measured.metas))][:cfg.checkpoint.save_audio]
+    if audio_dir is not None and to_save:
+        write_validation_audio(to_save, audio_dir / f"epoch{epoch:04d}", cfg.model.sample_rate,
+                               tracker, step)
+    return scalars
+
+
+def write_validation_audio(items: list[tuple[Tensor, Tensor, dict[str, Any]]], folder: Path,
+                           sample_rate: int, tracker: Tracker, step: int) -> None:
+    """Input and reconstruction `[V, 1, T]` of every view of each item as WAV files, and to
+    wandb as audio and log-mel spectrograms (one row per item: input and reconstruction of
+    each view)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    audio, rows = {}, []
+    for i, (inp, rec, meta) in enumerate(items):
+        waves = {}
+        for v, channel in enumerate(meta["channels"]):
+            for kind, wav in (("input", inp[v]), ("recon", rec[v])):
+                data = wav.squeeze(0).numpy()
+                sf.write(folder / f"item{i}_ch{channel}_{kind}.wav", data, sample_rate, subtype="FLOAT")
+                audio[f"audio/item{i}_view{v + 1}_{kind}"] = data
+                waves[f"{kind}_{v + 1}"] = wav.squeeze(0)
+        rows.append((f"item{i} ch{list(meta['channels'])}", waves))
+    columns = tuple(f"{kind}_{v + 1}" for v in range(len(items[0][0])) for kind in ("input", "recon"))
+    tracker.log_audio(audio, sample_rate, step)
+    if tracker.run is not None:
+        import plotting  # matplotlib only when wandb takes images
+        figure = plotting.spectrogram_figure(rows, sample_rate, columns)
+        tracker.log_images({"val/spectrograms": figure}, step)
+        plotting.plt.close(figure)
