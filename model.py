@@ -40,12 +40,15 @@ class EncodecOutput:
             vectors before this step's EMA update, i.e. the ones that were decoded).
         commit_per_item: `[B]` commitment loss of each item (its mean is `commit_loss`), so
             that a batch of several channel views can report one value per channel.
+        latent: `[B, D, F]` the encoder output before quantization (with its graph): where
+            the training step compares the gradients of its loss terms.
     """
     audio: torch.Tensor
     commit_loss: torch.Tensor
     codes: torch.Tensor
     embeddings: list[torch.Tensor] | None = None
     commit_per_item: torch.Tensor | None = None
+    latent: torch.Tensor | None = None
 
 
 class EncodecModel(nn.Module):
@@ -165,10 +168,12 @@ class EncodecModel(nn.Module):
         """
         self._check_audio(x)
         x_normalized, scale = self.normalize(x, scale)
-        q = self.quantizer(self.encoder(x_normalized), return_embeddings=return_embeddings)
+        latent = self.encoder(x_normalized)
+        q = self.quantizer(latent, return_embeddings=return_embeddings)
         audio = self._restore(self.decoder(q.quantized), scale, x.shape[-1])
         return EncodecOutput(audio=audio, commit_loss=q.commit_loss, codes=q.codes,
-                             embeddings=q.embeddings, commit_per_item=q.commit_per_item)
+                             embeddings=q.embeddings, commit_per_item=q.commit_per_item,
+                             latent=latent)
 
     def encode(self, x: torch.Tensor, return_scale: bool = False,
                scale: torch.Tensor | None = None

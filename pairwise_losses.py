@@ -549,6 +549,10 @@ class PairwiseLoss(nn.Module):
         ild_reversal (float): Gradient reversal factor between codebook 1 and the twin.
         ild_bands, ild_hidden (int): Bands predicted, hidden width of both heads.
         ild_floor_db (float): Floor of the loss normaliser (see `level_difference_loss`).
+        wait_for_kmeans (bool): The terms also wait for every codebook's k-means (`active`).
+        shared_scale (bool): The step normalises the views of an item by their common RMS
+            (`EncodecModel.shared_scale`), so level differences between channels stay in the
+            latent; read by the training step and the validation.
     """
 
     def __init__(self, sim_weight: float = 0.5, div_weight: float = 0.5, sim_kind: str = 'mse',
@@ -562,7 +566,8 @@ class PairwiseLoss(nn.Module):
                  nce_same_segment_negatives: bool = False, nce_projection: int = 0,
                  xrec_weight: float = 0.0, ild_head: bool = False, ild_weight: float = 0.3,
                  ild_adv_weight: float = 0.3, ild_reversal: float = 1.0, ild_bands: int = 8,
-                 ild_hidden: int = 128, ild_floor_db: float = 0.5):
+                 ild_hidden: int = 128, ild_floor_db: float = 0.5,
+                 wait_for_kmeans: bool = False, shared_scale: bool = False):
         super().__init__()
         if sim_kind not in SIM_KINDS:
             raise ValueError(f"pairwise.sim_kind={sim_kind!r}: use one of {SIM_KINDS}")
@@ -600,6 +605,8 @@ class PairwiseLoss(nn.Module):
         self.schedule = schedule
         self.ramp_steps = int(ramp_steps)
         self.start_step = int(start_step)
+        self.wait_for_kmeans = bool(wait_for_kmeans)
+        self.shared_scale = bool(shared_scale)
         self.class_weights = {str(k): float(v) for k, v in (class_weights or {}).items()}
         self.temperature = float(temperature)
         self.nce_pooling = nce_pooling
@@ -655,23 +662,26 @@ class PairwiseLoss(nn.Module):
                    ild_head=bool(ild.enabled), ild_weight=float(ild.weight),
                    ild_adv_weight=float(ild.adv_weight), ild_reversal=float(ild.reversal),
                    ild_bands=int(ild.n_bands), ild_hidden=int(ild.hidden),
-                   ild_floor_db=float(ild.floor_db))
+                   ild_floor_db=float(ild.floor_db), wait_for_kmeans=bool(cfg.wait_for_kmeans),
+                   shared_scale=bool(cfg.shared_scale))
 
     # ------------------------------------------------------------------ schedule
-    def schedule_factor(self, step: int) -> float:
+    def schedule_factor(self, step: int, codebooks_initialized: bool = True) -> float:
         """Multiplier of the scheduled weights at optimizer step `step` (0 before
-        `start_step`)."""
-        if step < self.start_step:
+        `start_step`, and with `wait_for_kmeans` while a codebook has not done its k-means:
+        contrast on provisional codes teaches nothing)."""
+        if step < self.start_step or (self.wait_for_kmeans and not codebooks_initialized):
             return 0.0
         if self.schedule == 'linear':
             return min(1.0, (step - self.start_step) / self.ramp_steps)
         return 1.0
 
-    def is_active(self, step: int) -> bool:
+    def is_active(self, step: int, codebooks_initialized: bool = True) -> bool:
         """Whether the scheduled terms count at `step`. The step may skip `forward` and the
-        cross-reconstruction decode while False (every rank at once: the step is global);
-        the classifier, if on, is unscheduled and needs `forward` anyway."""
-        return self.schedule_factor(step) > 0
+        cross-reconstruction decode while False (every rank at once: the step is global and
+        the codebooks are identical on every rank); the classifier, if on, is unscheduled
+        and needs `forward` anyway."""
+        return self.schedule_factor(step, codebooks_initialized) > 0
 
     @property
     def uses_xrec(self) -> bool:
@@ -752,7 +762,8 @@ class PairwiseLoss(nn.Module):
     def forward(self, views: tp.Sequence[View], step: int,
                 classes: tp.Sequence[str] | None = None,
                 channels: torch.Tensor | None = None,
-                ild_targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                ild_targets: torch.Tensor | None = None,
+                codebooks_initialized: bool = True) -> dict[str, torch.Tensor]:
         """Pairwise losses of V >= 2 views (each a list of per-codebook `[B, D, F]`).
 
         Args:
@@ -763,6 +774,8 @@ class PairwiseLoss(nn.Module):
             ild_targets (torch.Tensor, optional): Inter-channel level differences for the
                 level-difference head: `[B, n_bands]` dB (level of view 0 minus view 1) or
                 per-view band levels `[B, V, n_bands]` dB, measured on the pair at ONE scale.
+            codebooks_initialized (bool): Whether every codebook has done its k-means
+                (`EncodecModel.codebooks_initialized`), for `wait_for_kmeans`.
         Returns:
             dict: Weighted scalars to add to the generator loss (`LOSS_TERMS`): 'l_sim',
             'l_div', and when on 'l_cls', 'l_ild' (head on the channel codebook) and
@@ -785,7 +798,7 @@ class PairwiseLoss(nn.Module):
             if len(classes) != sim.shape[0]:
                 raise ValueError(f"got {len(classes)} classes for a batch of {sim.shape[0]}")
             weighted_sim = sim * self.item_weights(classes, sim)
-        factor = self.schedule_factor(step)
+        factor = self.schedule_factor(step, codebooks_initialized)
         out = {'l_sim': factor * self.sim_weight * weighted_sim.mean(),
                'l_div': factor * self.div_weight * div.mean(),
                'sim': sim.mean().detach(), 'div': div.mean().detach(),

@@ -5,7 +5,8 @@ A step is the same code for mono (V = 1) and paired (V = 2) training: the V view
 segments go through the generator as ONE batch of B*V (view-major inside an item), the
 result is split back into views for per-channel losses, and the pairwise losses compare the
 views' codebook embeddings. The generator loss is the design document's sum over channels:
-`sum_v (l_t + l_f + l_g + l_feat + commit)_v + l_sim + l_div` (weighted).
+`sum_v (l_t + l_f + l_g + l_feat + commit)_v + l_sim + l_div` (weighted), plus the terms the
+pairwise recipe adds (cross-reconstruction `l_xrec`, the level-difference heads).
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from torch import nn
 
 import distributed
 import metrics
+import spatial_cues
 from losses import discriminator_loss
-from model import EncodecOutput
-from pairwise_losses import split_views
+from model import EncodecModel, EncodecOutput
+from pairwise_losses import LOSS_TERMS, split_views
 from parts import Parts, set_learning_rates
 from runtime import Runtime
 
@@ -117,10 +119,72 @@ def discriminate(parts: Parts, runtime: Runtime, x: torch.Tensor, y: torch.Tenso
     return adversarial
 
 
-def generator_losses(parts: Parts, out: EncodecOutput, x: torch.Tensor, adversarial: Adversarial,
-                     metas: list[dict[str, Any]], step: int, batch_size: int,
-                     views: int) -> GeneratorLosses:
-    """sum over channels of (weighted l_t, l_f, l_g, l_feat, commit) + l_sim + l_div."""
+def normalisation_scale(parts: Parts, x: torch.Tensor, views: int) -> torch.Tensor | None:
+    """The scale the generator divides `x [B*V, 1, T]` by: each item's common RMS over its
+    views when the pairwise recipe shares it (`pairwise.shared_scale`), so that the level
+    differences between the channels of a pair stay in the latent; None (each view its own
+    RMS, or no normalisation) otherwise."""
+    if (views > 1 and parts.pairwise is not None and parts.pairwise.shared_scale
+            and parts.raw_model.audio_normalize):
+        return EncodecModel.shared_scale(x, views)
+    return None
+
+
+def cross_reconstruction(parts: Parts, views: list[list[torch.Tensor]], x: torch.Tensor,
+                         scale: torch.Tensor | None, step: int) -> dict[str, torch.Tensor]:
+    """Decode the content codebook of each view with the other codebooks of each other view
+    and score it against the other view's waveform, in the reconstruction loss's units
+    (weighted L1 + mel): `{'l_xrec', 'xrec'}`. The decode is restored at the target's scale."""
+    swap = parts.pairwise.swap_latents(views)
+    audio = parts.raw_model.decoder(swap.latents)[..., :x.shape[-1]]
+    if scale is None:
+        scale = parts.raw_model.normalize(x)[1]  # the targets' own scales (None: no normalisation)
+    if scale is not None:
+        audio = audio * scale[swap.target_index]
+    target = x[swap.target_index]
+    per_item = parts.generator_loss.weighted_sum(parts.generator_loss(target, audio))
+    return parts.pairwise.xrec_loss(per_item, step)
+
+
+def level_difference_targets(parts: Parts, x: torch.Tensor, batch_size: int,
+                             views: int) -> torch.Tensor | None:
+    """Per-view band levels `[B, V, n_bands]` dB of the raw views (one scale for all), the
+    targets of the level-difference heads; None when the heads are off."""
+    head = parts.pairwise.ild_head
+    if head is None:
+        return None
+    with torch.no_grad():
+        levels = spatial_cues.band_levels(x.float(), parts.raw_model.sample_rate, n_bands=head.n_bands)
+    return levels.view(batch_size, views, head.n_bands)
+
+
+def pairwise_terms(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torch.Tensor,
+                   scale: torch.Tensor | None, metas: list[dict[str, Any]], step: int, batch_size: int,
+                   views: int) -> dict[str, torch.Tensor]:
+    """The pairwise recipe's terms of one step (weighted `l_*` and unweighted logs). The
+    scheduled terms count once `pairwise.start_step` is reached (and, with
+    `pairwise.wait_for_kmeans`, every codebook has done its k-means); before that only the
+    unscheduled channel classifier runs."""
+    pairwise = parts.pairwise
+    initialized = parts.raw_model.codebooks_initialized
+    active = pairwise.is_active(step, initialized)
+    if not active and pairwise.classifier is None:
+        return {}
+    embeddings = split_views(out.embeddings, views)
+    channels = torch.tensor([m["channels"] for m in metas])  # CPU: range-checked there
+    pair = pairwise(embeddings, step, classes=[m["class"] for m in metas], channels=channels,
+                    ild_targets=level_difference_targets(parts, x, batch_size, views) if active else None,
+                    codebooks_initialized=initialized)
+    if active and pairwise.uses_xrec:
+        with runtime.autocast():
+            pair.update(cross_reconstruction(parts, embeddings, x, scale, step))
+    return pair
+
+
+def generator_losses(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torch.Tensor,
+                     scale: torch.Tensor | None, adversarial: Adversarial, metas: list[dict[str, Any]], step: int,
+                     batch_size: int, views: int) -> GeneratorLosses:
+    """sum over channels of (weighted l_t, l_f, l_g, l_feat, commit) + the pairwise terms."""
     items = parts.generator_loss(x, out.audio, adversarial.fake_logits, adversarial.real_fmaps,
                                  adversarial.fake_fmaps)
     per_view = per_view_means({**items, "commit": out.commit_per_item}, batch_size, views)
@@ -128,12 +192,36 @@ def generator_losses(parts: Parts, out: EncodecOutput, x: torch.Tensor, adversar
     rest = parts.generator_loss.commit_weight * per_view["commit"].sum()
     pair: dict[str, torch.Tensor] = {}
     if parts.pairwise is not None:
-        channels = torch.tensor([m["channels"] for m in metas])  # CPU: range-checked there
-        pair = parts.pairwise(split_views(out.embeddings, views), step,
-                              classes=[m["class"] for m in metas], channels=channels)
-        rest = rest + sum(pair[k] for k in ("l_sim", "l_div", "l_cls") if k in pair)
+        pair = pairwise_terms(parts, runtime, out, x, scale, metas, step, batch_size, views)
+        rest = rest + sum(pair[k] for k in PAIRWISE_LOSS_TERMS if k in pair)
     total = parts.generator_loss.weighted_sum(per_loss) + rest
     return GeneratorLosses(per_view, per_loss, rest, pair, total)
+
+
+# Weighted pairwise terms that join the generator loss, and the unweighted values logged.
+PAIRWISE_LOSS_TERMS = (*LOSS_TERMS, "l_xrec")
+PAIRWISE_LOGGED = (*PAIRWISE_LOSS_TERMS, "sim", "div", "nce_accuracy", "div_cosine", "cls",
+                   "ild", "ild_adv", "xrec")
+
+
+def gradient_ratios(latent: torch.Tensor, losses: GeneratorLosses,
+                    weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """How hard each pairwise term pulls on the encoder output next to the reconstruction:
+    `grad_ratio_<term> = |d l_<term> / d latent| / |d (l_t + l_f) / d latent|` (weighted,
+    summed over views; `weights`: the generator loss's). A ratio of 1e-4 means the term's
+    weight is too small to act; one far above 1 means it dominates the codec. Costs one
+    extra backward through the decoder (and the cross-reconstruction's)."""
+    reconstruction = sum(weights[name] * losses.per_loss[name] for name in ("l_t", "l_f"))
+    reference = torch.autograd.grad(reconstruction, latent, retain_graph=True)[0].norm()
+    ratios = {}
+    for name in PAIRWISE_LOSS_TERMS:
+        term = losses.pair.get(name)
+        if term is None or not term.requires_grad:
+            continue
+        grad = torch.autograd.grad(term, latent, retain_graph=True, allow_unused=True)[0]
+        norm = grad.norm() if grad is not None else reference.new_zeros(())
+        ratios[f"grad_ratio_{name[2:]}"] = norm / reference.clamp_min(1e-20)
+    return ratios
 
 
 def backward(parts: Parts, runtime: Runtime, losses: GeneratorLosses, y: torch.Tensor,
@@ -159,15 +247,17 @@ def backward(parts: Parts, runtime: Runtime, losses: GeneratorLosses, y: torch.T
 
 
 def step_scalars(losses: GeneratorLosses, adversarial: Adversarial, grad_norm_g: torch.Tensor,
-                 grad_norm_d: torch.Tensor, codes: torch.Tensor, bins: int) -> dict[str, float]:
+                 grad_norm_d: torch.Tensor, codes: torch.Tensor, bins: int,
+                 ratios: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Every logged number of a step, moved to the host in ONE transfer."""
     named = {f"{name}_ch{v + 1}": values[v] for name, values in losses.per_view.items()
              for v in range(len(values))}
     named.update({"loss_g": losses.total, "grad_norm_g": grad_norm_g})
-    named.update({k: losses.pair[k] for k in ("l_sim", "l_div", "l_cls", "sim", "div") if k in losses.pair})
+    named.update({k: losses.pair[k] for k in PAIRWISE_LOGGED if k in losses.pair})
     if adversarial.loss_d is not None:
         named.update({"loss_d": adversarial.loss_d, "grad_norm_d": grad_norm_d})
     named.update({f"usage_cb{k + 1}": u for k, u in enumerate(codebook_usage(codes, bins))})
+    named.update(ratios or {})
     values = torch.stack([v.detach().float().reshape(()) for v in named.values()]).cpu()
     return dict(zip(named, values.tolist()))
 
@@ -192,13 +282,14 @@ def discard_step(parts: Parts, codebook_snapshot: dict[str, torch.Tensor]) -> No
 
 def train_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[dict[str, Any]], *,
                step: int, adversarial: bool, update_disc: bool, grad_clip: float,
-               bins: int) -> StepResult:
+               bins: int, measure_gradients: bool = False) -> StepResult:
     """One GAN step on `wavs [B, V, 1, T]` at optimizer step `step`.
 
     The V views of B segments go through the generator as one batch of B*V. `adversarial`:
     the discriminator has started (adversarial losses on); `update_disc`: it also updates
-    this step. Returns the logged scalars, or ok=False when the step was skipped because a
-    loss or gradient was not finite (on any rank).
+    this step; `measure_gradients`: also log `gradient_ratios` (the engine asks on the
+    steps it logs). Returns the logged scalars, or ok=False when the step was skipped
+    because a loss or gradient was not finite (on any rank).
     """
     batch_size, views = wavs.shape[:2]
     x = wavs.to(runtime.device, non_blocking=True).flatten(0, 1)
@@ -206,13 +297,19 @@ def train_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[d
     # The quantizer updates its codebooks (and k-means buffers) during the forward; keep a
     # copy so that a skipped step leaves no trace in them either.
     codebook_snapshot = parts.raw_model.quantizer.snapshot()
+    scale = normalisation_scale(parts, x, views)
     with runtime.autocast():
-        out = parts.model(x, return_embeddings=views > 1)
+        out = parts.model(x, return_embeddings=views > 1, scale=scale)
     adversarial_view = (discriminate(parts, runtime, x, out.audio, batch_size, views, update_disc)
                         if adversarial else Adversarial())
-    losses = generator_losses(parts, out, x, adversarial_view, metas, step, batch_size, views)
+    losses = generator_losses(parts, runtime, out, x, scale, adversarial_view, metas, step,
+                              batch_size, views)
+    ratios = (gradient_ratios(out.latent, losses, parts.generator_loss.weights)
+              if measure_gradients and losses.pair else {})
     grad_norm_g, grad_norm_d = backward(parts, runtime, losses, out.audio, adversarial_view, grad_clip)
-    scalars = step_scalars(losses, adversarial_view, grad_norm_g, grad_norm_d, out.codes, bins)
+    scalars = step_scalars(losses, adversarial_view, grad_norm_g, grad_norm_d, out.codes, bins,
+                           ratios)
+    scalars["kmeans_done"] = float(parts.raw_model.codebooks_initialized)
 
     # Under fp16 the GradScaler skips inf/NaN gradients itself; a non-finite LOSS is ours.
     finite_loss = math.isfinite(scalars["loss_g"]) and math.isfinite(scalars.get("loss_d", 0.0))

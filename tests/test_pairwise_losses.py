@@ -594,7 +594,7 @@ def test_from_config_reads_every_key(cfg_factory):
               "channel_classifier.weight": 0.2, "channel_classifier.num_channels": 6,
               "ild_head.enabled": True, "ild_head.n_bands": 5, "ild_head.hidden": 11,
               "ild_head.weight": 0.6, "ild_head.adv_weight": 0.9, "ild_head.reversal": 0.5,
-              "ild_head.floor_db": 2.0}
+              "ild_head.floor_db": 2.0, "wait_for_kmeans": True, "shared_scale": True}
     heads = ("channel_classifier", "ild_head")
     assert set(values) == {f"{k}.{sub}" if k in heads else k
                            for k, v in group_file("seed").items()
@@ -618,7 +618,8 @@ def test_from_config_reads_every_key(cfg_factory):
             "ild_head.n_bands": loss.ild_twin.n_bands,
             "ild_head.hidden": loss.ild_head.mlp[0].out_features,
             "ild_head.weight": loss.ild_weight, "ild_head.adv_weight": loss.ild_adv_weight,
-            "ild_head.reversal": loss.ild_reversal, "ild_head.floor_db": loss.ild_floor_db}
+            "ild_head.reversal": loss.ild_reversal, "ild_head.floor_db": loss.ild_floor_db,
+            "wait_for_kmeans": loss.wait_for_kmeans, "shared_scale": loss.shared_scale}
     assert read == values
 
 

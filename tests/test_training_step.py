@@ -15,7 +15,7 @@ import engine
 from conftest import make_config
 from configuration import prepare_config
 from losses import discriminator_loss, feature_matching_loss
-from pairwise_losses import split_views
+from pairwise_losses import split_views, swap_latents
 from parts import WarmupCosine, build_parts
 from runtime import Runtime, seed_everything
 from training_step import discriminate, frozen, train_step
@@ -118,6 +118,106 @@ def test_non_finite_step_changes_nothing_and_restores_the_codebooks():
     assert train_step(parts, runtime, wavs, metas, step=0, adversarial=True, update_disc=True,
                       grad_clip=0.0, bins=cfg.model.bins).ok
     assert any(not torch.equal(b, codebooks[name]) for name, b in parts.raw_model.named_buffers())
+
+
+CONTRASTIVE = ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
+               "model.kmeans_buffer=0"]
+
+
+def level_pair(cfg, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+    """Two channels of each segment that differ by 6 dB (and a little noise)."""
+    wavs, metas = make_batch(cfg, seed)
+    wavs[:, 1] = 0.5 * wavs[:, 0] + 0.01 * torch.randn_like(wavs[:, 0])
+    return wavs, metas
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_contrastive_step_adds_cross_reconstruction_at_the_pairs_shared_scale(shared):
+    cfg, runtime, parts = tiny_setup([*CONTRASTIVE, f"pairwise.shared_scale={shared}"])
+    wavs, metas = level_pair(cfg)
+    init_codebooks(parts, wavs)
+    model, pairwise = copy.deepcopy(parts.raw_model), copy.deepcopy(parts.pairwise)
+
+    result = train_step(parts, runtime, wavs, metas, step=3, adversarial=False, update_disc=False,
+                        grad_clip=0.0, bins=cfg.model.bins)
+    assert result.ok and {"l_sim", "l_div", "l_xrec", "xrec", "nce_accuracy"} <= set(result.scalars)
+
+    # Written out: both channels normalised by the pair's common RMS (so the 6 dB stay in the
+    # latent), and the swapped decodes scored against the other channel at that scale.
+    # Without the shared scale, each channel keeps its own, and a swap is restored at its
+    # target's.
+    x = wavs.flatten(0, 1)
+    scale = model.shared_scale(x, VIEWS) if shared else model.normalize(x)[1]
+    assert torch.allclose(scale[0::2], scale[1::2]) == shared
+    out = model.train()(x, return_embeddings=True, scale=scale)
+    items = parts.generator_loss(x, out.audio)
+    per_channel = lambda t: t.reshape(BATCH, VIEWS).mean(0)  # noqa: E731
+    total = sum(cfg.losses[name] * per_channel(value).sum() for name, value in items.items())
+    total = total + cfg.losses.commit * per_channel(out.commit_per_item).sum()
+    views = split_views(out.embeddings, VIEWS)
+    pair = pairwise(views, 3, classes=["Beach"] * BATCH, channels=torch.tensor([m["channels"] for m in metas]))
+    swap = swap_latents(views, content_codebook=0)
+    decoded = model.decoder(swap.latents)[..., :x.shape[-1]] * scale[swap.target_index]
+    xrec = parts.generator_loss.weighted_sum(parts.generator_loss(x[swap.target_index], decoded))
+    total = total + pair["l_sim"] + pair["l_div"] + cfg.pairwise.xrec_weight * xrec.mean()
+    model.zero_grad()
+    total.backward()
+    assert result.scalars["xrec"] == pytest.approx(xrec.mean().item(), rel=1e-5)
+    assert result.scalars["loss_g"] == pytest.approx(total.item(), rel=1e-5)
+    for (name, got), want in zip(parts.raw_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_design_documents_recipe_keeps_a_scale_per_channel():
+    cfg, runtime, parts = tiny_setup()
+    wavs, metas = level_pair(cfg)
+    init_codebooks(parts, wavs)
+    model = copy.deepcopy(parts.raw_model)
+    result = train_step(parts, runtime, wavs, metas, step=3, adversarial=False, update_disc=False,
+                        grad_clip=0.0, bins=cfg.model.bins)
+    out = model.train()(wavs.flatten(0, 1))  # each channel divided by its own RMS
+    l_f = per_view_of(parts.generator_loss(wavs.flatten(0, 1), out.audio)["l_f"])
+    assert result.scalars["l_f_ch2"] == pytest.approx(l_f[1].item(), rel=1e-5)
+    assert "l_xrec" not in result.scalars
+
+
+def per_view_of(values: torch.Tensor) -> torch.Tensor:
+    return values.reshape(BATCH, VIEWS).mean(0)
+
+
+def test_pairwise_terms_wait_for_their_start_step_and_for_kmeans():
+    def scalars(overrides, step, forwards=1):
+        cfg, runtime, parts = tiny_setup([*CONTRASTIVE, *overrides])
+        wavs, metas = level_pair(cfg)
+        for _ in range(forwards):
+            init_codebooks(parts, wavs)
+        return train_step(parts, runtime, wavs, metas, step=step, adversarial=False,
+                          update_disc=False, grad_clip=0.0, bins=cfg.model.bins).scalars
+
+    assert "l_sim" not in scalars(["pairwise.start_step=5"], step=4)
+    assert "l_sim" in scalars(["pairwise.start_step=5"], step=5)
+    waiting = scalars(["model.kmeans_buffer=10"], step=50)  # 24 of 320 vectors gathered
+    assert waiting["kmeans_done"] == 0 and "l_sim" not in waiting and "l_xrec" not in waiting
+    assert "l_sim" in scalars(["model.kmeans_buffer=10", "pairwise.wait_for_kmeans=false"], step=50)
+
+
+def test_gradient_ratios_are_each_terms_pull_on_the_latent_next_to_the_reconstructions():
+    def ratios(overrides):
+        cfg, runtime, parts = tiny_setup([*CONTRASTIVE, *overrides])
+        wavs, metas = level_pair(cfg)
+        init_codebooks(parts, wavs)
+        return train_step(parts, runtime, wavs, metas, step=3, adversarial=False,
+                          update_disc=False, grad_clip=0.0, bins=cfg.model.bins,
+                          measure_gradients=True).scalars
+
+    base = ratios([])
+    assert {"grad_ratio_sim", "grad_ratio_div", "grad_ratio_xrec"} <= set(base)
+    assert base["grad_ratio_sim"] > 0 and base["grad_ratio_xrec"] > 0
+    doubled = ratios(["pairwise.sim_weight=2.0"])  # the same step with twice the weight
+    assert doubled["grad_ratio_sim"] == pytest.approx(2 * base["grad_ratio_sim"], rel=1e-4)
+    assert doubled["grad_ratio_xrec"] == pytest.approx(base["grad_ratio_xrec"], rel=1e-4)
+    heavier_reconstruction = ratios(["losses.l_f=2.0", "losses.l_t=0.2"])
+    assert heavier_reconstruction["grad_ratio_sim"] == pytest.approx(base["grad_ratio_sim"] / 2, rel=1e-4)
 
 
 # ----------------------------------------------------------------------------------------
