@@ -38,7 +38,8 @@ from balancer import Balancer
 from losses import GeneratorLoss, discriminator_loss
 from model import EncodecModel
 from msstftd import MultiScaleSTFTDiscriminator
-from paired_channel_dataset import MonoChannelDataset, PairedChannelDataset, collate_fn
+from paired_channel_dataset import (MonoChannelDataset, PairedChannelDataset, TooManyReadFailures,
+                                    collate_fn)
 from pairwise_losses import PairwiseLoss, split_views
 from tracking import Tracker, setup_logging
 
@@ -665,19 +666,23 @@ def load_training_state(p: Parts, rt: Runtime, ckpt: dict[str, Any], cfg: DictCo
     ckpt_io.restore_rng_state(rng[rt.rank] if len(rng) == rt.world_size else rng[0])
 
 
-def find_resume_checkpoint(cfg: DictConfig) -> Path | None:
+def find_resume_checkpoint(cfg: DictConfig, map_location: torch.device
+                           ) -> tuple[Path, dict[str, Any]] | None:
+    """(path, checkpoint) to continue from: ``resume_path``, or with ``resume`` the newest
+    checkpoint in the save folder that loads and is complete (damaged ones are skipped
+    with a warning); None to start from scratch."""
     if cfg.checkpoint.resume_path:
         path = Path(cfg.checkpoint.resume_path)
         if not path.is_file():
             raise ConfigError(f"checkpoint.resume_path={path} does not exist.")
-        return path
+        return path, ckpt_io.load_checkpoint(path, map_location, required=ckpt_io.RESUME_KEYS)
     if not cfg.checkpoint.resume:
         return None
-    path = ckpt_io.latest_checkpoint(cfg.checkpoint.save_folder)
-    if path is None:
+    found = ckpt_io.load_newest_good(cfg.checkpoint.save_folder, map_location)
+    if found is None:
         warnings.warn(f"checkpoint.resume=true but no checkpoint in {cfg.checkpoint.save_folder}; "
                       "starting from scratch.")
-    return path
+    return found
 
 
 # ----------------------------------------------------------------------------------------
@@ -729,6 +734,7 @@ class Progress:
     step: int = 0           # optimizer steps done, all epochs
     skipped_in_a_row: int = 0
     skipped_total: int = 0
+    skipped_reads: int = 0  # unreadable data reads redrawn around, all epochs
     best: float = math.inf
 
 
@@ -742,7 +748,12 @@ def train(cfg: DictConfig, views: int, run_dir: str | Path | None = None,
     """
     cfg = prepare_config(cfg, views)
     rt = setup_runtime(cfg)
-    run_dir = Path(run_dir) if run_dir else Path(cfg.checkpoint.save_folder)
+    save_folder = Path(cfg.checkpoint.save_folder)
+    try:  # before anything is built: a save folder that cannot work is a config error
+        ckpt_io.prepare_save_folder(save_folder, cfg, is_main=rt.is_main)
+    except ckpt_io.SaveFolderError as e:
+        raise ConfigError(str(e)) from e
+    run_dir = Path(run_dir) if run_dir else save_folder
     setup_logging(run_dir / cfg.common.log_file, rt.is_main)
     seed_everything(cfg.common.seed + rt.rank)
     stop_after_step = stop_after_step or cfg.common.get("stop_after_step")
@@ -750,17 +761,16 @@ def train(cfg: DictConfig, views: int, run_dir: str | Path | None = None,
     train_set, val_set = build_datasets(cfg)
     steps_per_epoch = steps_in_epoch(train_set, cfg, rt.world_size)
     p = build_parts(cfg, rt, steps_per_epoch)
-    save_folder = Path(cfg.checkpoint.save_folder)
-    save_folder.mkdir(parents=True, exist_ok=True)
 
     prog = Progress()
     wandb_id = None
-    resume_path = find_resume_checkpoint(cfg)
-    if resume_path is not None:
-        state = ckpt_io.load_checkpoint(resume_path, rt.device)
+    resume = find_resume_checkpoint(cfg, rt.device)
+    if resume is not None:
+        resume_path, state = resume
         load_training_state(p, rt, state, cfg, resume_path)
         prog = Progress(epoch=state["epoch"], batch=state["batch"], step=state["step"],
                         skipped_total=state.get("skipped_total", 0),
+                        skipped_reads=state.get("skipped_reads", 0),
                         best=state.get("best", math.inf))
         if prog.batch >= steps_per_epoch:
             prog.epoch, prog.batch = prog.epoch + 1, 0
@@ -787,14 +797,14 @@ def train(cfg: DictConfig, views: int, run_dir: str | Path | None = None,
         nonlocal saved
         du.barrier()
         extra = {"wandb_id": tracker.run_id, "best": prog.best, "skipped_total": prog.skipped_total,
-                 "val": last_val}
+                 "skipped_reads": prog.skipped_reads, "val": last_val}
         state = training_state(p, cfg, epoch, batch, prog.step, extra)
         path = None
         if rt.is_main:
             path = save_folder / (name or ckpt_io.checkpoint_name(epoch, prog.step))
             ckpt_io.atomic_save(state, path)
             if name is None:
-                ckpt_io.prune_checkpoints(save_folder, cfg.checkpoint.keep_last)
+                ckpt_io.prune_checkpoints(save_folder, cfg.checkpoint.keep_last, keep=path)
                 saved = path
             log.info("checkpoint saved: %s", path)
         du.barrier()
@@ -815,6 +825,7 @@ def train(cfg: DictConfig, views: int, run_dir: str | Path | None = None,
                 window: dict[str, list[float]] = {}
                 t0, seen = time.perf_counter(), 0
                 for wavs, metas in loader:
+                    prog.skipped_reads += train_set.count_skipped_reads(metas)
                     update_disc = adversarial and discriminator_coin(
                         cfg.common.seed, epoch, prog.batch) < cfg.discriminator.update_prob
                     result = train_step(p, rt, wavs, metas, step=prog.step, adversarial=adversarial,
@@ -853,7 +864,8 @@ def train(cfg: DictConfig, views: int, run_dir: str | Path | None = None,
                                    or prog.batch == steps_per_epoch):
                         means = {f"train/{k}": float(np.mean(v)) for k, v in window.items()}
                         means.update({"train/segments_per_s": rate, "epoch": epoch,
-                                      "train/skipped_steps": prog.skipped_total})
+                                      "train/skipped_steps": prog.skipped_total,
+                                      "train/skipped_reads": prog.skipped_reads})
                         tracker.log(means, prog.step)
                         log.info("epoch %d batch %d/%d step %d: %s", epoch, prog.batch,
                                  steps_per_epoch, prog.step, " ".join(
@@ -880,6 +892,10 @@ def train(cfg: DictConfig, views: int, run_dir: str | Path | None = None,
                     save(epoch, steps_per_epoch)
                 prog.epoch, prog.batch = epoch + 1, 0
         exit_code = 0
+    except TooManyReadFailures:
+        if rt.world_size == 1:  # keep the steps done; under DDP the other ranks are mid-step
+            save(prog.epoch, prog.batch)
+        raise
     finally:
         tracker.finish(exit_code)
         du.destroy_process_group()
