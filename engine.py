@@ -31,7 +31,7 @@ import checkpoints as ckpt_io
 import distributed
 from configuration import ConfigError, prepare_config
 from loaders import build_train_dataset, epoch_loader, make_loader, rank_share, steps_in_epoch
-from paired_channel_dataset import ChannelViewsDataset
+from paired_channel_dataset import ChannelViewsDataset, TooManyReadFailures
 from parts import Parts, build_parts
 from runtime import Runtime, StopFlag, seed_everything, setup_runtime
 from tracking import Tracker, setup_logging
@@ -78,7 +78,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None,
     """
     cfg = prepare_config(cfg)
     runtime = setup_runtime(cfg)
-    run_dir = Path(run_dir) if run_dir else Path(cfg.checkpoint.save_folder)
+    save_folder = Path(cfg.checkpoint.save_folder)
+    try:  # before anything is built: a save folder that cannot work is a config error
+        ckpt_io.prepare_save_folder(save_folder, cfg, is_main=runtime.is_main)
+    except ckpt_io.SaveFolderError as e:
+        raise ConfigError(str(e)) from e
+    run_dir = Path(run_dir) if run_dir else save_folder
     setup_logging(run_dir / cfg.common.log_file, runtime.is_main)
     seed_everything(cfg.common.seed + runtime.rank)
     run, progress = start_run(cfg, runtime, stop_after_step or cfg.common.stop_after_step)
@@ -94,6 +99,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None,
                     break
                 finish_epoch(run, progress)
         exit_code = 0
+    except TooManyReadFailures:
+        if runtime.world_size == 1:  # keep the steps done; under DDP the other ranks are mid-step
+            save_checkpoint(run, progress, ckpt_io.checkpoint_name(progress.epoch, progress.step))
+        raise
     finally:
         run.tracker.finish(exit_code)
         distributed.destroy_process_group()
@@ -111,8 +120,7 @@ def start_run(cfg: DictConfig, runtime: Runtime,
         raise ConfigError(str(e)) from e
     steps_per_epoch = steps_in_epoch(train_set, cfg, runtime.world_size)
     parts = build_parts(cfg, runtime, steps_per_epoch)
-    save_folder = Path(cfg.checkpoint.save_folder)
-    save_folder.mkdir(parents=True, exist_ok=True)
+    save_folder = Path(cfg.checkpoint.save_folder)  # checked and created by prepare_save_folder
     progress = resume(parts, runtime, cfg)
     tracker = Tracker(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name,
                       cfg.wandb.dir or save_folder, OmegaConf.to_container(cfg, resolve=True),
@@ -131,11 +139,11 @@ def start_run(cfg: DictConfig, runtime: Runtime,
 
 def resume(parts: Parts, runtime: Runtime, cfg: DictConfig) -> Progress:
     """Restore the checkpoint to resume from, if any; where training continues."""
-    path = find_resume_checkpoint(cfg)
-    if path is None:
+    found = find_resume_checkpoint(cfg, runtime.device)
+    if found is None:
         return Progress()
-    progress = restore_training_state(parts, runtime, ckpt_io.load_checkpoint(path, runtime.device),
-                                      cfg, path)
+    path, checkpoint = found
+    progress = restore_training_state(parts, runtime, checkpoint, cfg, path)
     log.info("resumed from %s at epoch %d batch %d (step %d)", path, progress.epoch,
              progress.batch, progress.step)
     return progress
@@ -163,6 +171,7 @@ def run_epoch(run: TrainingRun, progress: Progress, stop: StopFlag) -> bool:
     window: dict[str, list[float]] = {}
     start, segments = time.perf_counter(), 0
     for wavs, metas in loader:
+        progress.skipped_reads += run.train_set.count_skipped_reads(metas)
         update_disc = adversarial and discriminator_coin(
             cfg.common.seed, epoch, progress.batch) < cfg.discriminator.update_prob
         result = train_step(run.parts, runtime, wavs, metas, step=progress.step,
@@ -226,7 +235,8 @@ def log_window(run: TrainingRun, progress: Progress, window: dict[str, list[floa
     """Means of the steps since the last log line, to the log and wandb (`train/...`)."""
     means = {f"train/{name}": float(np.mean(values)) for name, values in window.items()}
     means.update({"train/segments_per_s": rate, "epoch": progress.epoch,
-                  "train/skipped_steps": progress.skipped_total})
+                  "train/skipped_steps": progress.skipped_total,
+                  "train/skipped_reads": progress.skipped_reads})
     run.tracker.log(means, progress.step)
     log.info("epoch %d batch %d/%d step %d: %s", progress.epoch, progress.batch,
              run.steps_per_epoch, progress.step, " ".join(
@@ -270,7 +280,7 @@ def save_checkpoint(run: TrainingRun, progress: Progress, name: str,
     if run.runtime.is_main:
         path = ckpt_io.atomic_save(state, run.save_folder / name)
         if rotating:
-            ckpt_io.prune_checkpoints(run.save_folder, run.cfg.checkpoint.keep_last)
+            ckpt_io.prune_checkpoints(run.save_folder, run.cfg.checkpoint.keep_last, keep=path)
             run.checkpoint = path
         log.info("checkpoint saved: %s", path)
     distributed.barrier()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -48,6 +49,8 @@ PREPARED_INDEX = "index.json"
 PREPARED_SCALE = 32768.0  # int16 full scale
 VALIDATION_STREAM = 7919  # separates the validation plan's random stream from training items
 
+log = logging.getLogger("encodec")
+
 
 class DataWarning(UserWarning):
     """Skipped files, padded or redrawn segments: the data is usable but not as expected."""
@@ -55,6 +58,20 @@ class DataWarning(UserWarning):
 
 class ReadError(RuntimeError):
     """A segment could not be read from a file that passed the scan."""
+
+
+class TooManyReadFailures(RuntimeError):
+    """Every draw of one training item failed (``datasets.max_read_retries`` + 1 in a row):
+    the data is gone or unreadable, and training should stop with this message."""
+
+    def __init__(self, message: str = "") -> None:
+        # A DataLoader worker re-raises it as TooManyReadFailures("Caught TooManyReadFailures
+        # in DataLoader worker process N.\nOriginal Traceback ...\n<module>.TooManyReadFailures:
+        # <message>"): keep only the message, so that the user sees one clear line.
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rpartition(marker)[2].strip()
+        super().__init__(message)
 
 
 # ----------------------------------------------------------------------------- finding files
@@ -384,6 +401,7 @@ class ChannelViewsDataset(Dataset):
         self.rank = int(rank)
         self.stats: Counter = Counter()
         self._reported: set[str] = set()
+        self._logged: set[str] = set()  # files whose failed reads the trainer has logged
         self.format = self._resolve_format(ds)
         self.files = self._find_files()
         self._read = read_prepared_segment if self.format == "prepared" else read_wav_segment
@@ -537,7 +555,9 @@ class ChannelViewsDataset(Dataset):
         return wavs.unsqueeze(1).contiguous(), meta
 
     def _train_item(self, index: int) -> tuple[torch.Tensor, dict]:
-        failures = []
+        """A training item; a draw that cannot be read (file vanished, truncated, unreadable)
+        or holds NaN/Inf is redrawn, and the item's meta lists those under 'skipped_reads'."""
+        failures: list[dict[str, str]] = []
         for attempt in range(self.max_retries + 1):
             fi, channels, start = self.draw(index, attempt)
             f = self.files[fi]
@@ -545,22 +565,44 @@ class ChannelViewsDataset(Dataset):
                 wavs = self._read(f, channels, start, self.length, self.model_rate)
             except ReadError as err:
                 self.stats["read_failures"] += 1
-                failures.append(str(err))
+                failures.append({"path": str(f.path), "reason": str(err)})
                 if f.rel not in self._reported:
                     self._reported.add(f.rel)
                     warnings.warn(f"read failed, drawing another item: {err}", DataWarning, stacklevel=2)
                 continue
             if self.format == "wav" and not torch.isfinite(wavs).all():  # int16 arrays cannot hold NaN
                 self.stats["nonfinite_segments"] += 1
-                failures.append(f"{f.path}: NaN/Inf in channels {list(channels)} from frame {start}")
+                failures.append({"path": str(f.path),
+                                 "reason": f"{f.path}: NaN/Inf in channels {list(channels)} from frame {start}"})
                 if self.stats["nonfinite_segments"] == 1:
                     warnings.warn(f"segment with NaN/Inf dropped and redrawn ({f.path}, frame {start}); "
                                   "the count is in dataset.stats['nonfinite_segments']", DataWarning, stacklevel=2)
                 continue
-            return self._item(fi, channels, start, wavs)
-        raise RuntimeError(f"item {index} (epoch {self.epoch}, rank {self.rank}): no readable, finite segment "
-                           f"after {self.max_retries + 1} draws (datasets.max_read_retries={self.max_retries}). "
-                           "Failures:\n  " + "\n  ".join(failures[-5:]) + "\nCheck or remove these files.")
+            wavs, meta = self._item(fi, channels, start, wavs)
+            if failures:  # travels with the item out of DataLoader workers, to the trainer
+                meta["skipped_reads"] = failures
+            return wavs, meta
+        raise TooManyReadFailures(
+            f"training data unreadable: item {index} of epoch {self.epoch} (rank {self.rank}) failed all "
+            f"{self.max_retries + 1} draws in a row (datasets.max_read_retries={self.max_retries}); last: "
+            f"{' '.join(failures[-1]['reason'].splitlines())}. Check that the files under {self.data_root} still exist and are "
+            "readable (or remove the broken ones), then rerun with checkpoint.resume=true.")
+
+    def count_skipped_reads(self, metas: Sequence[dict]) -> int:
+        """Reads that a batch's items were redrawn around; each failing file is logged once.
+
+        Called by the trainer in the main process: DataLoader workers cannot report
+        themselves, so the failures travel in the items' metas.
+        """
+        count = 0
+        for meta in metas:
+            for failure in meta.get("skipped_reads", ()):
+                count += 1
+                if failure["path"] not in self._logged:
+                    self._logged.add(failure["path"])
+                    log.warning("skipped_reads: %s; the item was redrawn from another file "
+                                "(logged once per file, counted in train/skipped_reads)", failure["reason"])
+        return count
 
     def _validation_item(self, index: int) -> tuple[torch.Tensor, dict]:
         fi, channels, start = self.plan[index]

@@ -1,10 +1,12 @@
 """Where training numbers go: a log file, the console, and wandb (never fatal)."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -34,24 +36,28 @@ def setup_logging(log_file: str | Path | None, is_main: bool = True) -> None:
 class Tracker:
     """A thin wandb wrapper: offline fallback when online fails, no-op when disabled.
 
-    wandb must never stop training: every call is guarded, and a failing call disables
-    further logging with one warning.
+    wandb must never stop training: every call is guarded (building media too, which
+    writes to wandb's temporary folder), and the first failure during the run (its folder
+    unwritable or gone, its service process dead) disables wandb with one warning.
     """
+
+    CLOSE_TIMEOUT_S = 30.0  # for finishing a run that failed mid-training
 
     def __init__(self, mode: str, project: str, name: str | None, directory: str | Path,
                  config: dict[str, Any], run_id: str | None = None, enabled: bool = True):
         if mode not in WANDB_MODES:
             raise ValueError(f"wandb.mode={mode!r}: expected one of {WANDB_MODES}")
         self.run = None
+        self.last_step: int | None = None  # of the last log call that went through
         self.mode = mode if enabled else "disabled"
         if self.mode == "disabled":
             return
-        Path(directory).mkdir(parents=True, exist_ok=True)
         kwargs = dict(project=project, name=name, dir=str(directory), config=config,
                       id=run_id, resume="allow" if run_id else None)
         try:
+            Path(directory).mkdir(parents=True, exist_ok=True)
             self.run = self._init(mode, kwargs)
-        except Exception as e:  # no login, no network, service down
+        except Exception as e:  # no login, no network, service down, folder not writable
             if mode != "online":
                 warnings.warn(f"wandb {mode} init failed ({e}); continuing without wandb")
                 self.mode = "disabled"
@@ -80,33 +86,63 @@ class Tracker:
     def directory(self) -> str | None:
         return None if self.run is None else self.run.dir
 
-    def log(self, data: dict[str, Any], step: int) -> None:
+    def _failed(self, error: Exception, step: int | None, teardown: bool = False) -> None:
+        """Report the first failure during the run once, and stop using wandb. `teardown`:
+        also close the connection to wandb's service (a failed finish means it is gone)."""
+        run, self.run = self.run, None
+        where = None
+        with contextlib.suppress(Exception):  # the run object may be half broken
+            where = str(Path(run.dir).parent)  # the run folder, not its files/
+        warnings.warn(f"wandb failed at step {step} ({type(error).__name__}: {error}); training "
+                      "continues without wandb (train.log has every logged number)"
+                      + (f"; what wandb wrote so far is in {where}" if where else ""))
+
+        def close() -> None:
+            # Finish the broken run, or the next wandb.init in this process returns it.
+            with contextlib.suppress(Exception):
+                run.finish(exit_code=1)
+            if teardown or isinstance(error, ConnectionError):
+                # Its service process died: close our end now, or wandb's exit hook retries
+                # the dead connection and prints a traceback when training ends.
+                with contextlib.suppress(Exception):
+                    import wandb
+                    wandb.teardown(exit_code=1)
+
+        # A wedged wandb must not hold training: give it a bounded time, in the background.
+        closer = threading.Thread(target=close, name="wandb-close", daemon=True)
+        closer.start()
+        closer.join(timeout=self.CLOSE_TIMEOUT_S)
+
+    def _guarded(self, make: Callable[[], dict[str, Any]], step: int) -> None:
         if self.run is None:
             return
         try:
-            self.run.log(data, step=step)
+            self.run.log(make(), step=step)
+            self.last_step = step
         except Exception as e:
-            warnings.warn(f"wandb log failed ({e}); disabling wandb for the rest of the run")
-            self.run = None
+            self._failed(e, step)
+
+    def log(self, data: dict[str, Any], step: int) -> None:
+        self._guarded(lambda: data, step)
 
     def log_audio(self, items: dict[str, np.ndarray], sample_rate: int, step: int) -> None:
-        if self.run is None:
-            return
-        import wandb
-        self.log({k: wandb.Audio(v, sample_rate=sample_rate) for k, v in items.items()}, step)
+        def make() -> dict[str, Any]:
+            import wandb
+            return {k: wandb.Audio(v, sample_rate=sample_rate) for k, v in items.items()}
+        self._guarded(make, step)
 
     def log_images(self, items: dict[str, Any], step: int) -> None:
-        if self.run is None:
-            return
-        import wandb
-        self.log({k: wandb.Image(v) for k, v in items.items()}, step)
+        def make() -> dict[str, Any]:
+            import wandb
+            return {k: wandb.Image(v) for k, v in items.items()}
+        self._guarded(make, step)
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is None:
             return
         try:
             self.run.finish(exit_code=exit_code)
-        except Exception as e:
-            warnings.warn(f"wandb finish failed ({e})")
+        except Exception as e:  # e.g. its service died after the last (buffered) log call
+            self._failed(e, self.last_step, teardown=True)
         self.run = None
 

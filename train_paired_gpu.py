@@ -12,8 +12,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import checkpoints as ckpt_io
 import engine
 from configuration import ConfigError
+from paired_channel_dataset import TooManyReadFailures
 
 
 @hydra.main(config_path="config", config_name="config_paired_nq2", version_base="1.3")
@@ -25,6 +27,8 @@ def main(cfg: DictConfig) -> None:
         engine.train(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except (ckpt_io.CheckpointError, TooManyReadFailures, engine.TrainingDiverged) as e:
+        sys.exit(f"error: {e}")  # a failed save, no loadable checkpoint, data gone: non-zero exit
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ class Progress:
         batch: batches of `epoch` done (position in the epoch, not a size).
         step: optimizer steps done, all epochs.
         skipped_in_a_row, skipped_total: non-finite steps skipped.
+        skipped_reads: data reads that failed and were redrawn around, all epochs.
         best: best value of `checkpoint.best_metric` so far (lower is better).
         last_val: the scalars of the last validation.
         wandb_id: the wandb run to continue.
@@ -48,6 +49,7 @@ class Progress:
     step: int = 0
     skipped_in_a_row: int = 0
     skipped_total: int = 0
+    skipped_reads: int = 0
     best: float = math.inf
     last_val: dict[str, float] = field(default_factory=dict)
     wandb_id: str | None = None
@@ -68,7 +70,8 @@ def training_state(parts: Parts, cfg: DictConfig, progress: Progress) -> dict[st
         "scaler_d": parts.scaler_d.state_dict(),
         "balancer": state_or_empty(parts.balancer),
         "epoch": progress.epoch, "batch": progress.batch, "step": progress.step,
-        "skipped_total": progress.skipped_total, "best": progress.best, "val": progress.last_val,
+        "skipped_total": progress.skipped_total, "skipped_reads": progress.skipped_reads,
+        "best": progress.best, "val": progress.last_val,
         "wandb_id": progress.wandb_id,
         "rng": distributed.gather_to_main([ckpt_io.capture_rng_state()]),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -119,7 +122,8 @@ def restore_training_state(parts: Parts, runtime: Runtime, ckpt: dict[str, Any],
         parts.balancer.load_state_dict(ckpt["balancer"])
     restore_rng(ckpt["rng"], runtime, path)
     return Progress(epoch=ckpt["epoch"], batch=ckpt["batch"], step=ckpt["step"],
-                    skipped_total=ckpt.get("skipped_total", 0), best=ckpt.get("best", math.inf),
+                    skipped_total=ckpt.get("skipped_total", 0),
+                    skipped_reads=ckpt.get("skipped_reads", 0), best=ckpt.get("best", math.inf),
                     last_val=ckpt.get("val", {}), wandb_id=ckpt.get("wandb_id"))
 
 
@@ -132,18 +136,21 @@ def restore_rng(rng: list[dict[str, Any]], runtime: Runtime, path: Path) -> None
     ckpt_io.restore_rng_state(rng[runtime.rank] if len(rng) == runtime.world_size else rng[0])
 
 
-def find_resume_checkpoint(cfg: DictConfig) -> Path | None:
-    """`checkpoint.resume_path`, else the newest checkpoint in `checkpoint.save_folder` when
-    `checkpoint.resume` is on, else None (a fresh start)."""
+def find_resume_checkpoint(cfg: DictConfig, map_location: Any
+                           ) -> tuple[Path, dict[str, Any]] | None:
+    """`(path, checkpoint)` to continue from: `checkpoint.resume_path`, else with
+    `checkpoint.resume` the newest checkpoint in `checkpoint.save_folder` that loads and is
+    complete (damaged ones are skipped with one warning naming them), else None (a fresh
+    start)."""
     if cfg.checkpoint.resume_path:
         path = Path(cfg.checkpoint.resume_path)
         if not path.is_file():
             raise ConfigError(f"checkpoint.resume_path={path} does not exist.")
-        return path
+        return path, ckpt_io.load_checkpoint(path, map_location, required=ckpt_io.RESUME_KEYS)
     if not cfg.checkpoint.resume:
         return None
-    path = ckpt_io.latest_checkpoint(cfg.checkpoint.save_folder)
-    if path is None:
+    found = ckpt_io.load_newest_good(cfg.checkpoint.save_folder, map_location)
+    if found is None:
         warnings.warn(f"checkpoint.resume=true but no checkpoint in {cfg.checkpoint.save_folder}; "
                       "starting from scratch.")
-    return path
+    return found
