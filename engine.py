@@ -177,7 +177,8 @@ def run_epoch(run: TrainingRun, progress: Progress, stop: StopFlag) -> bool:
         result = train_step(run.parts, runtime, wavs, metas, step=progress.step,
                             adversarial=adversarial, update_disc=update_disc,
                             grad_clip=cfg.optimization.grad_clip, bins=cfg.model.bins,
-                            measure_gradients=(progress.batch + 1) % cfg.common.log_interval == 0)
+                            measure_gradients=(progress.batch + 1) % cfg.common.log_interval == 0,
+                            gain_jitter_db=cfg.datasets.gain_jitter_db)
         progress.batch += 1
         check_replicas(run, progress.batch)
         count_step(run, progress, result)

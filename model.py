@@ -268,8 +268,10 @@ class EncodecModel(nn.Module):
     def from_config(cls, model_cfg: Mapping[str, Any]) -> "EncodecModel":
         """Build from the Hydra `model` group (see config/base.yaml).
 
-        If `init_from` is set, the official EnCodec 24 kHz state dict at that path is loaded
-        (first `n_q` codebooks kept); the config's other keys still apply.
+        If `init_from` is set, the weights at that path are loaded: a checkpoint of this
+        toolkit (a training checkpoint or an exported start point such as
+        `pretrained/*.pt`; its generator must fit this config), or the official EnCodec 24 kHz
+        state dict (first `n_q` codebooks kept; the config's other keys still apply).
         """
         kwargs = {key: _plain(value) for key, value in model_cfg.items()}
         init_from = kwargs.pop("init_from", None)
@@ -284,8 +286,17 @@ class EncodecModel(nn.Module):
             raise FileNotFoundError(f"model.init_from={str(init_from)!r}: no such file. Point it "
                                     "to an official EnCodec 24 kHz state dict "
                                     "(e.g. encodec_24khz-d7cc33bc.th) or set it to null.")
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        return cls.from_official_state_dict(state_dict, **kwargs)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if not is_toolkit_checkpoint(loaded):
+            return cls.from_official_state_dict(loaded, **kwargs)
+        model = cls(**kwargs)
+        try:
+            model.load_state_dict(loaded["model"])
+        except RuntimeError as error:
+            raise ValueError(f"model.init_from={str(init_from)!r}: its generator does not fit the "
+                             f"model.* settings of this run ({error}); use the settings it was "
+                             "trained with (its 'config' entry).") from error
+        return model
 
     @classmethod
     def from_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor], n_q: int = 2,
@@ -319,6 +330,12 @@ class EncodecModel(nn.Module):
             raise ValueError(f"the state dict's tensor shapes do not match this architecture "
                              f"(n_q={n_q}, overrides={overrides}): {error}") from error
         return model
+
+
+def is_toolkit_checkpoint(loaded: Any) -> bool:
+    """A checkpoint written by this toolkit (generator weights under 'model', the training
+    config under 'config'), as opposed to a bare official EnCodec state dict."""
+    return isinstance(loaded, Mapping) and "model" in loaded and "config" in loaded
 
 
 def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor],

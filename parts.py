@@ -8,6 +8,7 @@ how they are wrapped for the runtime.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 import distributed
 from balancer import Balancer
 from losses import GeneratorLoss
-from model import EncodecModel
+from model import EncodecModel, is_toolkit_checkpoint
 from msstftd import MultiScaleSTFTDiscriminator
 from pairwise_losses import PairwiseLoss
 from runtime import Runtime
@@ -79,6 +80,8 @@ def build_parts(cfg: DictConfig, runtime: Runtime, steps_per_epoch: int) -> Part
     raw_model = EncodecModel.from_config(cfg.model).to(device)
     raw_disc = (MultiScaleSTFTDiscriminator.from_config(cfg.discriminator).to(device)
                 if cfg.discriminator.enabled else None)
+    if raw_disc is not None and cfg.model.init_from:
+        load_start_discriminator(raw_disc, cfg.model.init_from)
     generator_loss = GeneratorLoss.from_config(cfg.losses, sample_rate=cfg.model.sample_rate).to(device)
     pairwise = build_pairwise(cfg, device)
     balancer = (Balancer.from_config(cfg.balancer, generator_loss.weights)
@@ -96,6 +99,21 @@ def build_parts(cfg: DictConfig, runtime: Runtime, steps_per_epoch: int) -> Part
         scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
         scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
         schedule=schedule, lr_g=cfg.optimization.lr, lr_d=cfg.optimization.disc_lr)
+
+
+def load_start_discriminator(raw_disc: MultiScaleSTFTDiscriminator, init_from: str) -> None:
+    """When `model.init_from` is a checkpoint of this toolkit that holds a discriminator of
+    this run's shape, start from it too: fine-tuning a trained generator against a fresh
+    discriminator first undoes part of what the generator learned."""
+    loaded = torch.load(init_from, map_location="cpu", weights_only=True)
+    state = loaded.get("discriminator") if is_toolkit_checkpoint(loaded) else None
+    if not state:
+        return
+    try:
+        raw_disc.load_state_dict(state)
+    except RuntimeError:
+        warnings.warn(f"model.init_from={init_from}: its discriminator does not fit the "
+                      "discriminator.* settings of this run; the discriminator starts fresh.")
 
 
 def build_pairwise(cfg: DictConfig, device: torch.device) -> PairwiseLoss | None:

@@ -119,15 +119,30 @@ def discriminate(parts: Parts, runtime: Runtime, x: torch.Tensor, y: torch.Tenso
     return adversarial
 
 
-def normalisation_scale(parts: Parts, x: torch.Tensor, views: int) -> torch.Tensor | None:
-    """The scale the generator divides `x [B*V, 1, T]` by: each item's common RMS over its
-    views when the pairwise recipe shares it (`pairwise.shared_scale`), so that the level
-    differences between the channels of a pair stay in the latent; None (each view its own
-    RMS, or no normalisation) otherwise."""
-    if (views > 1 and parts.pairwise is not None and parts.pairwise.shared_scale
-            and parts.raw_model.audio_normalize):
-        return EncodecModel.shared_scale(x, views)
-    return None
+def normalisation_scale(parts: Parts, x: torch.Tensor, views: int,
+                        gain_jitter_db: float = 0.0) -> torch.Tensor | None:
+    """The scale the generator divides `x [B*V, 1, T]` by, or None for its own default (each
+    item's RMS, or no normalisation at all).
+
+    - With `pairwise.shared_scale`, the views of an item share their common RMS, so that the
+      level differences between the channels of a pair stay in the latent.
+    - With `gain_jitter_db` > 0 (`datasets.gain_jitter_db`), each item's scale is multiplied
+      by a random gain, uniform in dB within +-gain_jitter_db (one gain for all views of an
+      item): the encoder sees its input at varied levels and the reconstruction is scored at
+      the true level. Without it a per-item RMS shows the codec every input at the same
+      level, and it learns to ignore level: a louder input may even decode quieter.
+    """
+    if not parts.raw_model.audio_normalize:
+        return None
+    shared = views > 1 and parts.pairwise is not None and parts.pairwise.shared_scale
+    if not shared and gain_jitter_db <= 0:
+        return None
+    scale = EncodecModel.shared_scale(x, views) if shared else parts.raw_model.normalize(x)[1]
+    if gain_jitter_db > 0:
+        gain_db = (2 * torch.rand(x.shape[0] // views) - 1) * gain_jitter_db  # CPU RNG: resumable
+        gain = 10 ** (-gain_db.to(scale.device) / 20)
+        scale = scale * gain.repeat_interleave(views).view(-1, 1, 1)
+    return scale
 
 
 def cross_reconstruction(parts: Parts, views: list[list[torch.Tensor]], x: torch.Tensor,
@@ -282,13 +297,14 @@ def discard_step(parts: Parts, codebook_snapshot: dict[str, torch.Tensor]) -> No
 
 def train_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[dict[str, Any]], *,
                step: int, adversarial: bool, update_disc: bool, grad_clip: float,
-               bins: int, measure_gradients: bool = False) -> StepResult:
+               bins: int, measure_gradients: bool = False, gain_jitter_db: float = 0.0
+               ) -> StepResult:
     """One GAN step on `wavs [B, V, 1, T]` at optimizer step `step`.
 
     The V views of B segments go through the generator as one batch of B*V. `adversarial`:
     the discriminator has started (adversarial losses on); `update_disc`: it also updates
     this step; `measure_gradients`: also log `gradient_ratios` (the engine asks on the
-    steps it logs). Returns the logged scalars, or ok=False when the step was skipped
+    steps it logs); `gain_jitter_db`: see `normalisation_scale`. Returns the logged scalars, or ok=False when the step was skipped
     because a loss or gradient was not finite (on any rank).
     """
     batch_size, views = wavs.shape[:2]
@@ -297,7 +313,7 @@ def train_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[d
     # The quantizer updates its codebooks (and k-means buffers) during the forward; keep a
     # copy so that a skipped step leaves no trace in them either.
     codebook_snapshot = parts.raw_model.quantizer.snapshot()
-    scale = normalisation_scale(parts, x, views)
+    scale = normalisation_scale(parts, x, views, gain_jitter_db)
     with runtime.autocast():
         out = parts.model(x, return_embeddings=views > 1, scale=scale)
     adversarial_view = (discriminate(parts, runtime, x, out.audio, batch_size, views, update_disc)

@@ -18,7 +18,7 @@ from losses import discriminator_loss, feature_matching_loss
 from pairwise_losses import split_views, swap_latents
 from parts import WarmupCosine, build_parts
 from runtime import Runtime, seed_everything
-from training_step import discriminate, frozen, train_step
+from training_step import discriminate, frozen, normalisation_scale, train_step
 
 BATCH, VIEWS = 2, 2
 
@@ -326,3 +326,41 @@ def test_every_rank_builds_the_same_channel_classifier_head(tmp_path):
     for part in ("pairwise", "model"):
         for name, value in ranks[0][part].items():
             assert torch.equal(value, ranks[1][part][name]), f"{part}.{name} differs between ranks"
+
+
+# ----------------------------------------------------------------------------------------
+# Normalisation and starting points
+
+
+def test_gain_jitter_scales_each_item_within_its_range_and_views_alike():
+    cfg, runtime, parts = tiny_setup()
+    wavs, _ = level_pair(cfg)
+    x = wavs.flatten(0, 1)
+    assert normalisation_scale(parts, x, VIEWS) is None  # the seed recipe: each view its RMS
+    own = parts.raw_model.normalize(x)[1]
+    torch.manual_seed(1)
+    jittered = normalisation_scale(parts, x, VIEWS, gain_jitter_db=6.0)
+    gain_db = 20 * torch.log10(own / jittered).flatten()
+    assert gain_db.abs().max() <= 6.0 and gain_db.std() > 0.5
+    assert torch.allclose(gain_db[0::2], gain_db[1::2])  # one gain per item, for all its views
+    _, _, shared = tiny_setup(CONTRASTIVE)
+    torch.manual_seed(1)
+    both = normalisation_scale(shared, x, VIEWS, gain_jitter_db=6.0)
+    torch.testing.assert_close(20 * torch.log10(shared.raw_model.shared_scale(x, VIEWS) / both).flatten(),
+                               gain_db)  # same draws on top of the pair's common RMS
+
+
+def test_a_toolkit_checkpoint_is_a_starting_point_for_generator_and_discriminator(tmp_path):
+    cfg, _, parts = tiny_setup()
+    with torch.no_grad():
+        for param in [*parts.raw_model.parameters(), *parts.raw_disc.parameters()]:
+            param.add_(torch.randn_like(param))
+    start = tmp_path / "start.pt"
+    torch.save({"model": parts.raw_model.state_dict(), "discriminator": parts.raw_disc.state_dict(),
+                "config": {}}, start)
+    _, _, started = tiny_setup([f"model.init_from={start}"])
+    for module, want in ((started.raw_model, parts.raw_model), (started.raw_disc, parts.raw_disc)):
+        for (name, got), expected in zip(module.state_dict().items(), want.state_dict().values()):
+            torch.testing.assert_close(got, expected, msg=name)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        tiny_setup([f"model.init_from={start}", "model.dimension=8"])
