@@ -364,3 +364,22 @@ def test_a_toolkit_checkpoint_is_a_starting_point_for_generator_and_discriminato
             torch.testing.assert_close(got, expected, msg=name)
     with pytest.raises(ValueError, match="does not fit the model"):
         tiny_setup([f"model.init_from={start}", "model.dimension=8"])
+
+
+def test_an_exported_start_point_holds_the_weights_only_and_starts_the_same_codec(tmp_path):
+    import checkpoints
+    cfg, _, parts = tiny_setup()
+    wavs, _ = make_batch(cfg)
+    init_codebooks(parts, wavs)
+    training = tmp_path / "ckpt.pt"
+    torch.save({"model": parts.raw_model.state_dict(), "discriminator": parts.raw_disc.state_dict(),
+                "config": {}, "opt_g": parts.opt_g.state_dict(), "step": 7}, training)
+    start = checkpoints.export_start_point(training, tmp_path / "start.pt")
+    saved = torch.load(start, weights_only=True)
+    assert set(saved) == {"model", "discriminator", "config", "source"} and saved["source"]["step"] == 7
+    _, _, started = tiny_setup([f"model.init_from={start}"])
+    x = wavs.flatten(0, 1)
+    with torch.no_grad():
+        assert torch.equal(started.raw_model.eval().encode(x), parts.raw_model.eval().encode(x))
+    for (name, got), want in zip(started.raw_disc.state_dict().items(), parts.raw_disc.state_dict().values()):
+        assert torch.equal(got, want), name
