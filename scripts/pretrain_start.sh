@@ -5,7 +5,7 @@
 #
 #   bash scripts/pretrain_start.sh [WORK_DIR]      (default: runs/pretrain)
 #
-# Environment: STEPS (default 12000 optimizer steps, batch 4 x 0.4 s), OUT (default
+# Environment: STEPS (default 6000 optimizer steps, batch 4 x 0.4 s), OUT (default
 # pretrained/start_demo.pt), WANDB (default disabled), SYNTH_FILES / SYNTH_SECONDS (see
 # scripts/lib.sh). One thread on 2 CPU cores: about 2 hours (measured: see README).
 # Every variant of scripts/paired_study.sh and `make demo` fine-tunes from the result for
@@ -13,7 +13,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 work="$(mkdir -p "${1:-$here/runs/pretrain}" && cd "${1:-$here/runs/pretrain}" && pwd)"
-steps="${STEPS:-12000}"
+steps="${STEPS:-6000}"
 out="${OUT:-$here/pretrained/start_demo.pt}"
 per_epoch=500
 synth_set "$work/data"
