@@ -15,7 +15,8 @@ import engine
 from conftest import make_config
 from configuration import prepare_config
 from losses import discriminator_loss, feature_matching_loss
-from pairwise_losses import split_views, swap_latents
+import spatial_cues
+from pairwise_losses import level_difference_loss, split_views, swap_latents
 from parts import WarmupCosine, build_parts
 from runtime import Runtime, seed_everything
 from training_step import discriminate, frozen, normalisation_scale, train_step
@@ -166,6 +167,24 @@ def test_contrastive_step_adds_cross_reconstruction_at_the_pairs_shared_scale(sh
     assert result.scalars["loss_g"] == pytest.approx(total.item(), rel=1e-5)
     for (name, got), want in zip(parts.raw_model.named_parameters(), model.parameters()):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cue_fidelity_scores_the_decoded_pairs_level_differences():
+    cfg, runtime, parts = tiny_setup([*CONTRASTIVE, "pairwise.cue_weight=0.5", "pairwise.xrec_weight=0"])
+    wavs, metas = level_pair(cfg)
+    init_codebooks(parts, wavs)
+    model = copy.deepcopy(parts.raw_model)
+    result = train_step(parts, runtime, wavs, metas, step=3, adversarial=False, update_disc=False,
+                        grad_clip=0.0, bins=cfg.model.bins, measure_gradients=True)
+    x = wavs.flatten(0, 1)
+    out = model.train()(x, return_embeddings=True, scale=model.shared_scale(x, VIEWS))
+    levels = lambda audio: spatial_cues.band_levels(audio, 24000, n_fft=1024).view(BATCH, VIEWS, -1)  # noqa: E731
+    decoded, inputs = levels(out.audio), levels(x)
+    want = level_difference_loss(decoded[:, 0] - decoded[:, 1], inputs[:, 0] - inputs[:, 1],
+                                 cfg.pairwise.ild_head.floor_db)
+    assert result.scalars["cue"] == pytest.approx(want.item(), rel=1e-4)
+    assert result.scalars["l_cue"] == pytest.approx(0.5 * want.item(), rel=1e-4)
+    assert result.scalars["grad_ratio_cue"] > 0
 
 
 def test_the_design_documents_recipe_keeps_a_scale_per_channel():
