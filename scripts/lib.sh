@@ -1,5 +1,5 @@
 # Shared pieces of the experiment scripts (sourced, not run):
-#   pretrain_start.sh, paired_study.sh, mini_experiment.sh.
+#   pretrain_start.sh, paired_study.sh (also `make demo`).
 # Defines: here (project root), py (interpreter), phase MESSAGE, synth_set DIR,
 # latest_checkpoint DIR.
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -68,4 +68,14 @@ for seed in $(seq 1 "$seeds"); do
 done
 phase "table over $seeds seed(s)"
 "$py" "$here/scripts/study_table.py" "$out"/eval/seed*/metrics.json | tee "$out/study.md"
-phase "done: $out/study.md"
+phase "done"
+cat <<EOF2
+Where things are (under $out):
+  data/                          synthetic em32 scene set (32 ch, 48 kHz) and its 24 kHz arrays
+  <variant>/seed<N>/             checkpoints (ckpt_*.pt, best.pt) of each run
+  <variant>/seed<N>/audio/       validation inputs and reconstructions (WAV)
+  <variant>/seed<N>/hydra/       train.log and the resolved config
+  <variant>/seed<N>/wandb/       wandb run files (WANDB=offline; sync with 'wandb sync')
+  eval/seed<N>/                  metrics.json, report.md and plots: the variants side by side
+  study.md                       the table above (mean +- std over seeds)
+EOF2
