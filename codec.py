@@ -34,6 +34,7 @@ import torchaudio
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoints as ckpt_io
+from checks import DEVICE, POSITIVE, PathRule, check_flags
 from model import EncodecModel
 
 MAGIC = b"PENCTOK1"
@@ -284,6 +285,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_flags(("--checkpoint", args.checkpoint, PathRule("file", "checkpoint")),  # one line, exit 2
+                ("input", args.input, PathRule("file")), ("output", args.output, PathRule("output file")),
+                ("--bandwidth", getattr(args, "bandwidth", None), POSITIVE), ("--device", args.device, DEVICE))
     try:
         if args.command == "encode":
             meta = encode_file(args.checkpoint, args.input, args.output, args.device, args.bandwidth)
