@@ -53,6 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import checkpoints as ckpt_io
 import shared_content
+from checks import DEVICE, POSITIVE, PathRule, check_flags
 from model import EncodecModel
 
 MAGIC = b"PENCTOK1"
@@ -477,6 +478,9 @@ def _bitrate_text(metadata: dict[str, Any], shared: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_flags(("--checkpoint", args.checkpoint, PathRule("file", "checkpoint")),  # one line, exit 2
+                ("input", args.input, PathRule("file")), ("output", args.output, PathRule("output file")),
+                ("--bandwidth", getattr(args, "bandwidth", None), POSITIVE), ("--device", args.device, DEVICE))
     try:
         if args.command == "encode":
             meta = encode_file(args.checkpoint, args.input, args.output, args.device, args.bandwidth,

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 import plotting
 from codec import load_model, resolve_device
+from configuration import check_command_line
 from loaders import make_loader
 from metrics import MIN_RESOLVED_SEPARATION, CheckpointReport, InstrumentSettings, flatten_metrics, per_codebook
 from validation import array_geometry, evaluate_model, validation_dataset
@@ -380,4 +381,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("evaluate")  # a mistake on the command line: one line, before Hydra
     main()
