@@ -165,6 +165,8 @@ LIMITS: dict[str, Rule] = {
     "instrument.channel_probe_c": POSITIVE,
     "instrument.bootstrap": AT_LEAST_1,
     "instrument.seed": NON_NEGATIVE,
+    "shared_content.channels": NON_NEGATIVE,
+    "shared_content.segments": NON_NEGATIVE,
     "spectrogram_items": NON_NEGATIVE,
 }
 

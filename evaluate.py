@@ -23,7 +23,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import torch
@@ -36,6 +36,7 @@ from codec import load_model, resolve_device
 from configuration import check_command_line
 from loaders import make_loader
 from metrics import MIN_RESOLVED_SEPARATION, CheckpointReport, InstrumentSettings, flatten_metrics, per_codebook
+from shared_content import shared_content_comparison
 from validation import array_geometry, evaluate_model, validation_dataset
 
 
@@ -73,6 +74,20 @@ def evaluation_data_config(train_cfg: DictConfig, eval_cfg: DictConfig) -> DictC
     cfg.datasets.num_workers = int(data.num_workers)
     cfg.datasets.pin_memory = False
     return cfg
+
+
+def shared_content_loader(data_cfg: DictConfig, cfg: DictConfig, sample_rate: int,
+                          device: torch.device) -> DataLoader:
+    """`shared_content.segments` fixed segments of the evaluation classes, each with all of
+    `shared_content.channels` (the first one's codebook 1 is shared): the multichannel use."""
+    channels = [int(c) for c in cfg.shared_content.channels]
+    multi = data_cfg.copy()
+    multi.model.sample_rate = sample_rate
+    multi.datasets.tensor_cut = segment_length(cfg, data_cfg, sample_rate)
+    multi.datasets.channels = channels
+    multi.datasets.views = len(channels)
+    multi.datasets.val_pairs = int(cfg.shared_content.segments)
+    return validation_loader(multi, device)
 
 
 def validation_loader(data_cfg: DictConfig, device: torch.device) -> DataLoader:
@@ -136,6 +151,10 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
         mode = "paired" if int(train_cfg.datasets.views) >= 2 else "mono"
         results.update(step=checkpoint_entry(path, "step"), sample_rate=model.sample_rate,
                        segment_samples=loader.dataset.length)
+        if cfg.shared_content.segments:
+            results["shared_content"] = shared_content_comparison(
+                model, shared_content_loader(data_cfg, cfg, model.sample_rate, device), reference=0,
+                codings=("independent", "shared_content"))
         reports.append(CheckpointReport(label, path, mode, results, examples))
         del model
     return reports
@@ -237,6 +256,7 @@ def table_rows(reports: list[CheckpointReport]) -> list[tuple[str, list[str]]]:
         ("ITD error µs < 1.5 kHz ↓ (predicting no delay)",
          cells(lambda r: f"{_fmt(_nested(r, 'itd_fidelity', 'error_us'))} "
                          f"({_fmt(_nested(r, 'itd_fidelity', 'zero_error_us'))})")),
+        *shared_content_rows(cells),
     ]
     n_q = max(len(r.get("perplexity") or []) for r in res)
     for k in range(n_q):
@@ -258,6 +278,29 @@ def table_rows(reports: list[CheckpointReport]) -> list[tuple[str, list[str]]]:
              cells(lambda r: f"{_fmt(at(r, 'perplexity'))} / {_fmt(at(r, 'dead_codes'))}")),
         ]
     return rows
+
+
+def shared_content_rows(cells) -> list[tuple[str, list[str]]]:
+    """Rows of the shared-content comparison: shared coding (independent coding) of the same
+    multichannel segments, both at one scale per segment."""
+    def both(key: str) -> Callable[[dict], str]:
+        def cell(r: dict) -> str:
+            comparison = r.get("shared_content") or {}
+            shared, independent = (comparison.get(c) or {} for c in ("shared_content", "independent"))
+            return f"{_fmt(shared.get(key))} ({_fmt(independent.get(key))})"
+        return cell
+
+    def channels(r: dict) -> str:
+        comparison = r.get("shared_content") or {}
+        return f"{_fmt(comparison.get('channels'))} ch, cb1 agreement with the reference {_fmt(comparison.get('codebook1_agreement'))}"
+
+    return [("shared-content coding: channels, codebook 1 shared from the first", cells(channels)),
+            ("shared-content kbps per channel (independent coding)", cells(both("kbps_per_channel"))),
+            ("shared-content mel distance ↓ (independent)", cells(both("mel_distance"))),
+            ("shared-content SI-SNR dB (independent)", cells(both("si_snr"))),
+            ("shared-content ILD error dB ↓ vs the reference (independent; predicting none)",
+             cells(lambda r: f"{both('ild_error_db')(r)} ({_fmt(((r.get('shared_content') or {}).get('independent') or {}).get('ild_zero_error_db'))})")),
+            ("shared-content ITD error µs ↓ (independent)", cells(both("itd_error_us")))]
 
 
 def markdown_table(reports: list[CheckpointReport]) -> str:
@@ -305,6 +348,11 @@ that carries nothing would look faithful. Input levels come from the raw pair.
   on real recordings the capsule-to-direction map changes with every recording, so it says
   nothing about spatial content. Beside the majority-class chance and shuffled labels.
 - **perplexity / dead codes**: codebook health (a collapsed codebook agrees trivially).
+- **shared-content coding** (`codec.py encode --shared-content`): the same multichannel
+  segments coded with ONE codebook-1 stream (the first channel's) and each channel's own
+  codebook 2, against independent coding of every channel, both at one scale per segment;
+  quality per channel and the level / delay errors of each channel against the reference
+  channel. A codebook 1 that carries the shared content loses little by being shared.
 """
 
 

@@ -189,7 +189,7 @@ def test_command_line_compares_mono_and_paired_checkpoints(cfg_factory, synth_ro
     proc = subprocess.run(
         [sys.executable, str(ROOT / "evaluate.py"), "checkpoints=[mono.pt,paired.pt]",
          f"datasets.data_root={synth_root}", "datasets.val_pairs=6", "datasets.batch_size=4",
-         "instrument.probe_shuffles=1", "out_dir=report", "device=cpu"],
+         "instrument.probe_shuffles=1", "shared_content.segments=3", "out_dir=report", "device=cpu"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "report" / "metrics.json").read_text(), parse_constant=_no_nan)
@@ -207,7 +207,12 @@ def test_command_line_compares_mono_and_paired_checkpoints(cfg_factory, synth_ro
         assert set(entry["ild_fidelity"]) >= {"correlation", "error_db", "zero_error_db", "slope"}
         assert entry["ild_fidelity"]["n_pairs"] == 6 and entry["itd_fidelity"]["zero_error_us"] >= 0
         assert entry["probe_groups"] == 2  # the two validation files
+        shared = entry["shared_content"]  # 4 capsules, one codebook-1 stream
+        assert shared["channels"] == 4 and shared["segments"] == 3
+        assert shared["shared_content"]["kbps_per_channel"] < shared["independent"]["kbps_per_channel"]
+        assert shared["shared_content"]["n_pairs"] == 3 * 3  # each channel against the reference
     assert "| metric (reference) | mono (mono) | paired (paired) |" in proc.stdout
+    assert "shared-content kbps per channel" in proc.stdout
     for name in ("report.md", "code_agreement.png", "swap_gain.png", "ild_scatter.png", "spectrograms.png"):
         assert (tmp_path / "report" / name).is_file()
 
