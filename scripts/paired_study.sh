@@ -21,6 +21,9 @@
 #   DEVICE     cpu | cuda (default cpu)
 #   START      starting point (default pretrained/start_demo.pt)
 #   EVAL_PAIRS validation pairs for the evaluation (default 256)
+#   JOBS       training runs at once (default 1; on 2 CPU cores 2 runs of one thread each
+#              finish sooner than one after the other). Each run's console goes to
+#              OUT/<variant>/seed<N>/console.log.
 # Duration on 2 CPU cores: see README ("The study").
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -57,8 +60,30 @@ train() {  # train VARIANT SEED
   touch "$dir/.complete"
 }
 
+jobs="${JOBS:-1}"
+run_all() {  # every (seed, variant) run, at most JOBS at once; stops at the first failure
+  local running=0 seed variant
+  for seed in $(seq 1 "$seeds"); do
+    for variant in $variants; do
+      if [ "$jobs" -le 1 ]; then train "$variant" "$seed"; continue; fi
+      mkdir -p "$out/$variant/seed$seed"
+      train "$variant" "$seed" > "$out/$variant/seed$seed/console.log" 2>&1 &
+      running=$(( running + 1 ))
+      if [ "$running" -ge "$jobs" ]; then
+        wait -n || { echo "a training run failed: see $out/*/seed*/console.log" >&2; exit 1; }
+        running=$(( running - 1 ))
+      fi
+    done
+  done
+  while [ "$running" -gt 0 ]; do
+    wait -n || { echo "a training run failed: see $out/*/seed*/console.log" >&2; exit 1; }
+    running=$(( running - 1 ))
+  done
+}
+if [ "$jobs" -gt 1 ]; then export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"; fi
+run_all
+
 for seed in $(seq 1 "$seeds"); do
-  for variant in $variants; do train "$variant" "$seed"; done
   ckpts=(); labels=()
   for variant in $variants; do ckpts+=("'$(latest_checkpoint "$out/$variant/seed$seed")'"); labels+=("$variant"); done
   phase "evaluating seed $seed (${labels[*]})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -67,13 +68,13 @@ def shared_content_scalars(entry: dict) -> dict[str, float]:
     return flat
 
 
-def mean_std(values: list[float]) -> tuple[float, float] | None:
+def mean_std(values: list[float | None]) -> tuple[float, float] | None:
+    """Mean and sample std of the finite values (std 0 for one value); None when none."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return None
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
+    # statistics computes exactly: equal values give a std of 0, not a rounding residue
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def cell(runs: list[dict[str, float]], key: str, references: list[str]) -> str:
