@@ -33,7 +33,7 @@ Version 2 adds `mode` and `frame_rate` to the header ('shared_content' files als
 `reference_channel`, and `scales` holds the one common scale). Version 1 files (no `mode`)
 are 'independent' and still decode.
 
-`load_model` is the one checkpoint loader shared with `evaluate.py`.
+`model.load_model` is the one checkpoint loader (here and in `evaluate.py`).
 """
 from __future__ import annotations
 
@@ -49,12 +49,11 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
-from omegaconf import DictConfig, OmegaConf
 
-import checkpoints as ckpt_io
 import shared_content
 from checks import DEVICE, POSITIVE, PathRule, check_flags
-from model import EncodecModel
+from model import EncodecModel, load_model
+from runtime import resolve_device
 
 MAGIC = b"PENCTOK1"
 FORMAT_VERSION = 2
@@ -76,38 +75,6 @@ class CheckpointMismatchError(ValueError):
 
 # ----------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> CUDA when available, else CPU; anything else as given."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu"
-               ) -> tuple[EncodecModel, DictConfig]:
-    """Build the generator of a training checkpoint, in eval mode on `device`.
-
-    Returns `(model, cfg)` with `cfg` the resolved training config stored in the checkpoint.
-    """
-    ckpt = ckpt_io.load_checkpoint(checkpoint_path, map_location="cpu")
-    cfg = OmegaConf.create(ckpt["config"])
-    model = EncodecModel.from_config(_without_init_from(cfg.model))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as error:
-        raise RuntimeError(f"{checkpoint_path}: weights do not match the model its own config "
-                           f"describes ({error}); the checkpoint is inconsistent.") from error
-    return model.to(resolve_device(device)).eval(), cfg
-
-
-def _without_init_from(model_cfg: DictConfig) -> DictConfig:
-    # The trained weights replace the initialisation, and its file may not exist here.
-    model_cfg = model_cfg.copy()
-    OmegaConf.set_struct(model_cfg, False)
-    model_cfg.init_from = None
-    return model_cfg
 
 
 def file_sha256(path: str | Path) -> str:
@@ -371,7 +338,7 @@ def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | 
     if audio.shape[0] == 0:
         raise ValueError(f"{wav_path} holds no samples")
     reference = check_shared_options(wav_path, audio.shape[1], shared_content_coding, reference_channel)
-    model, cfg = load_model(checkpoint, device)
+    model, cfg = load_model(checkpoint, resolve_device(device))
     kept = model.n_q if bandwidth is None else model.codebooks_for_bandwidth(bandwidth)
     if shared_content_coding and kept < 2:
         raise ValueError(f"--shared-content needs at least 2 codebooks (codebook 1 shared, "
@@ -414,7 +381,7 @@ def decode_file(checkpoint: str | Path, token_path: str | Path, wav_path: str | 
                 device: str = "auto", ignore_hash: bool = False, subtype: str = "FLOAT") -> None:
     """Token file -> WAV file at the original rate and channel count."""
     codes, metadata = read_tokens(token_path)
-    model, cfg = load_model(checkpoint, device)
+    model, cfg = load_model(checkpoint, resolve_device(device))
     check_compatible(model, cfg.model.bins, metadata, file_sha256(checkpoint), ignore_hash)
     audio = decode_audio(model, codes, metadata)
     sf.write(str(wav_path), audio.T.numpy(), metadata["original_sample_rate"], subtype=subtype)

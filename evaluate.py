@@ -32,10 +32,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 import plotting
-from codec import load_model, resolve_device
 from configuration import check_command_line
 from loaders import make_loader
 from metrics import MIN_RESOLVED_SEPARATION, CheckpointReport, InstrumentSettings, flatten_metrics, per_codebook
+from model import load_model
+from runtime import resolve_device
 from shared_content import shared_content_comparison
 from validation import array_geometry, evaluate_model, validation_dataset
 

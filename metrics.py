@@ -263,7 +263,7 @@ def separated_pairs(channels: Tensor, capsules: Any = None,
     """Which pairs are well separated: `(mask [N] bool, description)`.
 
     `channels` `[N, 2]` channel (capsule) indices of each pair; `capsules` `[C, 3]`
-    directions of the array's capsules (e.g. `synth_eigenscape.CAPSULES` for em32), or None
+    directions of the array's capsules (e.g. `eigenscape.CAPSULES` for em32), or None
     when the files' geometry is unknown. A pair counts when its capsules are at least
     `min_angle_deg` apart (em32: about half of all pairs at 90 degrees). The angle between
     two capsules of a rigid array does not depend on how the array was turned in a

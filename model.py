@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+import checkpoints as ckpt_io
 from modules import SEANetDecoder, SEANetEncoder
 from quantization import EuclideanCodebook, ResidualVectorQuantizer
 
@@ -374,3 +375,28 @@ def _init_keys() -> list[str]:
 def _plain(value: Any) -> Any:
     """OmegaConf containers -> Python lists/dicts, so the model holds no config objects."""
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[EncodecModel, DictConfig]:
+    """Build the generator of a training checkpoint, in eval mode on `device`.
+
+    Returns `(model, cfg)` with `cfg` the resolved training config stored in the checkpoint.
+    """
+    ckpt = ckpt_io.load_checkpoint(checkpoint_path, map_location="cpu")
+    cfg = OmegaConf.create(ckpt["config"])
+    model = EncodecModel.from_config(_without_init_from(cfg.model))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as error:
+        raise RuntimeError(f"{checkpoint_path}: weights do not match the model its own config "
+                           f"describes ({error}); the checkpoint is inconsistent.") from error
+    return model.to(device).eval(), cfg
+
+
+def _without_init_from(model_cfg: DictConfig) -> DictConfig:
+    # The trained weights replace the initialisation, and its file may not exist here.
+    model_cfg = model_cfg.copy()
+    OmegaConf.set_struct(model_cfg, False)
+    model_cfg.init_from = None
+    return model_cfg

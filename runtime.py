@@ -61,6 +61,13 @@ def setup_runtime(cfg: DictConfig) -> Runtime:
                    amp_dtype=amp_dtype)
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; anything else as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def pick_device(wanted: str, multi_process: bool) -> torch.device:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> the device; under torchrun each process takes
     the GPU of its local rank."""

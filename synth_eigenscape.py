@@ -41,7 +41,7 @@ import soundfile as sf
 from scipy import signal, special
 
 from checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, PathRule, check_flags
-from eigenscape import SCENE_CLASSES
+from eigenscape import CAPSULES, N_CAPSULES, SCENE_CLASSES, unit_vectors
 
 SAMPLE_RATE = 48000
 SPEED_OF_SOUND = 343.0
@@ -56,23 +56,6 @@ DIFFUSE_MAX_HZ = 16000  # the beds are far below the capsule noise above this
 NOISE_CROSSOVER_HZ = 7000  # real em32: an uncorrelated noise floor above about 6-8 kHz
 ARRAY_SEED = 32  # the simulated em32 unit: its capsule coloration is the same in every set
 
-# Colatitude / azimuth (degrees) of em32 capsules 1-32 (fixtures README).
-EM32_ANGLES_DEG = [
-    (69, 0), (90, 32), (111, 0), (90, 328), (32, 0), (55, 45), (90, 69), (125, 45),
-    (148, 0), (125, 315), (90, 291), (55, 315), (21, 91), (58, 90), (121, 90), (159, 89),
-    (69, 180), (90, 212), (111, 180), (90, 148), (32, 180), (55, 225), (90, 249), (125, 225),
-    (148, 180), (125, 135), (90, 111), (55, 135), (21, 269), (58, 270), (122, 270), (159, 271),
-]
-
-
-def unit_vectors(colatitude_deg: np.ndarray, azimuth_deg: np.ndarray) -> np.ndarray:
-    """Unit vectors [..., 3] from colatitude and azimuth in degrees."""
-    th, ph = np.radians(colatitude_deg), np.radians(azimuth_deg)
-    return np.stack([np.sin(th) * np.cos(ph), np.sin(th) * np.sin(ph), np.cos(th)], axis=-1)
-
-
-CAPSULES = unit_vectors(*np.array(EM32_ANGLES_DEG, dtype=np.float64).T)  # [32, 3]
-N_CAPSULES = len(CAPSULES)
 
 
 def file_name(scene_class: str, number: int) -> str:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import distributed
 import metrics
+from eigenscape import CAPSULES
 from model import EncodecModel, EncodecOutput
 from paired_channel_dataset import PairedChannelDataset
 from pairwise_losses import split_views
@@ -76,13 +77,12 @@ def validation_dataset(cfg: DictConfig) -> PairedChannelDataset:
 
 
 def array_geometry(dataset: Any) -> Any:
-    """Capsule directions `[32, 3]` of the em32 (`synth_eigenscape.CAPSULES`) when every
+    """Capsule directions `[32, 3]` of the em32 (`eigenscape.CAPSULES`) when every
     file of `dataset` has 32 channels (EigenScape and the synthetic set), else None: the
     swap gain then uses every pair and says so (`metrics.separated_pairs`)."""
     files = getattr(dataset, "files", None)
     if not files or any(f.channels != 32 for f in files):
         return None
-    from synth_eigenscape import CAPSULES  # the em32 geometry (numpy only)
     return CAPSULES
 
 

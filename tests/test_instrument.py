@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import metrics
-import synth_eigenscape
+import eigenscape
 from model import EncodecModel, EncodecOutput
 from validation import accumulate, evaluate_model, measure_batch
 
@@ -114,7 +114,7 @@ def noise(n: int, seed: int, length: int = LENGTH) -> torch.Tensor:
 
 def measure(model, batches, **kwargs) -> dict:
     results, _ = evaluate_model(model, model.bins if hasattr(model, "bins") else 32, batches,
-                                content_codebook=0, keep_examples=0, capsules=synth_eigenscape.CAPSULES, **kwargs)
+                                content_codebook=0, keep_examples=0, capsules=eigenscape.CAPSULES, **kwargs)
     return results
 
 
@@ -194,9 +194,9 @@ def test_swap_gain_uses_only_well_separated_capsules():
                                  keep_examples=0, capsules=None)
     assert anywhere["swap_n_used"] == 8 and anywhere["swap_pairs"].startswith("all pairs")
     pairs = torch.tensor([SEPARATED, CLOSE, [0, 8], [0, 14], [0, 18]])  # 138, 38, 79, 101, 180 degrees
-    mask, _ = metrics.separated_pairs(pairs, synth_eigenscape.CAPSULES)
+    mask, _ = metrics.separated_pairs(pairs, eigenscape.CAPSULES)
     assert mask.tolist() == [True, False, False, True, True]
-    caps = torch.as_tensor(synth_eigenscape.CAPSULES)
+    caps = torch.as_tensor(eigenscape.CAPSULES)
     share = metrics.separated_pairs(torch.combinations(torch.arange(32)), caps)[0].double().mean()
     assert 0.35 < share < 0.65  # about half of the em32 pairs
 
