@@ -402,6 +402,16 @@ def prepare_save_folder(folder: str | Path, cfg: Any = None, is_main: bool = Tru
 # ------------------------------------------------------------------------------ random state
 
 
+def export_start_point(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the weights of a training checkpoint as a starting point for `model.init_from`:
+    generator (codebooks included) and discriminator, and the training config; no optimizer,
+    RNG or progress state (a third of the size). Returns `out`."""
+    ckpt = load_checkpoint(checkpoint, "cpu", required=("model", "config"))
+    start = {"model": ckpt["model"], "discriminator": ckpt.get("discriminator") or {},
+             "config": ckpt["config"], "source": {"step": ckpt.get("step"), "epoch": ckpt.get("epoch")}}
+    return atomic_save(start, out)
+
+
 def capture_rng_state() -> dict[str, Any]:
     """Every global RNG, as tensors and plain types (weights_only-safe)."""
     py_version, py_state, py_gauss = random.getstate()

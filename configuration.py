@@ -1,24 +1,189 @@
 """The training config before anything is built: the settings that must hold, absolute paths.
 
 `config/base.yaml` holds every key and its default; nothing below repeats a default. What is
-checked here is what the YAML cannot say: combinations that cannot work, named by the key to
-change.
+checked here is what the YAML cannot say: the type each key takes (its default's, or
+`DECLARED_TYPES` where the default is null), the range of each number (`LIMITS`), the paths
+that must exist (`PATHS`) and the combinations that cannot work (`check_settings`), each
+failure named by the key to change and what to do.
+
+`check_command_line(config_name)` runs all of it on the command line of a Hydra entry point
+before `@hydra.main` does, so that a typo, a wrong type or an unknown group option is one
+line (`config error: ...`, exit code 2) rather than Hydra's multi-line error or a traceback
+from deep inside the model; `HYDRA_FULL_ERROR=1` shows the full trace instead.
 """
 from __future__ import annotations
 
+import difflib
+import math
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException, MissingConfigException
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from checks import (AT_LEAST_1, DATA_ROOT, DECAY, DEVICE, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError,
+                    Limit, OneOf, PathRule, Pattern, Rule, one_line_errors, setting_error, show)
+from losses import MelLoss
+from modules import CONV_NORMS
+from pairwise_losses import DIV_KINDS, NCE_POOLINGS, SCHEDULES, SIM_KINDS
+from tracking import WANDB_MODES
 
 AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
 
 # Paths resolved against the folder the command was started in.
 PATH_KEYS = (("datasets", "data_root"), ("checkpoint", "save_folder"),
              ("checkpoint", "resume_path"), ("model", "init_from"), ("wandb", "dir"))
 
+# The type of keys whose default (null, ??? or {}) does not say it. Every other key takes
+# its default's type (ints where floats are expected); a null default also accepts null.
+DECLARED_TYPES: dict[str, Any] = {
+    "common.amp": str | bool,  # YAML reads a bare `off` as false; prepare_config maps it back
+    "common.max_steps_per_epoch": int,
+    "common.stop_after_step": int,
+    "datasets.data_root": str,
+    "datasets.prepared_root": str,
+    "datasets.channels": list[int],
+    "model.init_from": str,
+    "discriminator.start_epoch": int,
+    "checkpoint.resume_path": str,
+    "wandb.name": str,
+    "wandb.dir": str,
+    "pairwise.class_weights": dict[str, float],
+    # config/evaluate.yaml
+    "checkpoints": list[str] | str,
+    "labels": list[str],
+    "datasets.classes": list[str],
+    "datasets.val_pairs": int,
+    "datasets.segment_seconds": float,
+    "instrument.ild_probe_alpha": float,
+    "instrument.channel_probe_c": float,
+}
 
-class ConfigError(ValueError):
-    """A setting that cannot work, with the key to change and what to do."""
+# What each number may be (lists: each element; mappings: each value), and the options of
+# the keys that take one of a few strings. Keys of config/base.yaml, config/pairwise/*.yaml
+# and config/evaluate.yaml alike; a key absent from a config is skipped. The options come
+# from the modules that use them.
+LIMITS: dict[str, Rule] = {
+    "common.seed": NON_NEGATIVE,
+    "common.max_epoch": AT_LEAST_1,
+    "common.save_interval": AT_LEAST_1,
+    "common.val_interval": AT_LEAST_1,
+    "common.log_interval": AT_LEAST_1,
+    "common.device": Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"),
+    "common.max_nonfinite_steps": AT_LEAST_1,
+    "common.max_steps_per_epoch": AT_LEAST_1,
+    "common.stop_after_step": NON_NEGATIVE,
+    "datasets.format": OneOf(("auto", "wav", "prepared")),
+    "datasets.channels": NON_NEGATIVE,
+    "datasets.views": AT_LEAST_1,
+    "datasets.tensor_cut": AT_LEAST_1,  # and long enough for the model and losses: check_segment
+    "datasets.fixed_length": AT_LEAST_1,
+    "datasets.val_pairs": AT_LEAST_1,
+    "datasets.batch_size": AT_LEAST_1,
+    "datasets.num_workers": NON_NEGATIVE,
+    "datasets.gain_jitter_db": NON_NEGATIVE,
+    "datasets.max_read_retries": NON_NEGATIVE,
+    "model.sample_rate": AT_LEAST_1,
+    "model.channels": AT_LEAST_1,
+    "model.n_q": AT_LEAST_1,
+    "model.bins": Limit(2, 65536),  # token files store codes as uint16
+    "model.dimension": AT_LEAST_1,
+    "model.target_bandwidths": POSITIVE,
+    "model.filters": AT_LEAST_1,
+    "model.ratios": AT_LEAST_1,
+    "model.residual_layers": NON_NEGATIVE,
+    "model.lstm": NON_NEGATIVE,
+    "model.norm": OneOf(CONV_NORMS),
+    "model.ema_decay": DECAY,
+    "model.epsilon": POSITIVE,
+    "model.kmeans_iters": AT_LEAST_1,
+    "model.kmeans_buffer": NON_NEGATIVE,
+    "model.dead_code_threshold": NON_NEGATIVE,
+    "discriminator.filters": AT_LEAST_1,
+    "discriminator.n_ffts": AT_LEAST_1,
+    "discriminator.hop_lengths": AT_LEAST_1,
+    "discriminator.win_lengths": AT_LEAST_1,
+    "discriminator.update_prob": PROBABILITY,
+    "discriminator.start_epoch": NON_NEGATIVE,
+    "losses.l_t": NON_NEGATIVE,
+    "losses.l_f": NON_NEGATIVE,
+    "losses.l_g": NON_NEGATIVE,
+    "losses.l_feat": NON_NEGATIVE,
+    "losses.commit": NON_NEGATIVE,
+    "balancer.ema_decay": DECAY,
+    "balancer.total_norm": POSITIVE,
+    "optimization.lr": POSITIVE,
+    "optimization.disc_lr": POSITIVE,
+    "optimization.betas": DECAY,
+    "optimization.weight_decay": NON_NEGATIVE,
+    "optimization.grad_clip": NON_NEGATIVE,
+    "lr_scheduler.warmup_epoch": NON_NEGATIVE,
+    "checkpoint.keep_last": AT_LEAST_1,
+    "checkpoint.save_audio": NON_NEGATIVE,
+    "wandb.mode": OneOf(WANDB_MODES),
+    "distributed.check_sync_every": NON_NEGATIVE,
+    "pairwise.sim_weight": NON_NEGATIVE,
+    "pairwise.div_weight": NON_NEGATIVE,
+    "pairwise.sim_kind": OneOf(SIM_KINDS),
+    "pairwise.div_kind": OneOf(DIV_KINDS),
+    "pairwise.margin": POSITIVE,
+    "pairwise.max_cosine": Limit(-1, 1, open_high=True),
+    "pairwise.content_codebook": NON_NEGATIVE,
+    "pairwise.channel_codebook": NON_NEGATIVE,
+    "pairwise.start_step": NON_NEGATIVE,
+    "pairwise.schedule": OneOf(SCHEDULES),
+    "pairwise.ramp_steps": NON_NEGATIVE,
+    "pairwise.class_weights": NON_NEGATIVE,
+    "pairwise.temperature": POSITIVE,
+    "pairwise.nce_pooling": OneOf(NCE_POOLINGS),
+    "pairwise.nce_projection": NON_NEGATIVE,
+    "pairwise.xrec_weight": NON_NEGATIVE,
+    "pairwise.cue_weight": NON_NEGATIVE,
+    "pairwise.channel_classifier.weight": NON_NEGATIVE,
+    "pairwise.channel_classifier.num_channels": AT_LEAST_1,
+    "pairwise.ild_head.n_bands": AT_LEAST_1,
+    "pairwise.ild_head.hidden": AT_LEAST_1,
+    "pairwise.ild_head.weight": NON_NEGATIVE,
+    "pairwise.ild_head.adv_weight": NON_NEGATIVE,
+    "pairwise.ild_head.reversal": NON_NEGATIVE,
+    "pairwise.ild_head.floor_db": POSITIVE,
+    # config/evaluate.yaml
+    "device": DEVICE,
+    "datasets.segment_seconds": POSITIVE,
+    "instrument.probe_folds": Limit(2),
+    "instrument.probe_shuffles": AT_LEAST_1,
+    "instrument.ild_probe_alpha": POSITIVE,
+    "instrument.channel_probe_c": POSITIVE,
+    "instrument.bootstrap": AT_LEAST_1,
+    "instrument.seed": NON_NEGATIVE,
+    "shared_content.channels": NON_NEGATIVE,
+    "shared_content.segments": NON_NEGATIVE,
+    "spectrogram_items": NON_NEGATIVE,
+}
+
+# Paths that must be there when the command starts (checked by check_command_line only:
+# prepare_config also serves configs whose data is elsewhere). checkpoint.save_folder is
+# checked (created, writable, room) by checkpoints.prepare_save_folder at the start.
+PATHS: dict[str, PathRule] = {
+    "datasets.data_root": DATA_ROOT,
+    "model.init_from": PathRule("file", "checkpoint"),
+    "checkpoint.resume_path": PathRule("file", "checkpoint"),
+    "checkpoints": PathRule("file", "checkpoint"),
+    "out_dir": PathRule("output folder"),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# The training config
 
 
 def prepare_config(cfg: DictConfig) -> DictConfig:
@@ -45,12 +210,12 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """Raise ConfigError for settings that cannot work together."""
+    """Raise ConfigError for a number out of range (`LIMITS`) or settings that cannot work
+    together."""
+    check_limits(cfg)
     views = cfg.datasets.views
-    if views < 1:
-        raise ConfigError(f"datasets.views={views}: use 1 (mono), 2 (paired) or more.")
     if cfg.common.amp not in AMP_MODES:
-        raise ConfigError(f"common.amp={cfg.common.amp!r}: use one of {list(AMP_MODES)}")
+        raise setting_error("common.amp", cfg.common.amp, f"not an option; use one of {', '.join(AMP_MODES)}")
     if views >= 2:
         n_q = cfg.model.n_q
         for key in ("content_codebook", "channel_codebook"):
@@ -58,9 +223,345 @@ def check_settings(cfg: DictConfig) -> None:
                 raise ConfigError(
                     f"pairwise.{key}={cfg.pairwise[key]} but model.n_q={n_q}: paired training "
                     f"needs that codebook; use model.n_q>={cfg.pairwise[key] + 1}.")
+        if cfg.pairwise.content_codebook == cfg.pairwise.channel_codebook:
+            raise ConfigError(f"pairwise.channel_codebook={cfg.pairwise.channel_codebook} is also the "
+                              "content codebook; use another one (pairwise.channel_codebook=1).")
+        if cfg.pairwise.schedule == "linear" and cfg.pairwise.ramp_steps < 1:
+            raise ConfigError(f"pairwise.ramp_steps={cfg.pairwise.ramp_steps}: "
+                              "pairwise.schedule=linear ramps over them; use pairwise.ramp_steps>=1.")
     if cfg.balancer.enabled and cfg.common.amp == "fp16":
         raise ConfigError("balancer.enabled=true does not combine with common.amp=fp16 (the "
                           "balancer normalises gradients itself); use common.amp=bf16 or off.")
     if cfg.datasets.fixed_length < cfg.datasets.batch_size:
         raise ConfigError(f"datasets.fixed_length={cfg.datasets.fixed_length} is smaller than "
                           f"datasets.batch_size={cfg.datasets.batch_size}: an epoch has no step.")
+    if len(cfg.optimization.betas) != 2:
+        raise setting_error("optimization.betas", list(cfg.optimization.betas),
+                            "Adam takes two betas; use e.g. optimization.betas=[0.5,0.9]")
+    disc = cfg.discriminator
+    if not len(disc.n_ffts) == len(disc.hop_lengths) == len(disc.win_lengths):
+        raise setting_error("discriminator.n_ffts", list(disc.n_ffts),
+                            f"{len(disc.n_ffts)} scales but {len(disc.hop_lengths)} hop_lengths and "
+                            f"{len(disc.win_lengths)} win_lengths; give one of each per scale")
+    if any(w > n for w, n in zip(disc.win_lengths, disc.n_ffts)):
+        raise setting_error("discriminator.win_lengths", list(disc.win_lengths),
+                            f"a window is longer than its FFT ({list(disc.n_ffts)}); use win_lengths<=n_ffts")
+    check_segment(cfg)
+
+
+def check_segment(cfg: DictConfig) -> None:
+    """`datasets.tensor_cut` must hold a frame of the model, more than half of the mel loss's
+    largest window (its centred STFT pads by reflection) and the discriminator's largest FFT."""
+    window = MelLoss(int(cfg.model.sample_rate)).max_window
+    needs = [(math.prod(cfg.model.ratios), "a frame of the model (the product of model.ratios)"),
+             (window // 2 + 1, f"the mel loss (its largest window, {window}, needs more than half)")]
+    if cfg.discriminator.enabled:
+        needs.append((max(cfg.discriminator.n_ffts), "the discriminator's largest FFT (discriminator.n_ffts)"))
+    for samples, what in needs:
+        if cfg.datasets.tensor_cut < samples:
+            raise setting_error("datasets.tensor_cut", cfg.datasets.tensor_cut,
+                                f"too short for {what}; use datasets.tensor_cut>={samples}")
+
+
+def check_mode(cfg: DictConfig, paired: bool) -> None:
+    """The split between the two training scripts: paired needs >= 2 views, mono exactly 1."""
+    views = cfg.datasets.views
+    if paired and views < 2:
+        raise setting_error("datasets.views", views, "train_paired_gpu.py needs datasets.views>=2; "
+                            "use train_single_gpu.py for mono training")
+    if not paired and views != 1:
+        raise setting_error("datasets.views", views, "train_single_gpu.py trains on one channel per "
+                            "item; use train_paired_gpu.py for datasets.views>=2")
+
+
+def check_training(cfg: DictConfig, paired: bool) -> None:
+    """The training scripts' check of a composed config: `prepare_config` and the mode."""
+    check_mode(prepare_config(cfg), paired)
+
+
+# ----------------------------------------------------------------------------------------
+# Types, ranges, paths of any composed config (training or evaluation)
+
+
+def check_limits(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first value out of its range or options (`LIMITS`)."""
+    for key, rule in LIMITS.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)  # ??? -> None
+        if value is None:
+            continue
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        problem = rule.problem(value)
+        if problem:
+            raise setting_error(key, value, problem)
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first path of `PATHS` that is not what it must be."""
+    for key, rule in PATHS.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)  # ??? -> None
+        if value is None:
+            continue
+        if OmegaConf.is_list(value):  # evaluate.py's checkpoints: name the one that is wrong
+            value = OmegaConf.to_container(value)
+            problems = [f"{path}: {rule.problem(path)}" for path in value if rule.problem(path)]
+        else:
+            problems = [problem] if (problem := rule.problem(value)) else []
+        if problems:
+            raise setting_error(key, value, problems[0])
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """Raise ConfigError for a required key (`???` in the YAML) left unset."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        kind = f" ({_describe(DECLARED_TYPES[key])})" if key in DECLARED_TYPES else ""
+        raise ConfigError(f"{key}=???: required and not set; add {key}=...{kind} to the command line.")
+
+
+def expected_type(key: str, default: Any) -> Any:
+    """The type `key` takes: `DECLARED_TYPES`, else its default's (None: anything)."""
+    if key in DECLARED_TYPES:
+        return DECLARED_TYPES[key]
+    if default is None:
+        return None
+    if isinstance(default, (bool, int, float, str)):
+        return type(default)
+    if isinstance(default, list):
+        kinds = {expected_type("", v) for v in default}
+        if kinds == {int, float}:
+            kinds = {float}
+        return list[kinds.pop()] if len(kinds) == 1 else list
+    if isinstance(default, dict):
+        return dict
+    return type(default)
+
+
+def check_types(cfg: DictConfig, reference: DictConfig) -> None:
+    """Raise ConfigError for the first setting whose type is not its default's in `reference`.
+
+    Null defaults accept anything unless `DECLARED_TYPES` says otherwise; ints pass where
+    floats are expected; list elements are checked one by one; keys added with `+` and keys
+    the reference does not have are not checked.
+    """
+    _check_node(_plain(cfg), _plain(reference), "")
+
+
+def _plain(cfg: DictConfig) -> dict:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as error:  # an interpolation that cannot be resolved
+        key = getattr(error, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {str(error).splitlines()[0]}; fix the ${{...}} reference.") from error
+
+
+def _check_node(value: Any, default: Any, key: str) -> None:
+    if key not in DECLARED_TYPES and isinstance(default, dict) and default:
+        if not isinstance(value, dict):
+            first = next(iter(default))
+            raise setting_error(key, value, f"is a group of settings ({', '.join(list(default)[:4])}, ...), "
+                                f"not a value; set one of them, e.g. {key}.{first}={show(default[first])}")
+        for name, sub in default.items():
+            if name in value:
+                _check_node(value[name], sub, f"{key}.{name}" if key else name)
+        return
+    expected = expected_type(key, default)
+    if expected is None or (default is None and value is None) or value == "???":
+        return
+    if not _admits(value, expected):
+        example = "" if default is None else f"; the default is {key}={show(default)}"
+        raise setting_error(key, value, f"expected {_describe(expected)}{example}")
+
+
+def _admits(value: Any, expected: Any) -> bool:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits(value, t) for t in args)
+    if origin is list or expected is list:
+        return isinstance(value, list) and (not args or all(_admits(v, args[0]) for v in value))
+    if origin is dict or expected is dict:
+        return isinstance(value, dict) and (not args or all(_admits(v, args[1]) for v in value.values()))
+    if isinstance(value, bool) or expected is bool:  # bool is an int to Python, not to a config
+        return isinstance(value, bool) and expected is bool
+    if expected is int:
+        return isinstance(value, int)
+    if expected is float:
+        return isinstance(value, (int, float))
+    if expected is str:  # a name may look like a number (wandb.name=2024)
+        return isinstance(value, (str, int, float))
+    return isinstance(value, expected)
+
+
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+          list: "a list", dict: "a mapping"}
+_PLURALS = {int: "integers", float: "numbers", bool: "true/false values", str: "strings"}
+
+
+def _describe(expected: Any) -> str:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(t) for t in args)
+    if origin is list:
+        return f"a list of {_PLURALS.get(args[0], 'values')}, e.g. [a,b]"
+    if origin is dict:
+        return f"a mapping of names to {_PLURALS.get(args[1], 'values')}, e.g. {{a:1}}"
+    return _NAMES.get(expected, expected.__name__)
+
+
+# ----------------------------------------------------------------------------------------
+# The command line of a Hydra entry point
+
+
+def check_command_line(config_name: str, argv: Sequence[str] | None = None,
+                       check: Callable[[DictConfig], Any] | None = None) -> None:
+    """Compose the config of a Hydra command line as `@hydra.main` will, and exit with one
+    line `config error: <key>=<value>: <what is wrong>; <what to do>` (code 2) if it cannot
+    work: an unknown key (with the closest existing one), an unknown group option (with the
+    available ones), a type that is not the default's, a number out of range, a missing
+    path, or `check(cfg)`'s ConfigError (the training scripts: `check_training`).
+
+    Args:
+        config_name (str): The entry point's `config_name` (`--config-name` on the command
+            line wins).
+        argv (list of str, optional): The arguments (default: `sys.argv[1:]`).
+        check (callable, optional): Further checks of each composed config, raising ConfigError.
+
+    Call it before the `@hydra.main` function. Help, `--info` and other config folders
+    (`--config-path`, `--config-dir`) are left to Hydra. Under `--multirun` every value of
+    every sweep is checked (with the other overrides at their first value). Under
+    `HYDRA_FULL_ERROR=1` the error is raised with its traceback.
+    """
+    with one_line_errors():
+        for cfg in composed_configs(config_name, sys.argv[1:] if argv is None else list(argv)):
+            if check is not None:
+                check(cfg)
+            check_missing(cfg)
+            check_limits(cfg)
+            check_paths(cfg)
+
+
+def composed_configs(config_name: str, argv: list[str]) -> Iterator[DictConfig]:
+    """The configs of the jobs `argv` describes, type-checked against the defaults."""
+    from hydra._internal.utils import get_args_parser  # Hydra's own flags, as @hydra.main parses them
+
+    args = get_args_parser().parse_args(argv)
+    if (args.help or args.hydra_help or args.info or args.shell_completion or args.config_path
+            or args.config_dir or args.experimental_rerun):
+        return
+    name = args.config_name or config_name
+    check_syntax(args.overrides)
+    reference = compose_config(name, [])
+    for overrides in job_overrides(args.overrides, args.multirun):
+        cfg = compose_config(name, overrides, reference)
+        check_types(cfg, reference)
+        yield cfg
+
+
+def check_syntax(overrides: list[str]) -> None:
+    """Raise ConfigError naming the first argument that is not a Hydra override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in overrides:
+        try:
+            parser.parse_override(arg)
+        except HydraException as error:  # the parser raises plain HydraExceptions too
+            raise ConfigError(f"{arg}: cannot be read as an override ({str(error).splitlines()[0]}); "
+                              "write key=value, quoted for the shell when the value has spaces or "
+                              "brackets: 'key=[a,b]'.") from error
+
+
+def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """One override list per job to check: the command line, or under `--multirun` each
+    sweep value once (N checks for N values, not the product of the sweeps)."""
+    if not multirun:
+        return [list(overrides)]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))  # check_syntax passed
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+               if o.is_sweep_override() else [o.input_line] for o in parsed]
+    first = [c[0] for c in choices]
+    return [first] + [first[:i] + [v] + first[i + 1:] for i, c in enumerate(choices) for v in c[1:]]
+
+
+def compose_config(config_name: str, overrides: list[str], reference: DictConfig | None = None) -> DictConfig:
+    """`hydra.compose` from config/, its errors turned into one-line ConfigErrors."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        try:
+            return compose(config_name=config_name, overrides=overrides)
+        except Exception as error:  # compose fails only on the command line or the YAML files
+            raise composition_error(error, overrides, reference, config_name) from error
+
+
+def composition_error(error: Exception, overrides: list[str], reference: DictConfig | None = None,
+                      config_name: str = "") -> ConfigError:
+    """Hydra's composition error as one line naming the override and what to do."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        if not group:
+            names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            return ConfigError(f"--config-name={config_name}: no such config in {CONFIG_DIR}; "
+                               f"use one of {', '.join(names)}.")
+        options = ", ".join(error.options or _group_options(group)) or "(none)"
+        arg = _override_for(group, overrides, option) or f"{group}={option}"
+        return ConfigError(f"{arg}: {group} has no option {option!r}; use one of {options}.")
+    quoted = re.search(r"'([^']+)'", first_line)
+    key = quoted.group(1) if quoted else ""
+    arg = _override_for(key, overrides) or key
+    value = arg.split("=", 1)[1] if "=" in arg else "..."
+    if first_line.startswith("Ambiguous value"):  # a comma outside --multirun
+        return ConfigError(f"{arg}: a comma makes a sweep; write {key.split('=')[0]}=[a,b] for a list, "
+                           "quote the value for a string, or add --multirun to sweep.")
+    if "No match in the defaults list" in first_line:
+        return ConfigError(f"{arg}: {key} is not selected by the config; add it with +{key}={value}.")
+    if first_line.startswith("Could not append"):
+        return ConfigError(f"{arg}: {key} already exists; drop the + to change it: {key}={value}.")
+    # Typos: the closest existing key among the siblings when the parent exists
+    # (datasets.batchsize -> datasets.batch_size), else at the same depth (dataset.batch_size).
+    known, parent = _known_keys(reference), key.rpartition(".")[0]
+    if parent in known:
+        known = [k for k in known if k.rpartition(".")[0] == parent]
+    else:
+        known = [k for k in known if k.count(".") == key.count(".")]
+    guess = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if first_line.startswith("Could not delete"):
+        advice = f"; did you mean ~{guess[0]}?" if guess else ""
+        return ConfigError(f"{arg}: no such key to delete{advice}")
+    if first_line.startswith("Could not override"):
+        nested = getattr(error.__cause__, "full_key", None)
+        if str(nested).startswith(key + "."):  # key={new:1}: the new key is inside the value
+            return ConfigError(f"{arg}: {nested} is not a key of the config; add new keys one by "
+                               f"one with +{nested}=...")
+        advice = f"did you mean {guess[0]}={value}? " if guess else ""
+        return ConfigError(f"{arg}: no such key; {advice}(+{key}={value} adds a new key).")
+    return ConfigError(f"{arg + ': ' if arg else ''}{first_line}")
+
+
+def _override_for(key: str, overrides: list[str], value: str | None = None) -> str:
+    """The command-line argument that sets `key` (to `value`, when given), or ''."""
+    for arg in overrides:
+        name, _, text = arg.lstrip("+~").partition("=")
+        if key and name.split("@", 1)[0] == key and value in (None, text):
+            return arg
+    return ""
+
+
+def _group_options(group: str) -> list[str]:
+    folder = CONFIG_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _known_keys(reference: DictConfig | None) -> list[str]:
+    """Every dotted key of `reference` (leaves and groups) and the config groups."""
+    keys = [p.name for p in CONFIG_DIR.iterdir() if p.is_dir()]
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for name, sub in node.items():
+                keys.append(prefix + str(name))
+                walk(sub, f"{prefix}{name}.")
+    if reference is not None:
+        walk(OmegaConf.to_container(reference, resolve=False), "")
+    return keys

@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoints as ckpt_io
 import distributed
-from configuration import ConfigError, prepare_config
+from checks import one_line_errors
+from configuration import ConfigError, check_mode, prepare_config
 from loaders import build_train_dataset, epoch_loader, make_loader, rank_share, steps_in_epoch
 from paired_channel_dataset import ChannelViewsDataset, TooManyReadFailures
 from parts import Parts, build_parts
@@ -47,6 +49,19 @@ BAR_KEYS = ("l_f_ch1", "l_sim", "l_div", "loss_d")
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps; the last good state was checkpointed."""
+
+
+# A run that failed for a reason the user can act on: one line and exit code 1, no traceback.
+RUN_FAILURES = (ckpt_io.CheckpointError, TooManyReadFailures, TrainingDiverged)
+
+
+def train_from_command_line(cfg: DictConfig, paired: bool) -> None:
+    """The body of both training entry points: `train` in Hydra's run folder, with a
+    configuration mistake as `config error: ...` (exit code 2) and a failed run (a save that
+    failed, no loadable checkpoint, data gone, divergence) as `error: ...` (exit code 1)."""
+    with one_line_errors(RUN_FAILURES):
+        check_mode(cfg, paired)
+        train(cfg, run_dir=HydraConfig.get().runtime.output_dir)
 
 
 @dataclass

@@ -7,12 +7,15 @@ Shapes used throughout: waveforms `[N, C, T]`, codes `[N, n_q, F]`, per-codebook
 `list[Tensor [N, D, F]]`. Batches of paired items add a view axis after the batch axis:
 `[B, V, ...]`.
 
-Three groups of metrics:
+Groups of metrics:
 - reconstruction: `si_snr`, `mel_distance`, `stft_distance` (per item), `nominal_bitrate_kbps`;
 - codebook health: `codebook_histogram` and `histogram_entropy` (perplexity, dead codes);
 - disentanglement (does codebook 1 carry what the channels share and codebook 2 what
-  differs?): cross-channel code agreement and embedding cosine against their chance levels,
-  `centered_pooled_cosine`, `swap_test`, `channel_probe_accuracy`.
+  differs?): cross-channel code agreement against its chance level (different segments)
+  and ceiling (`ceiling_copy`), embedding cosine, `centered_pooled_cosine`;
+- paired-channel cues, every decode of a pair at the pair's one scale (`pair_cues`,
+  `separated_pairs`): swap gain, ILD / ITD fidelity (spatial_cues.py), and probes trained
+  fresh on frozen embeddings with folds grouped by file (probes.py).
 `MetricAccumulator` collects all of them over a validation set and returns one dict;
 `flatten_metrics` turns that dict into the flat scalars that are logged, and
 `CheckpointReport` holds one checkpoint's results for the evaluation report.
@@ -22,13 +25,16 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torchaudio
 from torch import Tensor
 from torchmetrics.functional.audio import scale_invariant_signal_noise_ratio
+
+import spatial_cues
 
 MEL_FFTS = (512, 1024, 2048)
 MEL_BINS = 64
@@ -201,30 +207,141 @@ def centered_pooled_cosine(pooled: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ----------------------------------------------------------------------------------------
-# Swap test
+# Paired-channel cues: every decode of a pair at the pair's one scale
 # ----------------------------------------------------------------------------------------
+#
+# The two channels of a segment are compared through cues a 1.5 kbps codec can carry and a
+# small array produces (see spatial_cues.py): per-band levels over the segment, the
+# inter-channel level difference (ILD) and, below 1.5 kHz, the inter-channel delay (ITD).
+# Every decode that is compared across the channels is restored at ONE scale per pair (the
+# pair's common RMS): a per-channel scale would put the broadband level difference back
+# from outside the codes, so a codec that carries nothing would look faithful and a swap
+# restored at B's level would move toward x_B by loudness alone.
 
-def swap_variants(n_q: int, content_codebook: int = 0) -> dict[str, tuple[str | None, ...]]:
-    """Which view ('a', 'b' or None = left out) feeds each codebook, per swap-test variant.
+N_BANDS = 8                     # log-spaced bands of the level cues (issue 9: 8 bands, 100 Hz - 11 kHz)
+BAND_F_MIN, BAND_F_MAX = 100.0, 11000.0
+MIN_CUE_SAMPLES = max(MEL_FFTS) // 2 + 1  # shortest segment the cues are measured on (mel distance's)
+MIN_SEPARATION_DEG = 90.0       # "well separated" capsules: at least this angle apart on the sphere
+CEILING_SHIFT_SAMPLES = 1       # the agreement ceiling's copy: 1 sample later ...
+CEILING_GAIN_DB = 0.5           # ... and 0.5 dB louder
+MIN_RESOLVED_SEPARATION = 0.1   # decodes of A and B differing by less than this share of the inputs'
+                                # separation: the codec does not resolve the channels, the gain is noise
 
-    - `recon_a`: all codebooks of A (plain reconstruction of x_A);
-    - `swap`: the content codebook of A, every other codebook of B. If the content codebook
-      carries what the channels share and the others the channel, this sounds like x_B;
-    - `content_a`: the content codebook of A alone;
-    - `rest_b`: the other codebooks of B alone.
+
+def cue_fft_size(length: int, preferred: int) -> int:
+    """`preferred` FFT size, halved until it fits a segment of `length` samples."""
+    size = int(preferred)
+    while size > length and size > 2:
+        size //= 2
+    return size
+
+
+def segment_band_levels(wav: Tensor, sample_rate: int) -> Tensor:
+    """`spatial_cues.band_levels` with the instrument's bands, `[N, N_BANDS]` dB.
+
+    `wav` `[N, T]` or `[N, 1, T]`; the FFT is the largest of `spatial_cues.LEVEL_N_FFT`,
+    halved, that fits the segment (levels are Parseval-normalised, so they do not depend
+    on it), and the bands stop at the Nyquist frequency of low sample rates.
     """
+    return spatial_cues.band_levels(wav, int(sample_rate), n_bands=N_BANDS, f_min=BAND_F_MIN,
+                                    f_max=min(BAND_F_MAX, sample_rate / 2),
+                                    n_fft=cue_fft_size(wav.shape[-1], spatial_cues.LEVEL_N_FFT))
+
+
+def ceiling_copy(x: Tensor, shift: int = CEILING_SHIFT_SAMPLES, gain_db: float = CEILING_GAIN_DB) -> Tensor:
+    """The same channel a hair away: `shift` samples later (zeros in front) and `gain_db`
+    louder, same length. Its codes against the original's are the ceiling of cross-channel
+    agreement: no two channels of a segment can be closer than this."""
+    if not 0 < shift < x.shape[-1]:
+        raise ValueError(f"shift {shift} must be within the segment of {x.shape[-1]} samples")
+    delayed = torch.nn.functional.pad(x[..., : x.shape[-1] - shift], (shift, 0))
+    return delayed * 10 ** (gain_db / 20)
+
+
+def separated_pairs(channels: Tensor, capsules: Any = None,
+                    min_angle_deg: float = MIN_SEPARATION_DEG) -> tuple[Tensor, str]:
+    """Which pairs are well separated: `(mask [N] bool, description)`.
+
+    `channels` `[N, 2]` channel (capsule) indices of each pair; `capsules` `[C, 3]`
+    directions of the array's capsules (e.g. `synth_eigenscape.CAPSULES` for em32), or None
+    when the files' geometry is unknown. A pair counts when its capsules are at least
+    `min_angle_deg` apart (em32: about half of all pairs at 90 degrees). The angle between
+    two capsules of a rigid array does not depend on how the array was turned in a
+    recording, so the selection holds for real recordings too. Without a geometry, or with
+    a channel the geometry does not have, every pair counts, and the description says so.
+    """
+    channels = torch.as_tensor(channels, dtype=torch.long).reshape(-1, 2)
+    every = torch.ones(channels.shape[0], dtype=torch.bool)
+    if capsules is None:
+        return every, "all pairs (no array geometry known for these files)"
+    directions = torch.as_tensor(capsules, dtype=torch.float64)
+    if channels.numel() and int(channels.max()) >= directions.shape[0]:
+        return every, f"all pairs (channels beyond the {directions.shape[0]} capsules of the array geometry)"
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    cosine = (directions[channels[:, 0]] * directions[channels[:, 1]]).sum(dim=1).clamp(-1, 1)
+    angle = torch.rad2deg(torch.arccos(cosine))
+    return angle >= min_angle_deg - 1e-9, f"pairs of capsules >= {min_angle_deg:g} deg apart"
+
+
+@dataclass
+class PairCues:
+    """Cues of the first two views (A, B) of each item of a batch, all at the pair's scale.
+
+    Attributes:
+        levels: `segment_band_levels` `[B, N_BANDS]` dB of `in_a`, `in_b` (the raw inputs),
+            `rec_a`, `rec_b` (the decodes of all codebooks of A, of B) and `swap` (the
+            content codebook of A with the other codebooks of B; absent with one codebook).
+        delays: GCC-PHAT inter-channel delay `[B]` seconds (> 0 when B lags A, NaN when
+            silent below 1.5 kHz) of the inputs (`in`) and of the decoded pair (`rec`).
+        mel: log-mel distances `[B]`: `swap_to_a`, `swap_to_b` (the swap against x_A, x_B),
+            `rec_a_to_b` (A's decode against x_B: what the swap scores if codebook 2 of B
+            changes nothing) and `rec_b_to_b` (B's decode against x_B: what it scores if it
+            decodes like B); the swap's absent with one codebook.
+    """
+    levels: dict[str, Tensor]
+    delays: dict[str, Tensor]
+    mel: dict[str, Tensor]
+
+    def cpu(self) -> "PairCues":
+        move = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
+        return PairCues(move(self.levels), move(self.delays), move(self.mel))
+
+
+@torch.no_grad()
+def pair_cues(x_a: Tensor, x_b: Tensor, rec_a: Tensor, rec_b: Tensor, swap: Tensor | None,
+              sample_rate: int) -> PairCues | None:
+    """`PairCues` of a batch: inputs `x_a`, `x_b` and decodes `rec_a`, `rec_b`, `swap`, each
+    `[B, 1, T]` (decodes trimmed to T and restored at the pair's one scale; `swap` None for
+    a single-codebook model: no swap entries). None for segments shorter than
+    `MIN_CUE_SAMPLES`."""
+    length = x_a.shape[-1]
+    if length < MIN_CUE_SAMPLES:
+        return None
+    waves = {"in_a": x_a, "in_b": x_b, "rec_a": rec_a, "rec_b": rec_b}
+    if swap is not None:
+        waves["swap"] = swap
+    waves = {name: w[..., :length].float() for name, w in waves.items()}
+    levels = segment_band_levels(torch.cat(list(waves.values())), sample_rate).chunk(len(waves))
+    n_fft = cue_fft_size(length, spatial_cues.GCC_N_FFT)
+    delay = functools.partial(spatial_cues.gcc_phat_delay, sample_rate=int(sample_rate), n_fft=n_fft)
+    mel = {"rec_a_to_b": mel_distance(waves["in_b"], waves["rec_a"], sample_rate),
+           "rec_b_to_b": mel_distance(waves["in_b"], waves["rec_b"], sample_rate)}
+    if swap is not None:
+        mel.update(swap_to_a=mel_distance(waves["in_a"], waves["swap"], sample_rate),
+                   swap_to_b=mel_distance(waves["in_b"], waves["swap"], sample_rate))
+    return PairCues(levels=dict(zip(waves, levels)),
+                    delays={"in": delay(waves["in_a"], waves["in_b"]), "rec": delay(waves["rec_a"], waves["rec_b"])},
+                    mel=mel)
+
+
+def swap_sources(n_q: int, content_codebook: int = 0) -> tuple[str, ...]:
+    """Which view feeds each codebook in the swap: 'a' for the content codebook, 'b' for
+    every other one (codebook 1 of A with codebook 2 of B at n_q = 2)."""
+    if n_q < 2:
+        raise ValueError("the swap needs at least 2 codebooks")
     if not 0 <= content_codebook < n_q:
         raise ValueError(f"content_codebook {content_codebook} out of range for n_q={n_q}")
-    if n_q < 2:
-        raise ValueError("the swap test needs at least 2 codebooks")
-    only = lambda view, keep_content: tuple(  # noqa: E731
-        view if (k == content_codebook) == keep_content else None for k in range(n_q))
-    return {
-        "recon_a": ("a",) * n_q,
-        "swap": tuple("a" if k == content_codebook else "b" for k in range(n_q)),
-        "content_a": only("a", True),
-        "rest_b": only("b", False),
-    }
+    return tuple("a" if k == content_codebook else "b" for k in range(n_q))
 
 
 def mix_embeddings(sources: Sequence[str | None], emb_a: Sequence[Tensor],
@@ -244,145 +361,86 @@ def mix_embeddings(sources: Sequence[str | None], emb_a: Sequence[Tensor],
     return latent
 
 
-@torch.no_grad()
-def swap_test(decode: Callable[[Tensor, str], Tensor], emb_a: Sequence[Tensor],
-              emb_b: Sequence[Tensor], x_a: Tensor, x_b: Tensor, sample_rate: int = 24000,
-              content_codebook: int = 0) -> dict[str, dict[str, Tensor]]:
-    """Decode mixtures of two channels' codebooks and measure distances to x_A and x_B.
-
-    `decode(latent [N, D, F], level_view)` turns a quantized latent into audio `[N, C, T]`
-    shaped like `x_a`; `level_view` ('a' or 'b') says whose loudness to restore: the view
-    that provides the channel codebooks (B in `swap` and `rest_b`, A otherwise).
-    Returns `{variant: {'mel_to_a', 'mel_to_b', 'si_snr_to_a', 'si_snr_to_b'}: [N]}` for the
-    variants of `swap_variants`. The disentanglement signal is `swap`: closer to x_B than
-    to x_A (`mel_to_b < mel_to_a`) means the channel identity follows the channel codebooks.
-    """
-    results = {}
-    for name, sources in swap_variants(len(emb_a), content_codebook).items():
-        level_view = "b" if "b" in sources else "a"
-        audio = decode(mix_embeddings(sources, emb_a, emb_b), level_view)
-        audio = audio[..., : x_a.shape[-1]]
-        results[name] = {
-            "mel_to_a": mel_distance(x_a, audio, sample_rate),
-            "mel_to_b": mel_distance(x_b, audio, sample_rate),
-            "si_snr_to_a": si_snr(x_a, audio),
-            "si_snr_to_b": si_snr(x_b, audio),
-        }
-    return results
-
-
-# ----------------------------------------------------------------------------------------
-# Channel-identity probe
-# ----------------------------------------------------------------------------------------
-
-def probe_split(n_items: int) -> tuple[Tensor, Tensor]:
-    """Indices of the probe's training and test halves: even and odd items.
-
-    Interleaved rather than first/second half, because validation items are ordered by file
-    and class, and a contiguous split would test on scenes the probe never saw.
-    """
-    index = torch.arange(n_items)
-    return index[0::2], index[1::2]
-
-
-def train_logistic_probe(features: Tensor, labels: Tensor, num_classes: int, steps: int = 200,
-                         weight_decay: float = 1e-3) -> Callable[[Tensor], Tensor]:
-    """Multinomial logistic regression fit by full-batch L-BFGS; returns `predict(x) -> labels`.
-
-    Features are standardised with the training statistics; a small L2 penalty keeps the
-    solution finite when the training set is separable.
-    """
-    mean, std = features.mean(dim=0), features.std(dim=0, unbiased=False).clamp_min(1e-6)
-    x = (features - mean) / std
-    weight = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ weight + bias, labels)
-        loss = loss + weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    weight, bias = weight.detach(), bias.detach()
-    return lambda z: (((z - mean) / std) @ weight + bias).argmax(dim=1)
-
-
-def channel_probe_accuracy(features: Tensor, channels: Tensor, steps: int = 200) -> tuple[list[float], float]:
-    """Channel-identity probe per codebook: `(accuracy per codebook, chance level)`.
-
-    `features`: `[N, V, n_q, D]` time-pooled embeddings of the V views of N items;
-    `channels`: `[N, V]` microphone channel of each view (the label). A logistic regression
-    is trained on the views of the even items and scored on the odd ones (`probe_split`).
-    Chance is the accuracy of guessing uniformly among the channels seen in training:
-    1 / number of channels present when every channel occurs in both halves (the usual case),
-    lower when test views carry channels the probe never saw. A codebook that carries the
-    channel scores far above chance; one that carries only shared content stays near it.
-    """
-    if features.dim() != 4 or channels.shape != features.shape[:2]:
-        raise ValueError(f"expected features [N, V, n_q, D] and channels [N, V], got "
-                         f"{tuple(features.shape)} and {tuple(channels.shape)}")
-    n_items, _, n_q, _ = features.shape
-    if n_items < 2:
-        raise ValueError("the probe needs at least 2 items (one to train on, one to test on)")
-    present, labels = torch.unique(channels, return_inverse=True)
-    train_idx, test_idx = probe_split(n_items)
-    y_train, y_test = labels[train_idx].flatten(), labels[test_idx].flatten()
-    seen = torch.unique(y_train)
-    chance = torch.isin(y_test, seen).double().mean().item() / len(seen)
-    accuracies = []
-    for k in range(n_q):
-        x_train = features[train_idx, :, k].flatten(0, 1).double()
-        x_test = features[test_idx, :, k].flatten(0, 1).double()
-        predict = train_logistic_probe(x_train, y_train, len(present), steps)
-        accuracies.append((predict(x_test) == y_test).double().mean().item())
-    return accuracies, chance
-
-
 # ----------------------------------------------------------------------------------------
 # Accumulator
 # ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InstrumentSettings:
+    """How much work the set-level statistics do. The defaults are the per-epoch
+    validation's light settings; `evaluate.py` passes the full ones (config/evaluate.yaml).
+
+    Attributes:
+        probe_folds: outer folds of the probes (grouped by file; fewer files, fewer folds).
+        probe_shuffles: label permutations of the shuffled-label baseline.
+        ild_probe_alpha: ridge strength of the ILD probe; None: chosen by nested grouped CV
+            over `probes.RIDGE_ALPHAS` inside each training fold.
+        channel_probe_c: inverse penalty of the channel-index probe; None: nested CV over
+            `probes.LOGISTIC_CS`.
+        bootstrap: resamples of the swap gain's confidence interval (files resampled).
+        seed: seed of the folds, permutations and bootstrap.
+    """
+    probe_folds: int = 5
+    probe_shuffles: int = 1
+    ild_probe_alpha: float | None = 10.0
+    channel_probe_c: float | None = 0.1
+    bootstrap: int = 1000
+    seed: int = 0
+
 
 class MetricAccumulator:
     """Collects per-batch statistics over a validation set; `compute()` returns one dict.
 
     Fed by `validation.accumulate` for both the engine's validation and `evaluate.py`; by
-    hand, batches of V views go in like this:
+    hand, batches of V views go in like this (all decodes at the pair's common scale):
 
         acc = MetricAccumulator(n_q=model.n_q, bins=cfg.model.bins,
                                 sample_rate=model.sample_rate, frame_rate=model.frame_rate)
         for wavs, metas in loader:                      # wavs [B, V, 1, T]
-            out = model(wavs.flatten(0, 1), return_embeddings=True)
+            x = wavs.flatten(0, 1)
+            scale = EncodecModel.shared_scale(x, wavs.shape[1])
+            out = model(x, return_embeddings=True, scale=scale)
             acc.update(wavs, out.audio, out.codes, out.embeddings,
-                       torch.tensor([m["channels"] for m in metas]))
+                       torch.tensor([m["channels"] for m in metas]),
+                       groups=[m["path"] for m in metas])
         results = acc.compute()
 
-    Memory stays small: per-item scalars, code histograms and time-pooled embeddings (for
-    the probe). The chance levels pair view i of item n with view j of item n + 1 across the
-    whole stream (wrapping around at the end), so they do not depend on the batch size.
+    (`validation.measure_batch` adds the swap, the cues and the ceiling codes.) Memory
+    stays small: per-item scalars and band levels, code histograms and time-pooled
+    embeddings (for the probes). The chance levels pair view i of item n with view j of
+    item n + 1 across the whole stream (wrapping around at the end), so they do not depend
+    on the batch size.
+
+    Args:
+        n_q, bins: the model's codebooks and their size.
+        sample_rate, frame_rate: the model's.
+        settings: `InstrumentSettings` (default: the light per-epoch ones).
+        capsules: `[C, 3]` capsule directions of the files' array (`separated_pairs`), or
+            None: the swap gain then uses every pair and says so.
     """
 
     def __init__(self, n_q: int, bins: int, sample_rate: int, frame_rate: float,
-                 probe_steps: int = 200):
+                 settings: InstrumentSettings | None = None, capsules: Any = None):
         self.n_q, self.bins = int(n_q), int(bins)
         self.sample_rate, self.frame_rate = int(sample_rate), float(frame_rate)
-        self.probe_steps = probe_steps
+        self.settings = settings or InstrumentSettings()
+        self.capsules = capsules
         self.reset()
 
     def reset(self) -> None:
         """Forget everything collected so far."""
         self._recon: dict[str, list[Tensor]] = {"si_snr": [], "mel_distance": [], "stft_distance": []}
+        self._recon_own: dict[str, list[Tensor]] = {"si_snr": [], "mel_distance": []}
         self._hist = torch.zeros(self.n_q, self.bins, dtype=torch.long)
         self._agreement: list[Tensor] = []
         self._cosine: list[Tensor] = []
         self._chance_agreement: list[Tensor] = []
         self._chance_cosine: list[Tensor] = []
+        self._ceiling: list[Tensor] = []
         self._pooled: list[Tensor] = []
         self._channels: list[Tensor] = []
-        self._swap: dict[str, dict[str, list[Tensor]]] = {}
+        self._groups: list[str] = []
+        self._cues: list[PairCues] = []
         self._first_item = None    # (codes [V, n_q, F], embeddings) of the very first item
         self._pending_item = None  # last item seen, waiting for its successor
         self.num_items = 0
@@ -392,14 +450,19 @@ class MetricAccumulator:
 
     @torch.no_grad()
     def update(self, wavs: Tensor, audio: Tensor, codes: Tensor,
-               embeddings: Sequence[Tensor] | None = None, channels: Tensor | None = None,
-               swap: dict[str, dict[str, Tensor]] | None = None) -> None:
+               embeddings: Sequence[Tensor] | None = None, channels: Tensor | None = None, *,
+               groups: Sequence[str] | None = None, ceiling_codes: Tensor | None = None,
+               cues: PairCues | None = None, audio_own_scale: Tensor | None = None) -> None:
         """Add one batch.
 
-        `wavs`: `[B, V, C, T]` inputs. `audio`, `codes` and each of `embeddings` either
-        shaped `[B, V, ...]` or flattened view-major `[B * V, ...]` (the model's output on
-        `wavs.flatten(0, 1)`). `channels`: `[B, V]` microphone indices (for the probe).
-        `swap`: optional per-item results of `swap_test` for this batch.
+        `wavs`: `[B, V, C, T]` inputs. `audio`, `codes`, `ceiling_codes` and each of
+        `embeddings` either shaped `[B, V, ...]` or flattened view-major `[B * V, ...]` (the
+        model's output on `wavs.flatten(0, 1)`). `audio` is the reconstruction the
+        reconstruction metrics score (validation: at the pair's common scale);
+        `audio_own_scale` optionally the same with each channel at its own RMS.
+        `channels`: `[B, V]` microphone indices (pair selection, channel probe). `groups`:
+        `[B]` source file of each item (probe folds, bootstrap). `ceiling_codes`: codes of
+        `ceiling_copy` of each view at the same scale. `cues`: `pair_cues` of the batch.
         """
         if wavs.dim() != 4:
             raise ValueError(f"expected wavs [B, V, C, T], got shape {tuple(wavs.shape)}")
@@ -413,27 +476,39 @@ class MetricAccumulator:
         if codes.shape[2] != self.n_q:
             raise ValueError(f"codes have {codes.shape[2]} codebooks, the accumulator expects {self.n_q}")
         embeddings = None if embeddings is None else [unflat(e).detach().float().cpu() for e in embeddings]
+        if groups is not None and len(groups) != batch_size:
+            raise ValueError(f"groups has {len(groups)} entries for a batch of {batch_size} items")
 
         reference = wavs.to(audio.device).flatten(0, 1)  # inputs often stay on the CPU
-        self._update_reconstruction(reference, audio[..., : wavs.shape[-1]].flatten(0, 1), batch_size, views)
+        self._update_reconstruction(self._recon, reference, audio[..., : wavs.shape[-1]].flatten(0, 1),
+                                    batch_size, views)
+        if audio_own_scale is not None:
+            own = unflat(audio_own_scale)[..., : wavs.shape[-1]].flatten(0, 1)
+            self._update_reconstruction(self._recon_own, reference.to(own.device), own, batch_size, views)
         self._hist += codebook_histogram(codes.flatten(0, 1), self.bins)
         if embeddings is not None:
             self._pooled.append(torch.stack([e.mean(dim=-1) for e in embeddings], dim=2))
         if channels is not None:
-            self._channels.append(torch.as_tensor(channels, dtype=torch.long).reshape(batch_size, views))
+            self._channels.append(torch.as_tensor(channels, dtype=torch.long).reshape(batch_size, views).cpu())
+        if groups is not None:
+            self._groups.extend(str(g) for g in groups)
+        if ceiling_codes is not None:
+            ceiling = unflat(ceiling_codes).detach().cpu()
+            if ceiling.shape != codes.shape:
+                raise ValueError(f"ceiling codes {tuple(ceiling.shape)} differ in shape from codes {tuple(codes.shape)}")
+            self._ceiling.append((ceiling == codes).double().mean(dim=(1, 3)))  # [B, n_q], views averaged
+        if cues is not None:
+            self._cues.append(cues.cpu())
         if views >= 2:
             self._update_pairs(codes, embeddings)
-        if swap is not None:
-            for variant, values in swap.items():
-                for name, value in values.items():
-                    self._swap.setdefault(variant, {}).setdefault(name, []).append(value.detach().float().cpu())
         self.num_items += batch_size
 
-    def _update_reconstruction(self, x: Tensor, y: Tensor, batch_size: int, views: int) -> None:
-        for name, value in (("si_snr", si_snr(x, y)),
-                            ("mel_distance", mel_distance(x, y, self.sample_rate)),
-                            ("stft_distance", stft_distance(x, y))):
-            self._recon[name].append(value.detach().cpu().reshape(batch_size, views))
+    def _update_reconstruction(self, store: dict[str, list[Tensor]], x: Tensor, y: Tensor, batch_size: int,
+                               views: int) -> None:
+        functions = {"si_snr": si_snr, "mel_distance": lambda a, b: mel_distance(a, b, self.sample_rate),
+                     "stft_distance": stft_distance}
+        for name in store:
+            store[name].append(functions[name](x, y).detach().cpu().reshape(batch_size, views))
 
     def _update_pairs(self, codes: Tensor, embeddings: list[Tensor] | None) -> None:
         same_agree, same_cos = self._pair_stats(codes, embeddings, codes, embeddings)
@@ -470,29 +545,38 @@ class MetricAccumulator:
     # -- results ---------------------------------------------------------------------
 
     def compute(self) -> dict:
-        """All metrics as plain Python numbers and lists (JSON-ready).
+        """All metrics as plain Python numbers, lists and dicts (JSON-ready but for NaN).
 
-        Scalars: `si_snr`, `mel_distance`, `stft_distance` (means over items and views),
+        Reconstruction (of `audio` as given: validation gives the pair's common scale):
+        `si_snr`, `mel_distance`, `stft_distance` and `*_per_view`; `si_snr_own_scale`,
+        `mel_distance_own_scale` (+ `_per_view`) when `audio_own_scale` was given.
         `bitrate_kbps` (nominal), `effective_bitrate_kbps` (from the code entropies),
-        `num_items`, `probe_chance`. Per view: `*_per_view`. Per codebook (lists): `perplexity`,
-        `entropy` (nats), `effective_bits` (log2 perplexity), `dead_codes`, `code_histogram`,
-        `codebook_agreement`, `chance_agreement`, `embedding_cosine`, `chance_cosine`,
-        `centered_cosine`, `chance_centered_cosine` (`centered_pooled_cosine`), `probe_accuracy`.
-        `swap_test`: `{variant: {metric: mean}}`. Entries that need more than one view,
-        embeddings or channel labels are None when those are missing.
+        `num_items`, `views`.
+        Per codebook (lists): `perplexity`, `entropy` (nats), `effective_bits`, `dead_codes`,
+        `code_histogram`; `codebook_agreement` across the channels of a segment beside
+        `chance_agreement` (different segments) and `ceiling_agreement` (a channel against
+        its `ceiling_copy`); `embedding_cosine`, `chance_cosine`, `centered_cosine`,
+        `chance_centered_cosine`.
+        Swap (`_swap_results`), cue fidelity (`ild_fidelity`, `itd_fidelity`), probes
+        (`_probe_results`) and `per_pair` values. Entries whose inputs are missing (one
+        view, no cues, no embeddings, no labels, one file) are None.
         """
         if self.num_items == 0:
             raise RuntimeError("MetricAccumulator.compute() called before any update()")
         results: dict = {"num_items": self.num_items, "views": self.views}
-        for name, values in self._recon.items():
-            per_item = torch.cat(values)
-            results[name] = per_item.mean().item()
-            results[f"{name}_per_view"] = per_item.mean(dim=0).tolist()
+        for suffix, store in (("", self._recon), ("_own_scale", self._recon_own)):
+            for name, values in store.items():
+                per_item = torch.cat(values) if values else None
+                results[f"{name}{suffix}"] = None if per_item is None else per_item.mean().item()
+                results[f"{name}{suffix}_per_view"] = None if per_item is None else per_item.mean(dim=0).tolist()
         results.update(self._codebook_results())
         results.update(self._pair_results())
-        results.update(self._probe_results())
-        results["swap_test"] = {variant: {name: torch.cat(vals).mean().item() for name, vals in metrics.items()}
-                                for variant, metrics in self._swap.items()} or None
+        cues = self._joined_cues()
+        separated, selection = self._separated()
+        results.update(self._swap_results(cues, separated, selection))
+        results.update(self._fidelity_results(cues))
+        results.update(self._probe_results(cues))
+        results["per_pair"] = self._per_pair(cues, separated)
         return results
 
     def _codebook_results(self) -> dict:
@@ -508,8 +592,10 @@ class MetricAccumulator:
         }
 
     def _pair_results(self) -> dict:
-        results = dict.fromkeys(["codebook_agreement", "chance_agreement", "embedding_cosine", "chance_cosine",
-                                 "centered_cosine", "chance_centered_cosine"])
+        results = dict.fromkeys(["codebook_agreement", "chance_agreement", "ceiling_agreement", "embedding_cosine",
+                                 "chance_cosine", "centered_cosine", "chance_centered_cosine"])
+        if self._ceiling and sum(len(c) for c in self._ceiling) == self.num_items:
+            results["ceiling_agreement"] = torch.cat(self._ceiling).mean(dim=0).tolist()
         if not self._agreement:
             return results
         chance_agree, chance_cos = list(self._chance_agreement), list(self._chance_cosine)
@@ -535,15 +621,167 @@ class MetricAccumulator:
     def _wrap(embeddings):
         return None if embeddings is None else [e[None] for e in embeddings]
 
-    def _probe_results(self) -> dict:
-        results = {"probe_accuracy": None, "probe_chance": None}
-        if not self._pooled or len(self._channels) != len(self._pooled) or self.num_items < 2:
+    # -- pair cues: swap gain, ILD / ITD fidelity --------------------------------------
+
+    def _joined_cues(self) -> PairCues | None:
+        """All batches' cues concatenated, or None unless every item has them."""
+        if not self._cues or sum(len(c.delays["in"]) for c in self._cues) != self.num_items:
+            return None
+        join = lambda field_: {k: torch.cat([getattr(c, field_)[k] for c in self._cues])  # noqa: E731
+                               for k in getattr(self._cues[0], field_)}
+        return PairCues(join("levels"), join("delays"), join("mel"))
+
+    def _item_groups(self) -> list[str] | None:
+        return self._groups if len(self._groups) == self.num_items else None
+
+    def _item_channels(self) -> Tensor | None:
+        channels = torch.cat(self._channels) if self._channels else None
+        return channels if channels is not None and len(channels) == self.num_items else None
+
+    def _separated(self) -> tuple[Tensor, str]:
+        """Mask of the well-separated pairs (views 1 and 2) and how they were chosen."""
+        channels = self._item_channels()
+        if channels is None or channels.shape[1] < 2:
+            return torch.ones(self.num_items, dtype=torch.bool), "all pairs (no channel labels)"
+        return separated_pairs(channels[:, :2], self.capsules)
+
+    def _swap_results(self, cues: PairCues | None, separated: Tensor, selection: str) -> dict:
+        """Swap gain over the well-separated pairs, all decodes at the pair's one scale.
+
+        `swap_gain` (`spatial_cues.swap_gain_summary`: the |d|^2-weighted projection of
+        L(swap) - L(rec_A) on d = L(rec_B) - L(rec_A), 0: codebook 2 of B moves nothing, 1:
+        the swap decodes like B), `swap_gain_ci` [lo, hi] (95%, files resampled),
+        `swap_gain_median` (per pair), `swap_separation_db` (RMS of d: does the codec
+        resolve the channels at all), `swap_input_separation_db` (the same of the inputs),
+        `swap_separation_ratio` (their ratio: below `MIN_RESOLVED_SEPARATION` the gain is
+        noise over noise and the report says so),
+        `swap_n_pairs`, `swap_n_used`, `swap_n_degenerate`, `swap_n_groups`, the log-mel
+        distances `swap_mel_to_a`, `swap_mel_to_b` beside `swap_rec_a_mel_to_b` (score if
+        codebook 2 moved nothing) and `swap_rec_b_mel_to_b` (if the swap decoded like B),
+        and `swap_pairs` (which pairs).
+        """
+        keys = ["swap_gain", "swap_gain_ci", "swap_gain_median", "swap_separation_db", "swap_input_separation_db",
+                "swap_separation_ratio", "swap_n_pairs", "swap_n_used", "swap_n_degenerate", "swap_n_groups", "swap_mel_to_a",
+                "swap_mel_to_b", "swap_rec_a_mel_to_b", "swap_rec_b_mel_to_b", "swap_pairs"]
+        results = dict.fromkeys(keys)
+        if cues is None or "swap" not in cues.levels:
             return results
-        channels = torch.cat(self._channels)
-        if len(torch.unique(channels)) < 2:
-            return results  # one channel only: nothing to tell apart
-        accuracy, chance = channel_probe_accuracy(torch.cat(self._pooled), channels, self.probe_steps)
-        return {"probe_accuracy": accuracy, "probe_chance": chance}
+        levels = {name: value[separated] for name, value in cues.levels.items()}
+        groups = self._item_groups()
+        groups = None if groups is None else [g for g, keep in zip(groups, separated.tolist()) if keep]
+        summary = spatial_cues.swap_gain_summary(levels["swap"], levels["rec_a"], levels["rec_b"], groups=groups,
+                                                 n_boot=self.settings.bootstrap, seed=self.settings.seed)
+        mel = {name: value[separated] for name, value in cues.mel.items()}
+        mean = lambda t: t.double().mean().item() if t.numel() else math.nan  # noqa: E731
+        input_gap = (levels["in_b"] - levels["in_a"]).double().pow(2)
+        input_separation = math.sqrt(input_gap.mean().item()) if input_gap.numel() else math.nan
+        results.update({
+            "swap_gain": summary["mean"], "swap_gain_ci": [summary["ci_low"], summary["ci_high"]],
+            "swap_gain_median": summary["median_per_pair"], "swap_separation_db": summary["separation_db"],
+            "swap_input_separation_db": input_separation,
+            "swap_separation_ratio": (summary["separation_db"] / input_separation
+                                      if input_separation > 0 else math.nan),
+            "swap_n_pairs": summary["n_pairs"], "swap_n_used": summary["n_used"],
+            "swap_n_degenerate": summary["n_degenerate"], "swap_n_groups": summary["n_groups"],
+            "swap_mel_to_a": mean(mel["swap_to_a"]), "swap_mel_to_b": mean(mel["swap_to_b"]),
+            "swap_rec_a_mel_to_b": mean(mel["rec_a_to_b"]), "swap_rec_b_mel_to_b": mean(mel["rec_b_to_b"]),
+            "swap_pairs": selection,
+        })
+        return results
+
+    @staticmethod
+    def _fidelity_results(cues: PairCues | None) -> dict:
+        """`ild_fidelity` (`spatial_cues.ild_fidelity` of the decoded pair against the raw
+        input pair, all pairs) and `itd_fidelity` (`spatial_cues.delay_error`, GCC-PHAT below
+        1.5 kHz)."""
+        if cues is None:
+            return {"ild_fidelity": None, "itd_fidelity": None}
+        levels = cues.levels
+        return {"ild_fidelity": spatial_cues.ild_fidelity(levels["in_a"], levels["in_b"], levels["rec_a"],
+                                                          levels["rec_b"]),
+                "itd_fidelity": spatial_cues.delay_error(cues.delays["in"], cues.delays["rec"])}
+
+    def _per_pair(self, cues: PairCues | None, separated: Tensor) -> dict | None:
+        """Per-pair values for plots and for anyone's own statistics."""
+        if cues is None:
+            return None
+        channels = self._item_channels()
+        levels = cues.levels
+        return {
+            "file": self._item_groups(),
+            "channels": None if channels is None else channels[:, :2].tolist(),
+            "separated": separated.tolist(),
+            "ild_true_db": (levels["in_a"] - levels["in_b"]).tolist(),
+            "ild_decoded_db": (levels["rec_a"] - levels["rec_b"]).tolist(),
+            "swap_gain": (spatial_cues.swap_gain(levels["swap"], levels["rec_a"], levels["rec_b"]).tolist()
+                          if "swap" in levels else None),
+            "delay_true_us": (cues.delays["in"] * 1e6).tolist(),
+            "delay_decoded_us": (cues.delays["rec"] * 1e6).tolist(),
+        }
+
+    # -- probes ----------------------------------------------------------------------
+
+    PROBE_KEYS = ("ild_probe_r2", "ild_probe_r2_std", "ild_probe_r2_shuffled", "ild_probe_r2_shuffled_std",
+                  "channel_probe_accuracy", "channel_probe_accuracy_std", "channel_probe_accuracy_shuffled",
+                  "channel_probe_accuracy_shuffled_std", "channel_probe_chance", "probe_folds", "probe_groups",
+                  "probe_note")
+
+    def _probe_results(self, cues: PairCues | None) -> dict:
+        """Linear probes trained fresh on the frozen, time-pooled embeddings, cross-validated
+        with folds grouped by file (`probes.cross_validated_probe`), per codebook: mean and
+        std over folds beside the shuffled-label baseline.
+
+        - `ild_probe_r2`: R^2 of the per-band input ILD (raw pair) from codebook k's pooled
+          embeddings of both channels concatenated (`_std`, `_shuffled`, `_shuffled_std`).
+        - `channel_probe_accuracy`: accuracy of the channel index from one channel's pooled
+          embedding, beside `channel_probe_chance` (the majority class of the test folds)
+          and `_shuffled`. It measures only capsule fingerprints (a capsule's own
+          coloration and noise): on real recordings the capsule-to-direction map changes
+          with every recording, so no spatial meaning can be read from it.
+        `probe_folds`, `probe_groups` (files) and `probe_note` (why a probe is missing).
+        """
+        results = dict.fromkeys(self.PROBE_KEYS)
+        groups, channels = self._item_groups(), self._item_channels()
+        if not self._pooled or len(torch.cat(self._pooled)) != self.num_items:
+            results["probe_note"] = "no embeddings"
+            return results
+        if groups is None or len(set(groups)) < 2:
+            results["probe_note"] = "fewer than 2 files: no grouped folds"
+            return results
+        import probes  # scikit-learn, only when probes run
+
+        pooled = torch.cat(self._pooled).double()  # [N, V, n_q, D]
+        settings = self.settings
+        folds = min(settings.probe_folds, len(set(groups)))
+        results.update(probe_folds=folds, probe_groups=len(set(groups)))
+        run = functools.partial(probes.cross_validated_probe, folds=folds, seed=settings.seed,
+                                shuffles=settings.probe_shuffles)
+        notes = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convergence chatter of tiny folds, every epoch
+            if cues is not None and self.views >= 2:
+                ild = (cues.levels["in_a"] - cues.levels["in_b"]).double()
+                fits = [run(pooled[:, :2, k].flatten(1), ild, groups, kind="regression",
+                            regularization=settings.ild_probe_alpha) for k in range(self.n_q)]
+                results.update(self._probe_lists("ild_probe_r2", fits))
+            else:
+                notes.append("ILD probe: no pair cues")
+            if channels is not None and len(torch.unique(channels)) >= 2:
+                views = pooled.shape[1]
+                fits = [run(pooled[:, :, k].flatten(0, 1), channels.flatten(), [g for g in groups for _ in range(views)],
+                            kind="classification", regularization=settings.channel_probe_c) for k in range(self.n_q)]
+                results.update(self._probe_lists("channel_probe_accuracy", fits))
+                results["channel_probe_chance"] = fits[0]["chance"]
+            else:
+                notes.append("channel probe: fewer than 2 channels")
+        results["probe_note"] = "; ".join(notes) or None
+        return results
+
+    @staticmethod
+    def _probe_lists(name: str, fits: list[dict]) -> dict:
+        return {name: [f["mean"] for f in fits], f"{name}_std": [f["std"] for f in fits],
+                f"{name}_shuffled": [f["shuffled_mean"] for f in fits],
+                f"{name}_shuffled_std": [f["shuffled_std"] for f in fits]}
 
 
 # ----------------------------------------------------------------------------------------
@@ -553,31 +791,51 @@ class MetricAccumulator:
 # Accumulator result -> logged name prefix, for the per-codebook lists.
 PER_CODEBOOK = {"perplexity": "perplexity", "dead_codes": "dead_codes",
                 "codebook_agreement": "agreement", "chance_agreement": "chance_agreement",
+                "ceiling_agreement": "ceiling_agreement",
                 "embedding_cosine": "cosine", "chance_cosine": "chance_cosine",
-                "probe_accuracy": "probe_accuracy"}
-SCALARS = ("si_snr", "mel_distance", "stft_distance", "effective_bitrate_kbps", "probe_chance")
+                "ild_probe_r2": "ild_probe_r2", "ild_probe_r2_std": "ild_probe_r2_std",
+                "ild_probe_r2_shuffled": "ild_probe_r2_shuffled",
+                "channel_probe_accuracy": "channel_probe_accuracy",
+                "channel_probe_accuracy_shuffled": "channel_probe_accuracy_shuffled"}
+SCALARS = ("si_snr", "mel_distance", "stft_distance", "si_snr_own_scale", "mel_distance_own_scale",
+           "effective_bitrate_kbps", "swap_gain", "swap_separation_db", "swap_input_separation_db",
+           "swap_separation_ratio",
+           "swap_mel_to_a", "swap_mel_to_b", "swap_rec_a_mel_to_b", "swap_rec_b_mel_to_b", "channel_probe_chance")
 PER_VIEW = ("si_snr", "mel_distance")
+# Nested results -> logged names.
+NESTED = {("swap_gain_ci", 0): "swap_gain_ci_low", ("swap_gain_ci", 1): "swap_gain_ci_high",
+          ("ild_fidelity", "correlation"): "ild_corr", ("ild_fidelity", "error_db"): "ild_error_db",
+          ("ild_fidelity", "zero_error_db"): "ild_zero_error_db", ("ild_fidelity", "slope"): "ild_slope",
+          ("itd_fidelity", "error_us"): "itd_error_us", ("itd_fidelity", "zero_error_us"): "itd_zero_error_us"}
 
 
 def flatten_metrics(results: dict[str, Any]) -> dict[str, float]:
     """`MetricAccumulator.compute()` results -> flat scalars for logging.
 
-    Per-codebook lists become `<name>_cbK`, per-view lists `<name>_chV` (K, V from 1), and
-    the swap test `swap_<variant>_<metric>`; entries that are None are left out.
+    Scalars keep their names; per-codebook lists become `<name>_cbK`, per-view lists
+    `<name>_chV` (K, V from 1); the swap gain's interval `swap_gain_ci_low` / `_high`, the
+    cue fidelities `ild_corr`, `ild_error_db`, `ild_zero_error_db`, `ild_slope`,
+    `itd_error_us`, `itd_zero_error_us`. Entries that are None or NaN (not measurable on
+    this set, e.g. a swap gain without a well-separated pair) are left out.
     """
     flat: dict[str, float] = {}
+
+    def put(name: str, value: Any) -> None:
+        if value is not None and not math.isnan(float(value)):
+            flat[name] = float(value)
+
     for key in SCALARS:
-        if results.get(key) is not None:
-            flat[key] = float(results[key])
+        put(key, results.get(key))
     for key in PER_VIEW:
         for v, value in enumerate(results.get(f"{key}_per_view") or []):
-            flat[f"{key}_ch{v + 1}"] = float(value)
+            put(f"{key}_ch{v + 1}", value)
     for key, name in PER_CODEBOOK.items():
         for k, value in enumerate(results.get(key) or []):
-            flat[f"{name}_cb{k + 1}"] = float(value)
-    for variant, values in (results.get("swap_test") or {}).items():
-        for name, value in values.items():
-            flat[f"swap_{variant}_{name}"] = float(value)
+            put(f"{name}_cb{k + 1}", value)
+    for (key, inner), name in NESTED.items():
+        container = results.get(key)
+        if container is not None:
+            put(name, container[inner])
     return flat
 
 

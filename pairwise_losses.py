@@ -516,6 +516,8 @@ class PairwiseLoss(nn.Module):
       the per-item reconstruction loss to `xrec_loss`,
     - optional level-difference head on the channel codebook and its gradient-reversed twin
       on the content codebook (`ild_head`),
+    - cue fidelity (`cue_weight`): the decoded pair's per-band level differences against the
+      input pair's (`cue_loss`; the step passes both pairs' band levels),
     - optional channel-index classifier on the channel codebook (`channel_classifier`).
 
     Switch-on: every term is 0 before `start_step`; then 'constant' uses the weights as they
@@ -544,6 +546,7 @@ class PairwiseLoss(nn.Module):
         nce_same_segment_negatives (bool): Per frame, other frames of the segment are negatives.
         nce_projection (int): Width of a learned linear projection before InfoNCE (0: none).
         xrec_weight (float): Weight of the cross-reconstruction loss.
+        cue_weight (float): Weight of the cue-fidelity loss (`cue_loss`).
         ild_head (bool): Add the level-difference head and its reversed twin.
         ild_weight, ild_adv_weight (float): Weights of the head's and the twin's losses.
         ild_reversal (float): Gradient reversal factor between codebook 1 and the twin.
@@ -567,7 +570,8 @@ class PairwiseLoss(nn.Module):
                  xrec_weight: float = 0.0, ild_head: bool = False, ild_weight: float = 0.3,
                  ild_adv_weight: float = 0.3, ild_reversal: float = 1.0, ild_bands: int = 8,
                  ild_hidden: int = 128, ild_floor_db: float = 0.5,
-                 wait_for_kmeans: bool = False, shared_scale: bool = False):
+                 wait_for_kmeans: bool = False, shared_scale: bool = False,
+                 cue_weight: float = 0.0):
         super().__init__()
         if sim_kind not in SIM_KINDS:
             raise ValueError(f"pairwise.sim_kind={sim_kind!r}: use one of {SIM_KINDS}")
@@ -594,6 +598,8 @@ class PairwiseLoss(nn.Module):
             raise ValueError(f"pairwise.nce_pooling={nce_pooling!r}: use one of {NCE_POOLINGS}")
         if xrec_weight < 0:
             raise ValueError(f"pairwise.xrec_weight must be >= 0, got {xrec_weight}")
+        if cue_weight < 0:
+            raise ValueError(f"pairwise.cue_weight must be >= 0, got {cue_weight}")
         self.sim_weight = float(sim_weight)
         self.div_weight = float(div_weight)
         self.sim_kind = sim_kind
@@ -613,6 +619,7 @@ class PairwiseLoss(nn.Module):
         self.nce_center = bool(nce_center)
         self.nce_same_segment_negatives = bool(nce_same_segment_negatives)
         self.xrec_weight = float(xrec_weight)
+        self.cue_weight = float(cue_weight)
         self.classifier_weight = float(classifier_weight)
         self.ild_weight = float(ild_weight)
         self.ild_adv_weight = float(ild_adv_weight)
@@ -663,7 +670,7 @@ class PairwiseLoss(nn.Module):
                    ild_adv_weight=float(ild.adv_weight), ild_reversal=float(ild.reversal),
                    ild_bands=int(ild.n_bands), ild_hidden=int(ild.hidden),
                    ild_floor_db=float(ild.floor_db), wait_for_kmeans=bool(cfg.wait_for_kmeans),
-                   shared_scale=bool(cfg.shared_scale))
+                   shared_scale=bool(cfg.shared_scale), cue_weight=float(cfg.cue_weight))
 
     # ------------------------------------------------------------------ schedule
     def schedule_factor(self, step: int, codebooks_initialized: bool = True) -> float:
@@ -841,3 +848,33 @@ class PairwiseLoss(nn.Module):
         xrec = per_item.mean()
         return {'l_xrec': self.schedule_factor(step) * self.xrec_weight * xrec,
                 'xrec': xrec.detach()}
+
+    # ------------------------------------------------------------------ cue fidelity
+    @property
+    def uses_cue(self) -> bool:
+        """Whether the step must measure the decoded pair's band levels (`cue_loss`)."""
+        return self.cue_weight > 0
+
+    def cue_loss(self, decoded_levels: torch.Tensor, input_levels: torch.Tensor,
+                 step: int) -> dict[str, torch.Tensor]:
+        """How far the decoded views' per-band level differences are from the input views'.
+
+        The inter-channel level difference is the cue a pair of capsules carries about
+        direction; only paired training sees both channels and can be asked to keep it.
+        Scale-free like the level-difference head: `level_difference_loss` of the decoded
+        differences against the input ones (1 = the decode has no difference at all, 0 =
+        exact), over all view pairs.
+
+        Args:
+            decoded_levels, input_levels (torch.Tensor): Band levels `[B, V, n_bands]` dB of the
+                decoded and the input views, both at the views' common scale (the decode
+                differentiable, the input without a graph).
+            step (int): Optimizer step (switch-on and ramp as the other terms).
+        Returns:
+            dict: 'l_cue' (weighted) and 'cue' (unweighted, detached).
+        """
+        views, bands = decoded_levels.shape[1:]
+        cue = level_difference_loss(level_difference_pairs(decoded_levels, views, bands),
+                                    level_difference_pairs(input_levels, views, bands),
+                                    self.ild_floor_db)
+        return {'l_cue': self.schedule_factor(step) * self.cue_weight * cue, 'cue': cue.detach()}

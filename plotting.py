@@ -1,11 +1,13 @@
 """Figures: log-mel spectrograms (training validation and the report) and the evaluation
-report's plots of code agreement, the swap test and codebook usage.
+report's plots of code agreement (with chance and ceiling), swap gain (with its interval),
+decoded vs true ILD, and codebook usage.
 
 Every function returns or saves a matplotlib figure and closes what it saves; nothing here
 computes a metric (the numbers come from `metrics.MetricAccumulator` results).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -20,41 +22,87 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_code_agreement(reports: Sequence[CheckpointReport], path: Path) -> None:
-    """Grouped bars: agreement per codebook for each checkpoint, chance as black ticks."""
+    """Grouped bars: agreement across channels per codebook for each checkpoint, chance
+    (different segments) as black ticks and the ceiling (a channel against its
+    1-sample-shifted, 0.5 dB louder copy) as red ticks."""
     fig, ax = plt.subplots(figsize=(4 + 1.6 * len(reports), 3.5))
     n_q = max(len(r.results.get("codebook_agreement") or []) for r in reports)
     width = 0.8 / max(n_q, 1)
     for k in range(n_q):
         positions = [i + (k - (n_q - 1) / 2) * width for i in range(len(reports))]
-        agree = [per_codebook(r.results, "codebook_agreement", k) or 0.0 for r in reports]
-        chance = [per_codebook(r.results, "chance_agreement", k) or 0.0 for r in reports]
+        agree = [_finite(per_codebook(r.results, "codebook_agreement", k)) for r in reports]
         ax.bar(positions, agree, width * 0.9, label=f"codebook {k + 1}")
-        ax.hlines(chance, [p - width * 0.45 for p in positions], [p + width * 0.45 for p in positions],
-                  colors="black", label="chance (different segments)" if k == 0 else None)
+        for key, color, label in (("chance_agreement", "black", "chance (different segments)"),
+                                  ("ceiling_agreement", "tab:red", "ceiling (1-sample shift, +0.5 dB)")):
+            values = [per_codebook(r.results, key, k) for r in reports]
+            kept = [(p, v) for p, v in zip(positions, values) if v is not None and math.isfinite(v)]
+            if kept:
+                ax.hlines([v for _, v in kept], [p - width * 0.45 for p, _ in kept],
+                          [p + width * 0.45 for p, _ in kept], colors=color, linewidth=2,
+                          label=label if k == 0 else None)
     ax.set_xticks(range(len(reports)), [f"{r.label}\n({r.mode})" for r in reports])
     ax.set_ylabel("cross-channel code agreement")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.05)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # never over a bar
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_swap_test(reports: Sequence[CheckpointReport], path: Path) -> None:
-    """Per checkpoint: mel distance of each swap variant to x_A and to x_B."""
-    variants = ("recon_a", "swap", "content_a", "rest_b")
-    fig, axes = plt.subplots(1, len(reports), figsize=(4 * len(reports), 3.2), squeeze=False, sharey=True)
+def _finite(value, default: float = 0.0) -> float:
+    return float(value) if value is not None and math.isfinite(float(value)) else default
+
+
+def plot_swap_gain(reports: Sequence[CheckpointReport], path: Path) -> None:
+    """Swap gain per checkpoint with its 95% bootstrap interval, between the references 0
+    (codebook 2 of B moves nothing) and 1 (the swap decodes like B); the decodes' channel
+    separation (dB per band) beside each point, since the gain means little where the codec
+    does not resolve the channels."""
+    fig, ax = plt.subplots(figsize=(3 + 1.4 * len(reports), 3.5))
+    for i, report in enumerate(reports):
+        r = report.results
+        gain = r.get("swap_gain")
+        if gain is None or not math.isfinite(gain):
+            ax.text(i, 0.5, "n/a", ha="center")
+            continue
+        lo, hi = r.get("swap_gain_ci") or (gain, gain)
+        lo, hi = _finite(lo, gain), _finite(hi, gain)
+        ax.errorbar([i], [gain], yerr=[[gain - lo], [hi - gain]], fmt="o", capsize=6, color="tab:blue")
+        ax.annotate(f"sep. {_finite(r.get('swap_separation_db'), math.nan):.2g} dB", (i, hi),
+                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize="x-small")
+    for level, text in ((0.0, "0: cb2 moves nothing"), (1.0, "1: decodes like B")):
+        ax.axhline(level, color="grey", linestyle="--", linewidth=1)
+        ax.text(len(reports) - 0.5, level, text, va="bottom", ha="right", fontsize="x-small", color="grey")
+    ax.set_xticks(range(len(reports)), [f"{r.label}\n({r.mode})" for r in reports])
+    ax.set_xlim(-0.5, len(reports) - 0.5)
+    ax.set_ylabel("swap gain (95% CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ild_scatter(reports: Sequence[CheckpointReport], path: Path) -> None:
+    """Per checkpoint: decoded against true inter-channel level difference, every pair and
+    band (dB), with the identity (a faithful codec) and zero (one that carries no
+    difference) lines."""
+    fig, axes = plt.subplots(1, len(reports), figsize=(3.4 * len(reports), 3.4), squeeze=False,
+                             sharex=True, sharey=True)
     for ax, report in zip(axes[0], reports):
-        swap = report.results.get("swap_test") or {}
-        for offset, target, color in ((-0.2, "a", "tab:blue"), (0.2, "b", "tab:orange")):
-            values = [swap.get(v, {}).get(f"mel_to_{target}", 0.0) for v in variants]
-            ax.bar([i + offset for i in range(len(variants))], values, 0.4, color=color,
-                   label=f"distance to x_{target.upper()}")
-        ax.set_xticks(range(len(variants)), variants, fontsize="small")
-        ax.set_title(f"{report.label} ({report.mode})", fontsize="small")
-    axes[0][0].set_ylabel("mel distance")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize="small")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+        pairs = report.results.get("per_pair") or {}
+        true = torch.tensor(pairs.get("ild_true_db") or [], dtype=torch.float64).flatten()
+        decoded = torch.tensor(pairs.get("ild_decoded_db") or [], dtype=torch.float64).flatten()
+        if true.numel():
+            ax.scatter(true.numpy(), decoded.numpy(), s=4, alpha=0.5)
+            limit = max(float(true.abs().max()), float(decoded.abs().max()), 0.5)
+            ax.plot([-limit, limit], [-limit, limit], color="grey", linestyle="--", linewidth=1)
+            ax.axhline(0, color="black", linewidth=0.5)
+        ild = report.results.get("ild_fidelity") or {}
+        ax.set_title(f"{report.label}: r={_finite(ild.get('correlation'), math.nan):.2f}, "
+                     f"err {_finite(ild.get('error_db'), math.nan):.2f} dB "
+                     f"(zero {_finite(ild.get('zero_error_db'), math.nan):.2f})", fontsize="x-small")
+        ax.set_xlabel("true ILD (dB)")
+    axes[0][0].set_ylabel("decoded ILD (dB)")
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

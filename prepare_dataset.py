@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from checks import AT_LEAST_1, DATA_ROOT, POSITIVE, PathRule, check_flags
 from eigenscape import SCENE_CLASSES
 from paired_channel_dataset import (PREPARED_DIRNAME, PREPARED_INDEX, PREPARED_SCALE, AudioFile,
                                     find_audio_files, read_wav_segment)
@@ -150,9 +151,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sample-rate", type=int, default=24000, help="model.sample_rate")
     parser.add_argument("--chunk-seconds", type=float, default=10.0, help="audio converted per step")
     args = parser.parse_args(argv)
+    check_flags(("--data-root", args.data_root, DATA_ROOT), ("--out", args.out, PathRule("output folder")),
+                ("--workers", args.workers, AT_LEAST_1), ("--sample-rate", args.sample_rate, AT_LEAST_1),
+                ("--chunk-seconds", args.chunk_seconds, POSITIVE))
     try:
         prepare(args.data_root, args.out, args.workers, args.sample_rate, args.chunk_seconds)
-    except (FileNotFoundError, RuntimeError, ValueError) as err:
+    except (OSError, RuntimeError, ValueError) as err:  # no files, unreadable audio, no room
         sys.exit(f"prepare_dataset.py: {err}")
 
 

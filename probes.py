@@ -22,7 +22,7 @@ import typing as tp
 import warnings
 
 import numpy as np
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import GridSearchCV, GroupKFold
@@ -72,6 +72,33 @@ def grouped_folds(groups: tp.Any, folds: int = 5, seed: int = 0) -> list[tuple[n
     return list(splitter.split(np.zeros((len(labels), 1)), groups=labels))
 
 
+class RelativeVarianceFilter(BaseEstimator, TransformerMixin):
+    """Drop features whose spread over the training fold is float noise: a standard deviation
+    below `ratio` times the feature's own magnitude (|mean| + std), or below `ratio` times
+    the largest standard deviation of all features.
+
+    A collapsed codebook's straight-through embeddings equal one code vector up to rounding
+    (relative spread ~1e-7); standardising that to unit variance turns rounding into
+    features that a probe fits and then extrapolates wildly on the test fold (an R^2 of -1e9
+    was seen). What is dropped carries nothing a probe could use; it is set to zero rather
+    than removed, so that a probe on nothing but noise predicts the training mean.
+    """
+
+    def __init__(self, ratio: float = 1e-5):
+        self.ratio = ratio
+
+    def fit(self, x: np.ndarray, y: tp.Any = None) -> "RelativeVarianceFilter":
+        x = np.asarray(x, dtype=np.float64)
+        std = x.std(axis=0)
+        magnitude = np.abs(x.mean(axis=0)) + std
+        largest = std.max() if std.size else 0.0
+        self.keep_ = (std > self.ratio * magnitude) & (std > self.ratio * largest)
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return np.where(self.keep_, np.asarray(x), 0.0)
+
+
 class _ConstantClassifier:
     """Predicts the one class seen in training (LogisticRegression needs two)."""
 
@@ -94,9 +121,12 @@ def _fit(kind: str, grid: tp.Sequence[float], x: np.ndarray, y: np.ndarray, grou
     if kind == "classification" and len(np.unique(y)) < 2:
         return _ConstantClassifier().fit(x, y), None
     if kind == "regression":
-        pipe, name = Pipeline([("scale", StandardScaler()), ("probe", Ridge())]), "probe__alpha"
+        pipe = Pipeline([("filter", RelativeVarianceFilter()), ("scale", StandardScaler()),
+                         ("probe", Ridge())])
+        name = "probe__alpha"
     else:
-        pipe = Pipeline([("scale", StandardScaler()), ("probe", LogisticRegression(max_iter=300))])
+        pipe = Pipeline([("filter", RelativeVarianceFilter()), ("scale", StandardScaler()),
+                         ("probe", LogisticRegression(max_iter=300))])
         name = "probe__C"
     inner = min(INNER_FOLDS, len(np.unique(groups)))
     if len(grid) == 1 or inner < 2:

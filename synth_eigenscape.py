@@ -40,6 +40,7 @@ import numpy as np
 import soundfile as sf
 from scipy import signal, special
 
+from checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, PathRule, check_flags
 from eigenscape import SCENE_CLASSES
 
 SAMPLE_RATE = 48000
@@ -530,6 +531,10 @@ def main() -> None:
                         help="one folder per class (`Busy Street/...`) instead of a flat folder")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
+    check_flags(("--out", args.out, PathRule("output folder")),
+                ("--files-per-class", args.files_per_class, AT_LEAST_1),
+                ("--seconds", args.seconds, POSITIVE), ("--seed", args.seed, NON_NEGATIVE),
+                ("--workers", args.workers, AT_LEAST_1))
     paths = generate(args.out, args.files_per_class, args.seconds, args.seed, args.class_folders,
                      args.workers)
     print(f"wrote {len(paths)} files ({args.seconds:g} s, 32 ch, 48 kHz, PCM_24) to {args.out}")

@@ -220,6 +220,18 @@ def cross_reconstruction(parts: Parts, views: list[list[torch.Tensor]], x: torch
     return parts.pairwise.xrec_loss(per_item, step)
 
 
+CUE_BANDS = 8  # band levels of the cue terms: spatial_cues.band_levels' defaults (100 Hz - 11 kHz)
+
+
+def view_levels(parts: Parts, audio: torch.Tensor, batch_size: int, views: int,
+                n_bands: int = CUE_BANDS) -> torch.Tensor:
+    """Per-view band levels `[B, V, n_bands]` dB of `audio [B*V, 1, T]` (differentiable)."""
+    n_fft = 2048 if audio.shape[-1] >= 2048 else 1024  # short (test) segments: coarser bins
+    levels = spatial_cues.band_levels(audio.float(), parts.raw_model.sample_rate, n_bands=n_bands,
+                                      n_fft=n_fft)
+    return levels.view(batch_size, views, n_bands)
+
+
 def level_difference_targets(parts: Parts, x: torch.Tensor, batch_size: int,
                              views: int) -> torch.Tensor | None:
     """Per-view band levels `[B, V, n_bands]` dB of the raw views (one scale for all), the
@@ -228,8 +240,15 @@ def level_difference_targets(parts: Parts, x: torch.Tensor, batch_size: int,
     if head is None:
         return None
     with torch.no_grad():
-        levels = spatial_cues.band_levels(x.float(), parts.raw_model.sample_rate, n_bands=head.n_bands)
-    return levels.view(batch_size, views, head.n_bands)
+        return view_levels(parts, x, batch_size, views, head.n_bands)
+
+
+def cue_fidelity(parts: Parts, out: EncodecOutput, x: torch.Tensor, batch_size: int,
+                 views: int, step: int) -> dict[str, torch.Tensor]:
+    """`PairwiseLoss.cue_loss` of the decoded views against the input views."""
+    with torch.no_grad():
+        target = view_levels(parts, x, batch_size, views)
+    return parts.pairwise.cue_loss(view_levels(parts, out.audio, batch_size, views), target, step)
 
 
 def pairwise_terms(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torch.Tensor,
@@ -252,6 +271,8 @@ def pairwise_terms(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torch.
     if active and pairwise.uses_xrec:
         with runtime.autocast():
             pair.update(cross_reconstruction(parts, embeddings, x, scale, step))
+    if active and pairwise.uses_cue:
+        pair.update(cue_fidelity(parts, out, x, batch_size, views, step))
     return pair
 
 
@@ -273,9 +294,9 @@ def generator_losses(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torc
 
 
 # Weighted pairwise terms that join the generator loss, and the unweighted values logged.
-PAIRWISE_LOSS_TERMS = (*LOSS_TERMS, "l_xrec")
+PAIRWISE_LOSS_TERMS = (*LOSS_TERMS, "l_xrec", "l_cue")
 PAIRWISE_LOGGED = (*PAIRWISE_LOSS_TERMS, "sim", "div", "nce_accuracy", "div_cosine", "cls",
-                   "ild", "ild_adv", "xrec")
+                   "ild", "ild_adv", "xrec", "cue")
 
 
 def gradient_ratios(latent: torch.Tensor, losses: GeneratorLosses,

@@ -2,8 +2,10 @@
 validation and for `evaluate.py`.
 
 Both build the items from the config with `validation_dataset`, measure each batch with
-`measure_batch` (one forward over all views, and the swap test between views 1 and 2) and
-feed `metrics.MetricAccumulator` with `accumulate`, in item order. On top of that, the
+`measure_batch` (every decode of an item at ONE scale, its views' common RMS: the
+reconstructions, the swap between views 1 and 2 and the cues of `metrics.pair_cues`; the
+ceiling copy's codes; the reconstructions at each channel's own scale) and feed
+`metrics.MetricAccumulator` with `accumulate`, in item order. On top of that, the
 engine's `validate` adds the per-channel training losses, splits the items over the ranks
 and writes a few items as audio; `evaluate_model` keeps a few waveforms for the report.
 """
@@ -34,10 +36,17 @@ from training_step import per_view_means
 
 log = logging.getLogger("encodec")
 
-# Logged on the console after each validation (all of them go to wandb).
+# Logged on the console after each validation (all of them go to wandb): reconstruction, then
+# the decisive paired-channel figures each beside its reference.
 VAL_SUMMARY = ("val/l_f_ch1", "val/l_sim", "val/l_div", "val/si_snr", "val/mel_distance",
-               "val/agreement_cb1", "val/chance_agreement_cb1", "val/agreement_cb2",
-               "val/chance_agreement_cb2", "val/probe_accuracy_cb1", "val/probe_accuracy_cb2")
+               "val/swap_gain", "val/swap_separation_db", "val/ild_corr", "val/ild_error_db",
+               "val/ild_zero_error_db", "val/itd_error_us", "val/itd_zero_error_us",
+               "val/agreement_cb1", "val/chance_agreement_cb1", "val/ceiling_agreement_cb1",
+               "val/agreement_cb2", "val/chance_agreement_cb2", "val/ild_probe_r2_cb1", "val/ild_probe_r2_cb2", "val/ild_probe_r2_shuffled_cb2")
+
+# The per-epoch validation's statistics: cheap probes (fixed regularisation, one shuffle),
+# so that it stays a few seconds on the CPU; evaluate.py runs the full ones.
+PER_EPOCH_SETTINGS = metrics.InstrumentSettings()
 
 
 # ----------------------------------------------------------------------------------------
@@ -66,6 +75,17 @@ def validation_dataset(cfg: DictConfig) -> PairedChannelDataset:
     return dataset
 
 
+def array_geometry(dataset: Any) -> Any:
+    """Capsule directions `[32, 3]` of the em32 (`synth_eigenscape.CAPSULES`) when every
+    file of `dataset` has 32 channels (EigenScape and the synthetic set), else None: the
+    swap gain then uses every pair and says so (`metrics.separated_pairs`)."""
+    files = getattr(dataset, "files", None)
+    if not files or any(f.channels != 32 for f in files):
+        return None
+    from synth_eigenscape import CAPSULES  # the em32 geometry (numpy only)
+    return CAPSULES
+
+
 # ----------------------------------------------------------------------------------------
 # Measuring a batch
 
@@ -74,23 +94,34 @@ def validation_dataset(cfg: DictConfig) -> PairedChannelDataset:
 class MeasuredBatch:
     """One validation batch, measured, on the CPU: what the metric accumulator takes.
 
+    Every decode here is restored at the pair's common scale (`pair_scale`), except
+    `audio_own_scale`.
+
     Attributes:
         wavs: `[B, V, C, T]` inputs.
-        audio: `[B, V, C, T]` reconstructions.
+        audio: `[B, V, C, T]` reconstructions at the pair's common scale.
+        audio_own_scale: `[B, V, C, T]` reconstructions with each channel at its own RMS
+            (how `codec.py` codes a single channel), or None (no audio normalisation: the
+            same as `audio`).
         codes: `[B, V, n_q, F]`.
+        ceiling_codes: `[B, V, n_q, F]` codes of `metrics.ceiling_copy` of every view,
+            encoded at the same scale.
         embeddings: `n_q` tensors `[B, V, D, F]`.
-        metas: the items' metadata (`channels` gives the probe's labels).
-        swap: per-item swap-test results `{variant: {metric: [B]}}`, or None (fewer than 2
-            codebooks or views).
+        metas: the items' metadata (`channels`: pair selection and channel probe; `path`:
+            probe folds and bootstrap groups).
+        cues: `metrics.PairCues` of views 1 and 2, or None (one view, or segments too
+            short); without the swap's entries for a single-codebook model.
         swap_audio: `[B, C, T]` decoded swap (content codebook of view 1, the others of
-            view 2), or None.
+            view 2, at the pair's scale), or None.
     """
     wavs: Tensor
     audio: Tensor
     codes: Tensor
     embeddings: list[Tensor]
     metas: list[dict[str, Any]]
-    swap: dict[str, dict[str, Tensor]] | None = None
+    audio_own_scale: Tensor | None = None
+    ceiling_codes: Tensor | None = None
+    cues: metrics.PairCues | None = None
     swap_audio: Tensor | None = None
 
     @property
@@ -98,33 +129,28 @@ class MeasuredBatch:
         """`[B, V]` microphone channel of each view."""
         return torch.tensor([list(m["channels"]) for m in self.metas], dtype=torch.long)
 
+    @property
+    def groups(self) -> list[str]:
+        """`[B]` source file of each item."""
+        return [str(m["path"]) for m in self.metas]
 
-def latent_decoder(model: EncodecModel, scale: Tensor | None,
-                   length: int) -> Callable[[Tensor, str], Tensor]:
-    """`decode(latent, view)` for `metrics.swap_test`: decoder, trim, and the view's level.
 
-    `scale` `[B, V, 1, 1]` (or None without audio normalisation): the loudness restored for
-    the view ('a' = 0, 'b' = 1) that provides the channel codebooks.
-    """
-    def decode(latent: Tensor, view: str) -> Tensor:
+def pair_scale(model: EncodecModel, x: Tensor, views: int) -> Tensor | None:
+    """`[B*V, 1, 1]` one normalisation scale per item of `x [B*V, C, T]` (view-major): the
+    common RMS of its views (`EncodecModel.shared_scale`); None without audio
+    normalisation (then the raw level is coded and restored by nothing at all)."""
+    return EncodecModel.shared_scale(x, views) if model.audio_normalize else None
+
+
+def latent_decoder(model: EncodecModel, scale: Tensor | None, length: int) -> Callable[[Tensor], Tensor]:
+    """`decode(latent [B, D, F]) -> [B, C, length]`: the decoder, trimmed, restored at `scale`
+    `[B, 1, 1]`, the pair's one scale (None without audio normalisation). Every decode of a
+    pair (A, B, the swap) goes through the same scale, so loudness restored from outside the
+    codes moves none of them toward the other channel."""
+    def decode(latent: Tensor) -> Tensor:
         audio = model.decoder(latent)[..., :length]
-        return audio if scale is None else audio * scale[:, "ab".index(view)]
+        return audio if scale is None else audio * scale.reshape(-1, 1, 1)
     return decode
-
-
-def swap_batch(model: EncodecModel, wavs: Tensor, embeddings: list[Tensor],
-               content_codebook: int) -> tuple[dict[str, dict[str, Tensor]], Tensor]:
-    """The swap test between views 1 and 2 of `wavs [B, V, C, T]` (`embeddings`: `n_q`
-    tensors `[B, V, D, F]`): per-item results and the decoded swap `[B, C, T]`."""
-    batch_size, views, _, length = wavs.shape
-    _, scale = model.normalize(wavs.flatten(0, 1))  # the level each view is restored to
-    scale = None if scale is None else scale.reshape(batch_size, views, 1, 1)
-    emb_a, emb_b = [e[:, 0] for e in embeddings], [e[:, 1] for e in embeddings]
-    decode = latent_decoder(model, scale, length)
-    swap = metrics.swap_test(decode, emb_a, emb_b, wavs[:, 0], wavs[:, 1], model.sample_rate,
-                             content_codebook)
-    sources = metrics.swap_variants(model.n_q, content_codebook)["swap"]
-    return swap, decode(metrics.mix_embeddings(sources, emb_a, emb_b), "b")
 
 
 def by_view(t: Tensor, batch_size: int, views: int) -> Tensor:
@@ -136,33 +162,56 @@ def by_view(t: Tensor, batch_size: int, views: int) -> Tensor:
 def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]], content_codebook: int,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
                   ) -> tuple[MeasuredBatch, EncodecOutput]:
-    """One forward over the V views of `wavs [B, V, C, T]` (on the model's device, under
-    `autocast`), and the swap test between views 1 and 2 (in float32) with the content
-    codebook `content_codebook` (`pairwise.content_codebook`).
+    """Measure the V views of `wavs [B, V, C, T]` (on the model's device, under `autocast`),
+    all at ONE scale per item: the views' common RMS (`pair_scale`).
 
-    Returns the measured batch (on the CPU) and the model's output on `wavs.flatten(0, 1)`.
+    - one forward at that scale (codes, embeddings, reconstructions);
+    - one at each channel's own RMS, for the reconstruction metrics `*_own_scale`;
+    - the codes of `metrics.ceiling_copy` of every view at the same scale;
+    - with 2 views or more, in float32: the swap (content codebook `content_codebook` of
+      view 1 with the other codebooks of view 2; 2 codebooks or more) decoded at the same
+      scale, and `metrics.pair_cues` of views 1 and 2 (band levels of the raw inputs, the
+      decodes and the swap, GCC-PHAT delays, the swap's mel distances).
+    A mono model is measured the same way: its codes must carry the level difference.
+
+    `model` needs `audio_normalize`, `n_q`, `sample_rate`, `decoder`, `forward(x,
+    return_embeddings, scale)` and `encode(x, scale=)` (`EncodecModel`'s). Returns the
+    measured batch (on the CPU) and the model's output on `wavs.flatten(0, 1)` at the
+    pair's scale.
     """
-    batch_size, views = wavs.shape[:2]
+    batch_size, views, _, length = wavs.shape
+    x = wavs.flatten(0, 1)
+    scale = pair_scale(model, x, views)
     with autocast():
-        out = model(wavs.flatten(0, 1), return_embeddings=True)
+        out = model(x, return_embeddings=True, scale=scale)
+        own = model(x) if scale is not None else None
+        ceiling_codes = model.encode(metrics.ceiling_copy(x), scale=scale)
     embeddings = [by_view(e.float(), batch_size, views) for e in out.embeddings]
-    swap, swap_audio = None, None
-    if model.n_q >= 2 and views >= 2:
-        swap, swap_audio = swap_batch(model, wavs, embeddings, content_codebook)
-        swap = {variant: {name: value.cpu() for name, value in values.items()}
-                for variant, values in swap.items()}
-        swap_audio = swap_audio.cpu()
+    audio = by_view(out.audio.float()[..., :length], batch_size, views)
+    cues, swap_audio = None, None
+    if views >= 2:
+        if model.n_q >= 2:
+            item_scale = None if scale is None else by_view(scale.float(), batch_size, views)[:, 0]
+            decode = latent_decoder(model, item_scale, length)
+            emb_a, emb_b = [e[:, 0] for e in embeddings], [e[:, 1] for e in embeddings]
+            sources = metrics.swap_sources(model.n_q, content_codebook)
+            swap_audio = decode(metrics.mix_embeddings(sources, emb_a, emb_b))
+        cues = metrics.pair_cues(wavs[:, 0], wavs[:, 1], audio[:, 0], audio[:, 1], swap_audio, model.sample_rate)
+        cues = None if cues is None else cues.cpu()
+        swap_audio = None if swap_audio is None else swap_audio.cpu()
     measured = MeasuredBatch(
-        wavs=wavs.cpu(), audio=by_view(out.audio.float(), batch_size, views).cpu(),
-        codes=by_view(out.codes, batch_size, views).cpu(), embeddings=[e.cpu() for e in embeddings],
-        metas=list(metas), swap=swap, swap_audio=swap_audio)
+        wavs=wavs.cpu(), audio=audio.cpu(), codes=by_view(out.codes, batch_size, views).cpu(),
+        embeddings=[e.cpu() for e in embeddings], metas=list(metas),
+        audio_own_scale=None if own is None else by_view(own.audio.float()[..., :length], batch_size, views).cpu(),
+        ceiling_codes=by_view(ceiling_codes, batch_size, views).cpu(), cues=cues, swap_audio=swap_audio)
     return measured, out
 
 
 def accumulate(acc: metrics.MetricAccumulator, measured: MeasuredBatch) -> None:
     """Feed one measured batch to the accumulator."""
     acc.update(measured.wavs, measured.audio, measured.codes, measured.embeddings, measured.channels,
-               measured.swap)
+               groups=measured.groups, ceiling_codes=measured.ceiling_codes, cues=measured.cues,
+               audio_own_scale=measured.audio_own_scale)
 
 
 # ----------------------------------------------------------------------------------------
@@ -171,18 +220,20 @@ def accumulate(acc: metrics.MetricAccumulator, measured: MeasuredBatch) -> None:
 
 @torch.no_grad()
 def evaluate_model(model: EncodecModel, bins: int, batches: Iterable[tuple[Tensor, list[dict]]], *,
-                   content_codebook: int, probe_steps: int, keep_examples: int,
+                   content_codebook: int, keep_examples: int,
+                   settings: metrics.InstrumentSettings | None = None, capsules: Any = None,
                    desc: str = "evaluate") -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Run `model` over paired batches `(wavs [B, V, 1, T], metas)`.
 
-    `content_codebook` is the model's `pairwise.content_codebook`, `probe_steps` the probe's
-    L-BFGS iterations, `desc` the progress bar's label. Returns `(results, examples)`:
-    `MetricAccumulator.compute()` results, and the first `keep_examples` items' inputs,
-    reconstructions and swap as `{name: [items, T]}`.
+    `content_codebook` is the model's `pairwise.content_codebook`, `settings` the
+    statistics' `metrics.InstrumentSettings` (default: the per-epoch validation's),
+    `capsules` the array geometry (`array_geometry`), `desc` the progress bar's label.
+    Returns `(results, examples)`: `MetricAccumulator.compute()` results, and the first
+    `keep_examples` items' inputs, reconstructions and swap as `{name: [items, T]}`.
     """
     device = next(model.parameters()).device
     model.eval()
-    acc = metrics.MetricAccumulator(model.n_q, bins, model.sample_rate, model.frame_rate, probe_steps)
+    acc = metrics.MetricAccumulator(model.n_q, bins, model.sample_rate, model.frame_rate, settings, capsules)
     examples: dict[str, list[Tensor]] = {}
     for wavs, metas in tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True):
         measured, _ = measure_batch(model, wavs.to(device), metas, content_codebook)
@@ -219,7 +270,8 @@ def validation_losses(parts: Parts, x: Tensor, out: EncodecOutput, measured: Mea
                       step: int) -> dict[str, float]:
     """The training losses of a validation batch at optimizer step `step`, summed over its
     items: reconstruction losses per channel (`l_t_ch1`, ...) and the pairwise losses (with
-    the channel classifier's `l_cls` when it is on)."""
+    the channel classifier's `l_cls` when it is on), of `out`: the forward at the pair's
+    common scale, like every validation measurement."""
     batch_size, views = measured.wavs.shape[:2]
     per_view = per_view_means(parts.generator_loss(x, out.audio.float()), batch_size, views)
     sums = {f"{name}_ch{v + 1}": values[v] * batch_size
@@ -235,8 +287,10 @@ def validation_losses(parts: Parts, x: Tensor, out: EncodecOutput, measured: Mea
 def validate(parts: Parts, runtime: Runtime, cfg: DictConfig, loader: DataLoader, epoch: int,
              step: int, tracker: Tracker, audio_dir: Path | None) -> dict[str, float]:
     """Over ALL fixed validation items: mean losses per channel, pairwise losses, and the
-    metrics of `metrics.MetricAccumulator` (SI-SNR, mel distance, perplexity, cross-channel
-    code agreement against chance, the swap test, the channel-identity probe).
+    metrics of `metrics.MetricAccumulator` with the light `PER_EPOCH_SETTINGS` (SI-SNR and
+    mel distance at the pair's scale and at each channel's own, perplexity, cross-channel
+    code agreement against chance and ceiling, swap gain, ILD / ITD fidelity, the ILD and
+    channel-index probes), logged as `val/<name>` (`metrics.flatten_metrics`).
 
     Each rank measures its block of the items (`loader`); the measured batches are gathered
     on rank 0 in item order, so the numbers are those of a single process. Returns the
@@ -252,8 +306,9 @@ def validate(parts: Parts, runtime: Runtime, cfg: DictConfig, loader: DataLoader
     batches = distributed.gather_to_main(batches)
     if not runtime.is_main:
         return {}
-    acc = metrics.MetricAccumulator(n_q=model.n_q, bins=cfg.model.bins,
-                                    sample_rate=model.sample_rate, frame_rate=model.frame_rate)
+    acc = metrics.MetricAccumulator(n_q=model.n_q, bins=cfg.model.bins, sample_rate=model.sample_rate,
+                                    frame_rate=model.frame_rate, settings=PER_EPOCH_SETTINGS,
+                                    capsules=array_geometry(loader.dataset))
     loss_sums: dict[str, float] = {}
     for measured, sums in batches:
         accumulate(acc, measured)

@@ -19,6 +19,9 @@ args+=("$@")
 
 nproc="${NPROC:-1}"; nnodes="${NNODES:-1}"
 if [ "$nproc" -gt 1 ] || [ "$nnodes" -gt 1 ]; then
+  # Check the command line once first (`--cfg job` stops after composing): a mistake is then
+  # one line, not one per rank under torchrun's own traceback.
+  "$py" "$script" "${args[@]}" --cfg job >/dev/null || exit $?
   exec "$py" -m torch.distributed.run --nproc_per_node="$nproc" --nnodes="$nnodes" \
     --node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}" \
     --master_port="${MASTER_PORT:-29500}" "$script" "${args[@]}"

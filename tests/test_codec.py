@@ -1,6 +1,8 @@
 """codec.py: the token file round trip, its metadata, and clear errors on misuse."""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 import codec
+import shared_content
 from model import EncodecModel
 
 
@@ -142,3 +145,180 @@ def test_load_model_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="could not load checkpoint"):
         codec.load_model(tmp_path / "junk.pt")
+
+
+# ----------------------------------------------------------------------------------------
+# Shared-content coding (--shared-content) and the token format's versions
+
+
+def _common_scale(x: torch.Tensor) -> torch.Tensor:
+    """`[1, 1, 1]` the common RMS of channels `x` `[N, 1, T]` (one scale for all)."""
+    return EncodecModel.shared_scale(x, views=x.shape[0])[:1]
+
+
+def _encode_args(ckpt: Path, *extra: str) -> list[str]:
+    return ["encode", "--checkpoint", str(ckpt), "--device", "cpu", *extra]
+
+
+def test_shared_content_round_trip_restores_every_channel(tiny, tmp_path):
+    model, ckpt, _ = tiny
+    audio = _write_wav(tmp_path / "in.wav", channels=4, rate=24000, seconds=0.25)
+    assert codec.main(_encode_args(ckpt, "--shared-content", str(tmp_path / "in.wav"),
+                                   str(tmp_path / "s.tok"))) == 0
+    assert codec.main(["decode", "--checkpoint", str(ckpt), "--device", "cpu",
+                       str(tmp_path / "s.tok"), str(tmp_path / "s.wav")]) == 0
+    decoded, rate = sf.read(tmp_path / "s.wav", dtype="float32", always_2d=True)
+    assert rate == 24000 and decoded.shape == audio.shape == (6000, 4)
+
+    # Every channel: the decoder on channel 0's codebook 1 and its own codebook 2, at the
+    # one common scale.
+    x = torch.from_numpy(audio.T.copy())[:, None]
+    scale = _common_scale(x)
+    with torch.no_grad():
+        own = model.encode(x, scale=scale.expand(4, 1, 1))
+        expected_codes = shared_content.encode_shared_content(model, x, reference=0).codes
+        codes, meta = codec.read_tokens(tmp_path / "s.tok")
+        assert meta["mode"] == "shared_content" and meta["reference_channel"] == 0
+        assert meta["scales"] == [pytest.approx(float(scale))]
+        assert torch.equal(codes[:, 0], own[0, 0].expand(4, -1))
+        assert torch.equal(codes, expected_codes)
+        expected = torch.cat([model.decode(expected_codes[c:c + 1], scale, audio.shape[0])
+                              for c in range(4)])
+    np.testing.assert_allclose(decoded.T, expected[:, 0].numpy(), atol=1e-5)
+
+    # Any rate: the channels, rate and length of the input come back.
+    audio = _write_wav(tmp_path / "in48.wav", channels=4, rate=48000, seconds=0.2)
+    codec.encode_file(ckpt, tmp_path / "in48.wav", tmp_path / "s48.tok", device="cpu",
+                      shared_content_coding=True)
+    codec.decode_file(ckpt, tmp_path / "s48.tok", tmp_path / "s48.wav", device="cpu")
+    info = sf.info(str(tmp_path / "s48.wav"))
+    assert (info.samplerate, info.channels, info.frames) == (48000, 4, audio.shape[0])
+
+
+@pytest.mark.parametrize("n_q", [2, 3])
+def test_shared_content_token_file_holds_one_codebook_1_stream_and_n_of_the_others(
+        cfg_factory, tmp_path, n_q):
+    ckpt = tmp_path / "tiny.pt"
+    model = save_tiny_checkpoint(cfg_factory(overrides=[f"model.n_q={n_q}"]), ckpt)
+    audio = _write_wav(tmp_path / "in.wav", channels=4, rate=24000, seconds=0.2)
+    shared = codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "s.tok", device="cpu",
+                               shared_content_coding=True, reference_channel=3)
+    independent = codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "i.tok", device="cpu")
+    frames = shared["frames"]
+
+    def payload(path: Path) -> np.ndarray:
+        raw = path.read_bytes()
+        return np.frombuffer(raw[12 + int.from_bytes(raw[8:12], "little"):], dtype="<u2")
+
+    assert payload(tmp_path / "s.tok").size == (1 + 4 * (n_q - 1)) * frames
+    assert payload(tmp_path / "i.tok").size == 4 * n_q * frames
+    with torch.no_grad():
+        codes = shared_content.encode_shared_content(model, torch.from_numpy(audio.T.copy())[:, None],
+                                                     reference=3).codes
+    np.testing.assert_array_equal(payload(tmp_path / "s.tok")[:frames], codes[3, 0].numpy())
+    np.testing.assert_array_equal(payload(tmp_path / "s.tok")[frames:], codes[:, 1:].flatten().numpy())
+    assert torch.equal(codec.read_tokens(tmp_path / "s.tok")[0], codes)
+    assert codec.code_streams(shared) == 1 + 4 * (n_q - 1) and codec.code_streams(independent) == 4 * n_q
+
+
+def test_reference_channel_option_shares_that_channels_codebook_1(tiny, tmp_path):
+    model, ckpt, _ = tiny
+    audio = _write_wav(tmp_path / "in.wav", channels=4, rate=24000, seconds=0.25)
+    assert codec.main(_encode_args(ckpt, "--shared-content", "--reference-channel", "2",
+                                   str(tmp_path / "in.wav"), str(tmp_path / "s.tok"))) == 0
+    codes, meta = codec.read_tokens(tmp_path / "s.tok")
+    x = torch.from_numpy(audio.T.copy())[:, None]
+    scale = _common_scale(x)
+    with torch.no_grad():
+        own = model.encode(x, scale=scale.expand(4, 1, 1))
+        assert not torch.equal(own[2, 0], own[0, 0])      # else the test could not tell
+        assert meta["reference_channel"] == 2
+        assert (codes[:, 0] == own[2, 0]).all()
+        # The reference channel keeps all its own codes, so it decodes as on its own.
+        assert torch.equal(codes[2], own[2])
+    codec.decode_file(ckpt, tmp_path / "s.tok", tmp_path / "s.wav", device="cpu")
+    decoded, _ = sf.read(tmp_path / "s.wav", dtype="float32", always_2d=True)
+    with torch.no_grad():
+        alone = model.decode(own[2:3], scale, audio.shape[0])[0, 0]
+    np.testing.assert_allclose(decoded[:, 2], alone.numpy(), atol=1e-5)
+
+
+def _write_version_1_tokens(path: Path, codes: torch.Tensor, meta: dict) -> None:
+    """A token file exactly as the version-1 tool wrote it: no mode, no frame rate."""
+    header = {key: meta[key] for key in codec._REQUIRED_KEYS} | {"version": 1}
+    header = json.dumps(header, sort_keys=True).encode("utf-8")
+    payload = codes.numpy().astype("<u2").tobytes(order="C")
+    path.write_bytes(b"PENCTOK1" + len(header).to_bytes(4, "little") + header + payload)
+
+
+def test_version_1_token_files_still_decode(tiny, tmp_path):
+    _, ckpt, _ = tiny
+    _write_wav(tmp_path / "in.wav", channels=2, rate=16000, seconds=0.2)
+    codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "v2.tok", device="cpu")
+    codes, meta = codec.read_tokens(tmp_path / "v2.tok")
+    assert meta["version"] == 2 and meta["mode"] == "independent"
+    _write_version_1_tokens(tmp_path / "v1.tok", codes, meta)
+    old_codes, old_meta = codec.read_tokens(tmp_path / "v1.tok")
+    assert torch.equal(old_codes, codes) and old_meta["version"] == 1 and "mode" not in old_meta
+    assert codec.main(["decode", "--checkpoint", str(ckpt), "--device", "cpu",
+                       str(tmp_path / "v1.tok"), str(tmp_path / "v1.wav")]) == 0
+    codec.decode_file(ckpt, tmp_path / "v2.tok", tmp_path / "v2.wav", device="cpu")
+    np.testing.assert_array_equal(sf.read(tmp_path / "v1.wav")[0], sf.read(tmp_path / "v2.wav")[0])
+
+
+def test_unknown_token_versions_and_modes_are_rejected(tiny, tmp_path):
+    _, ckpt, _ = tiny
+    _write_wav(tmp_path / "in.wav", channels=2, rate=24000, seconds=0.1)
+    codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", device="cpu",
+                      shared_content_coding=True)
+    codes, meta = codec.read_tokens(tmp_path / "x.tok")
+    cases = {"version 3": {"version": 3}, "unknown token mode": {"mode": "joint"},
+             "reference_channel": {"reference_channel": 2}, "scales": {"scales": [1.0, 1.0]}}
+    for message, change in cases.items():
+        header = json.dumps(meta | change).encode("utf-8")
+        raw = (tmp_path / "x.tok").read_bytes()
+        payload = raw[12 + int.from_bytes(raw[8:12], "little"):]
+        (tmp_path / "bad.tok").write_bytes(codec.MAGIC + len(header).to_bytes(4, "little") + header + payload)
+        with pytest.raises(codec.TokenFileError, match=message):
+            codec.read_tokens(tmp_path / "bad.tok")
+
+
+@pytest.mark.parametrize("channels,flags,expected", [
+    (1, ["--shared-content"], r"--shared-content needs a file with at least 2 channels.*without --shared-content"),
+    (4, ["--shared-content", "--reference-channel", "4"], r"--reference-channel 4 is out of range.*0 \.\. 3"),
+    (4, ["--shared-content", "--reference-channel", "-1"], r"--reference-channel -1 is out of range"),
+    (4, ["--reference-channel", "1"], r"--reference-channel only applies to --shared-content"),
+])
+def test_bad_shared_content_options_give_one_line_errors(tiny, tmp_path, capsys, channels, flags, expected):
+    _, ckpt, _ = tiny
+    _write_wav(tmp_path / "in.wav", channels=channels, rate=24000, seconds=0.1)
+    assert codec.main(_encode_args(ckpt, *flags, str(tmp_path / "in.wav"), str(tmp_path / "x.tok"))) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert re.search(expected, err)
+    assert not (tmp_path / "x.tok").exists()
+
+
+def test_shared_content_needs_a_second_codebook_within_the_bandwidth(cfg_factory, tmp_path, capsys):
+    cfg = cfg_factory(overrides=["model.target_bandwidths=[0.375,0.75]"])   # 0.375 kbps per codebook
+    ckpt = tmp_path / "tiny.pt"
+    save_tiny_checkpoint(cfg, ckpt)
+    _write_wav(tmp_path / "in.wav", channels=2, rate=24000, seconds=0.1)
+    assert codec.main(_encode_args(ckpt, "--shared-content", "--bandwidth", "0.375",
+                                   str(tmp_path / "in.wav"), str(tmp_path / "x.tok"))) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--bandwidth 0.375 keeps 1" in err and "higher --bandwidth" in err
+    assert codec.main(_encode_args(ckpt, "--shared-content", "--bandwidth", "0.75",
+                                   str(tmp_path / "in.wav"), str(tmp_path / "x.tok"))) == 0
+
+
+def test_encode_prints_the_bitrate_of_the_mode(tiny, tmp_path, capsys):
+    _, ckpt, _ = tiny
+    _write_wav(tmp_path / "in.wav", channels=4, rate=24000, seconds=0.5)
+    codec.main(_encode_args(ckpt, "--shared-content", str(tmp_path / "in.wav"), str(tmp_path / "s.tok")))
+    codec.main(_encode_args(ckpt, str(tmp_path / "in.wav"), str(tmp_path / "i.tok")))
+    shared, independent = capsys.readouterr().out.splitlines()
+    # 32 codes (5 bits) at 75 Hz: 0.375 kbps per stream; 32-bit scales over 0.5 s.
+    assert ("1.875 kbps (0.469 per channel) + scales 0.0640 kbps (independent coding: "
+            "3.000 kbps (0.750 per channel) + scales 0.2560 kbps)") in shared
+    assert "3.000 kbps (0.750 per channel) + scales 0.2560 kbps" in independent

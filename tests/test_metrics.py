@@ -123,73 +123,40 @@ def test_embedding_cosine_identical_opposite_and_chance():
     assert all(abs(c) < 0.3 for c in results["chance_cosine"])
 
 
-# -- swap test --------------------------------------------------------------------------
+# -- swap and pair cues -------------------------------------------------------------------
 
-def test_swap_variants_bookkeeping():
-    assert metrics.swap_variants(2) == {
-        "recon_a": ("a", "a"), "swap": ("a", "b"), "content_a": ("a", None), "rest_b": (None, "b")}
-    assert metrics.swap_variants(3, content_codebook=1)["swap"] == ("b", "a", "b")
+def test_swap_sources_bookkeeping():
+    assert metrics.swap_sources(2) == ("a", "b")
+    assert metrics.swap_sources(3, content_codebook=1) == ("b", "a", "b")
     with pytest.raises(ValueError):
-        metrics.swap_variants(1)
+        metrics.swap_sources(1)
+    with pytest.raises(ValueError):
+        metrics.swap_sources(2, content_codebook=2)
 
 
-def test_swap_test_measures_the_mixture_against_both_channels():
-    """A 'decoder' that returns the latent itself makes every distance predictable.
-
-    Codebook 1 is shared by both channels and codebook 2 holds the difference, so
-    content(A) + channel(B) must reproduce x_B exactly, and A's reconstruction x_A.
-    """
+def test_pair_cues_measure_the_swap_against_both_channels():
+    """A swap that equals x_B is 0 from x_B and as far from x_A as B's decode is; the
+    levels are those of the waveforms given, the delays those of the pairs."""
     gen = torch.Generator().manual_seed(3)
-    n, length = 2, 2400
-    shared = torch.randn(n, 1, length, generator=gen)
-    emb_a = [shared, 0.3 * torch.randn(n, 1, length, generator=gen)]
-    emb_b = [shared.clone(), 0.3 * torch.randn(n, 1, length, generator=gen)]
-    x_a, x_b = emb_a[0] + emb_a[1], emb_b[0] + emb_b[1]
-    levels = []
-
-    def decode(latent, level_view):
-        levels.append(level_view)
-        return latent
-
-    result = metrics.swap_test(decode, emb_a, emb_b, x_a, x_b)
-    assert set(result) == {"recon_a", "swap", "content_a", "rest_b"}
-    assert levels == ["a", "b", "a", "b"]
-    assert torch.allclose(result["recon_a"]["mel_to_a"], torch.zeros(n))
-    assert torch.allclose(result["swap"]["mel_to_b"], torch.zeros(n))
-    assert torch.all(result["swap"]["mel_to_a"] > 0.05)
-    assert torch.all(result["swap"]["si_snr_to_b"] > result["swap"]["si_snr_to_a"] + 10)
-    # Codebook 1 alone is the shared part: equally far from both channels.
-    assert torch.allclose(result["content_a"]["si_snr_to_a"], result["content_a"]["si_snr_to_b"], atol=1.0)
+    x_a = torch.randn(2, 1, 4800, generator=gen)
+    x_b = 0.5 * torch.roll(x_a, 2, dims=-1) + 0.05 * torch.randn(2, 1, 4800, generator=gen)
+    cues = metrics.pair_cues(x_a, x_b, x_a, x_b, x_b.clone(), 24000)
+    assert torch.allclose(cues.mel["swap_to_b"], torch.zeros(2), atol=1e-5)
+    assert torch.allclose(cues.mel["swap_to_a"], cues.mel["rec_a_to_b"], atol=1e-5)
+    assert torch.allclose(cues.mel["rec_b_to_b"], torch.zeros(2), atol=1e-5)
+    assert cues.levels["in_a"].shape == (2, metrics.N_BANDS)
+    assert torch.allclose(cues.levels["in_a"] - cues.levels["in_b"], torch.full((2, 8), 6.0), atol=0.3)
+    assert torch.allclose(cues.delays["in"] * 24000, torch.full((2,), 2.0, dtype=torch.float64), atol=0.1)
+    assert torch.equal(cues.delays["in"], cues.delays["rec"])
+    assert metrics.pair_cues(x_a[..., :1000], x_b[..., :1000], x_a[..., :1000], x_b[..., :1000],
+                             x_b[..., :1000], 24000) is None  # too short for the cues
 
 
-# -- channel-identity probe -------------------------------------------------------------
-
-def _probe_features(codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Embed codes `[N, V, n_q, F]` with a per-codebook table `[n_q, bins, D]` and time-pool."""
-    n_q = codes.shape[2]
-    embedded = torch.stack([table[k][codes[:, :, k]] for k in range(n_q)], dim=2)  # [N, V, n_q, F, D]
-    return embedded.mean(dim=3)
-
-
-def test_probe_is_at_chance_on_random_codes_and_perfect_on_channel_codes():
-    gen = torch.Generator().manual_seed(4)
-    n_items, bins, frames, n_channels = 160, 32, 6, 4
-    channels = torch.stack([torch.randperm(n_channels, generator=gen)[:2] for _ in range(n_items)])
-    random_codes = torch.randint(0, bins, (n_items, 2, 1, frames), generator=gen)
-    channel_codes = (channels * 8)[..., None, None].expand(n_items, 2, 1, frames)  # a code per channel
-    codes = torch.cat([random_codes, channel_codes], dim=2)
-    table = torch.randn(2, bins, 8, generator=gen)
-    features = _probe_features(codes, table)
-
-    accuracy, chance = metrics.channel_probe_accuracy(features, channels, steps=100)
-    assert chance == pytest.approx(1 / n_channels)
-    assert abs(accuracy[0] - chance) < 0.12
-    assert accuracy[1] > 0.95
-
-
-def test_probe_split_interleaves_items():
-    train, test = metrics.probe_split(5)
-    assert train.tolist() == [0, 2, 4] and test.tolist() == [1, 3]
+def test_segment_band_levels_fit_short_segments_and_low_rates():
+    x = torch.randn(1, 1, 1920)  # the tiny preset's segment: shorter than the default FFT
+    assert metrics.cue_fft_size(1920, 2048) == 1024
+    assert torch.isfinite(metrics.segment_band_levels(x, 24000)).all()
+    assert metrics.segment_band_levels(torch.randn(1, 1, 16000), 16000).shape == (1, metrics.N_BANDS)
 
 
 # -- accumulator ------------------------------------------------------------------------
@@ -207,13 +174,16 @@ def _stream(n_items=7, views=2, n_q=2, bins=16, frames=6, dim=8, length=2400, se
 
 def _accumulate(stream, batch_size, flatten=False, n_q=2, bins=16):
     wavs, audio, codes, embeddings, channels = stream
-    acc = metrics.MetricAccumulator(n_q=n_q, bins=bins, sample_rate=24000, frame_rate=75, probe_steps=20)
+    acc = metrics.MetricAccumulator(n_q=n_q, bins=bins, sample_rate=24000, frame_rate=75)
+    files = [f"f{i % 3}" for i in range(wavs.shape[0])]
     for start in range(0, wavs.shape[0], batch_size):
         part = slice(start, start + batch_size)
         batch = [audio[part], codes[part], [e[part] for e in embeddings]]
+        ceiling = codes[part].roll(1, dims=-1)
         if flatten:
             batch = [batch[0].flatten(0, 1), batch[1].flatten(0, 1), [e.flatten(0, 1) for e in batch[2]]]
-        acc.update(wavs[part], *batch, channels=channels[part])
+            ceiling = ceiling.flatten(0, 1)
+        acc.update(wavs[part], *batch, channels=channels[part], groups=files[part], ceiling_codes=ceiling)
     return acc.compute()
 
 
@@ -240,16 +210,18 @@ def test_accumulator_matches_direct_computations_and_ignores_batch_size():
     hist = metrics.codebook_histogram(codes.flatten(0, 1), 16)
     assert whole["perplexity"] == pytest.approx(metrics.histogram_entropy(hist).exp().tolist())
     assert whole["dead_codes"] == (hist == 0).sum(dim=1).tolist()
+    assert whole["ceiling_agreement"] == pytest.approx(agreement(codes.flatten(0, 1), codes.flatten(0, 1).roll(1, -1)))
 
     for batch_size, flatten in ((1, False), (3, True)):
         other = _accumulate(stream, batch_size, flatten)
         for key in ("codebook_agreement", "chance_agreement", "chance_cosine", "centered_cosine", "perplexity",
-                    "si_snr", "mel_distance", "probe_accuracy"):
+                    "si_snr", "mel_distance", "ceiling_agreement", "channel_probe_accuracy"):
             assert other[key] == pytest.approx(whole[key], abs=1e-6), key
 
 
 def test_accumulator_probe_finds_the_codebook_that_carries_the_channel():
-    """Codebook 2's embedding is a direction per channel (plus noise), codebook 1's is noise."""
+    """Codebook 2's embedding is a direction per channel (plus noise), codebook 1's is noise;
+    the items come from 8 files (the probe's folds)."""
     gen = torch.Generator().manual_seed(7)
     n_items, dim, frames, n_channels = 80, 8, 4, 4
     channels = torch.stack([torch.randperm(n_channels, generator=gen)[:2] for _ in range(n_items)])
@@ -258,14 +230,18 @@ def test_accumulator_probe_finds_the_codebook_that_carries_the_channel():
     noise_emb = torch.randn(n_items, 2, dim, frames, generator=gen)
     wavs = torch.randn(n_items, 2, 1, 2400, generator=gen)
     codes = torch.zeros(n_items, 2, 2, frames, dtype=torch.long)
-    acc = metrics.MetricAccumulator(n_q=2, bins=4, sample_rate=24000, frame_rate=75, probe_steps=50)
+    files = [f"f{i // 10}" for i in range(n_items)]
+    acc = metrics.MetricAccumulator(n_q=2, bins=4, sample_rate=24000, frame_rate=75)
     for start in range(0, n_items, 16):
         part = slice(start, start + 16)
-        acc.update(wavs[part], wavs[part], codes[part], [noise_emb[part], channel_emb[part]], channels[part])
+        acc.update(wavs[part], wavs[part], codes[part], [noise_emb[part], channel_emb[part]], channels[part],
+                   groups=files[part])
     results = acc.compute()
-    assert results["probe_chance"] == pytest.approx(1 / n_channels)
-    assert results["probe_accuracy"][1] > 0.9
-    assert abs(results["probe_accuracy"][0] - results["probe_chance"]) < 0.15
+    assert results["probe_groups"] == 8 and results["probe_folds"] == 5
+    assert results["channel_probe_chance"] < 0.5
+    assert results["channel_probe_accuracy"][1] > 0.9
+    assert abs(results["channel_probe_accuracy"][0] - results["channel_probe_chance"]) < 0.2
+    assert results["ild_probe_r2"] is None and "no pair cues" in results["probe_note"]
 
 
 def test_accumulator_mono_has_no_pair_metrics_and_rejects_misuse():
@@ -276,27 +252,47 @@ def test_accumulator_mono_has_no_pair_metrics_and_rejects_misuse():
     acc.update(wavs, audio, codes, embeddings)
     results = acc.compute()
     assert results["codebook_agreement"] is None and results["chance_agreement"] is None
-    assert results["probe_accuracy"] is None  # no channel labels given
+    assert results["channel_probe_accuracy"] is None and results["ceiling_agreement"] is None
+    assert results["swap_gain"] is None and results["ild_fidelity"] is None  # no pair cues given
     with pytest.raises(ValueError, match="views changed"):
         acc.update(*_stream(views=2)[:4])
     with pytest.raises(ValueError, match="codebooks"):
         metrics.MetricAccumulator(n_q=3, bins=16, sample_rate=24000, frame_rate=75).update(wavs, audio, codes)
 
 
-def test_accumulator_averages_swap_results():
-    wavs, audio, codes, _, _ = _stream(n_items=4)
-    acc = metrics.MetricAccumulator(n_q=2, bins=16, sample_rate=24000, frame_rate=75)
-    acc.update(wavs[:2], audio[:2], codes[:2], swap={"swap": {"mel_to_b": torch.tensor([1.0, 2.0])}})
-    acc.update(wavs[2:], audio[2:], codes[2:], swap={"swap": {"mel_to_b": torch.tensor([3.0, 6.0])}})
-    assert acc.compute()["swap_test"] == {"swap": {"mel_to_b": 3.0}}
-
-
-def test_probe_chance_counts_only_channels_seen_in_training():
-    """Test views whose channel never occurs in the training half cannot be guessed right."""
-    features = torch.randn(4, 1, 2, 3)
-    channels = torch.tensor([[0], [0], [1], [2]])  # train (even items): {0, 1}; test: {0, 2}
-    _, chance = metrics.channel_probe_accuracy(features, channels, steps=5)
-    assert chance == pytest.approx(0.5 * 1 / 2)
+def test_accumulator_pools_pair_cues_over_batches_in_item_order():
+    """The swap gain and cue fidelity of a stream are those of all its pairs at once,
+    whatever the batches."""
+    gen = torch.Generator().manual_seed(8)
+    n = 6
+    x_a = torch.randn(n, 1, 2400, generator=gen)
+    x_b = 0.5 * x_a + 0.2 * torch.randn(n, 1, 2400, generator=gen)
+    rec_a, rec_b = 0.9 * x_a, 0.8 * x_b + 0.01 * torch.randn(n, 1, 2400, generator=gen)
+    swap = 0.5 * (rec_a + rec_b)
+    wavs, audio = torch.stack([x_a, x_b], 1), torch.stack([rec_a, rec_b], 1)
+    codes = torch.zeros(n, 2, 2, 5, dtype=torch.long)
+    channels = torch.tensor([[0, 16]] * n)
+    files = [f"f{i % 2}" for i in range(n)]
+    results = []
+    for batch in (n, 4):
+        acc = metrics.MetricAccumulator(n_q=2, bins=4, sample_rate=24000, frame_rate=75)
+        for s in range(0, n, batch):
+            part = slice(s, s + batch)
+            cues = metrics.pair_cues(x_a[part], x_b[part], rec_a[part], rec_b[part], swap[part], 24000)
+            acc.update(wavs[part], audio[part], codes[part], channels=channels[part], groups=files[part], cues=cues)
+        results.append(acc.compute())
+    whole, batched = results
+    level = lambda w: metrics.segment_band_levels(w, 24000)  # noqa: E731
+    direct = metrics.spatial_cues.swap_gain_summary(level(swap), level(rec_a), level(rec_b), groups=files)
+    assert whole["swap_gain"] == pytest.approx(direct["mean"]) and whole["swap_n_groups"] == 2
+    assert whole["swap_gain_ci"] == pytest.approx([direct["ci_low"], direct["ci_high"]])
+    assert whole["swap_pairs"].startswith("all pairs")  # no capsule geometry given
+    for key in ("swap_gain", "swap_gain_ci", "swap_separation_db", "swap_mel_to_b"):
+        assert batched[key] == pytest.approx(whole[key]), key
+    for key in ("correlation", "error_db", "zero_error_db", "slope"):
+        assert batched["ild_fidelity"][key] == pytest.approx(whole["ild_fidelity"][key]), key
+    torch.testing.assert_close(torch.tensor(batched["per_pair"]["ild_true_db"]),
+                               torch.tensor(whole["per_pair"]["ild_true_db"]))
 
 
 def test_centering_reveals_what_a_common_offset_hides():

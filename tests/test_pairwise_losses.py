@@ -594,7 +594,8 @@ def test_from_config_reads_every_key(cfg_factory):
               "channel_classifier.weight": 0.2, "channel_classifier.num_channels": 6,
               "ild_head.enabled": True, "ild_head.n_bands": 5, "ild_head.hidden": 11,
               "ild_head.weight": 0.6, "ild_head.adv_weight": 0.9, "ild_head.reversal": 0.5,
-              "ild_head.floor_db": 2.0, "wait_for_kmeans": True, "shared_scale": True}
+              "ild_head.floor_db": 2.0, "wait_for_kmeans": True, "shared_scale": True,
+              "cue_weight": 0.8}
     heads = ("channel_classifier", "ild_head")
     assert set(values) == {f"{k}.{sub}" if k in heads else k
                            for k, v in group_file("seed").items()
@@ -619,7 +620,8 @@ def test_from_config_reads_every_key(cfg_factory):
             "ild_head.hidden": loss.ild_head.mlp[0].out_features,
             "ild_head.weight": loss.ild_weight, "ild_head.adv_weight": loss.ild_adv_weight,
             "ild_head.reversal": loss.ild_reversal, "ild_head.floor_db": loss.ild_floor_db,
-            "wait_for_kmeans": loss.wait_for_kmeans, "shared_scale": loss.shared_scale}
+            "wait_for_kmeans": loss.wait_for_kmeans, "shared_scale": loss.shared_scale,
+            "cue_weight": loss.cue_weight}
     assert read == values
 
 
@@ -634,3 +636,19 @@ def test_group_files_hold_the_same_keys():
 def test_selected_group_keeps_its_weights_in_the_paired_config(cfg_factory):
     cfg = cfg_factory("config_paired_nq2", ["pairwise=contrastive"])
     assert cfg.pairwise.sim_weight == group_file("contrastive")['sim_weight']
+
+
+def test_cue_loss_is_zero_for_kept_differences_and_one_for_none():
+    loss = PairwiseLoss(cue_weight=2.0)
+    torch.manual_seed(0)
+    inputs = torch.randn(6, 2, 8) * 3.0  # per-view band levels, dB
+    kept = inputs + 40.0  # the decode at another overall level keeps every difference
+    assert loss.cue_loss(kept, inputs, step=0)['cue'].item() == pytest.approx(0.0, abs=1e-6)
+    none = inputs[:, :1].expand(-1, 2, -1)  # both decoded views alike
+    result = loss.cue_loss(none, inputs, step=0)
+    assert result['cue'].item() == pytest.approx(1.0, rel=1e-5)
+    assert result['l_cue'].item() == pytest.approx(2.0, rel=1e-5)
+    halved = inputs.clone()
+    halved[:, 1] = (inputs[:, 0] + inputs[:, 1]) / 2  # half of each difference kept
+    assert loss.cue_loss(halved, inputs, step=0)['cue'].item() == pytest.approx(0.25, rel=1e-5)
+    assert PairwiseLoss(cue_weight=1.0, start_step=5).cue_loss(none, inputs, step=4)['l_cue'] == 0

@@ -85,3 +85,21 @@ def test_fewer_groups_than_folds_warns_and_a_single_group_is_an_error():
         probes.cross_validated_probe(x, y, np.zeros(len(x)), shuffles=0)
     with pytest.raises(ValueError, match="kind"):
         probes.cross_validated_probe(x, y, three, kind="ranking")
+
+
+def test_features_that_vary_by_rounding_only_do_not_blow_up_a_probe():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(8), 6)
+    target = rng.normal(size=(48, 3))
+    signal = target @ rng.normal(size=(3, 4)) + 0.1 * rng.normal(size=(48, 4))
+    # A collapsed codebook: one code vector, identical up to rounding within a file and a
+    # rounding step apart between files.
+    collapsed = 0.3 + 1e-12 * rng.normal(size=(48, 20)) + 1e-8 * rng.normal(size=(8, 20))[groups]
+    result = probes.cross_validated_probe(np.hstack([signal, collapsed]), target, groups,
+                                          kind="regression", regularization=1e-3, shuffles=1)
+    assert result["mean"] > 0.9
+    noise = probes.cross_validated_probe(collapsed, target, groups, kind="regression",
+                                         regularization=1e-3, shuffles=1)
+    assert min(noise["fold_scores"]) > -0.5  # no better than the mean, and no wilder
+    kept = probes.RelativeVarianceFilter().fit(np.hstack([signal, collapsed])).keep_
+    assert kept[:4].all() and not kept[4:].any()

@@ -17,7 +17,8 @@ from conftest import make_config
 from reference_step import reference_step
 from configuration import prepare_config
 from losses import discriminator_loss, feature_matching_loss, generator_adv_loss
-from pairwise_losses import split_views, swap_latents
+import spatial_cues
+from pairwise_losses import level_difference_loss, split_views, swap_latents
 from parts import WarmupCosine, build_parts
 from runtime import Runtime, seed_everything
 from training_step import discriminate, frozen, normalisation_scale, train_step
@@ -291,6 +292,24 @@ def test_contrastive_step_adds_cross_reconstruction_at_the_pairs_shared_scale(sh
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_cue_fidelity_scores_the_decoded_pairs_level_differences():
+    cfg, runtime, parts = tiny_setup([*CONTRASTIVE, "pairwise.cue_weight=0.5", "pairwise.xrec_weight=0"])
+    wavs, metas = level_pair(cfg)
+    init_codebooks(parts, wavs)
+    model = copy.deepcopy(parts.raw_model)
+    result = train_step(parts, runtime, wavs, metas, step=3, adversarial=False, update_disc=False,
+                        grad_clip=0.0, bins=cfg.model.bins, measure_gradients=True)
+    x = wavs.flatten(0, 1)
+    out = model.train()(x, return_embeddings=True, scale=model.shared_scale(x, VIEWS))
+    levels = lambda audio: spatial_cues.band_levels(audio, 24000, n_fft=1024).view(BATCH, VIEWS, -1)  # noqa: E731
+    decoded, inputs = levels(out.audio), levels(x)
+    want = level_difference_loss(decoded[:, 0] - decoded[:, 1], inputs[:, 0] - inputs[:, 1],
+                                 cfg.pairwise.ild_head.floor_db)
+    assert result.scalars["cue"] == pytest.approx(want.item(), rel=1e-4)
+    assert result.scalars["l_cue"] == pytest.approx(0.5 * want.item(), rel=1e-4)
+    assert result.scalars["grad_ratio_cue"] > 0
+
+
 def test_the_design_documents_recipe_keeps_a_scale_per_channel():
     cfg, runtime, parts = tiny_setup()
     wavs, metas = level_pair(cfg)
@@ -527,3 +546,22 @@ def test_a_toolkit_checkpoint_is_a_starting_point_for_generator_and_discriminato
             torch.testing.assert_close(got, expected, msg=name)
     with pytest.raises(ValueError, match="does not fit the model"):
         tiny_setup([f"model.init_from={start}", "model.dimension=8"])
+
+
+def test_an_exported_start_point_holds_the_weights_only_and_starts_the_same_codec(tmp_path):
+    import checkpoints
+    cfg, _, parts = tiny_setup()
+    wavs, _ = make_batch(cfg)
+    init_codebooks(parts, wavs)
+    training = tmp_path / "ckpt.pt"
+    torch.save({"model": parts.raw_model.state_dict(), "discriminator": parts.raw_disc.state_dict(),
+                "config": {}, "opt_g": parts.opt_g.state_dict(), "step": 7}, training)
+    start = checkpoints.export_start_point(training, tmp_path / "start.pt")
+    saved = torch.load(start, weights_only=True)
+    assert set(saved) == {"model", "discriminator", "config", "source"} and saved["source"]["step"] == 7
+    _, _, started = tiny_setup([f"model.init_from={start}"])
+    x = wavs.flatten(0, 1)
+    with torch.no_grad():
+        assert torch.equal(started.raw_model.eval().encode(x), parts.raw_model.eval().encode(x))
+    for (name, got), want in zip(started.raw_disc.state_dict().items(), parts.raw_disc.state_dict().values()):
+        assert torch.equal(got, want), name

@@ -1,0 +1,32 @@
+# Shared pieces of the experiment scripts (sourced, not run):
+#   pretrain_start.sh, paired_study.sh (also `make demo`).
+# Defines: here (project root), py (interpreter), phase MESSAGE, synth_set DIR,
+# latest_checkpoint DIR.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="${PYTHON:-$here/.venv/bin/python}"
+[ -x "$py" ] || py="$(command -v python3)"
+_start=$SECONDS
+
+phase() { echo "== [$(( (SECONDS - _start) / 60 ))m$(( (SECONDS - _start) % 60 ))s] $*"; }
+
+# The synthetic em32 scene set of the experiments: 8 classes x SYNTH_FILES files x
+# SYNTH_SECONDS s (defaults 4 x 30), seed 0, with its 24 kHz int16 arrays. The same call
+# gives the same set on every machine; re-running reuses it.
+synth_set() {
+  local data="$1"
+  if [ ! -f "$data/.complete" ]; then
+    phase "synthetic em32 scene set -> $data"
+    "$py" "$here/synth_eigenscape.py" --out "$data" --files-per-class "${SYNTH_FILES:-4}" \
+      --seconds "${SYNTH_SECONDS:-30}" --seed 0
+    "$py" "$here/prepare_dataset.py" --data-root "$data" --workers 2
+    touch "$data/.complete"
+  fi
+}
+
+# The newest rotating checkpoint of a save folder (names sort by epoch and step).
+latest_checkpoint() {
+  local found
+  found="$(ls -1 "$1"/ckpt_*.pt 2>/dev/null | sort | tail -n 1)"
+  [ -n "$found" ] || { echo "no checkpoint in $1" >&2; return 1; }
+  echo "$found"
+}

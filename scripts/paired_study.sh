@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The study: does paired training put the shared content in codebook 1 and the channel in
+# codebook 2, measurably, against the mono baseline?
+#
+#   bash scripts/paired_study.sh
+#
+# Trains the variants `mono` (config_mono_nq2), `seed` (config_paired_nq2 with
+# pairwise=seed, the design document's recipe) and `paired` (config_paired_nq2 as it is, the
+# default recipe), each fine-tuned from the same starting point (pretrained/start_demo.pt,
+# made by scripts/pretrain_start.sh) for the same optimizer steps with the same batch of
+# items, for SEEDS seeds; evaluates every seed's variants side by side with evaluate.py on
+# the held-out classes; prints the table of mean +- std over seeds (scripts/study_table.py).
+#
+# Environment:
+#   DATA_ROOT  data (default: the synthetic em32 set of scripts/lib.sh, generated in OUT/data)
+#   OUT        work folder (default runs/paired_study); checkpoints in OUT/<variant>/seed<N>/
+#   SEEDS      seeds per variant (default 3: training seeds 1..SEEDS)
+#   VARIANTS   space-separated subset of "mono seed paired" (default all three)
+#   WANDB      disabled | offline | online (default disabled)
+#   STEPS      fine-tuning steps per run (default 800; raise it on a GPU)
+#   DEVICE     cpu | cuda (default cpu)
+#   START      starting point (default pretrained/start_demo.pt)
+#   EVAL_PAIRS validation pairs for the evaluation (default 256)
+# Duration on 2 CPU cores: see README ("The study").
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+out="$(mkdir -p "${OUT:-$here/runs/paired_study}" && cd "${OUT:-$here/runs/paired_study}" && pwd)"
+seeds="${SEEDS:-3}"
+variants="${VARIANTS:-mono seed paired}"
+steps="${STEPS:-800}"
+start="${START:-$here/pretrained/start_demo.pt}"
+[ -f "$start" ] || { echo "no starting point at $start: run scripts/pretrain_start.sh" >&2; exit 1; }
+if [ -n "${DATA_ROOT:-}" ]; then data="$DATA_ROOT"; else data="$out/data"; synth_set "$data"; fi
+per_epoch=100
+epochs=$(( (steps + per_epoch - 1) / per_epoch ))
+
+train() {  # train VARIANT SEED
+  local variant="$1" seed="$2" dir="$out/$1/seed$2"
+  local script=train_paired_gpu.py config=config_paired_nq2 recipe=()
+  case "$variant" in
+    mono) script=train_single_gpu.py; config=config_mono_nq2 ;;
+    seed) recipe=(pairwise=seed) ;;
+    paired) ;;
+    *) echo "unknown variant '$variant' in VARIANTS (use mono, seed, paired)" >&2; exit 2 ;;
+  esac
+  if latest_checkpoint "$dir" >/dev/null 2>&1 && [ -f "$dir/.complete" ]; then
+    phase "$variant seed $seed: done before, reused"; return
+  fi
+  phase "training $variant, seed $seed ($steps steps from $(basename "$start"))"
+  "$py" "$here/$script" --config-name="$config" +preset=demo "${recipe[@]}" \
+    "model.init_from=$start" "datasets.data_root=$data" "common.seed=$seed" \
+    "common.max_epoch=$epochs" "datasets.fixed_length=$(( per_epoch * 4 ))" \
+    "common.max_steps_per_epoch=$per_epoch" "common.val_interval=$epochs" \
+    "common.save_interval=$epochs" discriminator.start_epoch=1 checkpoint.keep_last=1 \
+    "common.device=${DEVICE:-cpu}" "wandb.mode=${WANDB:-disabled}" checkpoint.resume=true \
+    "checkpoint.save_folder=$dir" "hydra.run.dir=$dir/hydra"
+  touch "$dir/.complete"
+}
+
+for seed in $(seq 1 "$seeds"); do
+  for variant in $variants; do train "$variant" "$seed"; done
+  ckpts=(); labels=()
+  for variant in $variants; do ckpts+=("'$(latest_checkpoint "$out/$variant/seed$seed")'"); labels+=("$variant"); done
+  phase "evaluating seed $seed (${labels[*]})"
+  "$py" "$here/evaluate.py" "checkpoints=[$(IFS=,; echo "${ckpts[*]}")]" \
+    "labels=[$(IFS=,; echo "${labels[*]}")]" "datasets.data_root=$data" \
+    "datasets.val_pairs=${EVAL_PAIRS:-256}" "out_dir=$out/eval/seed$seed" "device=${DEVICE:-cpu}"
+done
+phase "table over $seeds seed(s)"
+"$py" "$here/scripts/study_table.py" "$out"/eval/seed*/metrics.json | tee "$out/study.md"
+phase "done"
+cat <<EOF2
+Where things are (under $out):
+  data/                          synthetic em32 scene set (32 ch, 48 kHz) and its 24 kHz arrays
+  <variant>/seed<N>/             checkpoints (ckpt_*.pt, best.pt) of each run
+  <variant>/seed<N>/audio/       validation inputs and reconstructions (WAV)
+  <variant>/seed<N>/hydra/       train.log and the resolved config
+  <variant>/seed<N>/wandb/       wandb run files (WANDB=offline; sync with 'wandb sync')
+  eval/seed<N>/                  metrics.json, report.md and plots: the variants side by side
+  study.md                       the table above (mean +- std over seeds)
+EOF2

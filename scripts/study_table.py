@@ -1,0 +1,114 @@
+"""The study's table: mean +- std over seeds of each variant's evaluation, each figure beside
+its reference (chance, ceiling, the error of predicting no difference, shuffled labels).
+
+    python scripts/study_table.py runs/paired_study/eval/seed*/metrics.json
+
+Each `metrics.json` is one seed's `evaluate.py` output with the variants as labels; the
+variants are the labels found, in the order of the first file. Prints Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metrics import flatten_metrics  # noqa: E402
+
+# (row label, value key, reference keys shown in brackets): keys of metrics.flatten_metrics.
+ROWS = [
+    ("mel distance, pair's scale (lower is better)", "mel_distance", []),
+    ("SI-SNR dB, pair's scale", "si_snr", []),
+    ("**swap gain** (0: codebook 2 of B moves nothing; 1: the swap decodes like B)", "swap_gain", []),
+    ("channel separation of the decodes, dB/band (inputs)", "swap_separation_db",
+     ["swap_input_separation_db"]),
+    ("**ILD correlation**, decoded vs input pair (slope)", "ild_corr", ["ild_slope"]),
+    ("ILD error dB (predicting no difference)", "ild_error_db", ["ild_zero_error_db"]),
+    ("ITD error us below 1.5 kHz (predicting no delay)", "itd_error_us", ["itd_zero_error_us"]),
+    ("cb1 code agreement across channels (chance / ceiling)", "agreement_cb1",
+     ["chance_agreement_cb1", "ceiling_agreement_cb1"]),
+    ("cb2 code agreement across channels (chance / ceiling)", "agreement_cb2",
+     ["chance_agreement_cb2", "ceiling_agreement_cb2"]),
+    ("cb1 ILD probe R^2 (shuffled labels)", "ild_probe_r2_cb1", ["ild_probe_r2_shuffled_cb1"]),
+    ("cb2 ILD probe R^2 (shuffled labels)", "ild_probe_r2_cb2", ["ild_probe_r2_shuffled_cb2"]),
+    ("cb1 channel-index probe, capsule fingerprints only (chance)", "channel_probe_accuracy_cb1",
+     ["channel_probe_chance"]),
+    ("cb2 channel-index probe, capsule fingerprints only (chance)", "channel_probe_accuracy_cb2",
+     ["channel_probe_chance"]),
+    ("cb1 perplexity / dead codes", "perplexity_cb1", ["dead_codes_cb1"]),
+    ("cb2 perplexity / dead codes", "perplexity_cb2", ["dead_codes_cb2"]),
+    ("shared-content coding: mel distance (independent coding)", "shared_mel_distance",
+     ["independent_mel_distance"]),
+    ("shared-content coding: ILD error dB (independent coding)", "shared_ild_error_db",
+     ["independent_ild_error_db"]),
+    ("shared-content coding: kbps per channel (independent)", "shared_kbps_per_channel",
+     ["independent_kbps_per_channel"]),
+]
+
+
+def seed_scalars(path: Path) -> dict[str, dict[str, float]]:
+    """`{variant: flat scalars}` of one seed's metrics.json."""
+    entries = json.loads(path.read_text())
+    return {label: {**flatten_metrics(entry), **shared_content_scalars(entry)}
+            for label, entry in entries.items()}
+
+
+def shared_content_scalars(entry: dict) -> dict[str, float]:
+    """The shared-content comparison's headline numbers, when the report has them."""
+    comparison = entry.get("shared_content") or {}
+    flat = {}
+    for coding, prefix in (("shared_content", "shared"), ("independent", "independent")):
+        for key in ("mel_distance", "ild_error_db", "kbps_per_channel"):
+            value = (comparison.get(coding) or {}).get(key)
+            if value is not None:
+                flat[f"{prefix}_{key}"] = float(value)
+    return flat
+
+
+def mean_std(values: list[float]) -> tuple[float, float] | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def cell(runs: list[dict[str, float]], key: str, references: list[str]) -> str:
+    stats = mean_std([run.get(key) for run in runs])
+    if stats is None:
+        return "n/a"
+    text = f"{stats[0]:.3g} ± {stats[1]:.2g}"
+    refs = [mean_std([run.get(ref) for run in runs]) for ref in references]
+    shown = [f"{r[0]:.3g}" for r in refs if r is not None]
+    return f"{text} ({' / '.join(shown)})" if shown else text
+
+
+def table(files: list[Path]) -> str:
+    seeds = [seed_scalars(path) for path in files]
+    variants = list(seeds[0])
+    lines = [f"{len(seeds)} seed(s); mean ± std over seeds; references in brackets.", "",
+             "| metric (reference) | " + " | ".join(variants) + " |",
+             "|---|" + "---|" * len(variants)]
+    for label, key, references in ROWS:
+        cells = [cell([seed[v] for seed in seeds if v in seed], key, references) for v in variants]
+        if all(c == "n/a" for c in cells):
+            continue
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("metrics", nargs="+", type=Path, help="one metrics.json per seed")
+    args = parser.parse_args()
+    missing = [str(p) for p in args.metrics if not p.is_file()]
+    if missing:
+        sys.exit(f"error: no metrics.json at {', '.join(missing)}: run evaluate.py first")
+    print(table(args.metrics))
+
+
+if __name__ == "__main__":
+    main()
