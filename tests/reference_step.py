@@ -13,9 +13,8 @@ import torch
 
 from losses import discriminator_loss
 from parts import Parts, set_learning_rates
-from pairwise_losses import LOSS_TERMS
 from runtime import Runtime
-from training_step import frozen, normalisation_scale, pairwise_terms
+from training_step import PAIRWISE_LOSS_TERMS, frozen, normalisation_scale, pairwise_terms
 
 
 def reference_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[dict[str, Any]],
@@ -45,7 +44,7 @@ def reference_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: li
     rest = parts.generator_loss.commit_weight * per_view(out.commit_per_item).sum()
     if parts.pairwise is not None:
         pair = pairwise_terms(parts, runtime, out, x, scale, metas, step, batch_size, views)
-        rest = rest + sum(pair[k] for k in (*LOSS_TERMS, "l_xrec") if k in pair)
+        rest = rest + sum(pair[k] for k in PAIRWISE_LOSS_TERMS if k in pair)
     total = parts.generator_loss.weighted_sum(per_loss) + rest
 
     # The generator's backward: the whole sum, or the balanced output losses + the rest.

@@ -109,14 +109,15 @@ def test_train_step_applies_the_design_documents_loss_and_its_gradients(float64)
     assert any(not torch.equal(a, b) for a, b in zip(parts.raw_model.parameters(), model.parameters()))
 
 
-# Mono and paired, the balancer off and on, the scale-free recipe (cross-reconstruction).
+# Mono and paired, the balancer off and on, the scale-free recipe (cross-reconstruction and
+# cue fidelity); all with the configured gain jitter (the same draws in both steps).
 REFERENCE_CASES = [
     pytest.param(1, [], id="mono"),
     pytest.param(2, [], id="paired"),
     pytest.param(1, ["balancer.enabled=true"], id="mono-balancer"),
     pytest.param(2, ["balancer.enabled=true"], id="paired-balancer"),
-    pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant"],
-                 id="paired-contrastive"),
+    pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
+                     "pairwise.cue_weight=0.5"], id="paired-contrastive"),
 ]
 # (adversarial, update_disc) of four steps in a row: before the discriminator starts, then
 # steps with and without its update.
@@ -132,10 +133,11 @@ def test_train_step_computes_what_the_straightforward_step_computes(views, overr
         wavs, metas = make_batch(cfg, seed=step, views=views)
         torch.manual_seed(step)  # dead-code draws, the same in both
         got = train_step(parts, runtime, wavs, metas, step=step, adversarial=adversarial,
-                         update_disc=update_disc, grad_clip=0.0, bins=cfg.model.bins)
+                         update_disc=update_disc, grad_clip=0.0, bins=cfg.model.bins,
+                         gain_jitter_db=cfg.datasets.gain_jitter_db)
         torch.manual_seed(step)
         want = reference_step(reference, runtime, wavs, metas, step=step, adversarial=adversarial,
-                              update_disc=update_disc)
+                              update_disc=update_disc, gain_jitter_db=cfg.datasets.gain_jitter_db)
         assert got.ok and want.pop("ok")
         assert {"l_g_ch1", "l_feat_ch1"} <= set(want) or not adversarial
         assert ("loss_d" in want) == update_disc
