@@ -402,13 +402,15 @@ def discard_step(parts: Parts, codebook_snapshot: dict[str, torch.Tensor], updat
 
 def skip_reason(parts: Parts, scalars: dict[str, float]) -> str:
     """Why this rank cannot apply the step ('' when it can): a non-finite loss, or a
-    non-finite gradient (under fp16, the loss scale overflowed)."""
+    non-finite gradient (under fp16, that player's loss scale overflowed)."""
     if not (math.isfinite(scalars["loss_g"]) and math.isfinite(scalars.get("loss_d", 0.0))):
         return "non-finite loss"
-    if not (math.isfinite(scalars["grad_norm_g"]) and math.isfinite(scalars.get("grad_norm_d", 0.0))):
-        if parts.scaler_g.is_enabled():
-            return f"gradient overflow at fp16 loss scale {parts.scaler_g.get_scale():g}"
-        return "non-finite gradient"
+    for player, name, scaler in (("", "grad_norm_g", parts.scaler_g),
+                                 ("discriminator ", "grad_norm_d", parts.scaler_d)):
+        if not math.isfinite(scalars.get(name, 0.0)):
+            if scaler.is_enabled():
+                return f"{player}gradient overflow at fp16 loss scale {scaler.get_scale():g}"
+            return f"non-finite {player}gradient"
     return ""
 
 

@@ -1,6 +1,7 @@
 """The training engine end to end, with the tiny preset on synthetic EigenScape data."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,8 +19,8 @@ import validation
 from codec import load_model
 from configuration import ConfigError, prepare_config
 from conftest import ROOT, make_config
-from losses import GeneratorLoss
 from runtime import setup_runtime
+from step_faults import fp16_scalers, nan_time_loss, overflowing_gradient
 from training_step import codebook_usage
 
 
@@ -166,21 +167,11 @@ def test_checkpoint_loading_refuses_code(tmp_path):
         ckpt_io.load_checkpoint(path)
 
 
-def test_non_finite_steps_are_skipped_then_training_stops_with_a_checkpoint(tmp_path, synth_root,
-                                                                         monkeypatch):
-    real_forward = GeneratorLoss.forward
-    calls = {"n": 0}
-
-    def nan_after_first(self, x, y, *args, **kwargs):
-        losses = real_forward(self, x, y, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] > 1:  # the first step is fine, every later one is NaN
-            losses["l_t"] = losses["l_t"] * float("nan")
-        return losses
-
-    monkeypatch.setattr(GeneratorLoss, "forward", nan_after_first)
+def test_non_finite_steps_are_skipped_then_training_stops_with_a_checkpoint(tmp_path, synth_root):
     cfg = tiny(tmp_path, synth_root, extra=["datasets.fixed_length=10", "common.max_nonfinite_steps=3"])
-    with pytest.raises(engine.TrainingDiverged, match="3 consecutive non-finite steps"):
+    # The first step is fine, every later one is NaN.
+    with nan_time_loss(from_call=2), pytest.raises(engine.TrainingDiverged,
+                                                   match="3 consecutive non-finite steps"):
         engine.train(cfg)
     saved = ckpt_io.latest_checkpoint(tmp_path / "ckpt")
     assert saved is not None
@@ -196,21 +187,15 @@ def test_an_fp16_overflow_does_not_count_as_a_step(tmp_path, synth_root, monkeyp
 
     def with_fp16_scalers(*args, **kwargs):
         parts = build_parts(*args, **kwargs)
-        parts.scaler_g = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-        parts.scaler_d = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        fp16_scalers(parts)
         return parts
 
     train_step, steps = engine.train_step, []
 
     def overflow_in_the_second_batch(parts, *args, **kwargs):
         steps.append(kwargs["step"])
-        weight = next(parts.raw_model.parameters())
-        hook = weight.register_hook(lambda grad: grad * float("inf")) if len(steps) == 2 else None
-        try:
+        with overflowing_gradient(parts.raw_model) if len(steps) == 2 else contextlib.nullcontext():
             return train_step(parts, *args, **kwargs)
-        finally:
-            if hook is not None:
-                hook.remove()
 
     monkeypatch.setattr(engine, "build_parts", with_fp16_scalers)
     monkeypatch.setattr(engine, "train_step", overflow_in_the_second_batch)

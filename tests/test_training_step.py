@@ -21,6 +21,7 @@ import spatial_cues
 from pairwise_losses import level_difference_loss, split_views, swap_latents
 from parts import WarmupCosine, build_parts
 from runtime import Runtime, seed_everything
+from step_faults import fp16_scalers, nan_time_loss, overflowing_gradient
 from training_step import discriminate, frozen, normalisation_scale, train_step
 
 BATCH, VIEWS = 2, 2
@@ -161,57 +162,38 @@ def test_train_step_computes_what_the_straightforward_step_computes(views, overr
             torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12, msg=f"step {step}: {name}")
 
 
-def nan_time_loss(parts) -> None:
-    """Make the generator's time loss NaN (until `del parts.generator_loss.forward`)."""
-    real_forward = type(parts.generator_loss).forward
-
-    def forward(self, *args, **kwargs):
-        losses = real_forward(self, *args, **kwargs)
-        return {**losses, "l_t": losses["l_t"] * float("nan")}
-
-    parts.generator_loss.forward = forward.__get__(parts.generator_loss)
-
-
 def test_non_finite_step_changes_nothing_and_restores_the_codebooks():
     cfg, runtime, parts = tiny_setup()
     wavs, metas = make_batch(cfg)
     init_codebooks(parts, wavs)
     codebooks = {name: b.clone() for name, b in parts.raw_model.named_buffers()}
     weights = [p.clone() for p in parts.raw_model.parameters()]
-    nan_time_loss(parts)
-    result = train_step(parts, runtime, wavs, metas, step=0, adversarial=True, update_disc=True,
-                        grad_clip=0.0, bins=cfg.model.bins)
+    with nan_time_loss():
+        result = train_step(parts, runtime, wavs, metas, step=0, adversarial=True, update_disc=True,
+                            grad_clip=0.0, bins=cfg.model.bins)
     assert not result.ok
     for name, buffer in parts.raw_model.named_buffers():
         assert torch.equal(buffer, codebooks[name]), f"{name} kept the skipped step's update"
     assert all(torch.equal(p, w) for p, w in zip(parts.raw_model.parameters(), weights))
     assert all(p.grad is None for p in parts.raw_model.parameters())
 
-    del parts.generator_loss.forward  # a finite step does update the codebooks
+    # A finite step does update the codebooks.
     assert train_step(parts, runtime, wavs, metas, step=0, adversarial=True, update_disc=True,
                       grad_clip=0.0, bins=cfg.model.bins).ok
     assert any(not torch.equal(b, codebooks[name]) for name, b in parts.raw_model.named_buffers())
-
-
-def fp16_scalers(parts) -> None:
-    """The GradScalers of fp16 training (the arithmetic stays float32 on the CPU): what the
-    step does with them is what it does on a GPU."""
-    parts.scaler_g = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    parts.scaler_d = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
 
 
 def test_fp16_a_skipped_step_closes_the_gradscalers_and_training_goes_on():
     cfg, runtime, parts = tiny_setup()
     fp16_scalers(parts)
     wavs, metas = make_batch(cfg)
-    nan_time_loss(parts)
-    skipped = train_step(parts, runtime, wavs, metas, step=0, adversarial=True, update_disc=True,
-                         grad_clip=0.0, bins=cfg.model.bins)
+    with nan_time_loss():
+        skipped = train_step(parts, runtime, wavs, metas, step=0, adversarial=True,
+                             update_disc=True, grad_clip=0.0, bins=cfg.model.bins)
     assert not skipped.ok and skipped.reason == "non-finite loss"
     # The NaN reached the generator's gradients: its scaler lowered the scale, as for an
     # overflow; the discriminator's gradients were finite, so its scale stays.
     assert parts.scaler_g.get_scale() == 2.0 ** 15 and parts.scaler_d.get_scale() == 2.0 ** 16
-    del parts.generator_loss.forward
     # Before, the next unscale_() raised: "unscale_() has already been called on this
     # optimizer since the last update()".
     for update_disc in (True, False):
@@ -219,31 +201,36 @@ def test_fp16_a_skipped_step_closes_the_gradscalers_and_training_goes_on():
                           update_disc=update_disc, grad_clip=0.0, bins=cfg.model.bins).ok
 
 
-def test_fp16_an_overflowed_step_leaves_no_trace_and_is_reported_as_skipped():
+@pytest.mark.parametrize("player, reason", [
+    ("raw_model", "gradient overflow at fp16 loss scale 65536"),
+    ("raw_disc", "discriminator gradient overflow at fp16 loss scale 65536"),
+])
+def test_fp16_an_overflowed_step_leaves_no_trace_and_is_reported_as_skipped(player, reason):
     cfg, runtime, parts = tiny_setup()
     fp16_scalers(parts)
     wavs, metas = make_batch(cfg)
     init_codebooks(parts, wavs)
     codebooks = {name: b.clone() for name, b in parts.raw_model.named_buffers()}
     weights = [p.clone() for p in [*parts.raw_model.parameters(), *parts.raw_disc.parameters()]]
-    # A finite loss whose scaled gradient overflows (inf in one weight's gradient): the
-    # GradScaler alone would skip the optimizer step but let the codebooks' EMA and the
-    # step count advance.
-    overflow = next(parts.raw_model.parameters()).register_hook(lambda grad: grad * float("inf"))
-    result = train_step(parts, runtime, wavs, metas, step=0, adversarial=True, update_disc=True,
-                        grad_clip=0.0, bins=cfg.model.bins)
-    overflow.remove()
-    assert math.isfinite(result.scalars["loss_g"])
-    assert not result.ok and result.reason == "gradient overflow at fp16 loss scale 65536"
+    # A finite loss whose scaled gradient overflows (inf in one weight's gradient, of either
+    # player): the GradScaler alone would skip that player's optimizer step but let the other
+    # player step and the codebooks' EMA and the step count advance.
+    with overflowing_gradient(getattr(parts, player)):
+        result = train_step(parts, runtime, wavs, metas, step=0, adversarial=True,
+                            update_disc=True, grad_clip=0.0, bins=cfg.model.bins)
+    assert math.isfinite(result.scalars["loss_g"]) and math.isfinite(result.scalars["loss_d"])
+    assert not result.ok and result.reason == reason
     for name, buffer in parts.raw_model.named_buffers():
         assert torch.equal(buffer, codebooks[name]), f"{name} kept the skipped step's update"
     params = [*parts.raw_model.parameters(), *parts.raw_disc.parameters()]
     assert all(torch.equal(p, w) for p, w in zip(params, weights))
     assert not parts.opt_g.state and not parts.opt_d.state  # Adam never stepped
-    assert parts.scaler_g.get_scale() == 2.0 ** 15
+    overflowed, other = ((parts.scaler_g, parts.scaler_d) if player == "raw_model"
+                         else (parts.scaler_d, parts.scaler_g))
+    assert overflowed.get_scale() == 2.0 ** 15 and other.get_scale() == 2.0 ** 16
     result = train_step(parts, runtime, wavs, metas, step=0, adversarial=True, update_disc=True,
                         grad_clip=0.0, bins=cfg.model.bins)
-    assert result.ok and not result.reason and parts.opt_g.state
+    assert result.ok and not result.reason and parts.opt_g.state and parts.opt_d.state
 
 
 CONTRASTIVE = ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
