@@ -164,8 +164,9 @@ def wrap_for_runtime(module: nn.Module, cfg: DictConfig, runtime: Runtime,
 def compile_discriminator(disc: MultiScaleSTFTDiscriminator) -> None:
     """`torch.compile` each scale of `disc` in place (`common.compile`).
 
-    Measured on a CPU it does not pay (bench/step_profile.py: within the noise); it is an
-    option for GPUs (bench/gpu_check.sh). The step backpropagates twice through a scale's
+    Measured on a CPU it does not pay (bench/step_profile.py, README: an update step of the
+    full paired config 18.2 s compiled against 17.1 s); it is an option for GPUs
+    (bench/gpu_check.sh). The step backpropagates twice through a scale's
     graph on update steps (into the audio, then into the weights), which compiled graphs
     with donated buffers forbid; each scale is compiled for its own passes (real, fake,
     frozen or not), hence the larger recompile limit.
