@@ -68,23 +68,32 @@ class Balancer:
             self.weight_sums[name] = self.weight_sums.get(name, 0.0) * self.ema_decay + 1.0
         return {name: self.norm_sums[name] / self.weight_sums[name] for name in norms}
 
-    def balanced_grad(self, losses: dict[str, torch.Tensor], output: torch.Tensor) -> torch.Tensor:
-        """Gradient to inject at `output` for the scalar `losses` (all functions of `output`).
+    def balanced_grad(self, losses: dict[str, torch.Tensor], output: torch.Tensor,
+                      grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Gradient to inject at `output` for the scalar `losses` (all functions of `output`)
+        and for the losses whose gradient at `output` is given in `grads` (the training step
+        computes the adversarial ones while the discriminator's graph is alive).
 
         Keeps the graph (retain_graph) so that the caller's single backward can follow.
         """
-        unknown = [name for name in losses if name not in self.weights]
+        given = dict(grads or {})
+        unknown = [name for name in (*losses, *given) if name not in self.weights]
         if unknown:
             raise KeyError(f"Balancer has no weight for {unknown} (known: {list(self.weights)})")
-        grads, norms = {}, []
+        grads = {}
         for name, loss in losses.items():
             if loss.dim() != 0 or not loss.requires_grad:
                 raise ValueError(f"Balancer: loss {name!r} must be a scalar that depends on the "
                                  "output (reduce per-item losses with .mean(); leave out losses "
                                  "that are not computed)")
-            grad, = torch.autograd.grad(loss, [output], retain_graph=True)
+            grads[name], = torch.autograd.grad(loss, [output], retain_graph=True)
+        for name, grad in given.items():
+            if grad.shape != output.shape:
+                raise ValueError(f"Balancer: the gradient of {name!r} has shape {tuple(grad.shape)}, "
+                                 f"the output {tuple(output.shape)}")
             grads[name] = grad
-            norms.append(grad.flatten(1).norm(dim=1).mean() if grad.dim() > 1 else grad.norm())
+        norms = [grad.flatten(1).norm(dim=1).mean() if grad.dim() > 1 else grad.norm()
+                 for grad in grads.values()]
         # One host transfer for all norms (and one all-reduce under DDP, so that every rank
         # keeps the same EMA).
         norm_values = distributed.all_reduce_sum_(torch.stack(norms).detach().float())

@@ -233,9 +233,9 @@ def count_step(run: TrainingRun, progress: Progress, result: StepResult) -> None
         return
     progress.skipped_in_a_row += 1
     progress.skipped_total += 1
-    log.warning("non-finite loss or gradient at epoch %d batch %d: step skipped (%d in a row, "
-                "%d in total)", progress.epoch, progress.batch, progress.skipped_in_a_row,
-                progress.skipped_total)
+    log.warning("%s at epoch %d batch %d: step skipped (%d in a row, %d in total)",
+                result.reason or "non-finite loss or gradient", progress.epoch, progress.batch,
+                progress.skipped_in_a_row, progress.skipped_total)
     limit = run.cfg.common.max_nonfinite_steps
     if progress.skipped_in_a_row >= limit:
         path = save_checkpoint(run, progress, ckpt_io.checkpoint_name(progress.epoch, progress.step))

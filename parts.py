@@ -46,9 +46,12 @@ class WarmupCosine:
 class Parts:
     """The parts of training.
 
-    `model` and `disc` are what the step calls: DDP (and `torch.compile`) wrappers of
-    `raw_model` and `raw_disc` when the runtime asks for them, the raw modules otherwise.
-    State dicts always come from the raw modules. `disc`, `raw_disc`, `opt_d` are None
+    `model` is what the step calls: DDP (and `torch.compile`) wrappers of `raw_model` when
+    the runtime asks for them, the raw module otherwise. `disc` is `raw_disc` itself: the step
+    runs its scales one at a time (`training_step.discriminate`), which DDP cannot wrap, so
+    its initial weights are broadcast from rank 0 and its gradients averaged by hand; under
+    `common.compile` each scale is compiled in place. State dicts always come from the raw
+    modules. `disc`, `raw_disc`, `opt_d` are None
     without a discriminator, `pairwise` is None in mono training and `balancer` when it is
     off. The learning rate of optimizer step `s` is `lr_g * schedule(s)` (`lr_d` for the
     discriminator), set by `set_learning_rates` before each step.
@@ -82,6 +85,10 @@ def build_parts(cfg: DictConfig, runtime: Runtime, steps_per_epoch: int) -> Part
                 if cfg.discriminator.enabled else None)
     if raw_disc is not None and cfg.model.init_from:
         load_start_discriminator(raw_disc, cfg.model.init_from)
+    if raw_disc is not None:
+        distributed.broadcast_module_(raw_disc)  # outside DDP: every rank starts from rank 0's
+        if cfg.common.compile:
+            compile_discriminator(raw_disc)
     generator_loss = GeneratorLoss.from_config(cfg.losses, sample_rate=cfg.model.sample_rate).to(device)
     pairwise = build_pairwise(cfg, device)
     balancer = (Balancer.from_config(cfg.balancer, generator_loss.weights)
@@ -93,7 +100,7 @@ def build_parts(cfg: DictConfig, runtime: Runtime, steps_per_epoch: int) -> Part
     return Parts(
         raw_model=raw_model, raw_disc=raw_disc,
         model=wrap_for_runtime(raw_model, cfg, runtime, compile_module=cfg.common.compile),
-        disc=None if raw_disc is None else wrap_for_runtime(raw_disc, cfg, runtime),
+        disc=raw_disc,
         generator_loss=generator_loss, pairwise=pairwise, balancer=balancer,
         opt_g=opt_g, opt_d=opt_d,
         scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
@@ -152,6 +159,26 @@ def wrap_for_runtime(module: nn.Module, cfg: DictConfig, runtime: Runtime,
             module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
             broadcast_buffers=False, find_unused_parameters=cfg.distributed.find_unused_parameters)
     return torch.compile(wrapped) if compile_module else wrapped
+
+
+def compile_discriminator(disc: MultiScaleSTFTDiscriminator) -> None:
+    """`torch.compile` each scale of `disc` in place (`common.compile`).
+
+    Measured on a CPU it does not pay (bench/step_profile.py, README: an update step of the
+    full paired config 18.2 s compiled against 17.1 s); it is an option for GPUs
+    (bench/gpu_check.sh). The step backpropagates twice through a scale's
+    graph on update steps (into the audio, then into the weights), which compiled graphs
+    with donated buffers forbid; each scale is compiled for its own passes (real, fake,
+    frozen or not), hence the larger recompile limit.
+    """
+    import torch._dynamo
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               8 * len(disc.discriminators))
+    for scale in disc.discriminators:
+        scale.compile()
 
 
 def set_learning_rates(parts: Parts, step: int) -> None:

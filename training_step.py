@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -22,7 +22,7 @@ from torch import nn
 import distributed
 import metrics
 import spatial_cues
-from losses import discriminator_loss
+from losses import hinge_fake, hinge_real, relative_l1
 from model import EncodecModel, EncodecOutput
 from pairwise_losses import LOSS_TERMS, split_views
 from parts import Parts, set_learning_rates
@@ -32,18 +32,30 @@ from runtime import Runtime
 @dataclass
 class StepResult:
     """Whether the step was applied (False: a loss or gradient was not finite on some rank,
-    and nothing changed), and every logged number of the step."""
+    and nothing changed: weights, optimizer states, codebooks; the engine does not count the
+    step, so the learning-rate schedule does not advance either), every logged number of the
+    step, and why it was skipped (`reason`, empty when applied)."""
     ok: bool
     scalars: dict[str, float]
+    reason: str = ""
 
 
 @dataclass
 class Adversarial:
-    """The discriminator's view of one step (all None before the discriminator starts)."""
-    fake_logits: list[torch.Tensor] | None = None
-    real_fmaps: list[list[torch.Tensor]] | None = None
-    fake_fmaps: list[list[torch.Tensor]] | None = None
-    loss_d: torch.Tensor | None = None  # set on the steps where the discriminator updates
+    """The discriminator's side of one step, computed before the generator's backward (empty
+    before the discriminator starts).
+
+    Attributes:
+        per_item: the generator's `l_g` and `l_feat` per item `[N]` (values, no graph).
+        output_grads: their gradients at the generator's output, already computed scale by
+            scale: `{'l_g', 'l_feat'}` of each loss summed over views (for the balancer), or
+            `{'weighted'}`, of the weighted sum times the generator's loss scale.
+        loss_d: the discriminator loss on the steps where it updates; its gradients are
+            already in the discriminator's `.grad` (times its loss scale).
+    """
+    per_item: dict[str, torch.Tensor] = field(default_factory=dict)
+    output_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss_d: torch.Tensor | None = None
 
 
 @dataclass
@@ -52,16 +64,22 @@ class GeneratorLosses:
 
     Attributes:
         per_view: name -> `[V]` means over the batch, commitment included (logged per channel).
-        per_loss: the output-dependent losses summed over views (what the balancer balances).
+        per_loss: the output-dependent losses summed over views (what the balancer balances);
+            the adversarial ones (`l_g`, `l_feat`) are values: their gradient at the output is
+            already in `Adversarial.output_grads`.
         rest: commitment + pairwise losses, which do not go through the balancer.
         pair: the pairwise losses' dict (weighted and unweighted terms), empty in mono.
-        total: the design document's weighted sum of everything.
+        total: the design document's weighted sum of everything (a value, for the log).
     """
     per_view: dict[str, torch.Tensor]
     per_loss: dict[str, torch.Tensor]
     rest: torch.Tensor
     pair: dict[str, torch.Tensor]
     total: torch.Tensor
+
+    def with_graph(self) -> dict[str, torch.Tensor]:
+        """The output-dependent losses that still carry their graph (`l_t`, `l_f`)."""
+        return {name: value for name, value in self.per_loss.items() if value.requires_grad}
 
 
 def discriminator_coin(seed: int, epoch: int, batch: int) -> float:
@@ -95,28 +113,68 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
 
 def discriminate(parts: Parts, runtime: Runtime, x: torch.Tensor, y: torch.Tensor,
                  batch_size: int, views: int, update_disc: bool) -> Adversarial:
-    """Discriminator passes of one step: as few as the maths needs.
+    """The adversarial terms of one step, one discriminator scale at a time, each scale's
+    graph freed before the next one is built.
 
-    On update steps one pass on [real, detached fake] gives the discriminator loss, and its
-    real features serve the generator's feature matching (detached); otherwise the real
-    features are computed without a graph. The fake pass for the generator runs with the
-    discriminator's weights frozen: its gradient goes to the audio only.
+    Per scale: the real audio `x` (with a graph only on update steps) and the fake `y` go
+    through the scale's discriminator once each. The fake pass serves both players: the
+    generator's hinge and relative feature matching are differentiated into the audio only
+    (through a detached copy of `y`, so that the generator's own backward can follow later
+    with that gradient), and on update steps the discriminator's hinge on real and fake is
+    differentiated into the discriminator's weights only (the fake as a detached input). So
+    the peak holds one scale's graph of the discriminator, not the graphs of three passes,
+    and the generator's pass through the discriminator uses its weights from before its
+    update, as a step on the whole sum would.
+
+    The per-item values and the gradient at `y` are what the plain sum
+    `weights . (l_g, l_feat)` (`GeneratorLoss` with the discriminator's outputs) gives, up to
+    float rounding: `tests/test_training_step.py` checks it against the step written out.
     """
-    parts.disc.train()
+    disc = parts.raw_disc
+    disc.train()
+    scales = disc.discriminators
+    layers = sum(len(scale.convs) for scale in scales)  # feature-matching terms over scales
+    balanced = parts.balancer is not None
+    weights = parts.generator_loss.weights
+    fake = y.detach().requires_grad_()
     n = x.shape[0]
-    adversarial = Adversarial()
+    per_item = {"l_g": x.new_zeros(n), "l_feat": x.new_zeros(n)}
+    grads: dict[str, torch.Tensor] = {}
+    loss_d = x.new_zeros(()) if update_disc else None
     if update_disc:
-        with runtime.autocast():
-            logits, fmaps = parts.disc(torch.cat([x, y.detach()]))
-        d_items = discriminator_loss([logit[:n] for logit in logits], [logit[n:] for logit in logits])
-        adversarial.loss_d = d_items.reshape(batch_size, views).mean(0).sum()  # channel 1 + 2 + ...
-        adversarial.real_fmaps = [[f[:n].detach() for f in scale] for scale in fmaps]
-    else:
-        with torch.no_grad(), runtime.autocast():
-            _, adversarial.real_fmaps = parts.raw_disc(x)
-    with frozen(parts.raw_disc), runtime.autocast():
-        adversarial.fake_logits, adversarial.fake_fmaps = parts.raw_disc(y)
-    return adversarial
+        parts.opt_d.zero_grad(set_to_none=True)
+    for scale in scales:
+        with contextlib.ExitStack() as stack:
+            if not update_disc:
+                stack.enter_context(frozen(scale))  # the generator's pass: gradient to the audio only
+            with runtime.autocast(), torch.set_grad_enabled(update_disc):
+                real_logit, real_fmaps = scale(x)
+            with runtime.autocast():
+                fake_logit, fake_fmaps = scale(fake)
+        # Per item, over views: the step's losses are sums over views of batch means, i.e.
+        # sums over the batch's items divided by `batch_size`.
+        l_g = hinge_real(fake_logit) / len(scales)
+        l_feat = sum(relative_l1(f, r) for r, f in zip(real_fmaps, fake_fmaps)) / layers
+        per_item["l_g"] += l_g.detach()
+        per_item["l_feat"] += l_feat.detach()
+        if balanced:
+            terms = {"l_g": l_g.sum() / batch_size, "l_feat": l_feat.sum() / batch_size}
+        else:
+            weighted = (weights["l_g"] * l_g + weights["l_feat"] * l_feat).sum() / batch_size
+            terms = {"weighted": parts.scaler_g.scale(weighted)}
+        for i, (name, term) in enumerate(terms.items()):
+            keep = update_disc or i + 1 < len(terms)  # the graph serves a later backward
+            grad, = torch.autograd.grad(term, fake, retain_graph=keep)
+            grads[name] = grad if name not in grads else grads[name].add_(grad)
+        if update_disc:
+            d_items = (hinge_real(real_logit) + hinge_fake(fake_logit)) / len(scales)
+            scale_loss = d_items.sum() / batch_size
+            parts.scaler_d.scale(scale_loss).backward(inputs=list(scale.parameters()))
+            loss_d += scale_loss.detach()
+        del real_logit, real_fmaps, fake_logit, fake_fmaps, l_g, l_feat, terms
+    if update_disc:
+        distributed.average_gradients_(disc.parameters())  # the scales are called without DDP
+    return Adversarial(per_item=per_item, output_grads=grads, loss_d=loss_d)
 
 
 def normalisation_scale(parts: Parts, x: torch.Tensor, views: int,
@@ -151,7 +209,8 @@ def cross_reconstruction(parts: Parts, views: list[list[torch.Tensor]], x: torch
     and score it against the other view's waveform, in the reconstruction loss's units
     (weighted L1 + mel): `{'l_xrec', 'xrec'}`. The decode is restored at the target's scale."""
     swap = parts.pairwise.swap_latents(views)
-    audio = parts.raw_model.decoder(swap.latents)[..., :x.shape[-1]]
+    # The embeddings are float32: in the audio's dtype (a no-op but in float64) as in the forward.
+    audio = parts.raw_model.decoder(swap.latents.to(x.dtype))[..., :x.shape[-1]]
     if scale is None:
         scale = parts.raw_model.normalize(x)[1]  # the targets' own scales (None: no normalisation)
     if scale is not None:
@@ -220,9 +279,9 @@ def pairwise_terms(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torch.
 def generator_losses(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torch.Tensor,
                      scale: torch.Tensor | None, adversarial: Adversarial, metas: list[dict[str, Any]], step: int,
                      batch_size: int, views: int) -> GeneratorLosses:
-    """sum over channels of (weighted l_t, l_f, l_g, l_feat, commit) + the pairwise terms."""
-    items = parts.generator_loss(x, out.audio, adversarial.fake_logits, adversarial.real_fmaps,
-                                 adversarial.fake_fmaps)
+    """sum over channels of (weighted l_t, l_f, l_g, l_feat, commit) + the pairwise terms
+    (`l_g`, `l_feat`: the values `discriminate` computed)."""
+    items = {**parts.generator_loss(x, out.audio), **adversarial.per_item}
     per_view = per_view_means({**items, "commit": out.commit_per_item}, batch_size, views)
     per_loss = {name: value.sum() for name, value in per_view.items() if name != "commit"}
     rest = parts.generator_loss.commit_weight * per_view["commit"].sum()
@@ -230,7 +289,7 @@ def generator_losses(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torc
     if parts.pairwise is not None:
         pair = pairwise_terms(parts, runtime, out, x, scale, metas, step, batch_size, views)
         rest = rest + sum(pair[k] for k in PAIRWISE_LOSS_TERMS if k in pair)
-    total = parts.generator_loss.weighted_sum(per_loss) + rest
+    total = (parts.generator_loss.weighted_sum(per_loss) + rest).detach()
     return GeneratorLosses(per_view, per_loss, rest, pair, total)
 
 
@@ -262,21 +321,37 @@ def gradient_ratios(latent: torch.Tensor, losses: GeneratorLosses,
 
 def backward(parts: Parts, runtime: Runtime, losses: GeneratorLosses, y: torch.Tensor,
              adversarial: Adversarial, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of both players (one backward each); returns their norms before clipping."""
+    """The generator's gradients in one backward (the discriminator's are already there, from
+    `discriminate`); returns both norms before clipping.
+
+    The adversarial losses enter as their gradient at the output `y`: the backward starts
+    from `y` with that gradient and from the losses that still have their graph, which is
+    the gradient of the whole weighted sum. Under fp16 both parts carry the GradScaler's
+    scale, so that `unscale_` gives the true gradient (the balancer does not combine with
+    fp16: `configuration.check_settings`).
+    """
     parts.opt_g.zero_grad(set_to_none=True)
+    scaler = parts.scaler_g
     if parts.balancer is not None:
-        parts.balancer.backward(losses.per_loss, y, losses.rest)  # balanced output losses + the rest
+        grad = parts.balancer.balanced_grad(losses.with_graph(), y, grads=adversarial.output_grads)
+        roots, root_grads = [y], [grad]
+        if losses.rest.requires_grad:  # a constant rest (no pairwise term, no commitment) has none
+            roots.append(losses.rest)
+            root_grads.append(torch.ones_like(losses.rest))
     else:
-        parts.scaler_g.scale(losses.total).backward()
+        weighted = parts.generator_loss.weighted_sum(losses.with_graph()) + losses.rest
+        roots, root_grads = [scaler.scale(weighted)], [torch.ones_like(weighted)]
+        if "weighted" in adversarial.output_grads:  # already times the loss scale
+            roots.append(y)
+            root_grads.append(adversarial.output_grads["weighted"])
+    torch.autograd.backward(roots, root_grads)
     if parts.pairwise is not None:
         distributed.average_gradients_(parts.pairwise.parameters())  # the head is outside DDP
-    parts.scaler_g.unscale_(parts.opt_g)
+    scaler.unscale_(parts.opt_g)
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm_g = torch.nn.utils.clip_grad_norm_(parts.generator_params(), max_norm)
     grad_norm_d = torch.zeros((), device=runtime.device)
     if adversarial.loss_d is not None:
-        parts.opt_d.zero_grad(set_to_none=True)
-        parts.scaler_d.scale(adversarial.loss_d).backward()
         parts.scaler_d.unscale_(parts.opt_d)
         grad_norm_d = torch.nn.utils.clip_grad_norm_(parts.raw_disc.parameters(), max_norm)
     return grad_norm_g, grad_norm_d
@@ -308,12 +383,35 @@ def apply_updates(parts: Parts, step: int, update_disc: bool) -> None:
         parts.scaler_d.update()
 
 
-def discard_step(parts: Parts, codebook_snapshot: dict[str, torch.Tensor]) -> None:
-    """Leave no trace of a step that is skipped: codebooks as before its forward, no gradients."""
+def discard_step(parts: Parts, codebook_snapshot: dict[str, torch.Tensor], update_disc: bool) -> None:
+    """Leave no trace of a step that is skipped: codebooks as before its forward, no gradients.
+
+    The GradScalers that unscaled gradients this step still close it with `update()`: under
+    fp16 a skipped step is (nearly always) an overflow of the loss scale, which `update()`
+    lowers; without it the next `unscale_()` raises ("already been called ... since the
+    last update()"). Outside fp16 the scalers are disabled and `update()` does nothing.
+    """
     parts.raw_model.quantizer.restore(codebook_snapshot)
     parts.opt_g.zero_grad(set_to_none=True)
+    parts.scaler_g.update()
     if parts.opt_d is not None:
         parts.opt_d.zero_grad(set_to_none=True)
+        if update_disc:
+            parts.scaler_d.update()
+
+
+def skip_reason(parts: Parts, scalars: dict[str, float]) -> str:
+    """Why this rank cannot apply the step ('' when it can): a non-finite loss, or a
+    non-finite gradient (under fp16, that player's loss scale overflowed)."""
+    if not (math.isfinite(scalars["loss_g"]) and math.isfinite(scalars.get("loss_d", 0.0))):
+        return "non-finite loss"
+    for player, name, scaler in (("", "grad_norm_g", parts.scaler_g),
+                                 ("discriminator ", "grad_norm_d", parts.scaler_d)):
+        if not math.isfinite(scalars.get(name, 0.0)):
+            if scaler.is_enabled():
+                return f"{player}gradient overflow at fp16 loss scale {scaler.get_scale():g}"
+            return f"non-finite {player}gradient"
+    return ""
 
 
 def train_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[dict[str, Any]], *,
@@ -348,15 +446,18 @@ def train_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[d
                            ratios)
     scalars["kmeans_done"] = float(parts.raw_model.codebooks_initialized)
 
-    # Under fp16 the GradScaler skips inf/NaN gradients itself; a non-finite LOSS is ours.
-    finite_loss = math.isfinite(scalars["loss_g"]) and math.isfinite(scalars.get("loss_d", 0.0))
-    finite_grad = parts.scaler_g.is_enabled() or (math.isfinite(scalars["grad_norm_g"])
-                                                   and math.isfinite(scalars.get("grad_norm_d", 0.0)))
-    # Every rank skips or steps together (a NaN on one rank must not fork the replicas).
-    if not distributed.all_true(finite_loss and finite_grad):
-        discard_step(parts, codebook_snapshot)
-        return StepResult(False, scalars)
-    apply_updates(parts, step, adversarial_view.loss_d is not None)
+    # A step with a non-finite loss or gradient is skipped here, under fp16 too: the
+    # GradScaler would skip an overflowed step's optimizer update by itself, but the
+    # codebooks' EMA and the step count (the learning-rate schedule) would still advance.
+    # The grad norms are of the unscaled gradients: non-finite exactly when the GradScaler
+    # finds an inf or NaN. Every rank skips or steps together (a NaN on one rank must not
+    # fork the replicas).
+    reason = skip_reason(parts, scalars)
+    updated_disc = adversarial_view.loss_d is not None
+    if not distributed.all_true(not reason):
+        discard_step(parts, codebook_snapshot, updated_disc)
+        return StepResult(False, scalars, reason or "non-finite loss or gradient on another rank")
+    apply_updates(parts, step, updated_disc)
     scalars["lr_g"] = parts.opt_g.param_groups[0]["lr"]
     if parts.opt_d is not None:
         scalars["lr_d"] = parts.opt_d.param_groups[0]["lr"]

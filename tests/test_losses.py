@@ -157,6 +157,39 @@ def test_feature_matching_is_relative_l1_on_known_features():
     torch.testing.assert_close(scaled, torch.tensor([0.75]))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_fused_relative_l1_is_the_feature_matching_term_and_its_gradient(layout):
+    torch.manual_seed(0)
+    real = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    fake = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    if layout == "channels_last":
+        real, fake = (t.contiguous(memory_format=torch.channels_last) for t in (real, fake))
+    elif layout == "strided":  # another layout on one side: the fallback path
+        fake = fake.transpose(2, 3).contiguous().transpose(2, 3)
+    fake.requires_grad_()
+    upstream = torch.randn(3, dtype=torch.float64)
+
+    plain = losses.feature_matching_loss([[real]], [[fake]])
+    want, = torch.autograd.grad((plain * upstream).sum(), fake)
+    fused = losses.relative_l1(fake, real)
+    got, = torch.autograd.grad((fused * upstream).sum(), fake)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    # The real side is a target: no gradient reaches it even when it has one.
+    real.requires_grad_()
+    losses.relative_l1(fake, real).sum().backward()
+    assert real.grad is None
+
+
+def test_fused_hinges_are_the_adversarial_losses():
+    fake = [-logit for logit in LOGITS]
+    per_scale_g = [losses.hinge_real(logit) for logit in LOGITS]
+    torch.testing.assert_close(torch.stack(per_scale_g).mean(0), losses.generator_adv_loss(LOGITS))
+    per_scale_d = [losses.hinge_real(r) + losses.hinge_fake(f) for r, f in zip(LOGITS, fake)]
+    torch.testing.assert_close(torch.stack(per_scale_d).mean(0), losses.discriminator_loss(LOGITS, fake))
+    assert losses.hinge_real(LOGITS[0].bfloat16()).dtype == torch.float32  # sums in float32
+
+
 # ----------------------------------------------------------------------------- GeneratorLoss
 
 def test_generator_loss_from_config(cfg_factory):

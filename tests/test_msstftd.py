@@ -51,7 +51,7 @@ def test_default_is_three_paper_scales_with_weight_norm():
 
 
 def test_five_scale_override_from_config():
-    cfg = OmegaConf.create({'filters': 4, 'n_ffts': [256, 128, 64, 512, 32],
+    cfg = OmegaConf.create({'filters': 4, 'channels_last': True, 'n_ffts': [256, 128, 64, 512, 32],
                             'hop_lengths': [64, 32, 16, 128, 8],
                             'win_lengths': [256, 128, 64, 512, 32]})
     disc = MultiScaleSTFTDiscriminator.from_config(cfg)
@@ -63,9 +63,23 @@ def test_five_scale_override_from_config():
 
 def test_mismatched_scale_lists_name_the_config_keys():
     cfg = OmegaConf.create({'filters': 4, 'n_ffts': [256, 128], 'hop_lengths': [64],
-                            'win_lengths': [256, 128]})
+                            'win_lengths': [256, 128], 'channels_last': True})
     with pytest.raises(ValueError, match="discriminator.hop_lengths"):
         MultiScaleSTFTDiscriminator.from_config(cfg)
+
+
+def test_channels_last_is_a_layout_not_a_different_discriminator():
+    torch.manual_seed(0)
+    plain = tiny_disc()
+    nhwc = tiny_disc(channels_last=True)
+    nhwc.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 1, T, dtype=torch.float64)
+    plain.double(), nhwc.double()
+    (logits, fmaps), (logits_cl, fmaps_cl) = plain(x), nhwc(x)
+    for want, got in zip([*logits, *sum(fmaps, [])], [*logits_cl, *sum(fmaps_cl, [])]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in sum(fmaps_cl, []))
+    assert all(f.is_contiguous() for f in sum(fmaps, []))
 
 
 def test_too_short_input_is_a_clear_error():

@@ -4,6 +4,7 @@ schedule, and the parts that must be identical on every rank."""
 from __future__ import annotations
 
 import copy
+import math
 import socket
 
 import pytest
@@ -13,12 +14,14 @@ import torch.multiprocessing as mp
 
 import engine
 from conftest import make_config
+from reference_step import reference_step
 from configuration import prepare_config
-from losses import discriminator_loss, feature_matching_loss
+from losses import discriminator_loss, feature_matching_loss, generator_adv_loss
 import spatial_cues
 from pairwise_losses import level_difference_loss, split_views, swap_latents
 from parts import WarmupCosine, build_parts
 from runtime import Runtime, seed_everything
+from step_faults import fp16_scalers, nan_time_loss, overflowing_gradient
 from training_step import discriminate, frozen, normalisation_scale, train_step
 
 BATCH, VIEWS = 2, 2
@@ -28,15 +31,27 @@ def tiny_setup(overrides: list[str] | None = None, runtime: Runtime | None = Non
     cfg = prepare_config(make_config("config_paired_nq2", ["datasets.data_root=unused", *(overrides or [])]))
     runtime = runtime or Runtime(torch.device("cpu"))
     torch.manual_seed(0)
-    return cfg, runtime, build_parts(cfg, runtime, steps_per_epoch=10)
+    parts = build_parts(cfg, runtime, steps_per_epoch=10)
+    parts.raw_model.quantizer.float()  # float32 in any case (float64 tests: the rest in float64)
+    return cfg, runtime, parts
 
 
-def make_batch(cfg, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+def make_batch(cfg, seed: int = 0, views: int = VIEWS) -> tuple[torch.Tensor, list[dict]]:
     gen = torch.Generator().manual_seed(seed)
-    wavs = 0.1 * torch.randn(BATCH, VIEWS, 1, cfg.datasets.tensor_cut, generator=gen)
-    metas = [{"path": "x.wav", "class": "Beach", "channels": [2 * i, 2 * i + 1], "start": 0}
-             for i in range(BATCH)]
-    return wavs, metas
+    wavs = 0.1 * torch.randn(BATCH, views, 1, cfg.datasets.tensor_cut, generator=gen)
+    metas = [{"path": "x.wav", "class": "Beach", "channels": [views * i + v for v in range(views)],
+              "start": 0} for i in range(BATCH)]
+    return wavs.to(torch.get_default_dtype()), metas
+
+
+@pytest.fixture
+def float64():
+    """Build and run in float64 (the quantizer stays float32), so that two ways of computing
+    the same step agree to ~1e-12 and any larger difference is a difference in the maths."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def init_codebooks(parts, wavs) -> None:
@@ -49,7 +64,7 @@ def init_codebooks(parts, wavs) -> None:
 # The step
 
 
-def test_train_step_applies_the_design_documents_loss_and_its_gradients():
+def test_train_step_applies_the_design_documents_loss_and_its_gradients(float64):
     cfg, runtime, parts = tiny_setup()
     wavs, metas = make_batch(cfg)
     init_codebooks(parts, wavs)
@@ -75,23 +90,76 @@ def test_train_step_applies_the_design_documents_loss_and_its_gradients():
     total = total + pair["l_sim"] + pair["l_div"]
     model.zero_grad()
     total.backward()
-    assert result.scalars["loss_g"] == pytest.approx(total.item(), rel=1e-5)
-    assert result.scalars["l_f_ch2"] == pytest.approx(per_channel(items["l_f"])[1].item(), rel=1e-5)
+    # (The logged scalars are float32.)
+    assert result.scalars["loss_g"] == pytest.approx(total.item(), rel=1e-6)
+    assert result.scalars["l_f_ch2"] == pytest.approx(per_channel(items["l_f"])[1].item(), rel=1e-6)
     for (name, got), want in zip(parts.raw_model.named_parameters(), model.parameters()):
-        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-12, msg=name)
 
     disc.zero_grad()
     logits = disc(torch.cat([x, out.audio.detach()]))[0]
     loss_d = per_channel(discriminator_loss([l[:BATCH * VIEWS] for l in logits],
                                             [l[BATCH * VIEWS:] for l in logits])).sum()
     loss_d.backward()
-    assert result.scalars["loss_d"] == pytest.approx(loss_d.item(), rel=1e-5)
+    assert result.scalars["loss_d"] == pytest.approx(loss_d.item(), rel=1e-6)
     for got, want in zip(parts.raw_disc.parameters(), disc.parameters()):
-        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-12)
 
     # The update used the learning rate of step 3, and moved the weights.
     assert result.scalars["lr_g"] == pytest.approx(cfg.optimization.lr * parts.schedule(3))
     assert any(not torch.equal(a, b) for a, b in zip(parts.raw_model.parameters(), model.parameters()))
+
+
+# Mono and paired, the balancer off and on, the scale-free recipe (cross-reconstruction and
+# cue fidelity); all with the configured gain jitter (the same draws in both steps).
+REFERENCE_CASES = [
+    pytest.param(1, [], id="mono"),
+    pytest.param(2, [], id="paired"),
+    pytest.param(1, ["balancer.enabled=true"], id="mono-balancer"),
+    pytest.param(2, ["balancer.enabled=true"], id="paired-balancer"),
+    pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
+                     "pairwise.cue_weight=0.5"], id="paired-contrastive"),
+]
+# (adversarial, update_disc) of four steps in a row: before the discriminator starts, then
+# steps with and without its update.
+STEP_KINDS = [(False, False), (True, True), (True, False), (True, True)]
+
+
+@pytest.mark.parametrize("views, overrides", REFERENCE_CASES)
+def test_train_step_computes_what_the_straightforward_step_computes(views, overrides, float64):
+    cfg, runtime, parts = tiny_setup([f"datasets.views={views}", "model.kmeans_buffer=0", *overrides])
+    init_codebooks(parts, make_batch(cfg, seed=99, views=views)[0])
+    reference = copy.deepcopy(parts)
+    for step, (adversarial, update_disc) in enumerate(STEP_KINDS):
+        wavs, metas = make_batch(cfg, seed=step, views=views)
+        torch.manual_seed(step)  # dead-code draws, the same in both
+        got = train_step(parts, runtime, wavs, metas, step=step, adversarial=adversarial,
+                         update_disc=update_disc, grad_clip=0.0, bins=cfg.model.bins,
+                         gain_jitter_db=cfg.datasets.gain_jitter_db)
+        torch.manual_seed(step)
+        want = reference_step(reference, runtime, wavs, metas, step=step, adversarial=adversarial,
+                              update_disc=update_disc, gain_jitter_db=cfg.datasets.gain_jitter_db)
+        assert got.ok and want.pop("ok")
+        assert {"l_g_ch1", "l_feat_ch1"} <= set(want) or not adversarial
+        assert ("loss_d" in want) == update_disc
+        for name, value in want.items():
+            # (The logged scalars are float32.)
+            assert got.scalars[name] == pytest.approx(value, rel=1e-6, abs=1e-12), f"step {step}: {name}"
+        for part in ("raw_model", "raw_disc", "pairwise"):
+            if getattr(parts, part) is None:  # mono: no pairwise losses
+                continue
+            for (name, mine), theirs in zip(getattr(parts, part).named_parameters(),
+                                            getattr(reference, part).parameters()):
+                where = f"step {step}: {part}.{name}"
+                if theirs.grad is None or mine.grad is None:
+                    assert mine.grad is None and theirs.grad is None, where
+                else:
+                    torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12, msg=where)
+                # Adam divides by sqrt(v) + 1e-8: a gradient that is 0 up to rounding (1e-17)
+                # moves a weight by ~lr * 1e-9 in one and not in the other.
+                torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-10, msg=where)
+        for (name, mine), theirs in zip(parts.raw_model.named_buffers(), reference.raw_model.buffers()):
+            torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12, msg=f"step {step}: {name}")
 
 
 def test_non_finite_step_changes_nothing_and_restores_the_codebooks():
@@ -100,25 +168,69 @@ def test_non_finite_step_changes_nothing_and_restores_the_codebooks():
     init_codebooks(parts, wavs)
     codebooks = {name: b.clone() for name, b in parts.raw_model.named_buffers()}
     weights = [p.clone() for p in parts.raw_model.parameters()]
-    real_forward = type(parts.generator_loss).forward
-
-    def nan_time_loss(self, *args, **kwargs):
-        losses = real_forward(self, *args, **kwargs)
-        return {**losses, "l_t": losses["l_t"] * float("nan")}
-
-    parts.generator_loss.forward = nan_time_loss.__get__(parts.generator_loss)
-    result = train_step(parts, runtime, wavs, metas, step=0, adversarial=True, update_disc=True,
-                        grad_clip=0.0, bins=cfg.model.bins)
+    with nan_time_loss():
+        result = train_step(parts, runtime, wavs, metas, step=0, adversarial=True, update_disc=True,
+                            grad_clip=0.0, bins=cfg.model.bins)
     assert not result.ok
     for name, buffer in parts.raw_model.named_buffers():
         assert torch.equal(buffer, codebooks[name]), f"{name} kept the skipped step's update"
     assert all(torch.equal(p, w) for p, w in zip(parts.raw_model.parameters(), weights))
     assert all(p.grad is None for p in parts.raw_model.parameters())
 
-    del parts.generator_loss.forward  # a finite step does update the codebooks
+    # A finite step does update the codebooks.
     assert train_step(parts, runtime, wavs, metas, step=0, adversarial=True, update_disc=True,
                       grad_clip=0.0, bins=cfg.model.bins).ok
     assert any(not torch.equal(b, codebooks[name]) for name, b in parts.raw_model.named_buffers())
+
+
+def test_fp16_a_skipped_step_closes_the_gradscalers_and_training_goes_on():
+    cfg, runtime, parts = tiny_setup()
+    fp16_scalers(parts)
+    wavs, metas = make_batch(cfg)
+    with nan_time_loss():
+        skipped = train_step(parts, runtime, wavs, metas, step=0, adversarial=True,
+                             update_disc=True, grad_clip=0.0, bins=cfg.model.bins)
+    assert not skipped.ok and skipped.reason == "non-finite loss"
+    # The NaN reached the generator's gradients: its scaler lowered the scale, as for an
+    # overflow; the discriminator's gradients were finite, so its scale stays.
+    assert parts.scaler_g.get_scale() == 2.0 ** 15 and parts.scaler_d.get_scale() == 2.0 ** 16
+    # Before, the next unscale_() raised: "unscale_() has already been called on this
+    # optimizer since the last update()".
+    for update_disc in (True, False):
+        assert train_step(parts, runtime, wavs, metas, step=0, adversarial=True,
+                          update_disc=update_disc, grad_clip=0.0, bins=cfg.model.bins).ok
+
+
+@pytest.mark.parametrize("player, reason", [
+    ("raw_model", "gradient overflow at fp16 loss scale 65536"),
+    ("raw_disc", "discriminator gradient overflow at fp16 loss scale 65536"),
+])
+def test_fp16_an_overflowed_step_leaves_no_trace_and_is_reported_as_skipped(player, reason):
+    cfg, runtime, parts = tiny_setup()
+    fp16_scalers(parts)
+    wavs, metas = make_batch(cfg)
+    init_codebooks(parts, wavs)
+    codebooks = {name: b.clone() for name, b in parts.raw_model.named_buffers()}
+    weights = [p.clone() for p in [*parts.raw_model.parameters(), *parts.raw_disc.parameters()]]
+    # A finite loss whose scaled gradient overflows (inf in one weight's gradient, of either
+    # player): the GradScaler alone would skip that player's optimizer step but let the other
+    # player step and the codebooks' EMA and the step count advance.
+    with overflowing_gradient(getattr(parts, player)):
+        result = train_step(parts, runtime, wavs, metas, step=0, adversarial=True,
+                            update_disc=True, grad_clip=0.0, bins=cfg.model.bins)
+    assert math.isfinite(result.scalars["loss_g"]) and math.isfinite(result.scalars["loss_d"])
+    assert not result.ok and result.reason == reason
+    for name, buffer in parts.raw_model.named_buffers():
+        assert torch.equal(buffer, codebooks[name]), f"{name} kept the skipped step's update"
+    params = [*parts.raw_model.parameters(), *parts.raw_disc.parameters()]
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+    assert not parts.opt_g.state and not parts.opt_d.state  # Adam never stepped
+    overflowed, other = ((parts.scaler_g, parts.scaler_d) if player == "raw_model"
+                         else (parts.scaler_d, parts.scaler_g))
+    assert overflowed.get_scale() == 2.0 ** 15 and other.get_scale() == 2.0 ** 16
+    result = train_step(parts, runtime, wavs, metas, step=0, adversarial=True, update_disc=True,
+                        grad_clip=0.0, bins=cfg.model.bins)
+    assert result.ok and not result.reason and parts.opt_g.state and parts.opt_d.state
 
 
 CONTRASTIVE = ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
@@ -243,31 +355,63 @@ def test_gradient_ratios_are_each_terms_pull_on_the_latent_next_to_the_reconstru
 # The discriminator's paths
 
 
-def test_generator_losses_through_the_fake_path_train_only_the_generator():
+def test_each_players_gradient_goes_to_its_own_parameters(float64):
     cfg, runtime, parts = tiny_setup()
     wavs, _ = make_batch(cfg)
     x = wavs.flatten(0, 1)
-    y = (x + 0.01 * torch.randn_like(x)).requires_grad_()
-    adversarial = discriminate(parts, runtime, x, y, BATCH, VIEWS, update_disc=False)
-    assert adversarial.loss_d is None
-    (feature_matching_loss(adversarial.real_fmaps, adversarial.fake_fmaps).sum()
-     + sum(logit.sum() for logit in adversarial.fake_logits)).backward()
-    assert all(p.grad is None for p in parts.raw_disc.parameters())
-    assert y.grad is not None and y.grad.abs().sum() > 0
+    y = (x + 0.01 * torch.randn_like(x)).requires_grad_()  # the generator's output
+    disc = copy.deepcopy(parts.raw_disc)
 
-    y.grad = None
-    adversarial = discriminate(parts, runtime, x, y, BATCH, VIEWS, update_disc=True)
-    adversarial.loss_d.backward()  # the discriminator learns from a detached fake
-    assert all(p.grad is not None for p in parts.raw_disc.parameters())
+    # Without an update: the generator's terms reach the audio only, as the gradient of the
+    # plain weighted sum (through the discriminator, whose weights get nothing).
+    adversarial = discriminate(parts, runtime, x, y, BATCH, VIEWS, update_disc=False)
+    assert adversarial.loss_d is None and y.grad is None
+    assert all(p.grad is None for p in parts.raw_disc.parameters())
+    fake_logits, fake_fmaps = disc(y)
+    real_fmaps = disc(x)[1]
+    per_item = {"l_g": generator_adv_loss(fake_logits), "l_feat": feature_matching_loss(real_fmaps, fake_fmaps)}
+    for name, values in per_item.items():
+        torch.testing.assert_close(adversarial.per_item[name], values.detach(), rtol=1e-9, atol=0)
+    weights = parts.generator_loss.weights
+    weighted = sum(weights[name] * values.sum() / BATCH for name, values in per_item.items())
+    want, = torch.autograd.grad(weighted, y)
+    torch.testing.assert_close(adversarial.output_grads["weighted"], want, rtol=1e-9, atol=1e-15)
+
+    # With an update, the same fake pass also trains the discriminator on the detached fake:
+    # the audio's gradient is the same as without it, the discriminator's is its hinge loss's.
+    updated = discriminate(parts, runtime, x, y, BATCH, VIEWS, update_disc=True)
     assert y.grad is None
+    torch.testing.assert_close(updated.output_grads["weighted"], want, rtol=1e-9, atol=1e-15)
+    logits = disc(torch.cat([x, y.detach()]))[0]
+    n = x.shape[0]
+    loss_d = discriminator_loss([l[:n] for l in logits], [l[n:] for l in logits]).sum() / BATCH
+    loss_d.backward()
+    assert updated.loss_d.item() == pytest.approx(loss_d.item(), rel=1e-9)
+    for got, expected in zip(parts.raw_disc.parameters(), disc.parameters()):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-9, atol=1e-15)
     assert all(p.requires_grad for p in parts.raw_disc.parameters())
+
+
+def test_the_balancer_gets_each_adversarial_losss_own_gradient(float64):
+    cfg, runtime, parts = tiny_setup(["balancer.enabled=true"])
+    wavs, _ = make_batch(cfg)
+    x = wavs.flatten(0, 1)
+    y = (x + 0.01 * torch.randn_like(x)).requires_grad_()
+    adversarial = discriminate(parts, runtime, x, y, BATCH, VIEWS, update_disc=True)
+    fake_logits, fake_fmaps = parts.raw_disc(y)
+    real_fmaps = parts.raw_disc(x)[1]
+    for name, loss in (("l_g", generator_adv_loss(fake_logits)),
+                       ("l_feat", feature_matching_loss(real_fmaps, fake_fmaps))):
+        want, = torch.autograd.grad(loss.sum() / BATCH, y, retain_graph=True)
+        torch.testing.assert_close(adversarial.output_grads[name], want, rtol=1e-9, atol=1e-15)
 
 
 def test_discriminator_stays_trainable_when_its_frozen_pass_raises():
     cfg, runtime, parts = tiny_setup()
     wavs, _ = make_batch(cfg)
     x = wavs.flatten(0, 1)
-    real_forward = parts.raw_disc.forward
+    first = parts.raw_disc.discriminators[0]
+    real_forward = first.forward
     calls = []
 
     def fails_on_the_fake_pass(audio):
@@ -276,10 +420,18 @@ def test_discriminator_stays_trainable_when_its_frozen_pass_raises():
             raise RuntimeError("out of memory")
         return real_forward(audio)
 
-    parts.raw_disc.forward = fails_on_the_fake_pass
+    first.forward = fails_on_the_fake_pass
     with pytest.raises(RuntimeError, match="out of memory"):
         discriminate(parts, runtime, x, x.clone(), BATCH, VIEWS, update_disc=False)
     assert all(p.requires_grad for p in parts.raw_disc.parameters())
+
+
+def test_compile_compiles_each_discriminator_scale_in_place():
+    _, _, parts = tiny_setup(["common.compile=true"])
+    assert parts.disc is parts.raw_disc  # the step calls the scales themselves
+    assert all(scale._compiled_call_impl is not None for scale in parts.raw_disc.discriminators)
+    _, _, plain = tiny_setup()
+    assert all(scale._compiled_call_impl is None for scale in plain.raw_disc.discriminators)
 
 
 def test_frozen_restores_each_parameters_own_flag():
