@@ -21,6 +21,7 @@
 #   DEVICE     cpu | cuda (default cpu)
 #   START      starting point (default pretrained/start_demo.pt)
 #   EVAL_PAIRS validation pairs for the evaluation (default 256)
+#   TRAIN_ONLY 1: train (or reuse) the runs and stop before the evaluation
 #   JOBS       training runs at once (default 1; on 2 CPU cores 2 runs of one thread each
 #              finish sooner than one after the other). Each run's console goes to
 #              OUT/<variant>/seed<N>/console.log.
@@ -67,6 +68,7 @@ run_all() {  # every (seed, variant) run, at most JOBS at once; stops at the fir
     for variant in $variants; do
       if [ "$jobs" -le 1 ]; then train "$variant" "$seed"; continue; fi
       mkdir -p "$out/$variant/seed$seed"
+      phase "started $variant, seed $seed (console: $out/$variant/seed$seed/console.log)"
       train "$variant" "$seed" > "$out/$variant/seed$seed/console.log" 2>&1 &
       running=$(( running + 1 ))
       if [ "$running" -ge "$jobs" ]; then
@@ -82,6 +84,7 @@ run_all() {  # every (seed, variant) run, at most JOBS at once; stops at the fir
 }
 if [ "$jobs" -gt 1 ]; then export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"; fi
 run_all
+if [ "${TRAIN_ONLY:-0}" = 1 ]; then phase "trained (TRAIN_ONLY=1): evaluation skipped"; exit 0; fi
 
 for seed in $(seq 1 "$seeds"); do
   ckpts=(); labels=()

@@ -144,8 +144,8 @@ def test_split_views_follows_view_major_order():
 
 # ----------------------------------------------------------------------------- PairwiseLoss
 
-def test_from_config_defaults(cfg_factory):
-    cfg = cfg_factory("config_paired_nq2")
+def test_from_config_seed_recipe_is_the_design_documents_function(cfg_factory):
+    cfg = cfg_factory("config_paired_nq2", ["pairwise=seed"])
     loss = PairwiseLoss.from_config(cfg.pairwise, dimension=cfg.model.dimension)
     assert (loss.sim_weight, loss.div_weight, loss.sim_kind, loss.div_kind) == (0.5, 0.5, 'mse',
                                                                                  'neg_mse')
@@ -553,14 +553,16 @@ def group_file(name: str) -> dict:
     return yaml.safe_load((ROOT / "config" / "pairwise" / f"{name}.yaml").read_text())
 
 
-def test_seed_is_the_default_and_the_design_documents_recipe(cfg_factory):
-    for config in ("config_paired_nq2", "config_mono_nq2"):
-        cfg = cfg_factory(config)
-        assert OmegaConf.to_container(cfg.pairwise) == group_file("seed")
+def test_paired_default_is_contrastive_and_seed_is_the_design_documents_recipe(cfg_factory):
+    assert OmegaConf.to_container(cfg_factory("config_paired_nq2").pairwise) == group_file("contrastive")
+    assert OmegaConf.to_container(cfg_factory("config_mono_nq2").pairwise) == group_file("seed")
+    cfg = cfg_factory("config_paired_nq2", ["pairwise=seed"])  # the document, one override away
+    assert OmegaConf.to_container(cfg.pairwise) == group_file("seed")
     seed = group_file("seed")
     assert (seed['sim_kind'], seed['div_kind'], seed['sim_weight'], seed['div_weight']) == (
         'mse', 'neg_mse', 0.5, 0.5)
-    assert seed['xrec_weight'] == 0 and seed['start_step'] == 0
+    assert seed['xrec_weight'] == 0 and seed['start_step'] == 0 and seed['cue_weight'] == 0
+    assert not seed['shared_scale'] and not seed['wait_for_kmeans']
     assert not seed['ild_head']['enabled'] and not seed['channel_classifier']['enabled']
 
 
@@ -579,7 +581,7 @@ def test_contrastive_group_composes_from_the_command_line(cfg_factory):
     out = loss(random_views(2, dim=cfg.model.dimension), step=10_000,
                ild_targets=torch.randn(3, contrastive['ild_head']['n_bands']))
     assert set(out) >= {'l_sim', 'l_div', 'l_ild', 'l_ild_adv', 'nce_accuracy'}
-    seed_override = cfg_factory("config_paired_nq2", ["pairwise.xrec_weight=1.0"])
+    seed_override = cfg_factory("config_paired_nq2", ["pairwise=seed", "pairwise.xrec_weight=1.0"])
     assert PairwiseLoss.from_config(seed_override.pairwise).uses_xrec
 
 
@@ -634,8 +636,11 @@ def test_group_files_hold_the_same_keys():
 
 
 def test_selected_group_keeps_its_weights_in_the_paired_config(cfg_factory):
-    cfg = cfg_factory("config_paired_nq2", ["pairwise=contrastive"])
-    assert cfg.pairwise.sim_weight == group_file("contrastive")['sim_weight']
+    # config_paired_nq2 sets no pairwise key itself: each recipe arrives whole.
+    for recipe in ("seed", "contrastive"):
+        cfg = cfg_factory("config_paired_nq2", [f"pairwise={recipe}"])
+        assert cfg.pairwise.sim_weight == group_file(recipe)['sim_weight']
+        assert cfg.pairwise.cue_weight == group_file(recipe)['cue_weight']
 
 
 def test_cue_loss_is_zero_for_kept_differences_and_one_for_none():
