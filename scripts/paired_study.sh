@@ -14,8 +14,11 @@
 # Environment:
 #   DATA_ROOT  data (default: the synthetic em32 set of scripts/lib.sh, generated in OUT/data)
 #   OUT        work folder (default runs/paired_study); checkpoints in OUT/<variant>/seed<N>/
-#   SEEDS      seeds per variant (default 3: training seeds 1..SEEDS)
-#   VARIANTS   space-separated subset of "mono seed paired" (default all three)
+#   SEEDS      seeds per variant (default 3: training seeds FIRST_SEED..FIRST_SEED+SEEDS-1)
+#   FIRST_SEED first training seed (default 1)
+#   VARIANTS   space-separated subset of "mono seed paired" (default all three); a variant
+#              NAME:OVERRIDES is the paired config with comma-separated Hydra overrides, e.g.
+#              "paired nocue:pairwise.cue_weight=0 head:pairwise.ild_head.enabled=true"
 #   WANDB      disabled | offline | online (default disabled)
 #   STEPS      fine-tuning steps per run (default 800; raise it on a GPU)
 #   DEVICE     cpu | cuda (default cpu)
@@ -30,6 +33,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 out="$(mkdir -p "${OUT:-$here/runs/paired_study}" && cd "${OUT:-$here/runs/paired_study}" && pwd)"
 seeds="${SEEDS:-3}"
+first_seed="${FIRST_SEED:-1}"
 variants="${VARIANTS:-mono seed paired}"
 steps="${STEPS:-800}"
 start="${START:-$here/pretrained/start_demo.pt}"
@@ -45,7 +49,8 @@ train() {  # train VARIANT SEED
     mono) script=train_single_gpu.py; config=config_mono_nq2 ;;
     seed) recipe=(pairwise=seed) ;;
     paired) ;;
-    *) echo "unknown variant '$variant' in VARIANTS (use mono, seed, paired)" >&2; exit 2 ;;
+    *:*) IFS=, read -r -a recipe <<< "${variant#*:}"; variant="${variant%%:*}"; dir="$out/$variant/seed$seed" ;;
+    *) echo "unknown variant '$variant' in VARIANTS (use mono, seed, paired or NAME:OVERRIDES)" >&2; exit 2 ;;
   esac
   if latest_checkpoint "$dir" >/dev/null 2>&1 && [ -f "$dir/.complete" ]; then
     phase "$variant seed $seed: done before, reused"; return
@@ -63,13 +68,14 @@ train() {  # train VARIANT SEED
 
 jobs="${JOBS:-1}"
 run_all() {  # every (seed, variant) run, at most JOBS at once; stops at the first failure
-  local running=0 seed variant
-  for seed in $(seq 1 "$seeds"); do
+  local running=0 seed variant log
+  for seed in $(seq "$first_seed" $(( first_seed + seeds - 1 ))); do
     for variant in $variants; do
       if [ "$jobs" -le 1 ]; then train "$variant" "$seed"; continue; fi
-      mkdir -p "$out/$variant/seed$seed"
-      phase "started $variant, seed $seed (console: $out/$variant/seed$seed/console.log)"
-      train "$variant" "$seed" > "$out/$variant/seed$seed/console.log" 2>&1 &
+      local log="$out/${variant%%:*}/seed$seed/console.log"
+      mkdir -p "$(dirname "$log")"
+      phase "started ${variant%%:*}, seed $seed (console: $log)"
+      train "$variant" "$seed" > "$log" 2>&1 &
       running=$(( running + 1 ))
       if [ "$running" -ge "$jobs" ]; then
         wait -n || { echo "a training run failed: see $out/*/seed*/console.log" >&2; exit 1; }
@@ -86,16 +92,20 @@ if [ "$jobs" -gt 1 ]; then export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"; fi
 run_all
 if [ "${TRAIN_ONLY:-0}" = 1 ]; then phase "trained (TRAIN_ONLY=1): evaluation skipped"; exit 0; fi
 
-for seed in $(seq 1 "$seeds"); do
+for seed in $(seq "$first_seed" $(( first_seed + seeds - 1 ))); do
   ckpts=(); labels=()
-  for variant in $variants; do ckpts+=("'$(latest_checkpoint "$out/$variant/seed$seed")'"); labels+=("$variant"); done
+  for variant in $variants; do
+    name="${variant%%:*}"
+    ckpts+=("'$(latest_checkpoint "$out/$name/seed$seed")'"); labels+=("$name")
+  done
   phase "evaluating seed $seed (${labels[*]})"
   "$py" "$here/evaluate.py" "checkpoints=[$(IFS=,; echo "${ckpts[*]}")]" \
     "labels=[$(IFS=,; echo "${labels[*]}")]" "datasets.data_root=$data" \
     "datasets.val_pairs=${EVAL_PAIRS:-256}" "out_dir=$out/eval/seed$seed" "device=${DEVICE:-cpu}"
 done
 phase "table over $seeds seed(s)"
-"$py" "$here/scripts/study_table.py" "$out"/eval/seed*/metrics.json | tee "$out/study.md"
+reports=(); for seed in $(seq "$first_seed" $(( first_seed + seeds - 1 ))); do reports+=("$out/eval/seed$seed/metrics.json"); done
+"$py" "$here/scripts/study_table.py" "${reports[@]}" | tee "$out/study.md"
 phase "done"
 cat <<EOF2
 Where things are (under $out):
