@@ -3,7 +3,11 @@
 # 8 filters, 64-dim latent, 2 x 1024 codes = 1.5 kbps) trained on the synthetic em32 set,
 # exported (weights and config only, ~4 MB) to pretrained/start_demo.pt.
 #
-#   bash scripts/pretrain_start.sh [WORK_DIR]      (default: runs/pretrain)
+#   bash scripts/pretrain_start.sh [WORK_DIR [OVERRIDES...]]   (default: runs/pretrain)
+#
+# OVERRIDES are extra Hydra overrides of the training, e.g. the README's control without
+# gain jitter: OUT=runs/start_nojitter.pt bash scripts/pretrain_start.sh runs/pretrain_nojitter
+# datasets.gain_jitter_db=0
 #
 # Environment: STEPS (default 6000 optimizer steps, batch 4 x 0.4 s), OUT (default
 # pretrained/start_demo.pt), WANDB (default disabled), SYNTH_FILES / SYNTH_SECONDS (see
@@ -25,7 +29,7 @@ phase "mono pretraining: $steps steps"
   "datasets.fixed_length=$(( per_epoch * 4 ))" "common.max_steps_per_epoch=$per_epoch" \
   common.val_interval=4 common.save_interval=2 checkpoint.keep_last=20 common.log_interval=100 \
   common.device=cpu "wandb.mode=${WANDB:-disabled}" checkpoint.resume=true \
-  "checkpoint.save_folder=$work/mono" "hydra.run.dir=$work/mono/hydra"
+  "checkpoint.save_folder=$work/mono" "hydra.run.dir=$work/mono/hydra" "${@:2}"
 
 mkdir -p "$(dirname "$out")"
 "$py" -c "import sys; sys.path.insert(0, '$here'); import checkpoints; print('wrote', checkpoints.export_start_point('$(latest_checkpoint "$work/mono")', '$out'))"
