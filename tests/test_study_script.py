@@ -1,0 +1,80 @@
+"""scripts/paired_study.sh runs what its header promises: each variant with its config and
+recipe, the same steps and start for all, the seeds asked for, one evaluation per seed with
+the variants side by side, and the table over exactly those seeds. Python is replaced by a
+recorder (PYTHON=...), so nothing trains here."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RECORDER = """#!/usr/bin/env bash
+echo "$*" >> "{calls}"
+for a in "$@"; do
+  case "$a" in checkpoint.save_folder=*) mkdir -p "${{a#*=}}"; touch "${{a#*=}}/ckpt_epoch0001_step00000001.pt";; esac
+done
+"""
+
+
+def run_study(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    calls = tmp_path / "calls"
+    recorder = tmp_path / "python"
+    recorder.write_text(RECORDER.format(calls=calls))
+    recorder.chmod(0o755)
+    start = tmp_path / "start.pt"
+    start.touch()
+    full_env = {**os.environ, "PYTHON": str(recorder), "DATA_ROOT": str(tmp_path / "data"),
+                "OUT": str(tmp_path / "out"), "START": str(start), **env}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "paired_study.sh")], env=full_env,
+                            capture_output=True, text=True, timeout=60)
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return result, [shlex.split(line) for line in lines]
+
+
+def option(call: list[str], key: str) -> str | None:
+    return next((a.split("=", 1)[1] for a in call if a.startswith(key + "=")), None)
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluated(tmp_path, jobs):
+    result, calls = run_study(tmp_path, SEEDS="2", FIRST_SEED="7", STEPS="250", JOBS=jobs,
+                              VARIANTS="mono seed paired head:pairwise.ild_head.enabled=true,pairwise.cue_weight=0")
+    assert result.returncode == 0, result.stderr
+    trains = [c for c in calls if c[0].endswith(("train_single_gpu.py", "train_paired_gpu.py"))]
+    runs = {(Path(option(c, "checkpoint.save_folder")).parent.name, option(c, "common.seed")): c
+            for c in trains}
+    assert set(runs) == {(v, s) for v in ("mono", "seed", "paired", "head") for s in ("7", "8")}
+    assert runs["mono", "7"][0].endswith("train_single_gpu.py")
+    assert "--config-name=config_mono_nq2" in runs["mono", "7"]
+    assert "pairwise=seed" in runs["seed", "7"]
+    assert not any(a.startswith("pairwise") for a in runs["paired", "7"])  # the config as it is
+    assert {"pairwise.ild_head.enabled=true", "pairwise.cue_weight=0"} <= set(runs["head", "8"])
+    # The same start, steps and batch for every run: 250 steps = 3 epochs of at most 100.
+    assert {option(c, "model.init_from") for c in trains} == {str(tmp_path / "start.pt")}
+    assert {(option(c, "common.max_epoch"), option(c, "common.max_steps_per_epoch"))
+            for c in trains} == {("3", "100")}
+    evals = [c for c in calls if c[0].endswith("evaluate.py")]
+    assert [option(c, "out_dir") for c in evals] == [str(tmp_path / "out" / "eval" / f"seed{s}")
+                                                     for s in (7, 8)]
+    assert option(evals[1], "labels") == "[mono,seed,paired,head]"
+    assert "/head/seed8/" in option(evals[1], "checkpoints")
+    table = [c for c in calls if c[0].endswith("study_table.py")]
+    assert table[0][1:] == [str(tmp_path / "out" / "eval" / f"seed{s}" / "metrics.json") for s in (7, 8)]
+
+
+def test_finished_runs_are_reused_and_train_only_skips_the_evaluation(tmp_path):
+    run_study(tmp_path, SEEDS="1", VARIANTS="mono", TRAIN_ONLY="1")
+    result, calls = run_study(tmp_path, SEEDS="1", VARIANTS="mono", TRAIN_ONLY="1")
+    assert result.returncode == 0 and "reused" in result.stdout
+    assert len(calls) == 1  # the first run's training; no evaluation either time
+
+
+def test_an_unknown_variant_is_one_clear_error(tmp_path):
+    result, _ = run_study(tmp_path, SEEDS="1", VARIANTS="mono stereo")
+    assert result.returncode != 0
+    assert "unknown variant 'stereo'" in result.stderr
