@@ -299,6 +299,12 @@ def _slope(reference: Tensor, estimate: Tensor, dim: int | None = None) -> Tenso
     return ((reference * estimate).sum(dim=dim) / power.clamp_min(1e-300)).masked_fill(power <= 1e-300, math.nan)
 
 
+# Decoded level differences that vary by less than this (dB) are float rounding, not a cue: the
+# correlation of such a decode with the true ILD is the correlation of noise, and it changes
+# with the batching of the same model.
+ILD_RESOLUTION_DB = 1e-3
+
+
 def ild_fidelity(levels_in_a: Tensor, levels_in_b: Tensor, levels_dec_a: Tensor,
                  levels_dec_b: Tensor) -> dict:
     """How well a decoded pair keeps the per-band inter-channel level difference (ILD).
@@ -311,12 +317,14 @@ def ild_fidelity(levels_in_a: Tensor, levels_in_b: Tensor, levels_dec_a: Tensor,
     Returns:
         dict of floats (ILD = L_a - L_b in dB, positive when A is louder):
         - `correlation`: Pearson correlation of decoded vs true ILD over all pairs x bands;
-          NaN (undefined) when either side is constant, e.g. a decode with no difference;
+          NaN (undefined) when either side is constant, e.g. a decode with no difference
+          (decoded ILDs with a spread under `ILD_RESOLUTION_DB` count as constant);
         - `error_db`: mean |decoded ILD - true ILD|;
         - `zero_error_db`: mean |true ILD|, the error of predicting no difference at all:
           the reference a codec has to beat (`error_db` >= it means no ILD is carried);
         - `slope`: least-squares slope through the origin of decoded on true ILD (1: kept at
-          full size, 0.5: halved; correlation alone cannot see a shrunk ILD);
+          full size, 0.5: halved; correlation alone cannot see a shrunk ILD; 0 for a decode
+          whose ILDs vary by less than `ILD_RESOLUTION_DB`);
         - `mean_abs_ild_in_db`, `mean_abs_ild_dec_db`: mean |ILD| of the input and decoded pair;
         - `correlation_per_band`, `error_db_per_band`, `zero_error_db_per_band`,
           `slope_per_band`: lists over bands, the same statistics over pairs only;
@@ -326,17 +334,24 @@ def ild_fidelity(levels_in_a: Tensor, levels_in_b: Tensor, levels_dec_a: Tensor,
     true = (levels_in_a - levels_in_b).double()
     decoded = (levels_dec_a - levels_dec_b).double()
     error = (decoded - true).abs()
+    flat = decoded.std() < ILD_RESOLUTION_DB if decoded.numel() > 1 else True
+    flat_per_band = decoded.std(dim=0) < ILD_RESOLUTION_DB if decoded.shape[0] > 1 else None
+    per_band = _pearson(true, decoded, dim=0)
+    slope_per_band = _slope(true, decoded, dim=0)
+    if flat_per_band is not None:
+        per_band = per_band.masked_fill(flat_per_band, math.nan)
+        slope_per_band = slope_per_band.masked_fill(flat_per_band, 0.0)
     return {
-        "correlation": _pearson(true, decoded).item(),
+        "correlation": math.nan if flat else _pearson(true, decoded).item(),
         "error_db": error.mean().item(),
         "zero_error_db": true.abs().mean().item(),
-        "slope": _slope(true, decoded).item(),
+        "slope": 0.0 if flat else _slope(true, decoded).item(),
         "mean_abs_ild_in_db": true.abs().mean().item(),
         "mean_abs_ild_dec_db": decoded.abs().mean().item(),
-        "correlation_per_band": _pearson(true, decoded, dim=0).tolist(),
+        "correlation_per_band": per_band.tolist(),
         "error_db_per_band": error.mean(dim=0).tolist(),
         "zero_error_db_per_band": true.abs().mean(dim=0).tolist(),
-        "slope_per_band": _slope(true, decoded, dim=0).tolist(),
+        "slope_per_band": slope_per_band.tolist(),
         "n_pairs": int(true.shape[0]),
     }
 

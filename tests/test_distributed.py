@@ -93,8 +93,13 @@ def test_validation_split_over_ranks_equals_one_process(two_rank_runs):
     single = validate(parts, runtime, cfg, loader, epoch=2, step=6,
                       tracker=Tracker("disabled", "", None, tmp, {}), audio_dir=None)
     assert single.keys() == distributed_val.keys()
-    for k, v in single.items():
-        assert math.isclose(v, distributed_val[k], rel_tol=1e-4, abs_tol=1e-6), (k, v, distributed_val[k])
+    differ = {k: (v, distributed_val[k]) for k, v in single.items()
+              if not math.isclose(v, distributed_val[k], rel_tol=1e-4, abs_tol=1e-6)}
+    # The contrastive recipe's InfoNCE and centred cosine take their negatives and their centre
+    # from the validation batch, which is each rank's own: those two values depend on the
+    # batching by definition (README, "What the logs mean"); every other figure does not.
+    assert set(differ) <= {"val/sim", "val/div", "val/l_sim", "val/l_div", "val/nce_accuracy",
+                           "val/div_cosine"}, differ
 
 
 # ----------------------------------------------------------------------------------------

@@ -190,6 +190,21 @@ def test_ild_fidelity_of_a_decode_without_difference_equals_predicting_zero():
     assert all(math.isnan(c) for c in result["correlation_per_band"])
 
 
+def test_ild_fidelity_of_a_decode_that_differs_by_rounding_only_is_not_a_correlation():
+    # Two decodes that differ by float32 rounding (1e-6 dB): a correlation of that noise with
+    # the true ILD would change with the batching of the same model.
+    in_a, in_b, _ = ild_inputs()
+    dec = in_a + 1.0
+    noisy = dec + 1e-6 * torch.randn_like(dec)
+    result = sc.ild_fidelity(in_a, in_b, dec, noisy)
+    assert math.isnan(result["correlation"]) and result["slope"] == 0.0
+    assert all(math.isnan(c) for c in result["correlation_per_band"])
+    assert result["slope_per_band"] == [0.0] * dec.shape[1]
+    assert result["error_db"] == pytest.approx(result["zero_error_db"], abs=1e-5)
+    carried = sc.ild_fidelity(in_a, in_b, dec, dec - 0.01 * (in_a - in_b))  # 1% of the ILD: a cue
+    assert carried["correlation"] == pytest.approx(1.0) and carried["slope"] == pytest.approx(0.01)
+
+
 def test_ild_fidelity_of_a_perfect_decode():
     in_a, in_b, true = ild_inputs()
     result = sc.ild_fidelity(in_a, in_b, in_a - 3.0, in_b - 3.0)   # any common level is fine
