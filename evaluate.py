@@ -82,9 +82,7 @@ def shared_content_loader(data_cfg: DictConfig, cfg: DictConfig, sample_rate: in
     """`shared_content.segments` fixed segments of the evaluation classes, each with all of
     `shared_content.channels` (the first one's codebook 1 is shared): the multichannel use."""
     channels = [int(c) for c in cfg.shared_content.channels]
-    multi = data_cfg.copy()
-    multi.model.sample_rate = sample_rate
-    multi.datasets.tensor_cut = segment_length(cfg, data_cfg, sample_rate)
+    multi = at_rate(data_cfg, cfg, sample_rate)
     multi.datasets.channels = channels
     multi.datasets.views = len(channels)
     multi.datasets.val_pairs = int(cfg.shared_content.segments)
@@ -113,6 +111,15 @@ def instrument_settings(cfg: DictConfig) -> InstrumentSettings:
     return InstrumentSettings(**OmegaConf.to_container(cfg.instrument, resolve=True))
 
 
+def at_rate(data_cfg: DictConfig, cfg: DictConfig, sample_rate: int) -> DictConfig:
+    """A copy of the evaluation data config for a model at `sample_rate`: the same items, cut
+    to `segment_length` samples at that rate."""
+    rate_cfg = data_cfg.copy()
+    rate_cfg.model.sample_rate = sample_rate
+    rate_cfg.datasets.tensor_cut = segment_length(cfg, data_cfg, sample_rate)
+    return rate_cfg
+
+
 def segment_length(cfg: DictConfig, data_cfg: DictConfig, sample_rate: int) -> int:
     """Validation segment in samples at `sample_rate`: `datasets.segment_seconds`, or the
     checkpoint's `datasets.tensor_cut` when that is null."""
@@ -139,10 +146,7 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
         if data_cfg is None:
             data_cfg = evaluation_data_config(train_cfg, cfg)
         if model.sample_rate not in loaders:
-            rate_cfg = data_cfg.copy()
-            rate_cfg.model.sample_rate = model.sample_rate
-            rate_cfg.datasets.tensor_cut = segment_length(cfg, data_cfg, model.sample_rate)
-            loaders[model.sample_rate] = validation_loader(rate_cfg, device)
+            loaders[model.sample_rate] = validation_loader(at_rate(data_cfg, cfg, model.sample_rate), device)
         loader = loaders[model.sample_rate]
         results, examples = evaluate_model(
             model, int(train_cfg.model.bins), loader,

@@ -34,6 +34,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 out="$(mkdir -p "${OUT:-$here/runs/paired_study}" && cd "${OUT:-$here/runs/paired_study}" && pwd)"
 seeds="${SEEDS:-3}"
 first_seed="${FIRST_SEED:-1}"
+seed_list="$(seq "$first_seed" $(( first_seed + seeds - 1 )))"
 variants="${VARIANTS:-mono seed paired}"
 steps="${STEPS:-800}"
 start="${START:-$here/pretrained/start_demo.pt}"
@@ -69,7 +70,7 @@ train() {  # train VARIANT SEED
 jobs="${JOBS:-1}"
 run_all() {  # every (seed, variant) run, at most JOBS at once; stops at the first failure
   local running=0 seed variant log
-  for seed in $(seq "$first_seed" $(( first_seed + seeds - 1 ))); do
+  for seed in $seed_list; do
     for variant in $variants; do
       if [ "$jobs" -le 1 ]; then train "$variant" "$seed"; continue; fi
       local log="$out/${variant%%:*}/seed$seed/console.log"
@@ -92,7 +93,8 @@ if [ "$jobs" -gt 1 ]; then export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"; fi
 run_all
 if [ "${TRAIN_ONLY:-0}" = 1 ]; then phase "trained (TRAIN_ONLY=1): evaluation skipped"; exit 0; fi
 
-for seed in $(seq "$first_seed" $(( first_seed + seeds - 1 ))); do
+reports=()
+for seed in $seed_list; do
   ckpts=(); labels=()
   for variant in $variants; do
     name="${variant%%:*}"
@@ -102,9 +104,9 @@ for seed in $(seq "$first_seed" $(( first_seed + seeds - 1 ))); do
   "$py" "$here/evaluate.py" "checkpoints=[$(IFS=,; echo "${ckpts[*]}")]" \
     "labels=[$(IFS=,; echo "${labels[*]}")]" "datasets.data_root=$data" \
     "datasets.val_pairs=${EVAL_PAIRS:-256}" "out_dir=$out/eval/seed$seed" "device=${DEVICE:-cpu}"
+  reports+=("$out/eval/seed$seed/metrics.json")
 done
 phase "table over $seeds seed(s)"
-reports=(); for seed in $(seq "$first_seed" $(( first_seed + seeds - 1 ))); do reports+=("$out/eval/seed$seed/metrics.json"); done
 "$py" "$here/scripts/study_table.py" "${reports[@]}" | tee "$out/study.md"
 phase "done"
 cat <<EOF2

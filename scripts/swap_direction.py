@@ -34,8 +34,7 @@ def swap_gains(study: Path, seed: int, variants: list[str], data_root: str, pair
     paths = {v: sorted((study / v / f"seed{seed}").glob("ckpt_*.pt"))[-1] for v in variants}
     # The first variant's checkpoint fixes the pairs, as in the study's evaluation.
     data_cfg = evaluate.evaluation_data_config(load_model(paths[variants[0]])[1], cfg)
-    data_cfg.datasets.tensor_cut = evaluate.segment_length(cfg, data_cfg, int(data_cfg.model.sample_rate))
-    loader = evaluate.validation_loader(data_cfg, "cpu")
+    loader = evaluate.validation_loader(evaluate.at_rate(data_cfg, cfg, int(data_cfg.model.sample_rate)), "cpu")
     gains = {}
     for variant, path in paths.items():
         model, train_cfg = load_model(path)
