@@ -518,6 +518,9 @@ class PairwiseLoss(nn.Module):
       on the content codebook (`ild_head`),
     - cue fidelity (`cue_weight`): the decoded pair's per-band level differences against the
       input pair's (`cue_loss`; the step passes both pairs' band levels),
+    - invariance (`invariance_weight`): InfoNCE between the content codebook of a view and of
+      the same view after a random channel-style change (`invariance_loss`; the step encodes
+      the changed view, `channel_change.random_channel_change`),
     - optional channel-index classifier on the channel codebook (`channel_classifier`).
 
     Switch-on: every term is 0 before `start_step`; then 'constant' uses the weights as they
@@ -547,6 +550,9 @@ class PairwiseLoss(nn.Module):
         nce_projection (int): Width of a learned linear projection before InfoNCE (0: none).
         xrec_weight (float): Weight of the cross-reconstruction loss.
         cue_weight (float): Weight of the cue-fidelity loss (`cue_loss`).
+        invariance_weight (float): Weight of the invariance loss (`invariance_loss`).
+        invariance_band_gain_db (float): Per-band gains of the change, uniform in +- this (dB).
+        invariance_max_delay (float): Delay of the change, uniform in +- this (samples).
         ild_head (bool): Add the level-difference head and its reversed twin.
         ild_weight, ild_adv_weight (float): Weights of the head's and the twin's losses.
         ild_reversal (float): Gradient reversal factor between codebook 1 and the twin.
@@ -571,7 +577,8 @@ class PairwiseLoss(nn.Module):
                  ild_adv_weight: float = 0.3, ild_reversal: float = 1.0, ild_bands: int = 8,
                  ild_hidden: int = 128, ild_floor_db: float = 0.5,
                  wait_for_kmeans: bool = False, shared_scale: bool = False,
-                 cue_weight: float = 0.0):
+                 cue_weight: float = 0.0, invariance_weight: float = 0.0,
+                 invariance_band_gain_db: float = 3.0, invariance_max_delay: float = 2.0):
         super().__init__()
         if sim_kind not in SIM_KINDS:
             raise ValueError(f"pairwise.sim_kind={sim_kind!r}: use one of {SIM_KINDS}")
@@ -600,6 +607,10 @@ class PairwiseLoss(nn.Module):
             raise ValueError(f"pairwise.xrec_weight must be >= 0, got {xrec_weight}")
         if cue_weight < 0:
             raise ValueError(f"pairwise.cue_weight must be >= 0, got {cue_weight}")
+        if invariance_weight < 0 or invariance_band_gain_db < 0 or invariance_max_delay < 0:
+            raise ValueError("pairwise.invariance.weight, .band_gain_db and .max_delay must be "
+                             f">= 0, got {invariance_weight}, {invariance_band_gain_db}, "
+                             f"{invariance_max_delay}")
         self.sim_weight = float(sim_weight)
         self.div_weight = float(div_weight)
         self.sim_kind = sim_kind
@@ -620,6 +631,9 @@ class PairwiseLoss(nn.Module):
         self.nce_same_segment_negatives = bool(nce_same_segment_negatives)
         self.xrec_weight = float(xrec_weight)
         self.cue_weight = float(cue_weight)
+        self.invariance_weight = float(invariance_weight)
+        self.invariance_band_gain_db = float(invariance_band_gain_db)
+        self.invariance_max_delay = float(invariance_max_delay)
         self.classifier_weight = float(classifier_weight)
         self.ild_weight = float(ild_weight)
         self.ild_adv_weight = float(ild_adv_weight)
@@ -670,7 +684,10 @@ class PairwiseLoss(nn.Module):
                    ild_adv_weight=float(ild.adv_weight), ild_reversal=float(ild.reversal),
                    ild_bands=int(ild.n_bands), ild_hidden=int(ild.hidden),
                    ild_floor_db=float(ild.floor_db), wait_for_kmeans=bool(cfg.wait_for_kmeans),
-                   shared_scale=bool(cfg.shared_scale), cue_weight=float(cfg.cue_weight))
+                   shared_scale=bool(cfg.shared_scale), cue_weight=float(cfg.cue_weight),
+                   invariance_weight=float(cfg.invariance.weight),
+                   invariance_band_gain_db=float(cfg.invariance.band_gain_db),
+                   invariance_max_delay=float(cfg.invariance.max_delay))
 
     # ------------------------------------------------------------------ schedule
     def schedule_factor(self, step: int, codebooks_initialized: bool = True) -> float:
@@ -848,6 +865,39 @@ class PairwiseLoss(nn.Module):
         xrec = per_item.mean()
         return {'l_xrec': self.schedule_factor(step) * self.xrec_weight * xrec,
                 'xrec': xrec.detach()}
+
+    # ------------------------------------------------------------------ invariance
+    @property
+    def uses_invariance(self) -> bool:
+        """Whether the step must encode a channel-style change of each item (`invariance_loss`)."""
+        return self.invariance_weight > 0
+
+    def invariance_loss(self, view: View, changed: View, step: int) -> dict[str, torch.Tensor]:
+        """InfoNCE between the content codebook of a view and of the same segment after a
+        random channel-style change (per-band gains and a small delay, what differs between two
+        capsules): the content codebook should choose the same codes for both.
+
+        The real second channel is a positive of the same kind (`similarity_terms`), but it
+        differs from the first by more than the channel (diffuse and capsule noise are
+        incoherent between capsules); this positive differs by the channel's cues alone, at a
+        size set by the config, so it asks for exactly the invariance that leaves those cues to
+        the channel codebook. Options (temperature, pooling, centring, negatives) are the
+        similarity term's.
+
+        Args:
+            view (View): Per-codebook embeddings of the views' first channel (`[B, D, F]` each).
+            changed (View): The same for its changed copy (`ResidualVectorQuantizer.embeddings`).
+            step (int): Optimizer step (switch-on and ramp as the other terms).
+        Returns:
+            dict: 'l_inv' (weighted), 'inv' (unweighted normalised InfoNCE, 1 = chance) and
+            'nce_accuracy_inv' (fraction of anchors whose changed copy ranks first).
+        """
+        nce = info_nce(view[self.content_codebook], changed[self.content_codebook],
+                       self.temperature, self.nce_pooling, self.nce_center,
+                       self.nce_same_segment_negatives, projection=self.projection)
+        inv = nce.loss.mean()
+        return {'l_inv': self.schedule_factor(step) * self.invariance_weight * inv,
+                'inv': inv.detach(), 'nce_accuracy_inv': nce.accuracy}
 
     # ------------------------------------------------------------------ cue fidelity
     @property

@@ -462,6 +462,24 @@ class ResidualVectorQuantizer(nn.Module):
                                embeddings=embeddings if return_embeddings else None,
                                commit_per_item=commit_per_item)
 
+    def embeddings(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-codebook embeddings `[B, D, F]` of `x` `[B, D, F]`, as `forward` returns them
+        (each the chosen vectors with the straight-through gradient of its residual), but
+        without updating any codebook: for an extra view of an item that must not count
+        twice in the codebooks' statistics (`PairwiseLoss.invariance_loss`)."""
+        self._check_latent(x)
+        with float32_region(x):
+            residual = x.float()
+            batch, dim, frames = residual.shape
+            embeddings = []
+            for codebook in self.codebooks:
+                flat = residual.detach().transpose(1, 2).reshape(-1, dim)
+                chosen = codebook.decode(codebook.encode(flat)).view(batch, frames, dim)
+                chosen = chosen.transpose(1, 2)
+                embeddings.append(residual + (chosen - residual).detach())
+                residual = residual - chosen
+        return embeddings
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes `[B, n_q, F]` of `x` `[B, D, F]`; never updates the codebooks."""
         self._check_latent(x)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import channel_change
 import distributed
 import metrics
 import spatial_cues
@@ -220,6 +221,24 @@ def cross_reconstruction(parts: Parts, views: list[list[torch.Tensor]], x: torch
     return parts.pairwise.xrec_loss(per_item, step)
 
 
+def invariance_terms(parts: Parts, runtime: Runtime, views: list[list[torch.Tensor]],
+                     x: torch.Tensor, scale: torch.Tensor | None, step: int,
+                     num_views: int) -> dict[str, torch.Tensor]:
+    """Encode a random channel-style change of each item's first view, at that view's own
+    normalisation scale (so the change's level stays in the latent), and score its content
+    codes against the view's (`PairwiseLoss.invariance_loss`). The codebooks see it without
+    updating: the item counts once in their statistics."""
+    pairwise, model = parts.pairwise, parts.raw_model
+    first = x[::num_views]
+    changed = channel_change.random_channel_change(first, model.sample_rate,
+                                                   pairwise.invariance_band_gain_db,
+                                                   pairwise.invariance_max_delay)
+    first_scale = model.normalize(first)[1] if scale is None else scale[::num_views]
+    with runtime.autocast():
+        latent = model.encoder(model.normalize(changed, first_scale)[0])
+    return pairwise.invariance_loss(views[0], model.quantizer.embeddings(latent), step)
+
+
 CUE_BANDS = 8  # band levels of the cue terms: spatial_cues.band_levels' defaults (100 Hz - 11 kHz)
 
 
@@ -273,6 +292,8 @@ def pairwise_terms(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torch.
             pair.update(cross_reconstruction(parts, embeddings, x, scale, step))
     if active and pairwise.uses_cue:
         pair.update(cue_fidelity(parts, out, x, batch_size, views, step))
+    if active and pairwise.uses_invariance:
+        pair.update(invariance_terms(parts, runtime, embeddings, x, scale, step, views))
     return pair
 
 
@@ -294,9 +315,9 @@ def generator_losses(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torc
 
 
 # Weighted pairwise terms that join the generator loss, and the unweighted values logged.
-PAIRWISE_LOSS_TERMS = (*LOSS_TERMS, "l_xrec", "l_cue")
+PAIRWISE_LOSS_TERMS = (*LOSS_TERMS, "l_xrec", "l_cue", "l_inv")
 PAIRWISE_LOGGED = (*PAIRWISE_LOSS_TERMS, "sim", "div", "nce_accuracy", "div_cosine", "cls",
-                   "ild", "ild_adv", "xrec", "cue")
+                   "ild", "ild_adv", "xrec", "cue", "inv", "nce_accuracy_inv")
 
 
 def gradient_ratios(latent: torch.Tensor, losses: GeneratorLosses,
