@@ -451,6 +451,29 @@ def test_xrec_loss_is_weighted_and_scheduled():
     assert out['xrec'].item() == pytest.approx(2.0)
 
 
+def test_invariance_loss_contrasts_the_content_codebook_with_its_changed_copy():
+    loss = PairwiseLoss(sim_kind='infonce', invariance_weight=0.5, start_step=10,
+                        schedule='linear', ramp_steps=10, temperature=0.2)
+    assert loss.uses_invariance and not PairwiseLoss().uses_invariance
+    torch.manual_seed(0)
+    view, changed = random_views(2, batch=4, frames=3, requires_grad=True)
+    out = loss.invariance_loss(view, changed, step=15)
+    want = info_nce(view[0], changed[0], temperature=0.2).loss.mean()
+    assert out['inv'].item() == pytest.approx(want.item())
+    assert out['l_inv'].item() == pytest.approx(0.5 * 0.5 * want.item())
+    assert loss.invariance_loss(view, changed, step=5)['l_inv'].item() == 0.0
+    out['l_inv'].backward()
+    assert view[0].grad.abs().sum() > 0 and view[1].grad is None  # codebook 1 only
+    # A changed copy that codes exactly alike reaches the minimum; a collapsed one, chance.
+    same = one_hot_views(batch=4, frames=3)
+    assert loss.invariance_loss([same, same], [same.clone(), same], 20)['inv'] < 0.01
+    collapsed = torch.randn(1, 8, 1).expand(4, -1, 3)
+    assert loss.invariance_loss([collapsed, same], [collapsed.clone(), same], 20)['inv'] \
+        == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="pairwise.invariance"):
+        PairwiseLoss(invariance_weight=-1.0)
+
+
 # ----------------------------------------------------------------------------- level differences
 
 def test_gradient_reversal_twin_opposes_the_plain_head():

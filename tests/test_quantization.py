@@ -195,6 +195,22 @@ def test_embeddings_equal_chosen_vectors_and_quantized_is_their_sum():
                        torch.cdist(residual, embeds[1]).argmin(dim=1))
 
 
+def test_embeddings_of_an_extra_view_are_the_forwards_without_updating_the_codebooks():
+    torch.manual_seed(0)
+    rvq = inited_rvq(n_q=3).train()
+    before = {name: tensor.clone() for name, tensor in rvq.state_dict().items()}
+    x = torch.randn(2, DIM, 5, requires_grad=True)
+    embeddings = rvq.embeddings(x)
+    for name, tensor in rvq.state_dict().items():  # no EMA, no dead-code or k-means step
+        assert torch.equal(tensor, before[name]), name
+    want = rvq.eval()(x, return_embeddings=True).embeddings
+    for k, (got, expected) in enumerate(zip(embeddings, want)):
+        torch.testing.assert_close(got, expected, msg=f"codebook {k}")
+        weight = torch.randn_like(got)
+        (grad,) = torch.autograd.grad((got * weight).sum(), x, retain_graph=True)
+        torch.testing.assert_close(grad, weight, msg=f"codebook {k}: straight-through")
+
+
 def test_commit_loss_sums_codebooks_and_pulls_every_residual():
     torch.manual_seed(0)
     rvq = inited_rvq(n_q=2).eval()

@@ -12,13 +12,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import channel_change
 import engine
+import training_step
 from conftest import make_config
 from reference_step import reference_step
 from configuration import prepare_config
 from losses import discriminator_loss, feature_matching_loss, generator_adv_loss
 import spatial_cues
-from pairwise_losses import level_difference_loss, split_views, swap_latents
+from pairwise_losses import info_nce, level_difference_loss, split_views, swap_latents
 from parts import WarmupCosine, build_parts
 from runtime import Runtime, seed_everything
 from step_faults import fp16_scalers, nan_time_loss, overflowing_gradient
@@ -298,6 +300,46 @@ def test_cue_fidelity_scores_the_decoded_pairs_level_differences():
     assert result.scalars["cue"] == pytest.approx(want.item(), rel=1e-4)
     assert result.scalars["l_cue"] == pytest.approx(0.5 * want.item(), rel=1e-4)
     assert result.scalars["grad_ratio_cue"] > 0
+
+
+def test_invariance_encodes_a_changed_first_view_at_its_scale_without_touching_the_codebooks(
+        monkeypatch):
+    invariance = ["pairwise.invariance.weight=0.5", "pairwise.xrec_weight=0"]
+    changed, original = [], channel_change.random_channel_change
+
+    def recorded_change(x, *args):
+        changed.append(original(x, *args))
+        return changed[-1]
+
+    monkeypatch.setattr(training_step.channel_change, "random_channel_change", recorded_change)
+    quantizers = {}
+    for weight in ("0.5", "0"):
+        cfg, runtime, parts = tiny_setup([*CONTRASTIVE, *invariance[1:],
+                                          f"pairwise.invariance.weight={weight}"])
+        wavs, metas = level_pair(cfg)
+        init_codebooks(parts, wavs)
+        model = copy.deepcopy(parts.raw_model)
+        result = train_step(parts, runtime, wavs, metas, step=3, adversarial=False,
+                            update_disc=False, grad_clip=0.0, bins=cfg.model.bins,
+                            measure_gradients=True)
+        quantizers[weight] = parts.raw_model.quantizer.state_dict()
+        if weight == "0":
+            assert "l_inv" not in result.scalars and len(changed) == 1  # no extra encode
+            continue
+        # Written out: the changed copy of channel 1 at channel 1's scale (the pair's), coded
+        # by the codebooks as they were, contrasted with channel 1's content codes.
+        x = wavs.flatten(0, 1)
+        scale = model.shared_scale(x, VIEWS)
+        out = model.train()(x, return_embeddings=True, scale=scale)
+        first = split_views(out.embeddings, VIEWS)[0]
+        copy_codes = model.quantizer.embeddings(model.encoder(changed[0] / scale[0::2]))
+        want = info_nce(first[0], copy_codes[0]).loss.mean()
+        assert result.scalars["inv"] == pytest.approx(want.item(), rel=1e-5)
+        assert result.scalars["l_inv"] == pytest.approx(0.5 * want.item(), rel=1e-5)
+        assert result.scalars["grad_ratio_inv"] > 0
+    # The changed copy leaves no trace in the codebooks' statistics.
+    for name, tensor in quantizers["0.5"].items():
+        assert torch.equal(tensor, quantizers["0"][name]), name
 
 
 def test_the_design_documents_recipe_keeps_a_scale_per_channel():
