@@ -404,21 +404,32 @@ def apply_updates(parts: Parts, step: int, update_disc: bool) -> None:
         parts.scaler_d.update()
 
 
-def discard_step(parts: Parts, codebook_snapshot: dict[str, torch.Tensor], update_disc: bool) -> None:
+def discard_step(parts: Parts, codebook_snapshot: dict[str, torch.Tensor], update_disc: bool,
+                 scalars: dict[str, float]) -> None:
     """Leave no trace of a step that is skipped: codebooks as before its forward, no gradients.
 
-    The GradScalers that unscaled gradients this step still close it with `update()`: under
-    fp16 a skipped step is (nearly always) an overflow of the loss scale, which `update()`
-    lowers; without it the next `unscale_()` raises ("already been called ... since the
-    last update()"). Outside fp16 the scalers are disabled and `update()` does nothing.
+    The GradScalers that unscaled gradients this step still close it (`close_skipped`):
+    without that the next `unscale_()` raises ("already been called ... since the last
+    update()"). Outside fp16 the scalers are disabled and closing them does nothing.
     """
     parts.raw_model.quantizer.restore(codebook_snapshot)
     parts.opt_g.zero_grad(set_to_none=True)
-    parts.scaler_g.update()
+    close_skipped(parts.scaler_g, math.isfinite(scalars.get("grad_norm_g", 0.0)))
     if parts.opt_d is not None:
         parts.opt_d.zero_grad(set_to_none=True)
         if update_disc:
-            parts.scaler_d.update()
+            close_skipped(parts.scaler_d, math.isfinite(scalars.get("grad_norm_d", 0.0)))
+
+
+def close_skipped(scaler: torch.amp.GradScaler, gradients_finite: bool) -> None:
+    """End a skipped step's iteration of `scaler`: where this player's gradients overflowed,
+    `update()` lowers the loss scale as for any overflow; where they were finite (the step was
+    skipped for the other player, or another rank), the scale stays and the step does not
+    count toward its growth, since no optimizer step was taken at that scale."""
+    if gradients_finite and scaler.is_enabled():
+        scaler.update(new_scale=scaler.get_scale())
+    else:
+        scaler.update()
 
 
 def skip_reason(parts: Parts, scalars: dict[str, float]) -> str:
@@ -476,7 +487,7 @@ def train_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[d
     reason = skip_reason(parts, scalars)
     updated_disc = adversarial_view.loss_d is not None
     if not distributed.all_true(not reason):
-        discard_step(parts, codebook_snapshot, updated_disc)
+        discard_step(parts, codebook_snapshot, updated_disc, scalars)
         return StepResult(False, scalars, reason or "non-finite loss or gradient on another rank")
     apply_updates(parts, step, updated_disc)
     scalars["lr_g"] = parts.opt_g.param_groups[0]["lr"]

@@ -231,6 +231,8 @@ def test_fp16_an_overflowed_step_leaves_no_trace_and_is_reported_as_skipped(play
     overflowed, other = ((parts.scaler_g, parts.scaler_d) if player == "raw_model"
                          else (parts.scaler_d, parts.scaler_g))
     assert overflowed.get_scale() == 2.0 ** 15 and other.get_scale() == 2.0 ** 16
+    # The other player took no step at its scale: the skip does not count toward its growth.
+    assert other.state_dict()["_growth_tracker"] == 0
     result = train_step(parts, runtime, wavs, metas, step=0, adversarial=True, update_disc=True,
                         grad_clip=0.0, bins=cfg.model.bins)
     assert result.ok and not result.reason and parts.opt_g.state and parts.opt_d.state
