@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import distributed
+from quantization import nearest_code
 
 SIM_KINDS = ('mse', 'cosine', 'infonce')
 DIV_KINDS = ('neg_mse', 'cosine', 'margin', 'cos_hinge')
@@ -347,6 +348,59 @@ def split_views(embeddings: tp.Sequence[torch.Tensor], num_views: int) -> list[l
     return [[emb[:, v] for emb in per_codebook] for v in range(num_views)]
 
 
+# --------------------------------------------------------------------------- code consensus
+
+@dataclass
+class Consensus:
+    """Result of `code_consensus`.
+
+    Attributes:
+        loss (torch.Tensor): `[B]` per item: the mean over frames and both views of the
+            normalised margin by which a view's own code beats the pair's consensus code
+            (0 where the view already takes it, 1 for a view sitting on its own code).
+        agreement (torch.Tensor): Scalar, detached: fraction of frames where both views
+            take the same code.
+    """
+    loss: torch.Tensor
+    agreement: torch.Tensor
+
+
+def code_consensus(a: torch.Tensor, b: torch.Tensor, embed: torch.Tensor) -> Consensus:
+    """How far two views' vectors `a`, `b` `[B, D, F]` (what a codebook quantizes) are from
+    choosing the same code of `embed` `[K, D]` in each frame.
+
+    The consensus code of a frame is the code nearest to the mean of the two views. A view
+    whose own nearest code is another one pays the margin of the nearest-code decision,
+    `|x - e_consensus|^2 - |x - e_own|^2` (>= 0, 0 on the boundary between the two cells),
+    divided by `|e_own - e_consensus|^2`: 1 for a vector on its own code, whatever the
+    codebook's scale. Its gradient moves the vector straight toward the consensus cell and
+    stops once it is inside: unlike a similarity of embeddings it asks for the same code, not
+    for nearby ones, and unlike a commitment it does not pull the vector to the code's centre,
+    so what differs between the views can stay in the residual that the next codebook
+    quantizes. It is not collapse-proof on its own (one code for everything costs 0): it
+    goes with InfoNCE, which a collapsed codebook loses.
+    """
+    check_embeddings(a, b)
+    with torch.autocast(a.device.type, enabled=False):
+        dim = a.shape[1]
+        rows = [v.float().transpose(1, 2).reshape(-1, dim) for v in (a, b)]
+        codes = embed.detach().float()
+        consensus = nearest_code(((rows[0] + rows[1]) / 2).detach(), codes)
+        target = codes[consensus]
+        per_view, own_codes = [], []
+        for x in rows:
+            own = nearest_code(x.detach(), codes)
+            mine = codes[own]
+            margin = (x - target).pow(2).sum(1) - (x - mine).pow(2).sum(1)
+            spread = (mine - target).pow(2).sum(1)
+            per_view.append(torch.where(own == consensus, torch.zeros_like(margin),
+                                        margin.clamp_min(0) / spread.clamp_min(1e-20)))
+            own_codes.append(own)
+    loss = ((per_view[0] + per_view[1]) / 2).view(a.shape[0], -1).mean(dim=1)
+    agreement = (own_codes[0] == own_codes[1]).float().mean()
+    return Consensus(loss, agreement)
+
+
 # ------------------------------------------------------------------------ cross-reconstruction
 
 @dataclass
@@ -518,6 +572,8 @@ class PairwiseLoss(nn.Module):
       on the content codebook (`ild_head`),
     - cue fidelity (`cue_weight`): the decoded pair's per-band level differences against the
       input pair's (`cue_loss`; the step passes both pairs' band levels),
+    - code consensus (`consensus_weight`): the views of a pair choose the same content code
+      (`consensus_loss`; the step passes the vectors the content codebook quantized),
     - invariance (`invariance_weight`): InfoNCE between the content codebook of a view and of
       the same view after a random channel-style change (`invariance_loss`; the step encodes
       the changed view, `channel_change.random_channel_change`),
@@ -551,6 +607,7 @@ class PairwiseLoss(nn.Module):
         xrec_weight (float): Weight of the cross-reconstruction loss.
         cue_weight (float): Weight of the cue-fidelity loss (`cue_loss`).
         invariance_weight (float): Weight of the invariance loss (`invariance_loss`).
+        consensus_weight (float): Weight of the code-consensus loss (`consensus_loss`).
         invariance_band_gain_db (float): Per-band gains of the change, uniform in +- this (dB).
         invariance_max_delay (float): Delay of the change, uniform in +- this (samples).
         ild_head (bool): Add the level-difference head and its reversed twin.
@@ -578,7 +635,8 @@ class PairwiseLoss(nn.Module):
                  ild_hidden: int = 128, ild_floor_db: float = 0.5,
                  wait_for_kmeans: bool = False, shared_scale: bool = False,
                  cue_weight: float = 0.0, invariance_weight: float = 0.0,
-                 invariance_band_gain_db: float = 3.0, invariance_max_delay: float = 2.0):
+                 invariance_band_gain_db: float = 3.0, invariance_max_delay: float = 2.0,
+                 consensus_weight: float = 0.0):
         super().__init__()
         if sim_kind not in SIM_KINDS:
             raise ValueError(f"pairwise.sim_kind={sim_kind!r}: use one of {SIM_KINDS}")
@@ -607,6 +665,8 @@ class PairwiseLoss(nn.Module):
             raise ValueError(f"pairwise.xrec_weight must be >= 0, got {xrec_weight}")
         if cue_weight < 0:
             raise ValueError(f"pairwise.cue_weight must be >= 0, got {cue_weight}")
+        if consensus_weight < 0:
+            raise ValueError(f"pairwise.consensus_weight must be >= 0, got {consensus_weight}")
         if invariance_weight < 0 or invariance_band_gain_db < 0 or invariance_max_delay < 0:
             raise ValueError("pairwise.invariance.weight, .band_gain_db and .max_delay must be "
                              f">= 0, got {invariance_weight}, {invariance_band_gain_db}, "
@@ -632,6 +692,7 @@ class PairwiseLoss(nn.Module):
         self.xrec_weight = float(xrec_weight)
         self.cue_weight = float(cue_weight)
         self.invariance_weight = float(invariance_weight)
+        self.consensus_weight = float(consensus_weight)
         self.invariance_band_gain_db = float(invariance_band_gain_db)
         self.invariance_max_delay = float(invariance_max_delay)
         self.classifier_weight = float(classifier_weight)
@@ -687,7 +748,8 @@ class PairwiseLoss(nn.Module):
                    shared_scale=bool(cfg.shared_scale), cue_weight=float(cfg.cue_weight),
                    invariance_weight=float(cfg.invariance.weight),
                    invariance_band_gain_db=float(cfg.invariance.band_gain_db),
-                   invariance_max_delay=float(cfg.invariance.max_delay))
+                   invariance_max_delay=float(cfg.invariance.max_delay),
+                   consensus_weight=float(cfg.consensus_weight))
 
     # ------------------------------------------------------------------ schedule
     def schedule_factor(self, step: int, codebooks_initialized: bool = True) -> float:
@@ -865,6 +927,32 @@ class PairwiseLoss(nn.Module):
         xrec = per_item.mean()
         return {'l_xrec': self.schedule_factor(step) * self.xrec_weight * xrec,
                 'xrec': xrec.detach()}
+
+    # ------------------------------------------------------------------ code consensus
+    @property
+    def uses_consensus(self) -> bool:
+        """Whether the step must pass the content codebook's inputs (`consensus_loss`)."""
+        return self.consensus_weight > 0
+
+    def consensus_loss(self, residuals: tp.Sequence[torch.Tensor], embed: torch.Tensor,
+                       step: int) -> dict[str, torch.Tensor]:
+        """`code_consensus` of every view pair on the content codebook.
+
+        Args:
+            residuals: Per view, the vectors `[B, D, F]` the content codebook quantized (the
+                encoder output minus the earlier codebooks' vectors), with their graph.
+            embed (torch.Tensor): The content codebook's codes `[K, D]`.
+            step (int): Optimizer step (switch-on and ramp as the other terms).
+        Returns:
+            dict: 'l_consensus' (weighted), 'consensus' (unweighted, 0 = every frame takes
+            the pair's code) and 'consensus_agreement' (fraction of frames coded alike).
+        """
+        results = [code_consensus(residuals[i], residuals[j], embed)
+                   for i, j in itertools.combinations(range(len(residuals)), 2)]
+        consensus = torch.stack([r.loss.mean() for r in results]).mean()
+        agreement = torch.stack([r.agreement for r in results]).mean()
+        return {'l_consensus': self.schedule_factor(step) * self.consensus_weight * consensus,
+                'consensus': consensus.detach(), 'consensus_agreement': agreement}
 
     # ------------------------------------------------------------------ invariance
     @property

@@ -239,6 +239,19 @@ def invariance_terms(parts: Parts, runtime: Runtime, views: list[list[torch.Tens
     return pairwise.invariance_loss(views[0], model.quantizer.embeddings(latent), step)
 
 
+def consensus_terms(parts: Parts, out: EncodecOutput, views: int,
+                    step: int) -> dict[str, torch.Tensor]:
+    """`PairwiseLoss.consensus_loss` on what the content codebook quantized: the encoder
+    output minus the earlier codebooks' vectors, split into views."""
+    k = parts.pairwise.content_codebook
+    residual = out.latent.float()
+    for earlier in out.embeddings[:k]:
+        residual = residual - earlier.detach()
+    per_view = [view[0] for view in split_views([residual], views)]
+    embed = parts.raw_model.quantizer.codebooks[k].embed
+    return parts.pairwise.consensus_loss(per_view, embed, step)
+
+
 CUE_BANDS = 8  # band levels of the cue terms: spatial_cues.band_levels' defaults (100 Hz - 11 kHz)
 
 
@@ -292,6 +305,8 @@ def pairwise_terms(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torch.
             pair.update(cross_reconstruction(parts, embeddings, x, scale, step))
     if active and pairwise.uses_cue:
         pair.update(cue_fidelity(parts, out, x, batch_size, views, step))
+    if active and pairwise.uses_consensus:
+        pair.update(consensus_terms(parts, out, views, step))
     if active and pairwise.uses_invariance:
         pair.update(invariance_terms(parts, runtime, embeddings, x, scale, step, views))
     return pair
@@ -315,9 +330,10 @@ def generator_losses(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torc
 
 
 # Weighted pairwise terms that join the generator loss, and the unweighted values logged.
-PAIRWISE_LOSS_TERMS = (*LOSS_TERMS, "l_xrec", "l_cue", "l_inv")
+PAIRWISE_LOSS_TERMS = (*LOSS_TERMS, "l_xrec", "l_cue", "l_inv", "l_consensus")
 PAIRWISE_LOGGED = (*PAIRWISE_LOSS_TERMS, "sim", "div", "nce_accuracy", "div_cosine", "cls",
-                   "ild", "ild_adv", "xrec", "cue", "inv", "nce_accuracy_inv")
+                   "ild", "ild_adv", "xrec", "cue", "inv", "nce_accuracy_inv", "consensus",
+                   "consensus_agreement")
 
 
 def gradient_ratios(latent: torch.Tensor, losses: GeneratorLosses,
