@@ -11,7 +11,8 @@ import yaml
 from omegaconf import OmegaConf, open_dict
 
 from conftest import ROOT
-from pairwise_losses import (LevelDifferenceHead, PairwiseLoss, centred_cosine, diversity_loss,
+from pairwise_losses import (LevelDifferenceHead, PairwiseLoss, centred_cosine, code_consensus,
+                             diversity_loss,
                              info_nce, level_difference_loss, pairwise_losses, reverse_gradient,
                              similarity_loss, split_views, swap_latents)
 
@@ -472,6 +473,45 @@ def test_invariance_loss_contrasts_the_content_codebook_with_its_changed_copy():
         == pytest.approx(1.0)
     with pytest.raises(ValueError, match="pairwise.invariance"):
         PairwiseLoss(invariance_weight=-1.0)
+
+
+CODES = torch.tensor([[0., 0.], [2., 0.], [0., 2.]])
+
+
+def test_code_consensus_is_the_normalised_margin_to_the_pairs_code():
+    # Frame 0: both views on code 0 (agree). Frame 1: a on code 1, b at (0.9, 0), whose own
+    # code is 0; their mean (1.45, 0) is nearest code 1, so b pays
+    # (|b - e1|^2 - |b - e0|^2) / |e0 - e1|^2 = (1.21 - 0.81) / 4 = 0.1 and a pays nothing.
+    a = torch.tensor([[[0., 2.], [0., 0.]]], requires_grad=True)
+    b = torch.tensor([[[0., 0.9], [0., 0.]]], requires_grad=True)
+    out = code_consensus(a, b, CODES)
+    assert out.loss.item() == pytest.approx((0 + 0.1) / 2 / 2)
+    assert out.agreement.item() == 0.5
+    out.loss.sum().backward()
+    assert a.grad.abs().sum() == 0  # a already takes the pair's code
+    assert b.grad[0, 0, 1] < 0 and b.grad[0, 1, 1] == 0  # descent moves b toward code 1
+    # Scale-free: the same geometry 100x larger costs the same; a view on its own code
+    # (the far side of the boundary) costs 1.
+    big = code_consensus(100 * a.detach(), 100 * b.detach(), 100 * CODES)
+    assert big.loss.item() == pytest.approx(out.loss.item(), rel=1e-5)
+    on_code = torch.tensor([[[0.], [0.]]])  # on code 0; with (2.5, 0) the pair's code is 1
+    far = torch.tensor([[[2.5], [0.]]])
+    assert code_consensus(on_code, far, CODES).loss.item() == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_consensus_loss_is_weighted_scheduled_and_zero_for_views_coded_alike():
+    loss = PairwiseLoss(consensus_weight=2.0, start_step=10, schedule='linear', ramp_steps=10)
+    assert loss.uses_consensus and not PairwiseLoss().uses_consensus
+    a = torch.tensor([[[0., 2.], [0., 0.]]])
+    b = torch.tensor([[[0., 0.9], [0., 0.]]])
+    out = loss.consensus_loss([a, b], CODES, step=15)
+    assert out['consensus'].item() == pytest.approx(0.025)
+    assert out['l_consensus'].item() == pytest.approx(0.5 * 2.0 * 0.025)
+    assert loss.consensus_loss([a, b], CODES, step=5)['l_consensus'].item() == 0.0
+    alike = loss.consensus_loss([a, a + 0.1], CODES, step=20)
+    assert alike['consensus'].item() == 0.0 and alike['consensus_agreement'].item() == 1.0
+    with pytest.raises(ValueError, match="consensus_weight"):
+        PairwiseLoss(consensus_weight=-1.0)
 
 
 # ----------------------------------------------------------------------------- level differences

@@ -20,7 +20,7 @@ from reference_step import reference_step
 from configuration import prepare_config
 from losses import discriminator_loss, feature_matching_loss, generator_adv_loss
 import spatial_cues
-from pairwise_losses import info_nce, level_difference_loss, split_views, swap_latents
+from pairwise_losses import code_consensus, info_nce, level_difference_loss, split_views, swap_latents
 from parts import WarmupCosine, build_parts
 from runtime import Runtime, seed_everything
 from step_faults import fp16_scalers, nan_time_loss, overflowing_gradient
@@ -342,6 +342,30 @@ def test_invariance_encodes_a_changed_first_view_at_its_scale_without_touching_t
     # The changed copy leaves no trace in the codebooks' statistics.
     for name, tensor in quantizers["0.5"].items():
         assert torch.equal(tensor, quantizers["0"][name]), name
+
+
+@pytest.mark.parametrize("content_codebook", [0, 1])
+def test_consensus_scores_what_the_content_codebook_quantized(content_codebook):
+    cfg, runtime, parts = tiny_setup([*CONTRASTIVE, "pairwise.consensus_weight=2.0",
+                                      "pairwise.xrec_weight=0",
+                                      f"pairwise.content_codebook={content_codebook}",
+                                      f"pairwise.channel_codebook={1 - content_codebook}"])
+    wavs, metas = level_pair(cfg)
+    init_codebooks(parts, wavs)
+    model = copy.deepcopy(parts.raw_model)
+    result = train_step(parts, runtime, wavs, metas, step=3, adversarial=False, update_disc=False,
+                        grad_clip=0.0, bins=cfg.model.bins, measure_gradients=True)
+    # Written out: codebook k quantizes the encoder output minus the earlier codebooks'
+    # vectors, at the pair's scale; the codes are those of the codebook after its update.
+    x = wavs.flatten(0, 1)
+    out = model.train()(x, return_embeddings=True, scale=model.shared_scale(x, VIEWS))
+    quantized = out.latent - sum(e for e in out.embeddings[:content_codebook])
+    a, b = (view[0] for view in split_views([quantized], VIEWS))
+    want = code_consensus(a, b, model.quantizer.codebooks[content_codebook].embed)
+    assert result.scalars["consensus"] == pytest.approx(want.loss.mean().item(), rel=1e-5)
+    assert result.scalars["l_consensus"] == pytest.approx(2 * want.loss.mean().item(), rel=1e-5)
+    assert result.scalars["consensus_agreement"] == pytest.approx(want.agreement.item())
+    assert result.scalars["consensus"] > 0 and result.scalars["grad_ratio_consensus"] > 0
 
 
 def test_the_design_documents_recipe_keeps_a_scale_per_channel():
