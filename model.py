@@ -77,6 +77,8 @@ class EncodecModel(nn.Module):
         dead_code_threshold (float): EMA count below which a code is replaced (0 disables).
         kmeans_buffer (float): Each codebook's k-means runs on `kmeans_buffer x bins` vectors
             gathered over training forwards, codebook after codebook (0: the first batch).
+        content_dims (int): 0, or the latent dimensions codebook 1 alone quantizes (codebook 2
+            the others): see `ResidualVectorQuantizer`.
     """
 
     # Floor of the RMS used for audio normalisation: silence gives a finite scale and gradient.
@@ -89,7 +91,8 @@ class EncodecModel(nn.Module):
                  residual_layers: int = 1, lstm: int = 2, causal: bool = True,
                  norm: str = "weight_norm", audio_normalize: bool = True,
                  ema_decay: float = 0.99, epsilon: float = 1e-5, kmeans_iters: int = 50,
-                 dead_code_threshold: float = 2, kmeans_buffer: float = 10):
+                 dead_code_threshold: float = 2, kmeans_buffer: float = 10,
+                 content_dims: int = 0):
         super().__init__()
         seanet = dict(channels=channels, dimension=dimension, n_filters=filters,
                       n_residual_layers=residual_layers, ratios=tuple(ratios), norm=norm,
@@ -98,7 +101,8 @@ class EncodecModel(nn.Module):
         self.quantizer = ResidualVectorQuantizer(
             dimension=dimension, n_q=n_q, bins=bins, decay=ema_decay, epsilon=epsilon,
             kmeans_init=True, kmeans_iters=kmeans_iters,
-            threshold_ema_dead_code=dead_code_threshold, kmeans_buffer=kmeans_buffer)
+            threshold_ema_dead_code=dead_code_threshold, kmeans_buffer=kmeans_buffer,
+            content_dims=content_dims)
         self.decoder = SEANetDecoder(**seanet)
         self._sample_rate = int(sample_rate)
         self.channels = channels

@@ -193,6 +193,9 @@ class EuclideanCodebook(nn.Module):
         # resumed mid-gather initialises exactly as an uninterrupted one; its variable length is
         # handled by `_load_from_state_dict`.
         self.register_buffer("kmeans_samples", torch.zeros(0, dim))
+        # The latent dimensions this codebook quantizes (1) and ignores (0); not saved: it is
+        # the model's structure (`ResidualVectorQuantizer(content_dims=...)`), not its state.
+        self.register_buffer("dims", torch.ones(dim), persistent=False)
 
     # ---------------------------------------------------------------- status
     @property
@@ -218,13 +221,13 @@ class EuclideanCodebook(nn.Module):
 
     # ---------------------------------------------------------------- quantization
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Codes `[N]` of vectors `x` `[N, D]`."""
+        """Codes `[N]` of vectors `x` `[N, D]` (of their dimensions in `dims`)."""
         with float32_region(x):
-            return nearest_code(x.float(), self.embed)
+            return nearest_code(x.float() * self.dims, self.embed * self.dims)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Vectors `[..., D]` of `codes` `[...]`."""
-        return F.embedding(codes, self.embed)
+        """Vectors `[..., D]` of `codes` `[...]` (0 outside `dims`)."""
+        return F.embedding(codes, self.embed) * self.dims
 
     def forward(self, x: torch.Tensor,
                 gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +241,7 @@ class EuclideanCodebook(nn.Module):
             the chosen vectors `[N, D]` (before this step's update) and their codes `[N]`.
         """
         with float32_region(x):
-            x = x.detach().float()
+            x = x.detach().float() * self.dims  # k-means, EMA and dead codes see only `dims`
             if self.training:
                 self.init_embed_(x, gather)
             codes = self.encode(x)
@@ -305,6 +308,18 @@ class EuclideanCodebook(nn.Module):
         # Only the length adapts: a wrong vector dimension is still reported as a mismatch.
         self.kmeans_samples = self.kmeans_samples.new_zeros(state_dict[key].shape[0], self.dim)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if bool((self.embed * (1 - self.dims)).abs().sum() > 0):
+            self.reset_()  # codes of a quantizer without `dims` (e.g. an unsplit start point)
+
+    @torch.no_grad()
+    def reset_(self) -> None:
+        """Forget every code: the next training forwards run k-means again (on vectors of
+        this codebook's `dims`). A split quantizer (`content_dims`) that starts from the codes
+        of an unsplit one gets fresh codes of its own dimensions, not projections of codes
+        that were fitted to every dimension."""
+        for buffer in (self.inited, self.cluster_size, self.embed, self.embed_avg):
+            buffer.zero_()
+        self.kmeans_samples = self.kmeans_samples.new_zeros(0, self.dim)
 
     # ---------------------------------------------------------------- updates
     @property
@@ -382,14 +397,24 @@ class ResidualVectorQuantizer(nn.Module):
         kmeans_buffer (float): Each codebook runs k-means on `kmeans_buffer x bins` vectors
             gathered over training forwards; codebook k starts gathering once codebooks < k are
             initialised, so that it sees their true residuals. 0: the first training batch.
+        content_dims (int): 0: every codebook quantizes every dimension (EnCodec's RVQ).
+            C > 0: codebook 1 quantizes the first C latent dimensions only and codebook 2 the
+            other D - C (codebooks 3.. everything that is left), so that what codebook 2 codes
+            cannot change codebook 1's choice: a content part and a channel part of the latent
+            (issue 9). Each codebook then sees, updates and decodes only its dimensions.
     """
 
     def __init__(self, dimension: int = 128, n_q: int = 2, bins: int = 1024, decay: float = 0.99,
                  epsilon: float = 1e-5, kmeans_init: bool = True, kmeans_iters: int = 50,
-                 threshold_ema_dead_code: float = 2, kmeans_buffer: float = 10):
+                 threshold_ema_dead_code: float = 2, kmeans_buffer: float = 10,
+                 content_dims: int = 0):
         super().__init__()
         if n_q < 1 or bins < 2:
             raise ValueError(f"need n_q >= 1 and bins >= 2, got n_q={n_q}, bins={bins}.")
+        if content_dims and not (0 < content_dims < dimension and n_q >= 2):
+            raise ValueError(f"model.content_dims={content_dims} must be 0 (off) or between 1 and "
+                             f"model.dimension - 1 = {dimension - 1}, with n_q >= 2 (got "
+                             f"n_q={n_q}).")
         self.dimension = dimension
         self.n_q = n_q
         self.bins = bins
@@ -399,6 +424,10 @@ class ResidualVectorQuantizer(nn.Module):
                 decay=decay, epsilon=epsilon, threshold_ema_dead_code=threshold_ema_dead_code,
                 kmeans_buffer=kmeans_buffer))
             for _ in range(n_q)])
+        self.content_dims = int(content_dims)
+        if content_dims:
+            self.codebooks[0].dims[content_dims:] = 0
+            self.codebooks[1].dims[:content_dims] = 0
 
     @property
     def codebooks(self) -> list[EuclideanCodebook]:
@@ -447,9 +476,10 @@ class ResidualVectorQuantizer(nn.Module):
                 vectors, indices = codebook(flat, gather=earlier_initialized)
                 earlier_initialized = earlier_initialized and codebook.initialized
                 chosen = vectors.view(batch, frames, dim).transpose(1, 2)
-                commit_per_item = commit_per_item + (residual - chosen).pow(2).mean(dim=(1, 2))
+                coded = residual * codebook.dims[:, None]  # what this codebook quantizes
+                commit_per_item = commit_per_item + (coded - chosen).pow(2).mean(dim=(1, 2))
                 if return_embeddings:
-                    embeddings.append(residual + (chosen - residual).detach())
+                    embeddings.append(coded + (chosen - coded).detach())
                 # `chosen` has no gradient, so the next residual keeps an identity gradient to x.
                 residual = residual - chosen
                 total = total + chosen
@@ -476,7 +506,8 @@ class ResidualVectorQuantizer(nn.Module):
                 flat = residual.detach().transpose(1, 2).reshape(-1, dim)
                 chosen = codebook.decode(codebook.encode(flat)).view(batch, frames, dim)
                 chosen = chosen.transpose(1, 2)
-                embeddings.append(residual + (chosen - residual).detach())
+                coded = residual * codebook.dims[:, None]
+                embeddings.append(coded + (chosen - coded).detach())
                 residual = residual - chosen
         return embeddings
 

@@ -244,12 +244,13 @@ def consensus_terms(parts: Parts, out: EncodecOutput, views: int,
     """`PairwiseLoss.consensus_loss` on what the content codebook quantized: the encoder
     output minus the earlier codebooks' vectors, split into views."""
     k = parts.pairwise.content_codebook
+    codebook = parts.raw_model.quantizer.codebooks[k]
     residual = out.latent.float()
     for earlier in out.embeddings[:k]:
         residual = residual - earlier.detach()
+    residual = residual * codebook.dims[:, None]  # the dimensions it codes (model.content_dims)
     per_view = [view[0] for view in split_views([residual], views)]
-    embed = parts.raw_model.quantizer.codebooks[k].embed
-    return parts.pairwise.consensus_loss(per_view, embed, step)
+    return parts.pairwise.consensus_loss(per_view, codebook.embed * codebook.dims, step)
 
 
 CUE_BANDS = 8  # band levels of the cue terms: spatial_cues.band_levels' defaults (100 Hz - 11 kHz)
