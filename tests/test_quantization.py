@@ -211,6 +211,62 @@ def test_embeddings_of_an_extra_view_are_the_forwards_without_updating_the_codeb
         torch.testing.assert_close(grad, weight, msg=f"codebook {k}: straight-through")
 
 
+def split_rvq(content_dims: int = 2, dim: int = DIM, n_q: int = 2) -> ResidualVectorQuantizer:
+    rvq = ResidualVectorQuantizer(dimension=dim, n_q=n_q, bins=BINS, kmeans_iters=2,
+                                  threshold_ema_dead_code=0, kmeans_buffer=0,
+                                  content_dims=content_dims)
+    rvq.train()(torch.randn(4, dim, 6))  # k-means on the first batch
+    return rvq
+
+
+def test_a_split_quantizer_codes_the_content_dims_in_codebook_1_and_the_rest_in_codebook_2():
+    torch.manual_seed(0)
+    rvq = split_rvq(content_dims=2)
+    for _ in range(3):  # EMA steps: the codes stay in their dimensions
+        rvq(torch.randn(4, DIM, 6))
+    first, second = rvq.codebooks
+    assert first.embed[:, 2:].abs().max() == 0 and second.embed[:, :2].abs().max() == 0
+    rvq.eval()
+    x = torch.randn(3, DIM, 5)
+    channel_changed, content_changed = x.clone(), x.clone()
+    channel_changed[:, 2:] += 5 * torch.randn(3, DIM - 2, 5)
+    content_changed[:, :2] += 5 * torch.randn(3, 2, 5)
+    codes = rvq.encode(x)
+    # What codebook 2 codes cannot move codebook 1's choice, and the converse.
+    assert torch.equal(rvq.encode(channel_changed)[:, 0], codes[:, 0])
+    assert torch.equal(rvq.encode(content_changed)[:, 1], codes[:, 1])
+    assert not torch.equal(rvq.encode(channel_changed)[:, 1], codes[:, 1])
+    out = rvq(x, return_embeddings=True)
+    assert torch.equal(out.codes, codes)
+    torch.testing.assert_close(rvq.decode(codes), out.quantized)
+    # Each embedding carries the gradient of its own dimensions only.
+    x.requires_grad_(True)
+    out = rvq(x, return_embeddings=True)
+    for k, own in enumerate((slice(0, 2), slice(2, DIM))):
+        (grad,) = torch.autograd.grad(out.embeddings[k].sum(), x, retain_graph=True)
+        assert (grad[:, own] == 1).all() and grad.sum() == grad[:, own].numel()
+    with pytest.raises(ValueError, match="content_dims"):
+        ResidualVectorQuantizer(dimension=DIM, n_q=2, bins=BINS, content_dims=DIM)
+    with pytest.raises(ValueError, match="content_dims"):
+        ResidualVectorQuantizer(dimension=DIM, n_q=1, bins=BINS, content_dims=2)
+
+
+def test_a_split_quantizer_reinitialises_codes_loaded_from_an_unsplit_one():
+    torch.manual_seed(0)
+    unsplit = inited_rvq(n_q=2)
+    split = ResidualVectorQuantizer(dimension=DIM, n_q=2, bins=BINS, kmeans_iters=2,
+                                    threshold_ema_dead_code=0, kmeans_buffer=0, content_dims=2)
+    split.load_state_dict(unsplit.state_dict())
+    assert not split.initialized and all(cb.embed.abs().max() == 0 for cb in split.codebooks)
+    split.train()(torch.randn(4, DIM, 6))  # k-means again, on its own dimensions
+    assert split.initialized
+    again = ResidualVectorQuantizer(dimension=DIM, n_q=2, bins=BINS, content_dims=2)
+    again.load_state_dict(split.state_dict())  # a split checkpoint keeps its codes
+    assert again.initialized
+    for mine, theirs in zip(again.codebooks, split.codebooks):
+        assert torch.equal(mine.embed, theirs.embed)
+
+
 def test_commit_loss_sums_codebooks_and_pulls_every_residual():
     torch.manual_seed(0)
     rvq = inited_rvq(n_q=2).eval()
