@@ -108,6 +108,7 @@ LIMITS: dict[str, Rule] = {
     "model.kmeans_iters": AT_LEAST_1,
     "model.kmeans_buffer": NON_NEGATIVE,
     "model.dead_code_threshold": NON_NEGATIVE,
+    "model.content_share": DECAY,  # [0, 1): 1 would leave codebook 2 no dimension
     "discriminator.filters": AT_LEAST_1,
     "discriminator.n_ffts": AT_LEAST_1,
     "discriminator.hop_lengths": AT_LEAST_1,
@@ -148,6 +149,10 @@ LIMITS: dict[str, Rule] = {
     "pairwise.nce_projection": NON_NEGATIVE,
     "pairwise.xrec_weight": NON_NEGATIVE,
     "pairwise.cue_weight": NON_NEGATIVE,
+    "pairwise.consensus_weight": NON_NEGATIVE,
+    "pairwise.invariance.weight": NON_NEGATIVE,
+    "pairwise.invariance.band_gain_db": NON_NEGATIVE,
+    "pairwise.invariance.max_delay": NON_NEGATIVE,
     "pairwise.channel_classifier.weight": NON_NEGATIVE,
     "pairwise.channel_classifier.num_channels": AT_LEAST_1,
     "pairwise.ild_head.n_bands": AT_LEAST_1,

@@ -77,8 +77,8 @@ class EncodecModel(nn.Module):
         dead_code_threshold (float): EMA count below which a code is replaced (0 disables).
         kmeans_buffer (float): Each codebook's k-means runs on `kmeans_buffer x bins` vectors
             gathered over training forwards, codebook after codebook (0: the first batch).
-        content_dims (int): 0, or the latent dimensions codebook 1 alone quantizes (codebook 2
-            the others): see `ResidualVectorQuantizer`.
+        content_share (float): 0, or the share of the latent dimensions that codebook 1 alone
+            quantizes (codebook 2 the others): `ResidualVectorQuantizer(content_dims=...)`.
     """
 
     # Floor of the RMS used for audio normalisation: silence gives a finite scale and gradient.
@@ -92,8 +92,10 @@ class EncodecModel(nn.Module):
                  norm: str = "weight_norm", audio_normalize: bool = True,
                  ema_decay: float = 0.99, epsilon: float = 1e-5, kmeans_iters: int = 50,
                  dead_code_threshold: float = 2, kmeans_buffer: float = 10,
-                 content_dims: int = 0):
+                 content_share: float = 0.0):
         super().__init__()
+        if not 0.0 <= content_share < 1.0:
+            raise ValueError(f"model.content_share must be in [0, 1), got {content_share}.")
         seanet = dict(channels=channels, dimension=dimension, n_filters=filters,
                       n_residual_layers=residual_layers, ratios=tuple(ratios), norm=norm,
                       causal=causal, lstm=lstm)
@@ -102,7 +104,7 @@ class EncodecModel(nn.Module):
             dimension=dimension, n_q=n_q, bins=bins, decay=ema_decay, epsilon=epsilon,
             kmeans_init=True, kmeans_iters=kmeans_iters,
             threshold_ema_dead_code=dead_code_threshold, kmeans_buffer=kmeans_buffer,
-            content_dims=content_dims)
+            content_dims=round(content_share * dimension))
         self.decoder = SEANetDecoder(**seanet)
         self._sample_rate = int(sample_rate)
         self.channels = channels

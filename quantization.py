@@ -412,9 +412,9 @@ class ResidualVectorQuantizer(nn.Module):
         if n_q < 1 or bins < 2:
             raise ValueError(f"need n_q >= 1 and bins >= 2, got n_q={n_q}, bins={bins}.")
         if content_dims and not (0 < content_dims < dimension and n_q >= 2):
-            raise ValueError(f"model.content_dims={content_dims} must be 0 (off) or between 1 and "
-                             f"model.dimension - 1 = {dimension - 1}, with n_q >= 2 (got "
-                             f"n_q={n_q}).")
+            raise ValueError(f"content_dims={content_dims} (model.content_share x model.dimension) "
+                             f"must be 0 (off) or between 1 and {dimension - 1}, with n_q >= 2 "
+                             f"(got n_q={n_q}).")
         self.dimension = dimension
         self.n_q = n_q
         self.bins = bins

@@ -248,7 +248,7 @@ def consensus_terms(parts: Parts, out: EncodecOutput, views: int,
     residual = out.latent.float()
     for earlier in out.embeddings[:k]:
         residual = residual - earlier.detach()
-    residual = residual * codebook.dims[:, None]  # the dimensions it codes (model.content_dims)
+    residual = residual * codebook.dims[:, None]  # the dimensions it codes (model.content_share)
     per_view = [view[0] for view in split_views([residual], views)]
     return parts.pairwise.consensus_loss(per_view, codebook.embed * codebook.dims, step)
 

@@ -18,7 +18,8 @@
 #   FIRST_SEED first training seed (default 1)
 #   VARIANTS   space-separated subset of "mono seed paired" (default all three); a variant
 #              NAME:OVERRIDES is the paired config with comma-separated Hydra overrides, e.g.
-#              "paired nocue:pairwise.cue_weight=0 head:pairwise.ild_head.enabled=true"
+#              "paired nocue:pairwise.cue_weight=0 head:pairwise.ild_head.enabled=true", and
+#              NAME:mono,OVERRIDES the mono config with them ("rvq:mono,model.content_share=0")
 #   WANDB      disabled | offline | online (default disabled)
 #   STEPS      fine-tuning steps per run (default 800; raise it on a GPU)
 #   DEVICE     cpu | cuda (default cpu)
@@ -48,9 +49,12 @@ train() {  # train VARIANT SEED
   local script=train_paired_gpu.py config=config_paired_nq2 recipe=()
   case "$variant" in
     mono) script=train_single_gpu.py; config=config_mono_nq2 ;;
-    seed) recipe=(pairwise=seed) ;;
+    seed) recipe=(pairwise=seed model.content_share=0) ;;
     paired) ;;
-    *:*) IFS=, read -r -a recipe <<< "${variant#*:}"; variant="${variant%%:*}"; dir="$out/$variant/seed$seed" ;;
+    *:*) IFS=, read -r -a recipe <<< "${variant#*:}"; variant="${variant%%:*}"; dir="$out/$variant/seed$seed"
+         if [ "${recipe[0]:-}" = mono ]; then
+           script=train_single_gpu.py; config=config_mono_nq2; recipe=("${recipe[@]:1}")
+         fi ;;
     *) echo "unknown variant '$variant' in VARIANTS (use mono, seed, paired or NAME:OVERRIDES)" >&2; exit 2 ;;
   esac
   if latest_checkpoint "$dir" >/dev/null 2>&1 && [ -f "$dir/.complete" ]; then
