@@ -368,3 +368,25 @@ def test_codebooks_initialise_in_order_after_enough_training_forwards():
         progress.append(model.kmeans_progress)
         assert len(progress) < 10
     assert progress == [[0.75, 0.0], [1.0, 0.75], [1.0, 1.0]]
+
+
+def test_a_split_model_fine_tunes_an_unsplit_start_with_fresh_codebooks(cfg_factory, tmp_path):
+    start = ready(make_tiny())
+    path = tmp_path / "start.pt"
+    torch.save({"model": start.state_dict(), "config": {}}, path)
+    cfg = cfg_factory("config_paired_nq2", [f"model.init_from={path}", "model.filters=4",
+                                            "model.dimension=16", "model.bins=32",
+                                            "model.lstm=1", "model.content_share=0.25"])
+    model = EncodecModel.from_config(cfg.model)
+    assert model.quantizer.content_dims == 4
+    torch.testing.assert_close(model.encoder.model[0].conv.conv.weight,
+                               start.encoder.model[0].conv.conv.weight)
+    # The start's codes span every dimension: the split model runs its own k-means.
+    assert not model.codebooks_initialized
+    model.train()
+    while not model.codebooks_initialized:
+        model(0.1 * torch.randn(8, 1, 2400))
+    first, second = model.quantizer.codebooks
+    assert first.embed[:, 4:].abs().max() == 0 and second.embed[:, :4].abs().max() == 0
+    with pytest.raises(ValueError, match="content_share"):
+        make_tiny(content_share=1.0)

@@ -627,6 +627,10 @@ def test_paired_default_is_contrastive_and_seed_is_the_design_documents_recipe(c
     assert seed['xrec_weight'] == 0 and seed['start_step'] == 0 and seed['cue_weight'] == 0
     assert not seed['shared_scale'] and not seed['wait_for_kmeans']
     assert not seed['ild_head']['enabled'] and not seed['channel_classifier']['enabled']
+    assert seed['consensus_weight'] == 0 and seed['invariance']['weight'] == 0
+    # The document's quantizer is EnCodec's RVQ; the paired default splits it, mono does not.
+    assert cfg_factory("config_paired_nq2").model.content_share == 0.5
+    assert cfg_factory("config_mono_nq2").model.content_share == 0
 
 
 def test_contrastive_group_composes_from_the_command_line(cfg_factory):
@@ -660,8 +664,9 @@ def test_from_config_reads_every_key(cfg_factory):
               "ild_head.enabled": True, "ild_head.n_bands": 5, "ild_head.hidden": 11,
               "ild_head.weight": 0.6, "ild_head.adv_weight": 0.9, "ild_head.reversal": 0.5,
               "ild_head.floor_db": 2.0, "wait_for_kmeans": True, "shared_scale": True,
-              "cue_weight": 0.8}
-    heads = ("channel_classifier", "ild_head")
+              "cue_weight": 0.8, "consensus_weight": 1.5, "invariance.weight": 0.7,
+              "invariance.band_gain_db": 4.0, "invariance.max_delay": 1.5}
+    heads = ("channel_classifier", "ild_head", "invariance")
     assert set(values) == {f"{k}.{sub}" if k in heads else k
                            for k, v in group_file("seed").items()
                            for sub in (v if k in heads else [None])}
@@ -686,7 +691,10 @@ def test_from_config_reads_every_key(cfg_factory):
             "ild_head.weight": loss.ild_weight, "ild_head.adv_weight": loss.ild_adv_weight,
             "ild_head.reversal": loss.ild_reversal, "ild_head.floor_db": loss.ild_floor_db,
             "wait_for_kmeans": loss.wait_for_kmeans, "shared_scale": loss.shared_scale,
-            "cue_weight": loss.cue_weight}
+            "cue_weight": loss.cue_weight, "consensus_weight": loss.consensus_weight,
+            "invariance.weight": loss.invariance_weight,
+            "invariance.band_gain_db": loss.invariance_band_gain_db,
+            "invariance.max_delay": loss.invariance_max_delay}
     assert read == values
 
 

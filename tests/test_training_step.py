@@ -27,7 +27,7 @@ from step_faults import fp16_scalers, nan_time_loss, overflowing_gradient
 from training_step import discriminate, frozen, normalisation_scale, train_step
 
 BATCH, VIEWS = 2, 2
-SEED_RECIPE = ["pairwise=seed"]  # the design document's (config_paired_nq2's default: contrastive)
+SEED_RECIPE = ["pairwise=seed", "model.content_share=0"]  # the design document's (config_paired_nq2: contrastive, split)
 
 
 def tiny_setup(overrides: list[str] | None = None, runtime: Runtime | None = None):
