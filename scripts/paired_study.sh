@@ -4,9 +4,11 @@
 #
 #   bash scripts/paired_study.sh
 #
-# Trains the variants `mono` (config_mono_nq2), `seed` (config_paired_nq2 with
-# pairwise=seed, the design document's recipe) and `paired` (config_paired_nq2 as it is, the
-# default recipe), each fine-tuned from the same starting point (pretrained/start_demo.pt,
+# Trains the variants `mono` (config_mono_nq2), `mono_split` (config_mono_nq2 on the paired
+# default's split quantizer: the mono baseline of the same architecture), `seed`
+# (config_paired_nq2 with pairwise=seed model.content_share=0, the design document's recipe),
+# `rvq` (the default pairwise recipe on EnCodec's unsplit quantizer) and `paired`
+# (config_paired_nq2 as it is, the default recipe), each fine-tuned from the same starting point (pretrained/start_demo.pt,
 # made by scripts/pretrain_start.sh) for the same optimizer steps with the same batch of
 # items, for SEEDS seeds; evaluates every seed's variants side by side with evaluate.py on
 # the held-out classes; prints the table of mean +- std over seeds (scripts/study_table.py).
@@ -16,10 +18,10 @@
 #   OUT        work folder (default runs/paired_study); checkpoints in OUT/<variant>/seed<N>/
 #   SEEDS      seeds per variant (default 3: training seeds FIRST_SEED..FIRST_SEED+SEEDS-1)
 #   FIRST_SEED first training seed (default 1)
-#   VARIANTS   space-separated subset of "mono seed paired" (default all three); a variant
-#              NAME:OVERRIDES is the paired config with comma-separated Hydra overrides, e.g.
-#              "paired nocue:pairwise.cue_weight=0 head:pairwise.ild_head.enabled=true", and
-#              NAME:mono,OVERRIDES the mono config with them ("rvq:mono,model.content_share=0")
+#   VARIANTS   space-separated subset of "mono mono_split seed rvq paired" (default all five);
+#              a variant NAME:OVERRIDES is the paired config with comma-separated Hydra
+#              overrides, e.g. "paired nocue:pairwise.cue_weight=0 head:pairwise.ild_head.enabled=true",
+#              and NAME:mono,OVERRIDES the mono config with them ("m4:mono,model.content_share=0.25")
 #   WANDB      disabled | offline | online (default disabled)
 #   STEPS      fine-tuning steps per run (default 800; raise it on a GPU)
 #   DEVICE     cpu | cuda (default cpu)
@@ -36,7 +38,7 @@ out="$(mkdir -p "${OUT:-$here/runs/paired_study}" && cd "${OUT:-$here/runs/paire
 seeds="${SEEDS:-3}"
 first_seed="${FIRST_SEED:-1}"
 seed_list="$(seq "$first_seed" $(( first_seed + seeds - 1 )))"
-variants="${VARIANTS:-mono seed paired}"
+variants="${VARIANTS:-mono mono_split seed rvq paired}"
 steps="${STEPS:-800}"
 start="${START:-$here/pretrained/start_demo.pt}"
 [ -f "$start" ] || { echo "no starting point at $start: run scripts/pretrain_start.sh" >&2; exit 1; }
@@ -44,18 +46,25 @@ if [ -n "${DATA_ROOT:-}" ]; then data="$DATA_ROOT"; else data="$out/data"; synth
 per_epoch=100
 epochs=$(( (steps + per_epoch - 1) / per_epoch ))
 
+paired_content_share() {  # the split of config_paired_nq2, for its mono baseline
+  sed -n 's/^ *content_share: *\([0-9.]*\).*/\1/p' "$here/config/config_paired_nq2.yaml"
+}
+
 train() {  # train VARIANT SEED
   local variant="$1" seed="$2" dir="$out/$1/seed$2"
   local script=train_paired_gpu.py config=config_paired_nq2 recipe=()
   case "$variant" in
     mono) script=train_single_gpu.py; config=config_mono_nq2 ;;
+    mono_split) script=train_single_gpu.py; config=config_mono_nq2
+                recipe=("model.content_share=$(paired_content_share)") ;;
     seed) recipe=(pairwise=seed model.content_share=0) ;;
+    rvq) recipe=(model.content_share=0) ;;
     paired) ;;
     *:*) IFS=, read -r -a recipe <<< "${variant#*:}"; variant="${variant%%:*}"; dir="$out/$variant/seed$seed"
          if [ "${recipe[0]:-}" = mono ]; then
            script=train_single_gpu.py; config=config_mono_nq2; recipe=("${recipe[@]:1}")
          fi ;;
-    *) echo "unknown variant '$variant' in VARIANTS (use mono, seed, paired or NAME:OVERRIDES)" >&2; exit 2 ;;
+    *) echo "unknown variant '$variant' in VARIANTS (use mono, mono_split, seed, rvq, paired or NAME:OVERRIDES)" >&2; exit 2 ;;
   esac
   if latest_checkpoint "$dir" >/dev/null 2>&1 && [ -f "$dir/.complete" ]; then
     phase "$variant seed $seed: done before, reused"; return

@@ -44,19 +44,24 @@ def option(call: list[str], key: str) -> str | None:
 def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluated(tmp_path, jobs):
     result, calls = run_study(tmp_path, SEEDS="2", FIRST_SEED="7", STEPS="250", JOBS=jobs,
                               VARIANTS="mono seed paired head:pairwise.ild_head.enabled=true,pairwise.cue_weight=0 "
-                                       "msplit:mono,model.content_share=0.5")
+                                       "msplit:mono,model.content_share=0.25 mono_split rvq")
     assert result.returncode == 0, result.stderr
     trains = [c for c in calls if c[0].endswith(("train_single_gpu.py", "train_paired_gpu.py"))]
     runs = {(Path(option(c, "checkpoint.save_folder")).parent.name, option(c, "common.seed")): c
             for c in trains}
-    assert set(runs) == {(v, s) for v in ("mono", "seed", "paired", "head", "msplit")
-                         for s in ("7", "8")}
+    assert set(runs) == {(v, s) for v in ("mono", "seed", "paired", "head", "msplit",
+                                          "mono_split", "rvq") for s in ("7", "8")}
     assert runs["mono", "7"][0].endswith("train_single_gpu.py")
     assert "--config-name=config_mono_nq2" in runs["mono", "7"]
     assert {"pairwise=seed", "model.content_share=0"} <= set(runs["seed", "7"])
     assert runs["msplit", "8"][0].endswith("train_single_gpu.py")
     assert "--config-name=config_mono_nq2" in runs["msplit", "8"]
-    assert "model.content_share=0.5" in runs["msplit", "8"] and "mono" not in runs["msplit", "8"]
+    assert "model.content_share=0.25" in runs["msplit", "8"] and "mono" not in runs["msplit", "8"]
+    # The mono baseline of the paired default's architecture, and the paired recipe unsplit.
+    assert "--config-name=config_mono_nq2" in runs["mono_split", "7"]
+    assert "model.content_share=0.5" in runs["mono_split", "7"]
+    assert "--config-name=config_paired_nq2" in runs["rvq", "7"]
+    assert "model.content_share=0" in runs["rvq", "7"]
     assert not any(a.startswith("pairwise") for a in runs["paired", "7"])  # the config as it is
     assert {"pairwise.ild_head.enabled=true", "pairwise.cue_weight=0"} <= set(runs["head", "8"])
     # The same start, steps and batch for every run: 250 steps = 3 epochs of at most 100.
@@ -66,7 +71,7 @@ def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluate
     evals = [c for c in calls if c[0].endswith("evaluate.py")]
     assert [option(c, "out_dir") for c in evals] == [str(tmp_path / "out" / "eval" / f"seed{s}")
                                                      for s in (7, 8)]
-    assert option(evals[1], "labels") == "[mono,seed,paired,head,msplit]"
+    assert option(evals[1], "labels") == "[mono,seed,paired,head,msplit,mono_split,rvq]"
     assert "/head/seed8/" in option(evals[1], "checkpoints")
     table = [c for c in calls if c[0].endswith("study_table.py")]
     assert table[0][1:] == [str(tmp_path / "out" / "eval" / f"seed{s}" / "metrics.json") for s in (7, 8)]
