@@ -16,10 +16,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 test: venv
 	$(PY) -m pytest -q tests
 
-# A few minutes on 2 CPU cores: a small synthetic scene set, mono and paired fine-tuned from
-# the common starting point (pretrained/start_demo.pt), evaluated side by side.
+# A few minutes on 2 CPU cores: a small synthetic scene set, mono (EnCodec's quantizer and the
+# split one of the paired default) and paired fine-tuned from the common starting point
+# (pretrained/start_demo.pt), evaluated side by side.
 demo: venv
-	OUT=runs/demo SEEDS=1 VARIANTS="mono paired" STEPS=200 EVAL_PAIRS=64 SYNTH_FILES=2 JOBS=2 \
+	OUT=runs/demo SEEDS=1 VARIANTS="mono mono_split paired" STEPS=200 EVAL_PAIRS=64 SYNTH_FILES=2 JOBS=2 \
 	SYNTH_SECONDS=20 WANDB=offline bash scripts/paired_study.sh
 
 bench: venv

@@ -163,14 +163,21 @@ def test_shared_content_codes_carry_the_references_codebook_1_and_each_channels_
     assert torch.allclose(scale.reshape(()), x.pow(2).mean().sqrt(), rtol=1e-5)
 
 
-def test_codebook_2_coding_the_references_residual_is_never_worse_in_the_latent(tiny):
+def test_codebook_2_coding_the_references_residual_is_never_worse_in_the_latent(cfg_factory,
+                                                                                tmp_path, tiny):
+    rvq = save_tiny_checkpoint(cfg_factory(overrides=["model.content_share=0"]), tmp_path / "rvq.pt")
     x = channels_at_levels()
-    latent = sc.encode_latents(tiny, x, sc.common_scale(tiny, x))
-    closed = sc.encode_shared_content(tiny, x, reference=0, residual="reference").codes
-    opened = sc.encode_shared_content(tiny, x, reference=0, residual="own").codes
+    latent = sc.encode_latents(rvq, x, sc.common_scale(rvq, x))
+    closed = sc.encode_shared_content(rvq, x, reference=0, residual="reference").codes
+    opened = sc.encode_shared_content(rvq, x, reference=0, residual="own").codes
     assert not torch.equal(closed, opened)
-    error = [(latent - tiny.quantizer.decode(codes)).norm(dim=1) for codes in (closed, opened)]
+    error = [(latent - rvq.quantizer.decode(codes)).norm(dim=1) for codes in (closed, opened)]
     assert (error[0] <= error[1] + 1e-6).all() and (error[0] < error[1] - 1e-6).any()
+    # A split quantizer's codebook 2 does not see codebook 1's dimensions: either residual
+    # gives the same codes.
+    assert tiny.quantizer.content_dims > 0
+    assert torch.equal(sc.encode_shared_content(tiny, x, reference=0, residual="reference").codes,
+                       sc.encode_shared_content(tiny, x, reference=0, residual="own").codes)
 
 
 def test_long_inputs_are_coded_in_chunks_of_channels_with_the_same_result(tiny, monkeypatch):
