@@ -359,9 +359,13 @@ def test_consensus_scores_what_the_content_codebook_quantized(content_codebook):
     # vectors, at the pair's scale; the codes are those of the codebook after its update.
     x = wavs.flatten(0, 1)
     out = model.train()(x, return_embeddings=True, scale=model.shared_scale(x, VIEWS))
+    # (The paired config's split quantizer: codebook k codes only its own dimensions.)
+    codebook = model.quantizer.codebooks[content_codebook]
+    assert model.quantizer.content_dims > 0
     quantized = out.latent - sum(e for e in out.embeddings[:content_codebook])
+    quantized = quantized * codebook.dims[:, None]
     a, b = (view[0] for view in split_views([quantized], VIEWS))
-    want = code_consensus(a, b, model.quantizer.codebooks[content_codebook].embed)
+    want = code_consensus(a, b, codebook.embed * codebook.dims)
     assert result.scalars["consensus"] == pytest.approx(want.loss.mean().item(), rel=1e-5)
     assert result.scalars["l_consensus"] == pytest.approx(2 * want.loss.mean().item(), rel=1e-5)
     assert result.scalars["consensus_agreement"] == pytest.approx(want.agreement.item())
