@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("study", type=Path, help="OUT folder of scripts/paired_study.sh")
     parser.add_argument("--data-root", required=True, help="the study's DATA_ROOT")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--variants", nargs="+", default=["mono", "seed", "paired"])
+    parser.add_argument("--variants", nargs="+", default=["mono", "mono_split", "seed", "rvq", "paired"])
     parser.add_argument("--pairs", type=int, default=256)
     args = parser.parse_args()
     per_seed = [swap_gains(args.study, s, args.variants, args.data_root, args.pairs) for s in args.seeds]
