@@ -15,6 +15,9 @@ Two recipes are selected with the Hydra config group `pairwise=` (config/pairwis
   by log(number of candidates) so that a collapsed codebook scores 1 (chance) and a perfect
   one 0; a bounded cosine hinge on the centred codebook-2 embeddings; cross-reconstruction
   (`swap_latents`: content codebook of A + the other codebooks of B must decode to x_B).
+  Optional terms, off in both recipes: code consensus (`code_consensus`: the views take the
+  same content code) and invariance to a random channel-style change of a view
+  (`PairwiseLoss.invariance_loss`).
 
 Sign convention: every loss here is minimised. With `div_kind='neg_mse'` (the design
 document's default) `l_div` is the NEGATIVE mean squared distance between the channel-codebook

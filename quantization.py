@@ -32,6 +32,11 @@ Differences from the usual straight-through RVQ (EnCodec, SoundStream), on purpo
 
 The codebooks run once per forward: the codes returned are the codes decoded and the codes of
 the embeddings, and a training forward makes exactly one EMA update per codebook.
+
+Optionally the quantizer is split (`content_dims`): codebook 1 codes a first block of the
+latent's dimensions and codebook 2 the rest, so that nothing codebook 2 holds can change
+codebook 1's choice. In a residual quantizer codebook 1 chooses by the whole vector and
+whatever tells two channels apart moves its code first; split, a channel codebook can exist.
 """
 from __future__ import annotations
 
