@@ -27,6 +27,9 @@
 #   DEVICE     cpu | cuda (default cpu)
 #   START      starting point (default pretrained/start_demo.pt)
 #   EVAL_PAIRS validation pairs for the evaluation (default 256)
+#   EVAL_OUT   evaluation folder (default OUT/eval, the table in OUT/study.md; given: reports in
+#              EVAL_OUT/seed<N>/, the table in EVAL_OUT/study.md), so that an evaluation of other
+#              variants in the same OUT keeps the earlier one
 #   TRAIN_ONLY 1: train (or reuse) the runs and stop before the evaluation
 #   JOBS       training runs at once (default 1; on 2 CPU cores 2 runs of one thread each
 #              finish sooner than one after the other). Each run's console goes to
@@ -107,6 +110,7 @@ run_all
 if [ "${TRAIN_ONLY:-0}" = 1 ]; then phase "trained (TRAIN_ONLY=1): evaluation skipped"; exit 0; fi
 
 reports=()
+eval_out="${EVAL_OUT:-$out/eval}"; mkdir -p "$eval_out"
 for seed in $seed_list; do
   ckpts=(); labels=()
   for variant in $variants; do
@@ -116,11 +120,12 @@ for seed in $seed_list; do
   phase "evaluating seed $seed (${labels[*]})"
   "$py" "$here/evaluate.py" "checkpoints=[$(IFS=,; echo "${ckpts[*]}")]" \
     "labels=[$(IFS=,; echo "${labels[*]}")]" "datasets.data_root=$data" \
-    "datasets.val_pairs=${EVAL_PAIRS:-256}" "out_dir=$out/eval/seed$seed" "device=${DEVICE:-cpu}"
-  reports+=("$out/eval/seed$seed/metrics.json")
+    "datasets.val_pairs=${EVAL_PAIRS:-256}" "out_dir=$eval_out/seed$seed" "device=${DEVICE:-cpu}"
+  reports+=("$eval_out/seed$seed/metrics.json")
 done
 phase "table over $seeds seed(s)"
-"$py" "$here/scripts/study_table.py" "${reports[@]}" | tee "$out/study.md"
+table="${EVAL_OUT:+$eval_out/study.md}"
+"$py" "$here/scripts/study_table.py" "${reports[@]}" | tee "${table:-$out/study.md}"
 phase "done"
 cat <<EOF2
 Where things are (under $out):

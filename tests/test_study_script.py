@@ -88,3 +88,12 @@ def test_an_unknown_variant_is_one_clear_error(tmp_path):
     result, _ = run_study(tmp_path, SEEDS="1", VARIANTS="mono stereo")
     assert result.returncode != 0
     assert "unknown variant 'stereo'" in result.stderr
+
+
+def test_eval_out_keeps_an_earlier_evaluation_of_other_variants(tmp_path):
+    result, calls = run_study(tmp_path, SEEDS="1", VARIANTS="mono", EVAL_OUT=str(tmp_path / "ev2"))
+    assert result.returncode == 0, result.stderr
+    evals = [c for c in calls if c[0].endswith("evaluate.py")]
+    assert option(evals[0], "out_dir") == str(tmp_path / "ev2" / "seed1")
+    assert (tmp_path / "ev2" / "study.md").exists() and not (tmp_path / "out" / "study.md").exists()
+    assert not (tmp_path / "out" / "eval").exists()
