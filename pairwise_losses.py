@@ -799,6 +799,12 @@ class PairwiseLoss(nn.Module):
         logits = self.classifier(emb.flatten(0, 1))
         return F.cross_entropy(logits, channels.flatten().to(logits.device))
 
+    def content_nce(self, a: View, b: View) -> InfoNCE:
+        """`info_nce` of two views' content codebooks with this recipe's options."""
+        return info_nce(a[self.content_codebook], b[self.content_codebook], self.temperature,
+                        self.nce_pooling, self.nce_center, self.nce_same_segment_negatives,
+                        projection=self.projection)
+
     def similarity_terms(self, views: tp.Sequence[View]
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-item similarity `[B]` averaged over pairs, and detached extras for logging."""
@@ -808,10 +814,7 @@ class PairwiseLoss(nn.Module):
                                       views[j][self.content_codebook], self.sim_kind, 'none')
                       for i, j in pairs) / len(pairs)
             return sim, {}
-        results = [info_nce(views[i][self.content_codebook], views[j][self.content_codebook],
-                            self.temperature, self.nce_pooling, self.nce_center,
-                            self.nce_same_segment_negatives, projection=self.projection)
-                   for i, j in pairs]
+        results = [self.content_nce(views[i], views[j]) for i, j in pairs]
         sim = sum(r.loss for r in results) / len(results)
         accuracy = torch.stack([r.accuracy for r in results]).mean()
         return sim, {'nce_accuracy': accuracy}
@@ -951,7 +954,7 @@ class PairwiseLoss(nn.Module):
             the pair's code) and 'consensus_agreement' (fraction of frames coded alike).
         """
         results = [code_consensus(residuals[i], residuals[j], embed)
-                   for i, j in itertools.combinations(range(len(residuals)), 2)]
+                   for i, j in view_pairs(residuals)]
         consensus = torch.stack([r.loss.mean() for r in results]).mean()
         agreement = torch.stack([r.agreement for r in results]).mean()
         return {'l_consensus': self.schedule_factor(step) * self.consensus_weight * consensus,
@@ -983,9 +986,7 @@ class PairwiseLoss(nn.Module):
             dict: 'l_inv' (weighted), 'inv' (unweighted normalised InfoNCE, 1 = chance) and
             'nce_accuracy_inv' (fraction of anchors whose changed copy ranks first).
         """
-        nce = info_nce(view[self.content_codebook], changed[self.content_codebook],
-                       self.temperature, self.nce_pooling, self.nce_center,
-                       self.nce_same_segment_negatives, projection=self.projection)
+        nce = self.content_nce(view, changed)
         inv = nce.loss.mean()
         return {'l_inv': self.schedule_factor(step) * self.invariance_weight * inv,
                 'inv': inv.detach(), 'nce_accuracy_inv': nce.accuracy}

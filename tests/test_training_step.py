@@ -286,14 +286,21 @@ def test_contrastive_step_adds_cross_reconstruction_at_the_pairs_shared_scale(sh
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_cue_fidelity_scores_the_decoded_pairs_level_differences():
-    cfg, runtime, parts = tiny_setup([*CONTRASTIVE, "pairwise.cue_weight=0.5", "pairwise.xrec_weight=0"])
+def measured_step(overrides: list[str]):
+    """One step of the contrastive recipe with `overrides` on `level_pair` (codebooks
+    initialised, no adversarial terms, gradient ratios measured). Returns the config, the
+    parts after the step, a copy of the model before it, the flattened batch and the result."""
+    cfg, runtime, parts = tiny_setup([*CONTRASTIVE, *overrides])
     wavs, metas = level_pair(cfg)
     init_codebooks(parts, wavs)
     model = copy.deepcopy(parts.raw_model)
     result = train_step(parts, runtime, wavs, metas, step=3, adversarial=False, update_disc=False,
                         grad_clip=0.0, bins=cfg.model.bins, measure_gradients=True)
-    x = wavs.flatten(0, 1)
+    return cfg, parts, model, wavs.flatten(0, 1), result
+
+
+def test_cue_fidelity_scores_the_decoded_pairs_level_differences():
+    cfg, _, model, x, result = measured_step(["pairwise.cue_weight=0.5", "pairwise.xrec_weight=0"])
     out = model.train()(x, return_embeddings=True, scale=model.shared_scale(x, VIEWS))
     levels = lambda audio: spatial_cues.band_levels(audio, 24000, n_fft=1024).view(BATCH, VIEWS, -1)  # noqa: E731
     decoded, inputs = levels(out.audio), levels(x)
@@ -306,7 +313,6 @@ def test_cue_fidelity_scores_the_decoded_pairs_level_differences():
 
 def test_invariance_encodes_a_changed_first_view_at_its_scale_without_touching_the_codebooks(
         monkeypatch):
-    invariance = ["pairwise.invariance.weight=0.5", "pairwise.xrec_weight=0"]
     changed, original = [], channel_change.random_channel_change
 
     def recorded_change(x, *args):
@@ -316,21 +322,14 @@ def test_invariance_encodes_a_changed_first_view_at_its_scale_without_touching_t
     monkeypatch.setattr(training_step.channel_change, "random_channel_change", recorded_change)
     quantizers = {}
     for weight in ("0.5", "0"):
-        cfg, runtime, parts = tiny_setup([*CONTRASTIVE, *invariance[1:],
-                                          f"pairwise.invariance.weight={weight}"])
-        wavs, metas = level_pair(cfg)
-        init_codebooks(parts, wavs)
-        model = copy.deepcopy(parts.raw_model)
-        result = train_step(parts, runtime, wavs, metas, step=3, adversarial=False,
-                            update_disc=False, grad_clip=0.0, bins=cfg.model.bins,
-                            measure_gradients=True)
+        _, parts, model, x, result = measured_step(["pairwise.xrec_weight=0",
+                                                    f"pairwise.invariance.weight={weight}"])
         quantizers[weight] = parts.raw_model.quantizer.state_dict()
         if weight == "0":
             assert "l_inv" not in result.scalars and len(changed) == 1  # no extra encode
             continue
         # Written out: the changed copy of channel 1 at channel 1's scale (the pair's), coded
         # by the codebooks as they were, contrasted with channel 1's content codes.
-        x = wavs.flatten(0, 1)
         scale = model.shared_scale(x, VIEWS)
         out = model.train()(x, return_embeddings=True, scale=scale)
         first = split_views(out.embeddings, VIEWS)[0]
@@ -346,18 +345,11 @@ def test_invariance_encodes_a_changed_first_view_at_its_scale_without_touching_t
 
 @pytest.mark.parametrize("content_codebook", [0, 1])
 def test_consensus_scores_what_the_content_codebook_quantized(content_codebook):
-    cfg, runtime, parts = tiny_setup([*CONTRASTIVE, "pairwise.consensus_weight=2.0",
-                                      "pairwise.xrec_weight=0",
-                                      f"pairwise.content_codebook={content_codebook}",
-                                      f"pairwise.channel_codebook={1 - content_codebook}"])
-    wavs, metas = level_pair(cfg)
-    init_codebooks(parts, wavs)
-    model = copy.deepcopy(parts.raw_model)
-    result = train_step(parts, runtime, wavs, metas, step=3, adversarial=False, update_disc=False,
-                        grad_clip=0.0, bins=cfg.model.bins, measure_gradients=True)
+    _, _, model, x, result = measured_step(["pairwise.consensus_weight=2.0", "pairwise.xrec_weight=0",
+                                            f"pairwise.content_codebook={content_codebook}",
+                                            f"pairwise.channel_codebook={1 - content_codebook}"])
     # Written out: codebook k quantizes the encoder output minus the earlier codebooks'
     # vectors, at the pair's scale; the codes are those of the codebook after its update.
-    x = wavs.flatten(0, 1)
     out = model.train()(x, return_embeddings=True, scale=model.shared_scale(x, VIEWS))
     # (The paired config's split quantizer: codebook k codes only its own dimensions.)
     codebook = model.quantizer.codebooks[content_codebook]
