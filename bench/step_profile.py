@@ -18,14 +18,21 @@ CUDA, `torch.cuda.max_memory_allocated`. Rounds alternate the order of the proce
 
     python bench/step_profile.py [--batch 8] [--seconds 1.0] [--steps 3] [--rounds 2]
                                  [--modes paired,mono] [--threads 0] [--device auto]
-                                 [--override key=value ...] [--json out.json]
+                                 [--seed-root PATH] [--override key=value ...] [--json out.json]
+
+``--seed-root`` adds the mode ``seed``: the seed system (the public EnCodec training fork the
+design document was written for: github.com/Madhudorai/encodec-pytorch, with the modules of
+its upstream) run side by side, from a checkout at PATH. Its own `train_one_step_paired`
+(train_paired_gpu.py) runs on one batch of B pairs per call, with its model, discriminator,
+optimizers, schedulers and balancer built as its `train_paired` builds them from its
+config/config_paired_nq2.yaml; phases ``adv`` and ``upd`` force its discriminator coin
+(`random.random() < 0.5`) off and on. Its `.cuda()` calls are made no-ops on the CPU.
 
 Prints one line per measurement, then the table (median s/step, peak memory), the
 adversarial part (adv - gen, upd - gen) next to the discriminator's own cost, the step of
-the training mix (1/3 adv + 2/3 upd, `discriminator.update_prob`), paired(B) / mono(2B) and
-the ratios to the reference implementation's paired step (28.2 s, 9.6 GB: measured on this
-kind of machine, `../shared/notes/reference-implementation-defects.md`; it is not available
-to run side by side here).
+the training mix (1/3 adv + 2/3 upd, `discriminator.update_prob`), paired(B) / mono(2B) and,
+with ``--seed-root``, paired over the seed system's paired step (``paired_over_seed_time=``,
+``paired_over_seed_memory=``, per phase and for each system's training mix).
 """
 from __future__ import annotations
 
@@ -41,9 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The reference implementation's paired step at batch 8 x 1 s, 2 CPU threads (defects note).
-REFERENCE_S, REFERENCE_GB = 28.2, 9.6
 PHASES = ("gen", "adv", "upd")
+SEED_UPDATE_PROB = 0.5  # the seed system's discriminator coin: random.random() < 0.5
 
 
 def current_rss_peak_mb() -> float:
@@ -83,6 +89,15 @@ def build(views: int, batch: int, device: str, overrides: list[str]):
     parts = build_parts(cfg, runtime, steps_per_epoch=1000)
     del torch
     return cfg, runtime, parts
+
+
+def build_config_value(key: str, overrides: list[str]):
+    """One value of the composed paired config (no parts built)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        cfg = compose(config_name="config_paired_nq2", overrides=["datasets.data_root=unused", *overrides])
+    return OmegaConf.select(cfg, key)
 
 
 def synchronize(runtime) -> None:
@@ -164,12 +179,123 @@ def measure_discriminator(views: int, batch: int, args) -> dict:
             "device": str(runtime.device), "threads": torch.get_num_threads()}
 
 
+class ForcedCoin:
+    """Stands in for the `random` module in the seed's training script: `random()` returns
+    `value`; everything else is the real module."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def random(self) -> float:
+        return self.value
+
+    def __getattr__(self, name: str):
+        import random
+        return getattr(random, name)
+
+
+def run_seed_on_cpu() -> None:
+    """The seed system hard-codes CUDA: `.cuda()` on tensors and modules, and `device='cuda'`
+    in `torch.tensor` / `torch.hann_window` calls of its losses and mel transform. Make those
+    no-ops so that its step runs unchanged on the CPU."""
+    import types
+    import torch
+
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+
+    def on_cpu(fn):
+        return lambda *a, device=None, **k: fn(*a, **k)
+
+    cpu_torch = types.ModuleType("torch")
+    cpu_torch.__getattr__ = lambda name: getattr(torch, name)
+    cpu_torch.tensor, cpu_torch.hann_window = on_cpu(torch.tensor), on_cpu(torch.hann_window)
+    for name in ("losses", "audio_to_mel"):
+        if name in sys.modules and hasattr(sys.modules[name], "torch"):
+            sys.modules[name].torch = cpu_torch
+
+
+def build_seed_step(root: Path, batch: int, device: str):
+    """The seed system's paired step as its `train_paired` sets it up; returns
+    `step(wav1, wav2, update_disc)`, which runs its `train_one_step_paired` on one batch."""
+    import random
+    import torch
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(root))
+    import train_paired_gpu as seed  # noqa: E402  (the checkout's own module)
+    if device != "cuda":
+        run_seed_on_cpu()
+
+    config = OmegaConf.load(root / "config" / "config_paired_nq2.yaml")
+    config.datasets.batch_size = batch
+    m = config.model
+    random.seed(0)
+    torch.manual_seed(0)
+    model = seed.EncodecModel._get_model(
+        m.target_bandwidths, m.sample_rate, m.channels, causal=m.causal, model_norm=m.norm,
+        audio_normalize=m.audio_normalize, segment=eval(m.segment), name=m.name, ratios=m.ratios,
+        n_q=m.n_q).to(device)
+    disc = seed.MultiScaleSTFTDiscriminator(
+        in_channels=m.channels, out_channels=m.channels, filters=m.filters,
+        hop_lengths=m.disc_hop_lengths, win_lengths=m.disc_win_lengths,
+        n_ffts=m.disc_n_ffts).to(device)
+    optimizer = torch.optim.Adam([{"params": [p for p in model.parameters() if p.requires_grad],
+                                   "lr": config.optimization.lr}], betas=(0.5, 0.9))
+    optimizer_disc = torch.optim.Adam([{"params": [p for p in disc.parameters() if p.requires_grad],
+                                        "lr": config.optimization.disc_lr}], betas=(0.5, 0.9))
+    iters = 1000
+    schedulers = [seed.WarmupCosineLrScheduler(opt, max_iter=config.common.max_epoch * iters,
+                                               eta_ratio=0.1, warmup_iter=config.lr_scheduler.warmup_epoch * iters,
+                                               warmup_ratio=1e-4) for opt in (optimizer, optimizer_disc)]
+    scaler = torch.amp.GradScaler() if config.common.amp else None
+    scaler_disc = torch.amp.GradScaler() if config.common.amp else None
+    balancer = seed.Balancer(dict(config.balancer.weights)) if hasattr(config, "balancer") else None
+    epoch = max(1, config.lr_scheduler.warmup_epoch)  # past warmup: the discriminator may train
+    coin = ForcedCoin()
+    seed.random = coin  # the step draws its discriminator coin from its module's `random`
+
+    def step(wav1, wav2, update_disc: bool) -> None:
+        coin.value = 0.0 if update_disc else 1.0
+        seed.train_one_step_paired(epoch, optimizer, optimizer_disc, model, disc, [(wav1, wav2)],
+                                   config, *schedulers, scaler, scaler_disc, balancer, None)
+
+    return config, step
+
+
+def measure_seed_step(batch: int, phase: str, args) -> dict:
+    """Median time and peak memory of `args.steps` paired steps of the seed system."""
+    import torch
+
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    config, step = build_seed_step(Path(args.seed_root).resolve(), batch, device)
+    runtime = type("Runtime", (), {"device": torch.device(device)})()
+    length = int(args.seconds * config.model.sample_rate)
+    gen = torch.Generator().manual_seed(0)
+    times, cpu = [], []
+    for i in range(args.steps + 1):  # step 0: warm-up (k-means init, allocator growth)
+        wav1, wav2 = (0.1 * torch.randn(batch, 1, length, generator=gen).to(device) for _ in range(2))
+        if i == 1:
+            reset_peaks(runtime)
+        synchronize(runtime)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step(wav1, wav2, update_disc=phase == "upd")
+        synchronize(runtime)
+        if i >= 1:
+            times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+    return {"times": times, "cpu_times": cpu, **peaks(runtime), "device": device,
+            "threads": torch.get_num_threads()}
+
+
 def child(args) -> None:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    views, batch = (2, args.batch) if args.mode == "paired" else (1, 2 * args.batch)
-    if args.phase == "disc":
+    views, batch = (2, args.batch) if args.mode in ("paired", "seed") else (1, 2 * args.batch)
+    if args.mode == "seed":
+        result = measure_seed_step(batch, args.phase, args)
+    elif args.phase == "disc":
         result = measure_discriminator(views, batch, args)
     else:
         result = measure_step(views, batch, args.phase, args)
@@ -180,6 +306,7 @@ def run_child(mode: str, phase: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", "--mode", mode, "--phase", phase,
            "--batch", str(args.batch), "--seconds", str(args.seconds), "--steps", str(args.steps),
            "--device", args.device, "--threads", str(args.threads),
+           *(["--seed-root", args.seed_root] if args.seed_root else []),
            *[f"--override={o}" for o in args.override]]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -233,9 +360,10 @@ def report(table: dict[tuple[str, str], dict], args) -> None:
     for mode in modes:
         adv, upd = table.get((mode, "adv")), table.get((mode, "upd"))
         if adv and upd:
-            mix[mode] = {key: (adv[key] + 2 * upd[key]) / 3 for key in ("s", "cpu_s")}
+            p_upd = SEED_UPDATE_PROB if mode == "seed" else args.update_prob
+            mix[mode] = {key: (1 - p_upd) * adv[key] + p_upd * upd[key] for key in ("s", "cpu_s")}
             print(f"{mode}_mixed_s_per_step={mix[mode]['s']:.2f} cpu={mix[mode]['cpu_s']:.2f} "
-                  f"(1/3 adv + 2/3 upd) peak_{memory}={max(adv[memory], upd[memory]):.2f}")
+                  f"({1 - p_upd:.2f} adv + {p_upd:.2f} upd) peak_{memory}={max(adv[memory], upd[memory]):.2f}")
     if "paired" in mix and "mono" in mix:
         print(f"paired_over_mono2B={mix['paired']['s'] / mix['mono']['s']:.3f} "
               f"(cpu {mix['paired']['cpu_s'] / mix['mono']['cpu_s']:.3f}; mixed step)")
@@ -244,12 +372,16 @@ def report(table: dict[tuple[str, str], dict], args) -> None:
                 paired, mono = table[("paired", phase)], table[("mono", phase)]
                 print(f"  {phase}: paired_over_mono2B={paired['s'] / mono['s']:.3f} "
                       f"(cpu {paired['cpu_s'] / mono['cpu_s']:.3f})")
-    if "paired" in mix and args.batch == 8 and memory == "rss_gb":
-        peak = max(table[("paired", p)]["rss_gb"] for p in ("adv", "upd"))
-        print(f"paired_over_reference_time={mix['paired']['s'] / REFERENCE_S:.3f} (goal <= 0.40; "
-              f"reference {REFERENCE_S} s/step from the defects note, not measured here)")
-        print(f"paired_over_reference_memory={peak / REFERENCE_GB:.3f} (goal <= 0.55; "
-              f"reference {REFERENCE_GB} GB)")
+    if "paired" in mix and "seed" in mix:
+        ours = max(table[("paired", p)][memory] for p in ("adv", "upd"))
+        theirs = max(table[("seed", p)][memory] for p in ("adv", "upd"))
+        print(f"paired_over_seed_time={mix['paired']['s'] / mix['seed']['s']:.3f} "
+              f"(cpu {mix['paired']['cpu_s'] / mix['seed']['cpu_s']:.3f}; each system's training mix; goal <= 0.40)")
+        print(f"paired_over_seed_memory={ours / theirs:.3f} (peak {label}; goal <= 0.55)")
+        for phase in ("adv", "upd"):
+            paired, seed = table[("paired", phase)], table[("seed", phase)]
+            print(f"  {phase}: paired_over_seed_time={paired['s'] / seed['s']:.3f} "
+                  f"(cpu {paired['cpu_s'] / seed['cpu_s']:.3f})")
 
 
 def main() -> None:
@@ -262,6 +394,8 @@ def main() -> None:
     ap.add_argument("--phases", default="gen,adv,upd,disc")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed-root", default=None,
+                    help="a checkout of the seed system: time its paired step side by side (mode seed)")
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override")
     ap.add_argument("--json", default=None, help="also write the measurements here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -272,9 +406,16 @@ def main() -> None:
         child(args)
         return
     args.modes = args.modes.split(",")
-    # The discriminator alone sees the same 2B segments in both modes: measured once.
+    if args.seed_root:
+        if not (Path(args.seed_root) / "train_paired_gpu.py").is_file():
+            sys.exit(f"--seed-root {args.seed_root}: no train_paired_gpu.py there; "
+                     "pass a checkout of github.com/Madhudorai/encodec-pytorch")
+        args.modes.append("seed")
+    args.update_prob = float(build_config_value("discriminator.update_prob", args.override))
+    # The discriminator alone sees the same 2B segments in both modes: measured once; the
+    # seed system's step has no generator-only phase here.
     jobs = [(mode, phase) for phase in args.phases.split(",") for mode in args.modes
-            if phase != "disc" or mode == args.modes[0]]
+            if (phase != "disc" or mode == args.modes[0]) and (mode != "seed" or phase in ("adv", "upd"))]
     runs: dict[tuple[str, str], list[dict]] = {}
     print(f"batch={args.batch} seconds={args.seconds} steps={args.steps} rounds={args.rounds} "
           f"threads={args.threads or 'default'} OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} "
