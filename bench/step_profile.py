@@ -355,7 +355,8 @@ def report(table: dict[tuple[str, str], dict], args) -> None:
                             f"(cpu {get(phase, 'cpu_s') - get('gen', 'cpu_s'):.2f}s)")
         if get("disc") is not None:
             line.append(f"disc_fwd_bwd={get('disc'):.2f}s disc_nograd_fwd={get('disc', 'forward_s'):.2f}s")
-        print(" ".join(line))
+        if len(line) > 1:
+            print(" ".join(line))
     mix = {}
     for mode in modes:
         adv, upd = table.get((mode, "adv")), table.get((mode, "upd"))
