@@ -46,8 +46,9 @@ class WarmupCosine:
 class Parts:
     """The parts of training.
 
-    `model` is what the step calls: DDP (and `torch.compile`) wrappers of `raw_model` when
-    the runtime asks for them, the raw module otherwise. `disc` is `raw_disc` itself: the step
+    `model` is what the step calls: the DDP wrapper of `raw_model` under several processes,
+    the raw module otherwise; under `common.compile` its encoder and decoder are compiled in
+    place (`compile_generator`). `disc` is `raw_disc` itself: the step
     runs its scales one at a time (`training_step.discriminate`), which DDP cannot wrap, so
     its initial weights are broadcast from rank 0 and its gradients averaged by hand; under
     `common.compile` each scale is compiled in place. State dicts always come from the raw
@@ -81,6 +82,8 @@ def build_parts(cfg: DictConfig, runtime: Runtime, steps_per_epoch: int) -> Part
     from 2 on) and a schedule of `common.max_epoch * steps_per_epoch` optimizer steps."""
     device = runtime.device
     raw_model = EncodecModel.from_config(cfg.model).to(device)
+    if cfg.common.compile:
+        compile_generator(raw_model)
     raw_disc = (MultiScaleSTFTDiscriminator.from_config(cfg.discriminator).to(device)
                 if cfg.discriminator.enabled else None)
     if raw_disc is not None and cfg.model.init_from:
@@ -99,7 +102,7 @@ def build_parts(cfg: DictConfig, runtime: Runtime, steps_per_epoch: int) -> Part
                             cfg.common.max_epoch * steps_per_epoch)
     return Parts(
         raw_model=raw_model, raw_disc=raw_disc,
-        model=wrap_for_runtime(raw_model, cfg, runtime, compile_module=cfg.common.compile),
+        model=wrap_for_runtime(raw_model, cfg, runtime),
         disc=raw_disc,
         generator_loss=generator_loss, pairwise=pairwise, balancer=balancer,
         opt_g=opt_g, opt_d=opt_d,
@@ -148,9 +151,8 @@ def build_optimizers(opt_cfg: DictConfig, model: nn.Module, disc: nn.Module | No
     return opt_g, opt_d
 
 
-def wrap_for_runtime(module: nn.Module, cfg: DictConfig, runtime: Runtime,
-                     compile_module: bool = False) -> nn.Module:
-    """DDP under several processes (then `torch.compile` if asked); the module itself otherwise."""
+def wrap_for_runtime(module: nn.Module, cfg: DictConfig, runtime: Runtime) -> nn.Module:
+    """DDP under several processes; the module itself otherwise."""
     wrapped = module
     if runtime.world_size > 1:
         # Codebooks are kept identical by the quantizer's own all-reduce, so DDP need not
@@ -158,7 +160,24 @@ def wrap_for_runtime(module: nn.Module, cfg: DictConfig, runtime: Runtime,
         wrapped = nn.parallel.DistributedDataParallel(
             module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
             broadcast_buffers=False, find_unused_parameters=cfg.distributed.find_unused_parameters)
-    return torch.compile(wrapped) if compile_module else wrapped
+    return wrapped
+
+
+def compile_generator(model: EncodecModel) -> None:
+    """`torch.compile` the encoder and the decoder in place (`common.compile`), each as one
+    graph; the quantizer stays eager.
+
+    The quantizer's codebook updates are data-dependent (k-means on the first batch, dead-code
+    replacement, code counts): compiled with the rest, they split the generator into ~28
+    graphs, and each piece of the split convolution stacks is then compiled per module
+    instance until the recompile limit sends the rest back to eager. The LSTMs need
+    `allow_rnn` to be traced; in place, the state dict keeps its keys.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.allow_rnn = True
+    model.encoder.compile()
+    model.decoder.compile()
 
 
 def compile_discriminator(disc: MultiScaleSTFTDiscriminator) -> None:

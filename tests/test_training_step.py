@@ -499,6 +499,46 @@ def test_compile_compiles_each_discriminator_scale_in_place():
     assert all(scale._compiled_call_impl is None for scale in plain.raw_disc.discriminators)
 
 
+def test_compile_traces_the_encoder_and_the_decoder_whole_and_leaves_the_quantizer_eager():
+    import torch._dynamo
+    cfg, _, parts = tiny_setup(["common.compile=true"])
+    model = parts.raw_model
+    assert parts.model is model and model.quantizer._compiled_call_impl is None
+    latent = model.encoder(make_batch(cfg)[0].flatten(0, 1))
+    for stack, x in ((model.encoder, make_batch(cfg)[0].flatten(0, 1)), (model.decoder, latent.detach())):
+        assert stack._compiled_call_impl is not None
+        explained = torch._dynamo.explain(stack.forward)(x)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_a_compiled_step_computes_what_the_eager_step_computes(float64, monkeypatch):
+    # Dynamo's graphs and AOT autograd's forward and backward, without inductor's code
+    # generation (minutes on 2 cores): what our wiring decides is what is checked here.
+    compile_in_place = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: compile_in_place(self, **{"backend": "aot_eager", **kw}))
+    cfg, runtime, compiled = tiny_setup(["model.kmeans_buffer=0", "common.compile=true"])
+    _, _, eager = tiny_setup(["model.kmeans_buffer=0"])
+    for step, (adversarial, update_disc) in enumerate([(True, True)]):  # every pass of a step
+        wavs, metas = make_batch(cfg, seed=step)
+        results = []
+        for parts in (compiled, eager):
+            torch.manual_seed(step)  # dead-code draws, the same in both
+            results.append(train_step(parts, runtime, wavs, metas, step=step, adversarial=adversarial,
+                                      update_disc=update_disc, grad_clip=0.0, bins=cfg.model.bins))
+        got, want = results
+        assert got.ok and want.ok
+        for name, value in want.scalars.items():
+            assert got.scalars[name] == pytest.approx(value, rel=1e-6, abs=1e-12), f"step {step}: {name}"
+        for part in ("raw_model", "raw_disc"):
+            for (name, mine), theirs in zip(getattr(compiled, part).named_parameters(),
+                                            getattr(eager, part).parameters()):
+                torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-7, atol=1e-12,
+                                           msg=f"step {step}: {part}.{name}")
+        for (name, mine), theirs in zip(compiled.raw_model.named_buffers(), eager.raw_model.buffers()):
+            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-9, msg=f"step {step}: {name}")
+
+
 def test_frozen_restores_each_parameters_own_flag():
     module = torch.nn.Linear(2, 2)
     module.bias.requires_grad_(False)
