@@ -55,6 +55,9 @@ def build(views: int, batch: int, amp: str, compiled: bool):
     cfg = prepare_config(cfg)
     runtime = setup_runtime(cfg)
     seed_everything(0)
+    if compiled:  # each configuration compiles from scratch, as a training run would
+        import torch._dynamo
+        torch._dynamo.reset()
     return cfg, runtime, build_parts(cfg, runtime, steps_per_epoch=1000)
 
 
