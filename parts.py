@@ -153,14 +153,13 @@ def build_optimizers(opt_cfg: DictConfig, model: nn.Module, disc: nn.Module | No
 
 def wrap_for_runtime(module: nn.Module, cfg: DictConfig, runtime: Runtime) -> nn.Module:
     """DDP under several processes; the module itself otherwise."""
-    wrapped = module
-    if runtime.world_size > 1:
-        # Codebooks are kept identical by the quantizer's own all-reduce, so DDP need not
-        # broadcast buffers every step.
-        wrapped = nn.parallel.DistributedDataParallel(
-            module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
-            broadcast_buffers=False, find_unused_parameters=cfg.distributed.find_unused_parameters)
-    return wrapped
+    if runtime.world_size == 1:
+        return module
+    # Codebooks are kept identical by the quantizer's own all-reduce, so DDP need not
+    # broadcast buffers every step.
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+        broadcast_buffers=False, find_unused_parameters=cfg.distributed.find_unused_parameters)
 
 
 def compile_generator(model: EncodecModel) -> None:

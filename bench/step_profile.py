@@ -119,6 +119,24 @@ def peaks(runtime) -> dict:
     return {"peak_rss_mb": current_rss_peak_mb(), "peak_gpu_mb": gpu}
 
 
+def timed_steps(runtime, inputs: list, run) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of `run(i, inputs[i])` for every input but the first, a warm-up
+    (k-means init on the first batch, the allocator's growth); the peak-memory window starts
+    after it."""
+    times, cpu = [], []
+    for i, item in enumerate(inputs):
+        if i == 1:
+            reset_peaks(runtime)
+        synchronize(runtime)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        run(i, item)
+        synchronize(runtime)
+        if i >= 1:
+            times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+    return times, cpu
+
+
 def measure_step(views: int, batch: int, phase: str, args) -> dict:
     """Median time and peak memory of `args.steps` steps of one phase."""
     import torch
@@ -129,21 +147,15 @@ def measure_step(views: int, batch: int, phase: str, args) -> dict:
     gen = torch.Generator().manual_seed(0)
     metas = [{"class": "Beach", "channels": list(range(views)), "path": "", "start": 0}] * batch
     adversarial, update_disc = phase != "gen", phase == "upd"
-    times, cpu = [], []
-    for i in range(args.steps + 1):  # step 0: k-means init and the allocator's growth
-        wavs = 0.1 * torch.randn(batch, views, 1, length, generator=gen)
-        if i == 1:
-            reset_peaks(runtime)
-        synchronize(runtime)
-        start, start_cpu = time.perf_counter(), time.process_time()
+    batches = [0.1 * torch.randn(batch, views, 1, length, generator=gen) for _ in range(args.steps + 1)]
+
+    def run(i: int, wavs) -> None:
         result = train_step(parts, runtime, wavs, metas, step=i, adversarial=adversarial,
                             update_disc=update_disc, grad_clip=0.0, bins=cfg.model.bins)
-        synchronize(runtime)
-        if i >= 1:
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
         if not result.ok:
             raise RuntimeError(f"non-finite step in the benchmark ({phase}, views={views})")
+
+    times, cpu = timed_steps(runtime, batches, run)
     return {"times": times, "cpu_times": cpu, **peaks(runtime), "device": str(runtime.device),
             "threads": torch.get_num_threads()}
 
@@ -272,18 +284,9 @@ def measure_seed_step(batch: int, phase: str, args) -> dict:
     runtime = type("Runtime", (), {"device": torch.device(device)})()
     length = int(args.seconds * config.model.sample_rate)
     gen = torch.Generator().manual_seed(0)
-    times, cpu = [], []
-    for i in range(args.steps + 1):  # step 0: warm-up (k-means init, allocator growth)
-        wav1, wav2 = (0.1 * torch.randn(batch, 1, length, generator=gen).to(device) for _ in range(2))
-        if i == 1:
-            reset_peaks(runtime)
-        synchronize(runtime)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        step(wav1, wav2, update_disc=phase == "upd")
-        synchronize(runtime)
-        if i >= 1:
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
+    pairs = [[0.1 * torch.randn(batch, 1, length, generator=gen).to(device) for _ in range(2)]
+             for _ in range(args.steps + 1)]
+    times, cpu = timed_steps(runtime, pairs, lambda i, pair: step(*pair, update_disc=phase == "upd"))
     return {"times": times, "cpu_times": cpu, **peaks(runtime), "device": device,
             "threads": torch.get_num_threads()}
 
