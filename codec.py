@@ -50,10 +50,10 @@ import soundfile as sf
 import torch
 import torchaudio
 
-import shared_content
-from checks import DEVICE, POSITIVE, PathRule, check_flags
+from coding import shared_content
+from utils.checks import DEVICE, POSITIVE, PathRule, check_flags
 from model import EncodecModel, load_model
-from runtime import resolve_device
+from training.runtime import resolve_device
 
 MAGIC = b"PENCTOK1"
 FORMAT_VERSION = 2

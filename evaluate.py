@@ -5,7 +5,7 @@
 Every checkpoint (mono or paired) runs on the same fixed validation pairs: two channels of
 the same segment, encoded separately at ONE scale per pair (their common RMS), so mono and
 paired models are scored alike and no loudness restored from outside the codes can fake a
-channel difference. Metrics (metrics.py, spatial_cues.py, probes.py): reconstruction,
+channel difference. Metrics (measure/metrics.py, modules/spatial_cues.py, measure/probes.py): reconstruction,
 swap gain with its bootstrap interval, ILD / ITD fidelity beside predicting no difference,
 code agreement across channels beside chance and ceiling, probes trained fresh on frozen
 embeddings (folds grouped by file, shuffled-label baseline), codebook health.
@@ -13,8 +13,8 @@ embeddings (folds grouped by file, shuffled-label baseline), codebook health.
 Writes to `out_dir`: `metrics.json` (one entry per checkpoint; NaN written as null),
 `report.md` (the checkpoints side by side, each figure beside its reference, and a legend),
 `code_agreement.png`, `swap_gain.png`, `ild_scatter.png`, `codebook_usage.png`,
-`spectrograms.png` (plotting.py); and the same numbers to wandb when `wandb.mode` is not
-`disabled`. Config: config/evaluate.yaml. The measuring itself is `validation.py`'s, the
+`spectrograms.png` (measure/plots.py); and the same numbers to wandb when `wandb.mode` is not
+`disabled`. Config: config/evaluate.yaml. The measuring itself is `training/validation.py`'s, the
 same as the engine's per-epoch validation (which uses lighter probe settings).
 """
 from __future__ import annotations
@@ -31,14 +31,14 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-import plotting
-from configuration import check_command_line
-from loaders import make_loader
-from metrics import MIN_RESOLVED_SEPARATION, CheckpointReport, InstrumentSettings, flatten_metrics, per_codebook
+from measure import plots
+from training.configuration import check_command_line
+from training.loaders import make_loader
+from measure.metrics import MIN_RESOLVED_SEPARATION, CheckpointReport, InstrumentSettings, flatten_metrics, per_codebook
 from model import load_model
-from runtime import resolve_device
-from shared_content import shared_content_comparison
-from validation import array_geometry, evaluate_model, validation_dataset
+from training.runtime import resolve_device
+from coding.shared_content import shared_content_comparison
+from training.validation import array_geometry, evaluate_model, validation_dataset
 
 
 # ----------------------------------------------------------------------------------------
@@ -382,15 +382,15 @@ def write_report(reports: list[CheckpointReport], out_dir: Path) -> dict[str, Pa
              "spectrograms": out_dir / "spectrograms.png"}
     write_metrics_json(reports, files["metrics"])
     write_markdown(reports, files["report"])
-    plotting.plot_code_agreement(reports, files["code_agreement"])
-    plotting.plot_swap_gain(reports, files["swap_gain"])
+    plots.plot_code_agreement(reports, files["code_agreement"])
+    plots.plot_swap_gain(reports, files["swap_gain"])
     if any((r.results.get("per_pair") or {}).get("ild_true_db") for r in reports):
-        plotting.plot_ild_scatter(reports, files["ild_scatter"])
+        plots.plot_ild_scatter(reports, files["ild_scatter"])
     else:
         del files["ild_scatter"]
-    plotting.plot_codebook_usage(reports, files["codebook_usage"])
+    plots.plot_codebook_usage(reports, files["codebook_usage"])
     if any(r.examples for r in reports):
-        plotting.plot_spectrograms(reports, files["spectrograms"])
+        plots.plot_spectrograms(reports, files["spectrograms"])
     else:
         del files["spectrograms"]
     return files
@@ -400,7 +400,7 @@ def log_to_wandb(reports: list[CheckpointReport], files: dict[str, Path], cfg: D
     """The same numbers and plots to wandb (nothing when `wandb.mode=disabled`)."""
     if cfg.wandb.mode == "disabled":
         return
-    from tracking import Tracker
+    from training.tracking import Tracker
 
     tracker = Tracker(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name, Path(files["metrics"]).parent,
                       OmegaConf.to_container(cfg, resolve=True))

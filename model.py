@@ -17,9 +17,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-import checkpoints as ckpt_io
-from modules import SEANetDecoder, SEANetEncoder
-from quantization import EuclideanCodebook, ResidualVectorQuantizer
+from utils import checkpoints as ckpt_io
+from modules.seanet import SEANetDecoder, SEANetEncoder
+from modules.quantization import EuclideanCodebook, ResidualVectorQuantizer
 
 # Official 24 kHz EnCodec: causal, weight norm, no audio normalisation (its other
 # hyper-parameters are this class's defaults).

@@ -41,7 +41,7 @@ import torch
 import torchaudio
 from torch.utils.data import Dataset
 
-from eigenscape import SCENE_CLASSES
+from utils.eigenscape import SCENE_CLASSES
 
 AUDIO_EXTENSIONS = {".wav", ".wave", ".flac", ".w64", ".rf64", ".aif", ".aiff", ".caf", ".ogg"}
 PREPARED_DIRNAME = ".prepared"

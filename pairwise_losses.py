@@ -38,8 +38,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import distributed
-from quantization import nearest_code
+from utils import distributed
+from modules.quantization import nearest_code
 
 SIM_KINDS = ('mse', 'cosine', 'infonce')
 DIV_KINDS = ('neg_mse', 'cosine', 'margin', 'cos_hinge')

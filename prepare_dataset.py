@@ -30,8 +30,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from checks import AT_LEAST_1, DATA_ROOT, POSITIVE, PathRule, check_flags
-from eigenscape import SCENE_CLASSES
+from utils.checks import AT_LEAST_1, DATA_ROOT, POSITIVE, PathRule, check_flags
+from utils.eigenscape import SCENE_CLASSES
 from paired_channel_dataset import (PREPARED_DIRNAME, PREPARED_INDEX, PREPARED_SCALE, AudioFile,
                                     find_audio_files, read_wav_segment)
 

@@ -40,8 +40,8 @@ import numpy as np
 import soundfile as sf
 from scipy import signal, special
 
-from checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, PathRule, check_flags
-from eigenscape import CAPSULES, N_CAPSULES, SCENE_CLASSES, unit_vectors
+from utils.checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, PathRule, check_flags
+from utils.eigenscape import CAPSULES, N_CAPSULES, SCENE_CLASSES, unit_vectors
 
 SAMPLE_RATE = 48000
 SPEED_OF_SOUND = 343.0

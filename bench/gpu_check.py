@@ -43,9 +43,9 @@ def synchronize() -> None:
 
 def build(views: int, batch: int, amp: str, compiled: bool):
     from hydra import compose, initialize_config_dir
-    from configuration import prepare_config
-    from parts import build_parts
-    from runtime import seed_everything, setup_runtime
+    from training.configuration import prepare_config
+    from training.parts import build_parts
+    from training.runtime import seed_everything, setup_runtime
 
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
         cfg = compose(config_name="config_paired_nq2", overrides=[
@@ -73,7 +73,7 @@ def check_against_reference() -> str:
     """One float32 update step on the GPU, the toolkit's step against the reference step."""
     import torch
     from reference_step import reference_step
-    from training_step import train_step
+    from training.step import train_step
 
     cfg, runtime, parts = build(2, 4, "fp32", False)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -106,7 +106,7 @@ def check_against_reference() -> str:
 
 def measure(mode: str, batch: int, amp: str, compiled: bool, steps: int) -> dict:
     import torch
-    from training_step import discriminator_coin, train_step
+    from training.step import discriminator_coin, train_step
 
     views, items = (2 if mode == "paired" else 1), batch
     cfg, runtime, parts = build(views, items, amp, compiled)

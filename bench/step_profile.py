@@ -75,9 +75,9 @@ def reset_rss_peak() -> None:
 def build(views: int, batch: int, device: str, overrides: list[str]):
     import torch
     from hydra import compose, initialize_config_dir
-    from configuration import prepare_config
-    from parts import build_parts
-    from runtime import seed_everything, setup_runtime
+    from training.configuration import prepare_config
+    from training.parts import build_parts
+    from training.runtime import seed_everything, setup_runtime
 
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
         cfg = compose(config_name="config_paired_nq2", overrides=[
@@ -140,7 +140,7 @@ def timed_steps(runtime, inputs: list, run) -> tuple[list[float], list[float]]:
 def measure_step(views: int, batch: int, phase: str, args) -> dict:
     """Median time and peak memory of `args.steps` steps of one phase."""
     import torch
-    from training_step import train_step
+    from training.step import train_step
 
     cfg, runtime, parts = build(views, batch, args.device, args.override)
     length = int(args.seconds * cfg.model.sample_rate)

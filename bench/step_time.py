@@ -35,10 +35,10 @@ def compose_paired_config(overrides: list[str]):
 def time_mode(views: int, batch: int, seconds: float, steps: int, device: str,
               overrides: list[str]) -> dict:
     import torch
-    from configuration import prepare_config
-    from parts import build_parts
-    from runtime import seed_everything, setup_runtime
-    from training_step import discriminator_coin, train_step
+    from training.configuration import prepare_config
+    from training.parts import build_parts
+    from training.runtime import seed_everything, setup_runtime
+    from training.step import discriminator_coin, train_step
 
     cfg = compose_paired_config([f"common.device={device}", f"datasets.views={views}", *overrides])
     cfg = prepare_config(cfg)

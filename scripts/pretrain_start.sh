@@ -32,5 +32,5 @@ phase "mono pretraining: $steps steps"
   "checkpoint.save_folder=$work/mono" "hydra.run.dir=$work/mono/hydra" "${@:2}"
 
 mkdir -p "$(dirname "$out")"
-"$py" -c "import sys; sys.path.insert(0, '$here'); import checkpoints; print('wrote', checkpoints.export_start_point('$(latest_checkpoint "$work/mono")', '$out'))"
+"$py" -c "import sys; sys.path.insert(0, '$here'); from utils import checkpoints; print('wrote', checkpoints.export_start_point('$(latest_checkpoint "$work/mono")', '$out'))"
 phase "done"

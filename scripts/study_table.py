@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metrics import flatten_metrics  # noqa: E402
+from measure.metrics import flatten_metrics  # noqa: E402
 
 # (row label, value key, reference keys shown in brackets): keys of metrics.flatten_metrics.
 ROWS = [

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 from model import load_model  # noqa: E402
-from validation import array_geometry, evaluate_model  # noqa: E402
+from training.validation import array_geometry, evaluate_model  # noqa: E402
 
 
 def swap_gains(study: Path, seed: int, variants: list[str], data_root: str, pairs: int) -> dict:

@@ -1,6 +1,6 @@
 """The training step written out the straightforward way, as it was before the discriminator's
 side was made cheap (issue 10): whole-discriminator passes, the plain loss functions of
-`losses.py`, one backward of the weighted sum (or of the balancer's gradient), and the
+`modules/losses.py`, one backward of the weighted sum (or of the balancer's gradient), and the
 discriminator's hinge loss on the real audio and the detached fake, backpropagated after the
 generator's. `train_step` must compute the same losses, gradients and updates, up to float
 rounding (tests/test_training_step.py)."""
@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from losses import discriminator_loss
-from parts import Parts, set_learning_rates
-from runtime import Runtime
-from training_step import PAIRWISE_LOSS_TERMS, frozen, normalisation_scale, pairwise_terms
+from modules.losses import discriminator_loss
+from training.parts import Parts, set_learning_rates
+from training.runtime import Runtime
+from training.step import PAIRWISE_LOSS_TERMS, frozen, normalisation_scale, pairwise_terms
 
 
 def reference_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[dict[str, Any]],

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from losses import GeneratorLoss
+from modules.losses import GeneratorLoss
 
 
 @contextlib.contextmanager

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import spatial_cues
-from channel_change import channel_change, random_channel_change
+from modules import spatial_cues
+from modules.channel_change import channel_change, random_channel_change
 
 SR = 24_000
 

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 import codec
-import shared_content
+from coding import shared_content
 from model import EncodecModel
 
 

@@ -15,10 +15,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import configuration
-from checks import (AT_LEAST_1, DECAY, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Limit,
+from training import configuration
+from utils.checks import (AT_LEAST_1, DECAY, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Limit,
                     OneOf, PathRule, check_flags, is_number)
-from configuration import (DECLARED_TYPES, LIMITS, PATHS, check_limits, check_settings,
+from training.configuration import (DECLARED_TYPES, LIMITS, PATHS, check_limits, check_settings,
                            check_types, composed_configs, expected_type, job_overrides)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,15 +14,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-import checkpoints as ckpt_io
-import distributed
+from utils import checkpoints as ckpt_io
+from utils import distributed
 from conftest import ROOT
-from loaders import make_loader
-from parts import build_parts
-from runtime import setup_runtime
-from tracking import Tracker
+from training.loaders import make_loader
+from training.parts import build_parts
+from training.runtime import setup_runtime
+from training.tracking import Tracker
 from pairwise_losses import PairwiseLoss
-from validation import validate, validation_dataset
+from training.validation import validate, validation_dataset
 
 
 def free_port() -> int:

@@ -13,10 +13,10 @@ import torch
 from omegaconf import OmegaConf
 
 import evaluate
-from metrics import CheckpointReport
+from measure.metrics import CheckpointReport
 from test_codec import save_tiny_checkpoint
 from model import EncodecModel
-from validation import evaluate_model, latent_decoder
+from training.validation import evaluate_model, latent_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,7 +225,7 @@ def test_command_line_explains_a_missing_checkpoint(tmp_path):
 
 
 def test_wandb_gets_the_same_numbers_and_plots(tmp_path, monkeypatch):
-    import tracking
+    from training import tracking
 
     logged: dict = {}
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints as ckpt_io
-import engine
+from utils import checkpoints as ckpt_io
+from training import engine
 import paired_channel_dataset as pcd
-from configuration import ConfigError, prepare_config
+from training.configuration import ConfigError, prepare_config
+from training.parts import estimate_checkpoint_bytes
 from conftest import ROOT, make_config
 from model import EncodecModel
-from tracking import Tracker
+from training.tracking import Tracker
 
 HARNESS = ROOT / "tests" / "fault_harness.py"
 
@@ -293,9 +294,9 @@ def test_save_folder_unwritable_or_short_of_space(tmp_path, monkeypatch):
 
 def test_save_folder_room_estimate_before_the_first_checkpoint(tmp_path):
     cfg = make_config("config_paired_nq2", ["datasets.data_root=x"], tiny=False)
-    full = ckpt_io.estimate_checkpoint_bytes(cfg)
+    full = estimate_checkpoint_bytes(cfg)
     assert 170e6 < full < 230e6  # the issue measured ~180 MB for the full model
-    small = ckpt_io.estimate_checkpoint_bytes(tiny(tmp_path, tmp_path))
+    small = estimate_checkpoint_bytes(tiny(tmp_path, tmp_path))
     assert 1.5e6 < small < 3e6  # a tiny checkpoint is 2.3 MB on disk
 
 
@@ -464,7 +465,7 @@ def test_wandb_process_dying_is_reported_once_without_traceback(tmp_path):
     script = f"""
 import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})
 from fault_harness import _kill_wandb_service
-from tracking import Tracker
+from training.tracking import Tracker
 tracker = Tracker("offline", "test", None, {str(tmp_path)!r}, {{}})
 tracker.log({{"x": 1.0}}, step=1)
 assert _kill_wandb_service() == 1

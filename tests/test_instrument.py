@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-import metrics
-import eigenscape
+from measure import metrics
+from utils import eigenscape
 from model import EncodecModel, EncodecOutput
-from validation import accumulate, evaluate_model, measure_batch
+from training.validation import accumulate, evaluate_model, measure_batch
 
 HOP = 320
 RATE = 24000
@@ -382,10 +382,10 @@ def test_measure_batch_decodes_every_view_of_a_pair_at_one_scale():
 def test_per_epoch_validation_logs_the_instrument(cfg_factory, synth_root, caplog):
     """The engine's validation pass on a tiny paired model logs every instrument figure as
     `val/...` and the decisive ones on the console."""
-    from loaders import make_loader
-    from parts import build_parts
-    from runtime import setup_runtime
-    from validation import VAL_SUMMARY, validate, validation_dataset
+    from training.loaders import make_loader
+    from training.parts import build_parts
+    from training.runtime import setup_runtime
+    from training.validation import VAL_SUMMARY, validate, validation_dataset
 
     cfg = cfg_factory("config_paired_nq2", [f"datasets.data_root={synth_root}", "datasets.val_pairs=8",
                                             "model.kmeans_buffer=0"])

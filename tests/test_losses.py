@@ -9,8 +9,8 @@ import torch
 import torchaudio
 from omegaconf import open_dict
 
-import losses
-from balancer import Balancer
+from modules import losses
+from modules.balancer import Balancer
 
 SR = 24000
 T = 1920  # the tiny preset's segment: more than half of the largest mel window (2048)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import metrics
+from measure import metrics
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from msstftd import DiscriminatorSTFT, MultiScaleSTFTDiscriminator
+from modules.msstftd import DiscriminatorSTFT, MultiScaleSTFTDiscriminator
 
 T = 1024
 

@@ -1,11 +1,11 @@
-"""Cross-validated, file-grouped probes with a shuffled-label baseline (probes.py)."""
+"""Cross-validated, file-grouped probes with a shuffled-label baseline (measure/probes.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-import probes
+from measure import probes
 
 
 def grouped_data(groups: int = 20, per_group: int = 8, dim: int = 16, seed: int = 0):

@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
-import distributed
-import quantization
-from quantization import EuclideanCodebook, ResidualVectorQuantizer, kmeans
+from utils import distributed
+from modules import quantization
+from modules.quantization import EuclideanCodebook, ResidualVectorQuantizer, kmeans
 
 DIM, BINS = 4, 8
 

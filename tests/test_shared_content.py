@@ -1,4 +1,4 @@
-"""shared_content.py: one codebook-1 stream for all channels, its bitrate and its comparison."""
+"""coding/shared_content.py: one codebook-1 stream for all channels, its bitrate and its comparison."""
 from __future__ import annotations
 
 import math
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import codec
-import shared_content as sc
-from metrics import mel_distance
+from coding import shared_content as sc
+from measure.metrics import mel_distance
 from model import EncodecModel
 from test_codec import _write_wav, save_tiny_checkpoint
 

@@ -1,4 +1,4 @@
-"""Per-band levels, swap gain, bootstrap, ILD and GCC-PHAT delay (spatial_cues.py)."""
+"""Per-band levels, swap gain, bootstrap, ILD and GCC-PHAT delay (modules/spatial_cues.py)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import spatial_cues as sc
+from modules import spatial_cues as sc
 
 SR = 24000
 

@@ -12,7 +12,7 @@ import soundfile as sf
 from scipy.signal import coherence
 
 import synth_eigenscape as se
-from eigenscape import SCENE_CLASSES
+from utils.eigenscape import SCENE_CLASSES
 from paired_channel_dataset import find_audio_files
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints as ckpt_io
-import engine
-import validation
+from utils import checkpoints as ckpt_io
+from training import engine
+from training import validation
 from codec import load_model
-from configuration import ConfigError, prepare_config
+from training.configuration import ConfigError, prepare_config
 from conftest import ROOT, make_config
-from runtime import setup_runtime
+from training.runtime import setup_runtime
 from step_faults import fp16_scalers, nan_time_loss, overflowing_gradient
-from training_step import codebook_usage
+from training.step import codebook_usage
 
 
 def tiny(tmp_path: Path, data_root: Path, name: str = "config_paired_nq2",
@@ -280,7 +280,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, synth_root):
 
 
 def test_wandb_online_failure_falls_back_to_offline(tmp_path, monkeypatch):
-    from tracking import Tracker
+    from training.tracking import Tracker
     modes = []
     real_init = Tracker._init
 
@@ -300,7 +300,7 @@ def test_wandb_online_failure_falls_back_to_offline(tmp_path, monkeypatch):
 
 
 def test_validation_audio_goes_to_wav_files_and_wandb(tmp_path):
-    from tracking import Tracker
+    from training.tracking import Tracker
     tracker = Tracker("offline", "test", None, tmp_path / "wandb", {})
     inp, rec = 0.1 * torch.randn(2, 1, 4800), 0.1 * torch.randn(2, 1, 4800)
     validation.write_validation_audio([(inp, rec, {"channels": [3, 17], "path": "x.wav"})],

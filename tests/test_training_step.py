@@ -12,19 +12,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import channel_change
-import engine
-import training_step
+from modules import channel_change
+from training import engine
+from training import step as training_step
 from conftest import make_config
 from reference_step import reference_step
-from configuration import prepare_config
-from losses import discriminator_loss, feature_matching_loss, generator_adv_loss
-import spatial_cues
+from training.configuration import prepare_config
+from modules.losses import discriminator_loss, feature_matching_loss, generator_adv_loss
+from modules import spatial_cues
 from pairwise_losses import code_consensus, info_nce, level_difference_loss, split_views, swap_latents
-from parts import WarmupCosine, build_parts
-from runtime import Runtime, seed_everything
+from training.parts import WarmupCosine, build_parts
+from training.runtime import Runtime, seed_everything
 from step_faults import fp16_scalers, nan_time_loss, overflowing_gradient
-from training_step import discriminate, frozen, normalisation_scale, train_step
+from training.step import discriminate, frozen, normalisation_scale, train_step
 
 BATCH, VIEWS = 2, 2
 SEED_RECIPE = ["pairwise=seed", "model.content_share=0"]  # the design document's (config_paired_nq2: contrastive, split)
@@ -641,7 +641,7 @@ def test_a_toolkit_checkpoint_is_a_starting_point_for_generator_and_discriminato
 
 
 def test_an_exported_start_point_holds_the_weights_only_and_starts_the_same_codec(tmp_path):
-    import checkpoints
+    from utils import checkpoints
     cfg, _, parts = tiny_setup()
     wavs, _ = make_batch(cfg)
     init_codebooks(parts, wavs)

@@ -29,15 +29,15 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from checks import (AT_LEAST_1, DATA_ROOT, DECAY, DEVICE, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError,
+from utils.checks import (AT_LEAST_1, DATA_ROOT, DECAY, DEVICE, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError,
                     Limit, OneOf, PathRule, Pattern, Rule, one_line_errors, setting_error, show)
-from losses import MelLoss
-from modules import CONV_NORMS
+from modules.losses import MelLoss
+from modules.seanet import CONV_NORMS
 from pairwise_losses import DIV_KINDS, NCE_POOLINGS, SCHEDULES, SIM_KINDS
-from tracking import WANDB_MODES
+from training.tracking import WANDB_MODES
 
 AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-CONFIG_DIR = Path(__file__).resolve().parent / "config"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 
 # Paths resolved against the folder the command was started in.
 PATH_KEYS = (("datasets", "data_root"), ("checkpoint", "save_folder"),

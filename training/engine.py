@@ -5,13 +5,13 @@ the parts, resume if asked; then the epoch loop: `run_epoch` trains the epoch's 
 batches, `finish_epoch` validates and saves. Mono and paired training differ only in
 `datasets.views`. Each concern lives in its own module:
 
-    configuration.py   checks and absolute paths (ConfigError)
-    runtime.py         device, DDP, AMP, seeding, preemption (StopFlag)
-    loaders.py         the training set and loaders by position
-    parts.py           model, discriminator, losses, optimizers, learning-rate schedule
-    training_step.py   one step for V views
-    validation.py      the validation pass (shared with evaluate.py)
-    training_state.py  what a checkpoint holds, resume
+    training/configuration.py   checks and absolute paths (ConfigError)
+    training/runtime.py         device, DDP, AMP, seeding, preemption (StopFlag)
+    training/loaders.py         the training set and loaders by position
+    training/parts.py           model, discriminator, losses, optimizers, learning-rate schedule
+    training/step.py   one step for V views
+    training/validation.py      the validation pass (shared with evaluate.py)
+    training/state.py  what a checkpoint holds, resume
 """
 from __future__ import annotations
 
@@ -28,18 +28,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import checkpoints as ckpt_io
-import distributed
-from checks import one_line_errors
-from configuration import ConfigError, check_mode, prepare_config
-from loaders import build_train_dataset, epoch_loader, make_loader, rank_share, steps_in_epoch
+from utils import checkpoints as ckpt_io
+from utils import distributed
+from utils.checks import one_line_errors
+from training.configuration import ConfigError, check_mode, prepare_config
+from training.loaders import build_train_dataset, epoch_loader, make_loader, rank_share, steps_in_epoch
 from paired_channel_dataset import ChannelViewsDataset, TooManyReadFailures
-from parts import Parts, build_parts
-from runtime import Runtime, StopFlag, seed_everything, setup_runtime
-from tracking import Tracker, setup_logging
-from training_state import Progress, find_resume_checkpoint, restore_training_state, training_state
-from training_step import StepResult, discriminator_coin, replicated_state, train_step
-from validation import validate, validation_dataset
+from training.parts import Parts, build_parts, estimate_checkpoint_bytes
+from training.runtime import Runtime, StopFlag, seed_everything, setup_runtime
+from training.tracking import Tracker, setup_logging
+from training.state import Progress, find_resume_checkpoint, restore_training_state, training_state
+from training.step import StepResult, discriminator_coin, replicated_state, train_step
+from training.validation import validate, validation_dataset
 
 log = logging.getLogger("encodec")
 
@@ -95,7 +95,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None,
     runtime = setup_runtime(cfg)
     save_folder = Path(cfg.checkpoint.save_folder)
     try:  # before anything is built: a save folder that cannot work is a config error
-        ckpt_io.prepare_save_folder(save_folder, cfg, is_main=runtime.is_main)
+        expected = estimate_checkpoint_bytes(cfg) if runtime.is_main else None
+        ckpt_io.prepare_save_folder(save_folder, expected, is_main=runtime.is_main)
     except ckpt_io.SaveFolderError as e:
         raise ConfigError(str(e)) from e
     run_dir = Path(run_dir) if run_dir else save_folder

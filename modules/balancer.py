@@ -18,7 +18,7 @@ import typing as tp
 
 import torch
 
-import distributed
+from utils import distributed
 
 BALANCED_LOSS_NAMES = ('l_t', 'l_f', 'l_g', 'l_feat')
 

@@ -24,16 +24,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import distributed
-import metrics
-from eigenscape import CAPSULES
+from utils import distributed
+from measure import metrics
+from utils.eigenscape import CAPSULES
 from model import EncodecModel, EncodecOutput
 from paired_channel_dataset import PairedChannelDataset
 from pairwise_losses import split_views
-from parts import Parts
-from runtime import Runtime
-from tracking import Tracker
-from training_step import per_view_means
+from training.parts import Parts
+from training.runtime import Runtime
+from training.tracking import Tracker
+from training.step import per_view_means
 
 log = logging.getLogger("encodec")
 
@@ -346,7 +346,7 @@ def write_validation_audio(items: list[tuple[Tensor, Tensor, dict[str, Any]]], f
     columns = tuple(f"{kind}_{v + 1}" for v in range(len(items[0][0])) for kind in ("input", "recon"))
     tracker.log_audio(audio, sample_rate, step)
     if tracker.run is not None:
-        import plotting  # matplotlib only when wandb takes images
-        figure = plotting.spectrogram_figure(rows, sample_rate, columns)
+        from measure import plots  # matplotlib only when wandb takes images
+        figure = plots.spectrogram_figure(rows, sample_rate, columns)
         tracker.log_images({"val/spectrograms": figure}, step)
-        plotting.plt.close(figure)
+        plots.plt.close(figure)

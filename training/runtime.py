@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-import distributed
-from configuration import AMP_MODES, ConfigError
+from utils import distributed
+from training.configuration import AMP_MODES, ConfigError
 
 log = logging.getLogger("encodec")
 

@@ -19,15 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-import channel_change
-import distributed
-import metrics
-import spatial_cues
-from losses import hinge_fake, hinge_real, relative_l1
+from modules import channel_change
+from utils import distributed
+from measure import metrics
+from modules import spatial_cues
+from modules.losses import hinge_fake, hinge_real, relative_l1
 from model import EncodecModel, EncodecOutput
 from pairwise_losses import LOSS_TERMS, split_views
-from parts import Parts, set_learning_rates
-from runtime import Runtime
+from training.parts import Parts, set_learning_rates
+from training.runtime import Runtime
 
 
 @dataclass

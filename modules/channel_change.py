@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from spatial_cues import CUE_BAND_RANGE_HZ
+from modules.spatial_cues import CUE_BAND_RANGE_HZ
 
 
 def gain_curve(gains_db: torch.Tensor, frequencies: torch.Tensor,

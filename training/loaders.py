@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from configuration import ConfigError
+from training.configuration import ConfigError
 from paired_channel_dataset import ChannelViewsDataset, MonoChannelDataset, PairedChannelDataset, collate_fn
 
 

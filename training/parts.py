@@ -9,19 +9,46 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-import distributed
-from balancer import Balancer
-from losses import GeneratorLoss
+from utils import distributed
+from modules.balancer import Balancer
+from modules.losses import GeneratorLoss
 from model import EncodecModel, is_toolkit_checkpoint
-from msstftd import MultiScaleSTFTDiscriminator
+from modules.msstftd import MultiScaleSTFTDiscriminator
 from pairwise_losses import PairwiseLoss
-from runtime import Runtime
+from training.runtime import Runtime
+
+
+# A checkpoint size estimate is padded by this (pickle framing, RNG states, config).
+CHECKPOINT_SIZE_SLACK = 1.1
+
+
+def estimate_checkpoint_bytes(cfg: Any) -> int | None:
+    """About how large one training checkpoint of ``cfg`` will be, without building anything
+    real: generator and discriminator are instantiated on the meta device (no memory, no
+    compute) and counted as weights + two Adam moments + buffers. None when the config
+    cannot be built; building the real model then reports why."""
+    def weights_and_moments(module: torch.nn.Module) -> int:
+        params = sum(p.numel() * p.element_size() for p in module.parameters())
+        return 3 * params + sum(b.numel() * b.element_size() for b in module.buffers())
+
+    # Shapes do not depend on init_from; loading official weights here would be wasted.
+    model_cfg = {k: v for k, v in cfg.model.items() if k != "init_from"}
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")  # the real build reports config warnings once
+            total = weights_and_moments(EncodecModel.from_config(model_cfg))
+            if cfg.discriminator.enabled:
+                total += weights_and_moments(MultiScaleSTFTDiscriminator.from_config(cfg.discriminator))
+    except Exception:
+        return None
+    return int(total * CHECKPOINT_SIZE_SLACK)
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,10 @@ import torch
 import torchaudio
 from torch import Tensor
 
-from metrics import mel_distance, nominal_bitrate_kbps, si_snr
+from measure.metrics import mel_distance, nominal_bitrate_kbps, si_snr
 from model import EncodecModel
-from quantization import ResidualVectorQuantizer, float32_region
-from spatial_cues import band_levels, delay_error, gcc_phat_delay, ild_fidelity
+from modules.quantization import ResidualVectorQuantizer, float32_region
+from modules.spatial_cues import band_levels, delay_error, gcc_phat_delay, ild_fidelity
 
 # A scale is one float32 number: what it costs when sent beside the codes.
 SCALE_BITS = 32

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import distributed
+from utils import distributed
 
 
 @dataclass

@@ -14,8 +14,8 @@ Groups of metrics:
   differs?): cross-channel code agreement against its chance level (different segments)
   and ceiling (`ceiling_copy`), embedding cosine, `centered_pooled_cosine`;
 - paired-channel cues, every decode of a pair at the pair's one scale (`pair_cues`,
-  `separated_pairs`): swap gain, ILD / ITD fidelity (spatial_cues.py), and probes trained
-  fresh on frozen embeddings with folds grouped by file (probes.py).
+  `separated_pairs`): swap gain, ILD / ITD fidelity (modules/spatial_cues.py), and probes trained
+  fresh on frozen embeddings with folds grouped by file (measure/probes.py).
 `MetricAccumulator` collects all of them over a validation set and returns one dict;
 `flatten_metrics` turns that dict into the flat scalars that are logged, and
 `CheckpointReport` holds one checkpoint's results for the evaluation report.
@@ -34,7 +34,7 @@ import torchaudio
 from torch import Tensor
 from torchmetrics.functional.audio import scale_invariant_signal_noise_ratio
 
-import spatial_cues
+from modules import spatial_cues
 
 MEL_FFTS = (512, 1024, 2048)
 MEL_BINS = 64
@@ -211,7 +211,7 @@ def centered_pooled_cosine(pooled: Tensor) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------------------
 #
 # The two channels of a segment are compared through cues a 1.5 kbps codec can carry and a
-# small array produces (see spatial_cues.py): per-band levels over the segment, the
+# small array produces (see modules/spatial_cues.py): per-band levels over the segment, the
 # inter-channel level difference (ILD) and, below 1.5 kHz, the inter-channel delay (ITD).
 # Every decode that is compared across the channels is restored at ONE scale per pair (the
 # pair's common RMS): a per-channel scale would put the broadband level difference back
@@ -748,7 +748,7 @@ class MetricAccumulator:
         if groups is None or len(set(groups)) < 2:
             results["probe_note"] = "fewer than 2 files: no grouped folds"
             return results
-        import probes  # scikit-learn, only when probes run
+        from measure import probes  # scikit-learn, only when probes run
 
         pooled = torch.cat(self._pooled).double()  # [N, V, n_q, D]
         settings = self.settings

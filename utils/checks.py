@@ -6,7 +6,7 @@ Every entry point reports a setting that cannot work as ONE line on stderr,
 
 with exit code 2 (a usage error, as argparse's own) and no traceback, before anything is
 built. This module holds what both kinds of entry point share: the Hydra ones through
-`configuration.py` (which adds the tables of keys), the argparse tools (`codec.py`,
+`training/configuration.py` (which adds the tables of keys), the argparse tools (`codec.py`,
 `prepare_dataset.py`, `synth_eigenscape.py`) directly through `check_flags`. It imports
 nothing beyond the standard library so that the synthetic-data generator stays torch-free.
 

@@ -15,7 +15,7 @@ import matplotlib
 import torch
 import torchaudio
 
-from metrics import CheckpointReport, per_codebook
+from measure.metrics import CheckpointReport, per_codebook
 
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402

@@ -40,8 +40,6 @@ RESUME_KEYS = ("model", "config", "opt_g", "scaler_g", "scaler_d", "rng",
                "epoch", "batch", "step")
 # Temporaries of atomic_save: `.<final name>.<random>.tmp` beside the final file.
 _TEMP_GLOBS = (".ckpt_*.pt.*.tmp", f".{BEST_NAME}.*.tmp")
-# Below this, a checkpoint size estimate is padded (pickle framing, RNG states, config).
-_SIZE_SLACK = 1.1
 
 
 class CheckpointError(RuntimeError):
@@ -314,31 +312,6 @@ def prune_checkpoints(folder: str | Path, keep_last: int, keep: str | Path | Non
 # ------------------------------------------------------------------------------ the save folder
 
 
-def estimate_checkpoint_bytes(cfg: Any) -> int | None:
-    """About how large one training checkpoint of ``cfg`` will be, without building anything
-    real: generator and discriminator are instantiated on the meta device (no memory, no
-    compute) and counted as weights + two Adam moments + buffers. None when the config
-    cannot be built; building the real model then reports why."""
-    from model import EncodecModel  # lazy: only this estimate needs the model classes
-    from msstftd import MultiScaleSTFTDiscriminator
-
-    def weights_and_moments(module: torch.nn.Module) -> int:
-        params = sum(p.numel() * p.element_size() for p in module.parameters())
-        return 3 * params + sum(b.numel() * b.element_size() for b in module.buffers())
-
-    # Shapes do not depend on init_from; loading official weights here would be wasted.
-    model_cfg = {k: v for k, v in cfg.model.items() if k != "init_from"}
-    try:
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")  # the real build reports config warnings once
-            total = weights_and_moments(EncodecModel.from_config(model_cfg))
-            if cfg.discriminator.enabled:
-                total += weights_and_moments(MultiScaleSTFTDiscriminator.from_config(cfg.discriminator))
-    except Exception:
-        return None
-    return int(total * _SIZE_SLACK)
-
-
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete temporaries left by saves that were killed mid-write; returns them.
 
@@ -356,12 +329,13 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
-def prepare_save_folder(folder: str | Path, cfg: Any = None, is_main: bool = True) -> None:
+def prepare_save_folder(folder: str | Path, expected_bytes: int | None = None,
+                        is_main: bool = True) -> None:
     """Check ``checkpoint.save_folder`` before anything is built.
 
     Creates it, proves it writable with a probe file, and (on the main process) removes
     temporaries of killed saves and warns when it has room for fewer than two checkpoints
-    (the size of the newest one there, or ``estimate_checkpoint_bytes(cfg)``). Raises
+    (the size of the newest one there, or ``expected_bytes`` before the first). Raises
     ``SaveFolderError`` (one line naming the path and what to do) when it cannot work.
     """
     folder = Path(folder)
@@ -390,8 +364,8 @@ def prepare_save_folder(folder: str | Path, cfg: Any = None, is_main: bool = Tru
         one = newest.stat().st_size if newest is not None else None
     except OSError:
         one = None
-    if one is None and cfg is not None:
-        one = estimate_checkpoint_bytes(cfg)
+    if one is None:
+        one = expected_bytes
     free = free_bytes(folder)
     if one and free is not None and free < 2 * one:
         warnings.warn(f"{where} has {_mb(free)} free, less than two checkpoints need (about "

@@ -17,11 +17,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-import checkpoints as ckpt_io
-import distributed
-from configuration import ConfigError
-from parts import Parts
-from runtime import Runtime
+from utils import checkpoints as ckpt_io
+from utils import distributed
+from training.configuration import ConfigError
+from training.parts import Parts
+from training.runtime import Runtime
 
 # Settings that change the shape of a saved tensor.
 SHAPE_KEYS = ([("model", k) for k in ("n_q", "bins", "dimension", "filters", "ratios",

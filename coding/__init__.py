@@ -1,0 +1,1 @@
+"""Token coding of many channels: shared-content streams and their comparison."""

@@ -1,0 +1,1 @@
+"""Measures of a codec: reconstruction and pair-cue metrics, probes, plots."""

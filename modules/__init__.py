@@ -1,0 +1,1 @@
+"""SEANet blocks, quantizer, discriminator, losses and signal building blocks of the codec."""
