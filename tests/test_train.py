@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from utils import checkpoints as ckpt_io
 from training import engine
@@ -20,6 +21,7 @@ from codec import load_model
 from training.configuration import ConfigError, prepare_config
 from conftest import ROOT, make_config
 from training.runtime import setup_runtime
+from training.state import check_compatible
 from step_faults import fp16_scalers, nan_time_loss, overflowing_gradient
 from training.step import codebook_usage
 
@@ -138,6 +140,16 @@ def test_resume_with_shape_changing_config_fails_clearly(tmp_path, synth_root):
                                             "model.n_q=3"])
     with pytest.raises(ConfigError, match=r"model\.n_q: checkpoint 2 vs now 3"):
         engine.train(cfg)
+
+
+def test_resume_with_another_quantizer_split_is_refused(cfg_factory, tmp_path):
+    # A split moves codebook 1 onto other latent dims: the saved codes would mean something
+    # else, with every tensor shape unchanged.
+    split = cfg_factory("config_paired_nq2", ["model.content_share=0.5"])
+    unsplit = OmegaConf.to_container(cfg_factory("config_paired_nq2", ["model.content_share=0"]))
+    with pytest.raises(ConfigError, match=r"model\.content_share: checkpoint 0(\.0)? vs now 0\.5"):
+        check_compatible({"config": unsplit}, split, tmp_path / "ckpt.pt")
+    check_compatible({"config": OmegaConf.to_container(split)}, split, tmp_path / "ckpt.pt")
 
 
 def test_atomic_save_keeps_previous_checkpoint_loadable(tmp_path, monkeypatch):

@@ -23,9 +23,10 @@ from training.configuration import ConfigError
 from training.parts import Parts
 from training.runtime import Runtime
 
-# Settings that change the shape of a saved tensor.
+# Settings that change the shape of a saved tensor, or (content_share) what its codes mean.
 SHAPE_KEYS = ([("model", k) for k in ("n_q", "bins", "dimension", "filters", "ratios",
-                                      "residual_layers", "lstm", "norm", "channels")]
+                                      "residual_layers", "lstm", "norm", "channels",
+                                      "content_share")]
               + [("discriminator", k) for k in ("filters", "n_ffts", "enabled")]
               + [("pairwise", "channel_classifier")])
 
