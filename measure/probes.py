@@ -143,18 +143,34 @@ def _fit(kind: str, grid: tp.Sequence[float], x: np.ndarray, y: np.ndarray, grou
     return search, search.best_params_[name]
 
 
-def _score(kind: str, model, x: np.ndarray, y: np.ndarray) -> float:
+def _score(kind: str, model, x: np.ndarray, y: np.ndarray, resolution: float) -> float:
     prediction = model.predict(x)
-    if kind == "regression":
-        # Mean R^2 over outputs, each against the test fold's own mean: predicting the
-        # training mean scores slightly below 0, a useless probe about 0 or less.
-        return float(r2_score(y, prediction, multioutput="uniform_average"))
-    return float(accuracy_score(y, prediction))
+    if kind == "classification":
+        return float(accuracy_score(y, prediction))
+    # Mean R^2 over outputs, each against the test fold's own mean: predicting the training
+    # mean scores slightly below 0, a useless probe about 0 or less. An output whose test
+    # labels spread by no more than `resolution` has no variance to explain: its R^2 is a
+    # ratio of rounding errors (-5e5 was seen), so it is left out, and a fold with no output
+    # left is undefined (NaN).
+    y2, p2 = y.reshape(len(y), -1), prediction.reshape(len(y), -1)
+    varied = y2.std(axis=0) > resolution
+    if not varied.any():
+        return float("nan")
+    return float(r2_score(y2[:, varied], p2[:, varied], multioutput="uniform_average"))
+
+
+def _nan_mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and population std over the defined (finite) entries; NaN when there are none."""
+    defined = values[np.isfinite(values)]
+    if defined.size == 0:
+        return float("nan"), float("nan")
+    return float(defined.mean()), float(defined.std())
 
 
 def cross_validated_probe(features: tp.Any, targets: tp.Any, groups: tp.Any, kind: str = "regression",
                           folds: int = 5, seed: int = 0, shuffles: int = 5,
-                          regularization: float | tp.Sequence[float] | None = None) -> dict:
+                          regularization: float | tp.Sequence[float] | None = None,
+                          resolution: float = 0.0) -> dict:
     """Linear probe of `targets` from `features`, cross-validated with folds grouped by file.
 
     Args:
@@ -174,6 +190,10 @@ def cross_validated_probe(features: tp.Any, targets: tp.Any, groups: tp.Any, kin
             value is used as is; a sequence is searched by grouped CV inside each training
             fold (nested, the test fold is never used to choose it). Default: the grids
             `RIDGE_ALPHAS` / `LOGISTIC_CS`.
+        resolution (float): regression only: a target output whose test-fold labels spread
+            (std) by no more than this is float rounding, not a property: it is left out of
+            that fold's R^2, and a fold with no output left scores NaN (undefined). Folds
+            that are undefined are left out of `mean` / `std`; all undefined gives NaN.
     Returns:
         dict: `mean`, `std` (over folds, population std) of the score, `fold_scores`,
         `shuffled_mean`, `shuffled_std` (over folds x permutations: the same procedure,
@@ -208,17 +228,18 @@ def cross_validated_probe(features: tp.Any, targets: tp.Any, groups: tp.Any, kin
     # Probes are hundreds of small fits: BLAS / OpenMP threads cost more in start-up and
     # contention than they save there (measured 10-20x slower on a shared 2-core machine).
     with threadpool_limits(limits=1):
-        return _cross_validate(kind, grid, x, y, labels, splits, seed, shuffles)
+        return _cross_validate(kind, grid, x, y, labels, splits, seed, shuffles, resolution)
 
 
-def _cross_validate(kind: str, grid: tp.Sequence[float], x: np.ndarray, y: np.ndarray, labels: np.ndarray,
-                    splits: list, seed: int, shuffles: int) -> dict:
+def _cross_validate(kind: str, grid: tp.Sequence[float], x: np.ndarray, y: np.ndarray,
+                    labels: np.ndarray, splits: list, seed: int, shuffles: int,
+                    resolution: float) -> dict:
     rng = np.random.default_rng(seed)
     scores, chosen, chance = [], [], []
     shuffled = np.full((max(int(shuffles), 0), len(splits)), np.nan)
     for f, (train, test) in enumerate(splits):
         model, value = _fit(kind, grid, x[train], y[train], labels[train], seed)
-        scores.append(_score(kind, model, x[test], y[test]))
+        scores.append(_score(kind, model, x[test], y[test], resolution))
         chosen.append(float(value) if value is not None else None)
         if kind == "classification":
             chance.append(np.unique(y[test], return_counts=True)[1].max() / len(test))
@@ -228,12 +249,12 @@ def _cross_validate(kind: str, grid: tp.Sequence[float], x: np.ndarray, y: np.nd
             # same procedure on features that carry nothing about the labels.
             permuted = y[train][rng.permutation(len(train))]
             null_model, _ = _fit(kind, grid, x[train], permuted, labels[train], seed)
-            shuffled[s, f] = _score(kind, null_model, x[test], y[test])
-    scores_arr = np.asarray(scores)
+            shuffled[s, f] = _score(kind, null_model, x[test], y[test], resolution)
+    mean, std = _nan_mean_std(np.asarray(scores))
+    shuffled_mean, shuffled_std = _nan_mean_std(shuffled)
     return {
-        "mean": float(scores_arr.mean()), "std": float(scores_arr.std()), "fold_scores": scores,
-        "shuffled_mean": float(shuffled.mean()) if shuffled.size else float("nan"),
-        "shuffled_std": float(shuffled.std()) if shuffled.size else float("nan"),
+        "mean": mean, "std": std, "fold_scores": scores,
+        "shuffled_mean": shuffled_mean, "shuffled_std": shuffled_std,
         "shuffled_scores": shuffled.tolist(),
         "chance": float(np.mean(chance)) if kind == "classification" else 0.0,
         "regularization": chosen,

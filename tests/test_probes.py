@@ -103,3 +103,25 @@ def test_features_that_vary_by_rounding_only_do_not_blow_up_a_probe():
     assert min(noise["fold_scores"]) > -0.5  # no better than the mean, and no wilder
     kept = probes.RelativeVarianceFilter().fit(np.hstack([signal, collapsed])).keep_
     assert kept[:4].all() and not kept[4:].any()
+
+
+def test_r2_on_labels_that_vary_only_by_rounding_is_undefined():
+    # A decode with no level difference gives ILD labels that differ by float rounding only:
+    # their R^2 is a ratio of rounding errors (-5e5 was seen), not a finding.
+    rng, groups, x = grouped_data()
+    flat = 0.3 + 1e-6 * rng.normal(size=(len(x), 2))
+    raw = probes.cross_validated_probe(x, flat, groups, shuffles=1, regularization=1.0)
+    assert np.isfinite(raw["mean"])                # without a resolution it reads as a score
+    result = probes.cross_validated_probe(x, flat, groups, shuffles=1, regularization=1.0,
+                                          resolution=1e-3)
+    assert np.isnan(result["mean"]) and np.isnan(result["std"])
+    assert np.isnan(result["shuffled_mean"]) and all(np.isnan(result["fold_scores"]))
+
+
+def test_an_output_below_the_resolution_is_left_out_of_the_mean():
+    rng, groups, x = grouped_data()
+    y = np.stack([x @ rng.normal(size=16), 0.3 + 1e-6 * rng.normal(size=len(x))], axis=1)
+    both = probes.cross_validated_probe(x, y, groups, shuffles=0, regularization=1.0,
+                                        resolution=1e-3)
+    alone = probes.cross_validated_probe(x, y[:, :1], groups, shuffles=0, regularization=1.0)
+    assert both["mean"] == pytest.approx(alone["mean"]) and both["mean"] > 0.9
