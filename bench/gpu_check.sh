@@ -12,7 +12,7 @@
 #   python3 -m pip download --no-deps -d .whl hydra-core==1.3.2 omegaconf==2.3.0
 #   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
 # then run `bash bench/gpu_check.sh` on the device with carry [".whl"]; the table and a JSON
-# copy land in $OUT (or /tmp/gpu_check). Put the numbers in README.md ("Benchmarks").
+# copy land in $OUT (or /tmp/gpu_check). Put the numbers in docs/benchmarks.md ("GPU check").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ! python3 -c "import hydra, omegaconf" 2>/dev/null; then

@@ -34,7 +34,7 @@
 #   JOBS       training runs at once (default 1; on 2 CPU cores 2 runs of one thread each
 #              finish sooner than one after the other). Each run's console goes to
 #              OUT/<variant>/seed<N>/console.log.
-# Duration on 2 CPU cores: see README ("The study").
+# Duration on 2 CPU cores: see docs/study.md.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 out="$(mkdir -p "${OUT:-$here/runs/paired_study}" && cd "${OUT:-$here/runs/paired_study}" && pwd)"

@@ -5,13 +5,13 @@
 #
 #   bash scripts/pretrain_start.sh [WORK_DIR [OVERRIDES...]]   (default: runs/pretrain)
 #
-# OVERRIDES are extra Hydra overrides of the training, e.g. the README's control without
+# OVERRIDES are extra Hydra overrides of the training, e.g. docs/study.md's control without
 # gain jitter: OUT=runs/start_nojitter.pt bash scripts/pretrain_start.sh runs/pretrain_nojitter
 # datasets.gain_jitter_db=0
 #
 # Environment: STEPS (default 6000 optimizer steps, batch 4 x 0.4 s), OUT (default
 # pretrained/start_demo.pt), WANDB (default disabled), SYNTH_FILES / SYNTH_SECONDS (see
-# scripts/lib.sh). One thread on 2 CPU cores: about 2 hours (measured: see README).
+# scripts/lib.sh). One thread on 2 CPU cores: about 2 hours (measured: see docs/study.md).
 # Every variant of scripts/paired_study.sh and `make demo` fine-tunes from the result for
 # the same number of steps, so none of them starts with an advantage.
 set -euo pipefail
