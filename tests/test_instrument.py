@@ -379,6 +379,24 @@ def test_measure_batch_decodes_every_view_of_a_pair_at_one_scale():
     assert acc.compute()["ceiling_agreement"] is not None
 
 
+def test_under_bf16_the_swap_is_decoded_in_the_precision_of_the_pair():
+    """Two identical views: the swap of their codebooks is view 1's own decode, bit for bit,
+    also under bf16 autocast (a swap decoded in float32 beside bf16 decodes of A and B would
+    differ from A by the rounding alone, and move the swap gain)."""
+    torch.manual_seed(2)
+    model = EncodecModel(n_q=2, bins=16, dimension=16, filters=4, lstm=1, kmeans_iters=2).eval()
+    x_a, _ = level_different_pair(2, 23)
+    wavs = torch.stack([x_a, x_a], dim=1)
+    metas = [{"path": "f.wav", "channels": SEPARATED}] * 2
+
+    def bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    measured, _ = measure_batch(model, wavs, metas, content_codebook=0, autocast=bf16)
+    assert measured.swap_audio.dtype == torch.float32
+    torch.testing.assert_close(measured.swap_audio, measured.audio[:, 0], rtol=0, atol=0)
+
+
 def test_per_epoch_validation_logs_the_instrument(cfg_factory, synth_root, caplog):
     """The engine's validation pass on a tiny paired model logs every instrument figure as
     `val/...` and the decisive ones on the console."""

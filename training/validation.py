@@ -168,9 +168,9 @@ def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]]
     - one forward at that scale (codes, embeddings, reconstructions);
     - one at each channel's own RMS, for the reconstruction metrics `*_own_scale`;
     - the codes of `metrics.ceiling_copy` of every view at the same scale;
-    - with 2 views or more, in float32: the swap (content codebook `content_codebook` of
-      view 1 with the other codebooks of view 2; 2 codebooks or more) decoded at the same
-      scale, and `metrics.pair_cues` of views 1 and 2 (band levels of the raw inputs, the
+    - with 2 views or more: the swap (content codebook `content_codebook` of view 1 with
+      the other codebooks of view 2; 2 codebooks or more) decoded at the same scale and
+      under the same `autocast` as the views, and, in float32, `metrics.pair_cues` of views 1 and 2 (band levels of the raw inputs, the
       decodes and the swap, GCC-PHAT delays, the swap's mel distances).
     A mono model is measured the same way: its codes must carry the level difference.
 
@@ -195,7 +195,8 @@ def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]]
             decode = latent_decoder(model, item_scale, length)
             emb_a, emb_b = [e[:, 0] for e in embeddings], [e[:, 1] for e in embeddings]
             sources = metrics.swap_sources(model.n_q, content_codebook)
-            swap_audio = decode(metrics.mix_embeddings(sources, emb_a, emb_b))
+            with autocast():  # the precision A and B were decoded in, or it moves the swap
+                swap_audio = decode(metrics.mix_embeddings(sources, emb_a, emb_b)).float()
         cues = metrics.pair_cues(wavs[:, 0], wavs[:, 1], audio[:, 0], audio[:, 1], swap_audio, model.sample_rate)
         cues = None if cues is None else cues.cpu()
         swap_audio = None if swap_audio is None else swap_audio.cpu()
