@@ -280,6 +280,23 @@ def swap_gain_summary(levels_swap: Tensor, levels_rec_a: Tensor, levels_rec_b: T
 # Inter-channel level difference
 # ----------------------------------------------------------------------------------------
 
+def band_shape(levels: Tensor) -> Tensor:
+    """Band levels `[N, n_bands]` less their mean over bands: the spectral shape, with the
+    broadband level (all a gain changes) removed. The shape of a difference is the difference
+    of the shapes, so swap gain and ILD fidelity on `band_shape` levels see only how two
+    channels differ across frequency, which loudness cannot fake."""
+    return levels - levels.mean(dim=1, keepdim=True)
+
+
+def loudness_only_swap(levels_rec_a: Tensor, levels_rec_b: Tensor) -> Tensor:
+    """Band levels of a fake swap: A's decode shifted by the broadband level difference of
+    the two decodes (the mean over bands of L(rec_B) - L(rec_A)), i.e. rec_A played at
+    rec_B's loudness. A gain adds the same dB to every band, so this is exact in the level
+    domain. What loudness alone scores on `swap_gain`; on `band_shape` levels it scores 0."""
+    _check_levels(levels_rec_a, levels_rec_b)
+    return levels_rec_a + (levels_rec_b - levels_rec_a).mean(dim=1, keepdim=True)
+
+
 def _pearson(x: Tensor, y: Tensor, dim: int | None = None) -> Tensor:
     """Pearson correlation over `dim` (all elements when None); NaN where a side is constant."""
     if dim is None:

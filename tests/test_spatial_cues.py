@@ -133,6 +133,30 @@ def test_swap_gain_summary_is_the_ratio_of_sums_not_the_mean_of_ratios():
     assert summary["ci_low"] <= summary["mean"] <= summary["ci_high"]
 
 
+def test_a_loudness_only_swap_scores_its_broadband_share_and_zero_on_the_shape():
+    # Decodes of A and B that differ by a broadband offset and a spectral shape: a swap that
+    # only takes B's loudness moves the broadband part all the way and the shape not at all.
+    rng = torch.Generator().manual_seed(3)
+    rec_a = torch.randn(64, 8, generator=rng, dtype=torch.float64) * 3
+    broadband = torch.randn(64, 1, generator=rng, dtype=torch.float64) * 2
+    shape = sc.band_shape(torch.randn(64, 8, generator=rng, dtype=torch.float64))
+    rec_b = rec_a + broadband + shape
+    fake = sc.loudness_only_swap(rec_a, rec_b)
+    share = (8 * broadband.pow(2)).sum() / (8 * broadband.pow(2) + shape.pow(2).sum(1, keepdim=True)).sum()
+    assert sc.swap_gain_summary(fake, rec_a, rec_b)["mean"] == pytest.approx(share.item())
+    shaped = [sc.band_shape(v) for v in (fake, rec_a, rec_b)]
+    assert sc.swap_gain_summary(*shaped)["mean"] == pytest.approx(0.0, abs=1e-12)
+    # ...while a swap that moves the shape to B's scores 1 on it, whatever its loudness.
+    assert sc.swap_gain_summary(sc.band_shape(rec_a + shape + 5.0), *shaped[1:])["mean"] == pytest.approx(1.0)
+
+
+def test_band_shape_does_not_see_a_gain():
+    x = noise(3)
+    torch.testing.assert_close(sc.band_shape(sc.band_levels(x * 4.0, SR)),
+                               sc.band_shape(sc.band_levels(x, SR)), atol=1e-3, rtol=0)
+    assert sc.band_shape(sc.band_levels(x, SR)).mean(dim=1).abs().max() < 1e-4
+
+
 def test_bootstrap_ci_covers_the_true_mean_about_95_percent_of_the_time():
     g = torch.Generator().manual_seed(1)
     trials, covered, widths = 150, 0, []
