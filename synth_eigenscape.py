@@ -17,19 +17,16 @@ Physics, kept simple but not trivial:
   above a few kHz as in the real recordings.
 Spectra are low-frequency heavy (the real excerpt has 91% of its energy below 1 kHz).
 
-Real material (`--sources DIR`): channel 0 of the recordings in DIR (mono, W of B-format,
-ACN 0 of Ambisonics; see utils/source_audio.py) replaces a share `--real-share` of the
-procedural point sources and beds. A real point source is an excerpt from a random offset,
-resampled to 48 kHz, at the recipe's level (active_level) and with the direction model of
-the source it replaces (a replaced car wanders like a walker). A real bed is one circular
-excerpt played from each of the 32 diffuse directions at offsets at least MIN_BED_SHIFT_S
-apart, so the directions carry the same kind of sound but are uncorrelated over a frame.
-The rigid-sphere physics is the same for both; so are the capsules and their noise. The
-draws for real material use their own generator: `--real-share 0` writes the procedural set.
+Real material (`--sources DIR`, see utils/source_audio.py: channel 0 = mono / W / ACN 0)
+replaces a share `--real-share` of the point sources and beds. A real point source is an
+excerpt at the recipe's level with the direction model of the source it replaces (a car
+wanders like a walker); a real bed is one looped excerpt played from all 32 diffuse
+directions at offsets >= MIN_BED_SHIFT_S apart (uncorrelated over a frame). Same sphere,
+capsules and noise; its own generator, so `--real-share 0` writes the procedural set.
 
 Everything is computed in the STFT domain in blocks of frames (sqrt-Hann, 50% overlap,
 perfect reconstruction), so memory does not grow with the file length beyond the few mono
-point-source signals. Deterministic from the seed. numpy / scipy / soundfile only.
+point-source signals. Deterministic from the seed (and --sources). numpy / scipy / soundfile only.
 
 Usage:
     python synth_eigenscape.py --out data/synth_demo --files-per-class 2 --seconds 20 --seed 0
@@ -361,7 +358,8 @@ def active_level(sig: np.ndarray) -> float:
     return float(np.sqrt(power[power >= 0.01 * power.max()].mean())) if power.max() > 0 else 0.0
 
 
-def real_excerpt(material: Material, n: int, circular: bool = False) -> tuple[str, np.ndarray] | None:
+def real_excerpt(material: Material, n: int,
+                 circular: bool = False) -> tuple[str, np.ndarray] | None:
     """`real:<file name>` and `n` samples of a random real file at unit active level (None if
     silent); the name goes into metadata.csv, whose lists are `;`-separated."""
     file = material.files[material.rng.integers(len(material.files))]
@@ -387,7 +385,8 @@ def build_scene(scene_class: str, n: int, rng: np.random.Generator,
     scene = Scene()
     for name, slope, hp, lp, level, rate, depth in recipe["beds"]:
         if material is not None and material.rng.random() < material.share:
-            length = max(n + NFFT + 2 * HOP, int(DIFFUSE_DIRECTIONS * MIN_BED_SHIFT_S * SAMPLE_RATE))
+            length = max(n + NFFT + 2 * HOP,
+                         int(DIFFUSE_DIRECTIONS * MIN_BED_SHIFT_S * SAMPLE_RATE))
             if (real := real_excerpt(material, length, circular=True)) is not None:
                 scene.real_beds.append(RealBed(*real, level + material.rng.uniform(-2, 2)))
             continue
@@ -481,8 +480,8 @@ def render(scene: Scene, n: int, rng: np.random.Generator, write: Callable[[np.n
     padded = [np.concatenate([np.zeros(HOP, np.float32), p.signal * 10 ** (p.level_db / 20),
                               np.zeros(NFFT + HOP, np.float32)]) for p in scene.points]
     frames_of = [np.lib.stride_tricks.sliding_window_view(x, NFFT)[::HOP] for x in padded]
-    real_bed_frames = [np.lib.stride_tricks.sliding_window_view(b.signal * 10 ** (b.level_db / 20),
-                                                                NFFT)[::HOP] for b in scene.real_beds]
+    real_bed_frames = [np.lib.stride_tricks.sliding_window_view(
+        b.signal * 10 ** (b.level_db / 20), NFFT)[::HOP] for b in scene.real_beds]
     noise_std = capsule_noise_std(bed_psd, frames_of + real_bed_frames, window)
     coloration = capsule_coloration()  # [F, 32]
     carry = np.zeros((HOP, N_CAPSULES), np.float32)
@@ -615,8 +614,8 @@ def main() -> None:
                 ("--files-per-class", args.files_per_class, AT_LEAST_1),
                 ("--seconds", args.seconds, POSITIVE), ("--seed", args.seed, NON_NEGATIVE),
                 ("--workers", args.workers, AT_LEAST_1),
-                ("--sources", args.sources, PathRule("folder", "sources folder",
-                                                     "give a folder of WAV / FLAC / OGG recordings")),
+                ("--sources", args.sources,
+                 PathRule("folder", "sources folder", "give a folder of WAV / FLAC / OGG files")),
                 ("--real-share", args.real_share, PROBABILITY))
     sources = None
     with one_line_errors():

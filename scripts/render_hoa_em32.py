@@ -92,7 +92,8 @@ def find_recordings(hoa_dir: Path) -> dict[str, list[Path]]:
         match = HALF_PATTERN.match(path.stem)
         if path.suffix.lower() in AUDIO_SUFFIXES and match:
             halves.setdefault(match["name"], {})[match["half"]] = path
-    single = [f"{name} (only {next(iter(h.values())).name})" for name, h in halves.items() if len(h) != 2]
+    single = [f"{name} (only {next(iter(h.values())).name})"
+              for name, h in halves.items() if len(h) != 2]
     if single:
         raise ValueError(f"half without its partner: {', '.join(single)}; both `_01-08ch` and "
                          "`_09-16ch` are needed")
@@ -109,7 +110,8 @@ def read_hoa(paths: list[Path]) -> tuple[np.ndarray, int]:
         parts.append(audio)
         rates.add(rate)
     if len(rates) != 1:
-        raise ValueError(f"{', '.join(p.name for p in paths)}: halves at different rates {sorted(rates)}")
+        raise ValueError(f"{', '.join(p.name for p in paths)}: halves at different rates "
+                         f"{sorted(rates)}")
     length = min(len(p) for p in parts)
     hoa = np.concatenate([p[:length] for p in parts], axis=1)
     if hoa.shape[1] != (ORDER + 1) ** 2:
@@ -147,16 +149,19 @@ def scene_class_folder(name: str | None) -> str:
     for scene_class in SCENE_CLASSES:
         if re.sub(r"[^a-z]", "", scene_class.lower()) == key:
             return scene_class
-    exit_with(f"config error: --scene-class={name}: unknown class; use one of {', '.join(SCENE_CLASSES)}")
+    exit_with(f"config error: --scene-class={name}: unknown class; use one of "
+              f"{', '.join(SCENE_CLASSES)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hoa-dir", help="folder of `<name>_01-08ch` + `<name>_09-16ch` halves")
-    source.add_argument("--hoa-file", action="append", help="one 16-channel ACN / N3D file (repeatable)")
+    source.add_argument("--hoa-file", action="append",
+                        help="one 16-channel ACN / N3D file (repeatable)")
     parser.add_argument("--out", required=True, help="output folder for `<name>-em32.wav`")
-    parser.add_argument("--scene-class", default=None, help="write into OUT/<class>/ (EigenScape class)")
+    parser.add_argument("--scene-class", default=None,
+                        help="write into OUT/<class>/ (an EigenScape class)")
     args = parser.parse_args()
     check_flags(("--out", args.out, PathRule("output folder")),
                 ("--hoa-dir", args.hoa_dir, PathRule("folder", "HOA folder")),

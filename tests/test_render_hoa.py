@@ -47,7 +47,8 @@ def test_max_re_weights():
     g = rh.max_re_weights(3)
     assert g == pytest.approx([1.0, 0.86114, 0.61233, 0.30475], abs=1e-5)
     theta_e = 2.4068 / (3 + 1.51)  # rad; = 137.9 deg / (N + 1.51)
-    assert g == pytest.approx([special.eval_legendre(n, np.cos(theta_e)) for n in range(4)], abs=2e-3)
+    approximate = [special.eval_legendre(n, np.cos(theta_e)) for n in range(4)]
+    assert g == pytest.approx(approximate, abs=2e-3)
     assert abs(special.eval_legendre(4, g[1])) < 1e-12  # x_E is a root of P_{N+1}
 
 
@@ -62,7 +63,7 @@ def test_plane_wave_loudest_in_nearest_beam():
 
 
 def encoded_noise(direction: np.ndarray, seconds: float = 0.5, rate: int = 16000) -> np.ndarray:
-    """Noise as a plane wave from `direction`, in 3rd-order N3D / ACN [T, 16], plus a diffuse floor."""
+    """Noise as a plane wave from `direction` in 3rd-order N3D / ACN [T, 16], plus an omni floor."""
     rng = np.random.default_rng(3)
     t = int(seconds * rate)
     hoa = rng.normal(size=(t, 1)) * rh.real_sh(3, direction[None])  # [T, 16]

@@ -96,7 +96,7 @@ def test_cli_and_no_torch(tmp_path):
 # ----------------------------------------------------------------------------- real material
 
 PROCEDURAL_DIGEST = "a556b93483a587d0a7a11921cba58c7d0ee11f347374ebbcad42602bbb81aa98"
-DIGEST_TAKEN_ON = ("2.4.6", "x86_64")  # numpy, machine: BLAS kernels may round differently elsewhere
+DIGEST_TAKEN_ON = ("2.4.6", "x86_64")  # numpy, machine: BLAS kernels may round otherwise elsewhere
 
 
 def make_sources(folder: Path) -> Path:
@@ -105,11 +105,13 @@ def make_sources(folder: Path) -> Path:
     from scipy.signal import butter, chirp, sosfilt
     rng = np.random.default_rng(0)
     (folder / "sub").mkdir(parents=True)
-    noise = sosfilt(butter(4, [200, 8000], btype="band", fs=44100, output="sos"), rng.normal(size=3 * 44100))
+    band = butter(4, [200, 8000], btype="band", fs=44100, output="sos")
+    noise = sosfilt(band, rng.normal(size=3 * 44100))
     stereo = np.stack([noise, rng.normal(size=len(noise))], axis=1) * 0.1
     sf.write(str(folder / "noise.flac"), stereo, 44100)
     t = np.arange(int(1.5 * 22050)) / 22050
-    sf.write(str(folder / "sub" / "chirp.wav"), 0.3 * chirp(t, 100, t[-1], 8000, method="log"), 22050)
+    sweep = 0.3 * chirp(t, 100, t[-1], 8000, method="log")
+    sf.write(str(folder / "sub" / "chirp.wav"), sweep, 22050)
     sf.write(str(folder / "short.wav"), np.zeros(800), 16000)  # 0.05 s
     (folder / "broken.ogg").write_text("not audio")
     return folder
@@ -156,7 +158,8 @@ def test_excerpt_channel0_resampled_looped(tmp_path):
     assert np.array_equal(a, excerpt(np.random.default_rng(1), file, 3 * 48000, 48000))
     spectrum = np.abs(np.fft.rfft(a))
     assert np.fft.rfftfreq(len(a), 1 / 48000)[np.argmax(spectrum)] == pytest.approx(1000, abs=1)
-    assert np.sqrt(np.mean(a[48000:96000] ** 2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.05)  # channel 0
+    rms = np.sqrt(np.mean(a[48000:96000] ** 2))
+    assert rms == pytest.approx(0.5 / np.sqrt(2), rel=0.05)  # channel 0, not the mean
     ramp = np.random.default_rng(2).normal(size=4000).cumsum()  # a loop's jump would show as a step
     loop = make_circular(ramp, 500)
     assert abs(loop[0] - loop[-1]) < 4 * np.abs(np.diff(ramp)).max() < abs(ramp[0] - ramp[-1])
@@ -196,8 +199,8 @@ def test_real_source_keeps_rigid_sphere_physics(tmp_path):
     for facing in (0, 13, 20):
         u = se.CAPSULES[facing]
         opposite = int(np.argmin(se.CAPSULES @ u))
-        scene = se.Scene(points=[se.PointSource("real", sig, lambda t, u=u: np.broadcast_to(u, (len(t), 3)),
-                                                -20.0)])
+        fixed = lambda times, u=u: np.broadcast_to(u, (len(times), 3))  # noqa: E731
+        scene = se.Scene(points=[se.PointSource("real", sig, fixed, -20.0)])
         blocks = []
         se.render(scene, n, np.random.default_rng(1), blocks.append)
         x = np.concatenate(blocks)
@@ -206,7 +209,7 @@ def test_real_source_keeps_rigid_sphere_physics(tmp_path):
         # 2-6 kHz: well above ka = 1, below the capsule noise's crossover. The point opposite
         # the source is a bright spot (+1 dB), so front / back differ by ~3 dB, not more.
         level_db = 10 * np.log10(spectrum[(freqs > 2000) & (freqs < 6000)].sum(0))
-        assert level_db[facing] > level_db[opposite] + 1, (facing, level_db[facing], level_db[opposite])
+        assert level_db[facing] > level_db[opposite] + 1, (facing, level_db)
         by_angle = np.argsort(se.CAPSULES @ u)  # farthest first
         assert level_db[by_angle[-8:]].mean() > level_db[by_angle[:8]].mean() + 3
 
@@ -225,4 +228,5 @@ def test_cli_sources_errors_are_one_line(tmp_path):
             (["--sources", str(tmp_path / "empty"), "--real-share", "1.5"], "--real-share=1.5")):
         result = run_cli(["--out", str(tmp_path / "out"), *args])
         assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
-        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("config error")
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert result.stderr.startswith("config error")

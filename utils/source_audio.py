@@ -46,8 +46,10 @@ def scan_sources(folder: str | os.PathLike, min_seconds: float = MIN_SECONDS) ->
     """
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder; give a folder of WAV / FLAC / OGG recordings")
-    paths = sorted((p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()),
+        raise FileNotFoundError(f"{root} is not a folder; give a folder of WAV / FLAC / OGG "
+                                "recordings")
+    paths = sorted((p for p in root.rglob("*")
+                    if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()),
                    key=lambda p: p.relative_to(root).as_posix())
     found, short, unreadable = [], 0, 0
     for path in paths:
