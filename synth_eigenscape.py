@@ -38,6 +38,7 @@ import argparse
 import csv
 import functools
 import os
+import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -622,9 +623,13 @@ def main() -> None:
         if args.sources is None and args.real_share is not None:
             raise setting_error("--real-share", args.real_share, "needs --sources DIR; add it")
         try:
-            sources = scan_sources(args.sources) if args.sources is not None else None
+            with warnings.catch_warnings(record=True) as skipped:  # shown as one line each
+                warnings.simplefilter("always")
+                sources = scan_sources(args.sources) if args.sources is not None else None
         except ValueError as err:
             raise setting_error("--sources", args.sources, str(err)) from err
+    for warning in skipped:
+        print(f"warning: {warning.message}", file=sys.stderr)
     share = 1.0 if args.real_share is None else args.real_share
     paths = generate(args.out, args.files_per_class, args.seconds, args.seed, args.class_folders,
                      args.workers, sources, share)

@@ -230,3 +230,14 @@ def test_cli_sources_errors_are_one_line(tmp_path):
         assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
         assert result.stderr.startswith("config error")
+
+
+def test_cli_sources_warns_in_one_line(tmp_path):
+    result = run_cli(["--out", str(tmp_path / "out"), "--files-per-class", "1", "--seconds", "0.1",
+                      "--workers", "1", "--sources", str(make_sources(tmp_path / "src")),
+                      "--real-share", "0.5"])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == (f"warning: skipped 1 file(s) under {tmp_path / 'src'} shorter "
+                                     "than 0.1 s and 1 unreadable file(s)")
+    assert "real material: 2 file(s)" in result.stdout
+    assert len(list((tmp_path / "out").glob("*.wav"))) == 8
