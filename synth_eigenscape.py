@@ -17,12 +17,20 @@ Physics, kept simple but not trivial:
   above a few kHz as in the real recordings.
 Spectra are low-frequency heavy (the real excerpt has 91% of its energy below 1 kHz).
 
+Real material (`--sources DIR`, see utils/source_audio.py: channel 0 = mono / W / ACN 0)
+replaces a share `--real-share` of the point sources and beds. A real point source is an
+excerpt at the recipe's level with the direction model of the source it replaces (a car
+wanders like a walker); a real bed is one looped excerpt played from all 32 diffuse
+directions at offsets >= MIN_BED_SHIFT_S apart (uncorrelated over a frame). Same sphere,
+capsules and noise; its own generator, so `--real-share 0` writes the procedural set.
+
 Everything is computed in the STFT domain in blocks of frames (sqrt-Hann, 50% overlap,
 perfect reconstruction), so memory does not grow with the file length beyond the few mono
-point-source signals. Deterministic from the seed. numpy / scipy / soundfile only.
+point-source signals. Deterministic from the seed (and --sources). numpy / scipy / soundfile only.
 
 Usage:
     python synth_eigenscape.py --out data/synth_demo --files-per-class 2 --seconds 20 --seed 0
+    python synth_eigenscape.py --out data/synth_real --sources ~/recordings --real-share 0.5
 """
 from __future__ import annotations
 
@@ -30,18 +38,21 @@ import argparse
 import csv
 import functools
 import os
+import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import soundfile as sf
 from scipy import signal, special
 
-from utils.checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, PathRule, check_flags
+from utils.checks import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, PathRule, check_flags,
+                          one_line_errors, setting_error)
 from utils.eigenscape import CAPSULES, N_CAPSULES, SCENE_CLASSES, unit_vectors
+from utils.source_audio import SourceFile, excerpt, scan_sources
 
 SAMPLE_RATE = 48000
 SPEED_OF_SOUND = 343.0
@@ -55,6 +66,7 @@ DIFFUSE_FOCUS = 2.5      # 0 = isotropic; 2.5 brings the coherence bands close t
 DIFFUSE_MAX_HZ = 16000  # the beds are far below the capsule noise above this
 NOISE_CROSSOVER_HZ = 7000  # real em32: an uncorrelated noise floor above about 6-8 kHz
 ARRAY_SEED = 32  # the simulated em32 unit: its capsule coloration is the same in every set
+MIN_BED_SHIFT_S = 0.25  # real beds: offset between directions, beyond a frame's correlation
 
 
 
@@ -289,9 +301,26 @@ class DiffuseBed:
 
 
 @dataclass
+class RealBed:
+    name: str
+    signal: np.ndarray                     # circular excerpt, unit active level, read cyclically
+    level_db: float
+
+
+@dataclass
 class Scene:
     points: list[PointSource] = field(default_factory=list)
     beds: list[DiffuseBed] = field(default_factory=list)
+    real_beds: list[RealBed] = field(default_factory=list)
+
+
+@dataclass
+class Material:
+    """Real recordings to draw from, the share of sources and beds they replace, and the
+    generator of those draws (its own, so that share 0 leaves the procedural scene as is)."""
+    files: Sequence[SourceFile]
+    share: float
+    rng: np.random.Generator
 
 
 # Per class: diffuse beds (name, slope, high-pass, low-pass, level dB, modulation rate, depth)
@@ -330,25 +359,54 @@ def active_level(sig: np.ndarray) -> float:
     return float(np.sqrt(power[power >= 0.01 * power.max()].mean())) if power.max() > 0 else 0.0
 
 
-def build_scene(scene_class: str, n: int, rng: np.random.Generator) -> Scene:
-    """Draw one scene of `n` samples from the class recipe."""
+def real_excerpt(material: Material, n: int,
+                 circular: bool = False) -> tuple[str, np.ndarray] | None:
+    """`real:<file name>` and `n` samples of a random real file at unit active level (None if
+    silent); the name goes into metadata.csv, whose lists are `;`-separated."""
+    file = material.files[material.rng.integers(len(material.files))]
+    sig = excerpt(material.rng, file, n, SAMPLE_RATE, circular)
+    level_now = active_level(sig)
+    if level_now == 0:
+        return None
+    return "real:" + file.path.name.replace(";", ","), (sig / level_now).astype(np.float32)
+
+
+def direction_of(kind: str, rng: np.random.Generator) -> Callable:
+    """Birds and chimes up high, hum fixed near the horizon, the others walking."""
+    return (fixed_direction(rng, (20, 70)) if kind in ("bird", "chime")
+            else fixed_direction(rng) if kind == "hum" else wandering_direction(rng))
+
+
+def build_scene(scene_class: str, n: int, rng: np.random.Generator,
+                material: Material | None = None) -> Scene:
+    """Draw one scene of `n` samples from the class recipe, with a share of real material."""
     recipe = RECIPES[scene_class]
     freqs = np.fft.rfftfreq(NFFT, 1.0 / SAMPLE_RATE)
     n_frames = n // HOP + 2
     scene = Scene()
     for name, slope, hp, lp, level, rate, depth in recipe["beds"]:
+        if material is not None and material.rng.random() < material.share:
+            length = max(n + NFFT + 2 * HOP,
+                         int(DIFFUSE_DIRECTIONS * MIN_BED_SHIFT_S * SAMPLE_RATE))
+            if (real := real_excerpt(material, length, circular=True)) is not None:
+                scene.real_beds.append(RealBed(*real, level + material.rng.uniform(-2, 2)))
+            continue
         shape = spectral_shape(freqs, slope, hp, lp)
         env = slow_envelope(rng, n_frames, rate, depth, SAMPLE_RATE / HOP)
         scene.beds.append(DiffuseBed(name, shape / shape.sum(), env.astype(np.float32),
                                      level + rng.uniform(-2, 2)))
     for kind, (lo, hi), level in recipe["points"]:
         for _ in range(rng.integers(lo, hi + 1)):
+            if material is not None and material.rng.random() < material.share:
+                if (real := real_excerpt(material, n)) is not None:
+                    scene.points.append(PointSource(*real, direction_of(kind, material.rng),
+                                                    level + material.rng.uniform(-3, 3)))
+                continue
             if kind == "car":
                 sig, direction = car_pass(rng, n)
             else:
                 sig = POINT_GENERATORS[kind](rng, n)
-                direction = (fixed_direction(rng, (20, 70)) if kind in ("bird", "chime")
-                             else fixed_direction(rng) if kind == "hum" else wandering_direction(rng))
+                direction = direction_of(kind, rng)
             level_now = active_level(sig)
             if level_now > 0:
                 scene.points.append(PointSource(kind, (sig / level_now).astype(np.float32), direction,
@@ -395,6 +453,21 @@ def mix_directions(h: np.ndarray, src: np.ndarray, n_bins: int) -> np.ndarray:
     return out
 
 
+def real_bed_spectra(bed: RealBed, t0: int, t1: int, window: np.ndarray, n_bins: int) -> np.ndarray:
+    """STFT frames t0..t1 of a real bed from every diffuse direction, [n_bins, D, K] complex64.
+
+    Direction d reads the circular excerpt d * len / D samples on, at the bed's share of the
+    level per direction (the D uncorrelated directions add up to the bed's level).
+    """
+    length = len(bed.signal)
+    shifts = np.arange(DIFFUSE_DIRECTIONS) * (length // DIFFUSE_DIRECTIONS)
+    starts = np.arange(t0, t1) * HOP - HOP  # frame t starts HOP before sample t * HOP
+    idx = (shifts[:, None, None] + starts[None, :, None] + np.arange(NFFT)) % length  # [D, K, N]
+    spectra = np.fft.rfft(bed.signal[idx] * window, axis=-1)[..., :n_bins]  # [D, K, n_bins]
+    gain = 10 ** (bed.level_db / 20) / np.sqrt(DIFFUSE_DIRECTIONS)
+    return (gain * np.transpose(spectra, (2, 0, 1))).astype(np.complex64)
+
+
 def render(scene: Scene, n: int, rng: np.random.Generator, write: Callable[[np.ndarray], None]) -> None:
     """Render a scene to `n` x 32 samples, passing finished blocks [m, 32] to `write` in order."""
     window = np.sqrt(0.5 - 0.5 * np.cos(2 * np.pi * np.arange(NFFT) / NFFT)).astype(np.float32)
@@ -403,11 +476,14 @@ def render(scene: Scene, n: int, rng: np.random.Generator, write: Callable[[np.n
     diffuse_dirs = random_directions(rng, DIFFUSE_DIRECTIONS, DIFFUSE_FOCUS)
     h_diffuse = capsule_responses(diffuse_dirs)  # [F, 32, D]
     n_diffuse_bins = int(DIFFUSE_MAX_HZ * NFFT / SAMPLE_RATE) + 1
-    bed_psd = np.stack([b.shape * 10 ** (b.level_db / 10) for b in scene.beds])  # [beds, F]
+    bed_psd = (np.stack([b.shape * 10 ** (b.level_db / 10) for b in scene.beds]) if scene.beds
+               else np.zeros((0, n_bins)))  # [beds, F]
     padded = [np.concatenate([np.zeros(HOP, np.float32), p.signal * 10 ** (p.level_db / 20),
                               np.zeros(NFFT + HOP, np.float32)]) for p in scene.points]
     frames_of = [np.lib.stride_tricks.sliding_window_view(x, NFFT)[::HOP] for x in padded]
-    noise_std = capsule_noise_std(bed_psd, frames_of, window)
+    real_bed_frames = [np.lib.stride_tricks.sliding_window_view(
+        b.signal * 10 ** (b.level_db / 20), NFFT)[::HOP] for b in scene.real_beds]
+    noise_std = capsule_noise_std(bed_psd, frames_of + real_bed_frames, window)
     coloration = capsule_coloration()  # [F, 32]
     carry = np.zeros((HOP, N_CAPSULES), np.float32)
     written, skip = 0, HOP
@@ -416,12 +492,15 @@ def render(scene: Scene, n: int, rng: np.random.Generator, write: Callable[[np.n
         k = t1 - t0
         times = (np.arange(t0, t1) * HOP) / SAMPLE_RATE
         # Diffuse: independent noise per direction, shaped by the summed bed spectra.
-        env2 = np.stack([b.envelope[t0:t1] ** 2 for b in scene.beds])  # [beds, K]
+        env2 = (np.stack([b.envelope[t0:t1] ** 2 for b in scene.beds]) if scene.beds
+                else np.zeros((0, k), np.float32))  # [beds, K]
         std = stft_scale(1.0) * np.sqrt((bed_psd.T @ env2) / DIFFUSE_DIRECTIONS)  # [F, K]
         shape = (n_diffuse_bins, DIFFUSE_DIRECTIONS, k)
         src = (rng.standard_normal(shape, dtype=np.float32)
                + 1j * rng.standard_normal(shape, dtype=np.float32))
         src *= (std[:n_diffuse_bins] / np.sqrt(2)).astype(np.float32)[:, None, :]
+        for bed in scene.real_beds:
+            src += real_bed_spectra(bed, t0, t1, window, n_diffuse_bins)
         spec = mix_directions(h_diffuse, src, n_diffuse_bins)  # [F, 32, K]
         for p, frames in zip(scene.points, frames_of):
             s = np.fft.rfft(frames[t0:t1] * window, axis=-1).astype(np.complex64)  # [K, F]
@@ -449,12 +528,17 @@ def render(scene: Scene, n: int, rng: np.random.Generator, write: Callable[[np.n
         written += len(done)
 
 
-def generate_file(path: Path, scene_class: str, seconds: float, seed: int, number: int) -> dict:
-    """Write one 32-channel scene file; return its metadata row."""
+def generate_file(path: Path, scene_class: str, seconds: float, seed: int, number: int,
+                  sources: Sequence[SourceFile] | None = None, real_share: float = 1.0) -> dict:
+    """Write one 32-channel scene file (real material from `sources`); return its metadata row."""
     class_index = SCENE_CLASSES.index(scene_class)
     rng = np.random.default_rng(np.random.SeedSequence([seed, class_index, number]))
+    material = None
+    if sources:
+        material_rng = np.random.default_rng(np.random.SeedSequence([seed, class_index, number, 1]))
+        material = Material(sources, real_share, material_rng)
     n = int(round(seconds * SAMPLE_RATE))
-    scene = build_scene(scene_class, n, rng)
+    scene = build_scene(scene_class, n, rng, material)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     peak = [0.0]
@@ -467,18 +551,24 @@ def generate_file(path: Path, scene_class: str, seconds: float, seed: int, numbe
     if peak[0] > 1.0:
         warnings.warn(f"{path.name}: peak {peak[0]:.2f} clipped to full scale", stacklevel=2)
     return {"sources": ";".join(p.name for p in scene.points),
-            "beds": ";".join(b.name for b in scene.beds), "peak": f"{peak[0]:.4f}"}
+            "beds": ";".join(b.name for b in [*scene.beds, *scene.real_beds]),
+            "peak": f"{peak[0]:.4f}"}
 
 
 def generate(out_dir: str | os.PathLike, files_per_class: int, seconds: float, seed: int,
-             class_folders: bool = False, workers: int = 1) -> list[Path]:
+             class_folders: bool = False, workers: int = 1,
+             sources: Sequence[SourceFile] | None = None, real_share: float = 1.0) -> list[Path]:
     """Write `files_per_class` files of `seconds` for each of the 8 classes, plus metadata.csv.
 
     Flat downloaded naming (`Beach-01-Raw.wav`) in `out_dir`, or `out_dir/<Class Name>/...`
-    with `class_folders`. Same seed, same bytes (independent of `workers`). Returns the paths.
+    with `class_folders`. `sources` (from `scan_sources`) replace a share `real_share` of
+    the point sources and beds with real recordings. Same seed (and sources), same bytes
+    (independent of `workers`). Returns the paths.
     """
     if files_per_class < 1 or seconds <= 0:
         raise ValueError(f"files_per_class must be >= 1 and seconds > 0, got {files_per_class}, {seconds}")
+    if not 0.0 <= real_share <= 1.0:
+        raise ValueError(f"real_share must be in [0, 1], got {real_share}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -490,9 +580,11 @@ def generate(out_dir: str | os.PathLike, files_per_class: int, seconds: float, s
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             infos = list(pool.map(generate_file, [j[0] for j in jobs], [j[1] for j in jobs],
-                                  [seconds] * len(jobs), [seed] * len(jobs), [j[2] for j in jobs]))
+                                  [seconds] * len(jobs), [seed] * len(jobs), [j[2] for j in jobs],
+                                  [sources] * len(jobs), [real_share] * len(jobs)))
     else:
-        infos = [generate_file(path, c, seconds, seed, number) for path, c, number in jobs]
+        infos = [generate_file(path, c, seconds, seed, number, sources, real_share)
+                 for path, c, number in jobs]
     with open(out_dir / "metadata.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "class", "number", "seconds", "sample_rate", "channels", "subtype",
@@ -513,14 +605,37 @@ def main() -> None:
     parser.add_argument("--class-folders", action="store_true",
                         help="one folder per class (`Busy Street/...`) instead of a flat folder")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--sources", default=None,
+                        help="folder of real recordings (WAV/FLAC/OGG, recursive, channel 0 used) "
+                             "for point sources and beds")
+    parser.add_argument("--real-share", type=float, default=None,
+                        help="share of point sources and beds drawn from --sources (default 1)")
     args = parser.parse_args()
     check_flags(("--out", args.out, PathRule("output folder")),
                 ("--files-per-class", args.files_per_class, AT_LEAST_1),
                 ("--seconds", args.seconds, POSITIVE), ("--seed", args.seed, NON_NEGATIVE),
-                ("--workers", args.workers, AT_LEAST_1))
+                ("--workers", args.workers, AT_LEAST_1),
+                ("--sources", args.sources,
+                 PathRule("folder", "sources folder", "give a folder of WAV / FLAC / OGG files")),
+                ("--real-share", args.real_share, PROBABILITY))
+    sources = None
+    with one_line_errors():
+        if args.sources is None and args.real_share is not None:
+            raise setting_error("--real-share", args.real_share, "needs --sources DIR; add it")
+        try:
+            with warnings.catch_warnings(record=True) as skipped:  # shown as one line each
+                warnings.simplefilter("always")
+                sources = scan_sources(args.sources) if args.sources is not None else None
+        except ValueError as err:
+            raise setting_error("--sources", args.sources, str(err)) from err
+    for warning in skipped:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    share = 1.0 if args.real_share is None else args.real_share
     paths = generate(args.out, args.files_per_class, args.seconds, args.seed, args.class_folders,
-                     args.workers)
+                     args.workers, sources, share)
     print(f"wrote {len(paths)} files ({args.seconds:g} s, 32 ch, 48 kHz, PCM_24) to {args.out}")
+    if sources:
+        print(f"real material: {len(sources)} file(s) from {args.sources}, share {share:g}")
 
 
 if __name__ == "__main__":
