@@ -3,7 +3,7 @@ report's plots of code agreement (with chance and ceiling), swap gain (with its 
 decoded vs true ILD, and codebook usage.
 
 Every function returns or saves a matplotlib figure and closes what it saves; nothing here
-computes a metric (the numbers come from `metrics.MetricAccumulator` results).
+computes a metric (the numbers come from `MetricAccumulator` results).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import matplotlib
 import torch
 import torchaudio
 
-from measure.metrics import CheckpointReport, per_codebook
+from measure.results import CheckpointReport, per_codebook
 
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from measure.metrics import flatten_metrics  # noqa: E402
+from measure.results import flatten_metrics  # noqa: E402
 
-# (row label, value key, reference keys shown in brackets): keys of metrics.flatten_metrics.
+# (row label, value key, reference keys shown in brackets): keys of results.flatten_metrics.
 ROWS = [
     ("mel distance, pair's scale (lower is better)", "mel_distance", []),
     ("SI-SNR dB, pair's scale", "si_snr", []),
