@@ -39,7 +39,7 @@ from measure.pair_cues import MIN_RESOLVED_SEPARATION
 from measure.results import CheckpointReport, flatten_metrics, per_codebook
 from model import load_model
 from training.runtime import resolve_device
-from coding.shared_content import shared_content_comparison
+from coding.shared_content_comparison import shared_content_comparison
 from training.validation import array_geometry, evaluate_model, validation_dataset
 
 
