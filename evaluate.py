@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from measure import plots
-from training.configuration import check_command_line
+from training.command_line import check_command_line
 from training.loaders import make_loader
 from measure.accumulator import InstrumentSettings
 from measure.pair_cues import MIN_RESOLVED_SEPARATION

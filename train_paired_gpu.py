@@ -11,7 +11,8 @@ from functools import partial
 import hydra
 from omegaconf import DictConfig
 
-from training.configuration import check_command_line, check_training
+from training.command_line import check_command_line
+from training.configuration import check_training
 
 CONFIG_NAME = "config_paired_nq2"
 
