@@ -32,8 +32,8 @@ import torch
 
 from utils.checks import AT_LEAST_1, DATA_ROOT, POSITIVE, PathRule, check_flags
 from utils.eigenscape import SCENE_CLASSES
-from paired_channel_dataset import (PREPARED_DIRNAME, PREPARED_INDEX, PREPARED_SCALE, AudioFile,
-                                    find_audio_files, read_wav_segment)
+from utils.audio_read import PREPARED_SCALE, read_wav_segment
+from utils.eigenscape_files import PREPARED_DIRNAME, PREPARED_INDEX, AudioFile, find_audio_files
 
 INDEX_VERSION = 1
 
