@@ -15,7 +15,8 @@ CONFIG_NAME = "config_mono_nq2"
 
 @hydra.main(config_path="config", config_name=CONFIG_NAME, version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from training import engine  # here, not above: a command-line mistake is reported without loading it
+    # here, not above: a command-line mistake is reported without loading it
+    from training import engine
 
     engine.train_from_command_line(cfg, paired=False)
 

@@ -147,7 +147,8 @@ def test_pair_cues_measure_the_swap_against_both_channels():
     assert torch.allclose(cues.mel["swap_to_a"], cues.mel["rec_a_to_b"], atol=1e-5)
     assert torch.allclose(cues.mel["rec_b_to_b"], torch.zeros(2), atol=1e-5)
     assert cues.levels["in_a"].shape == (2, spatial_cues.CUE_BANDS)
-    assert torch.allclose(cues.levels["in_a"] - cues.levels["in_b"], torch.full((2, 8), 6.0), atol=0.3)
+    assert torch.allclose(cues.levels["in_a"] - cues.levels["in_b"],
+                          torch.full((2, spatial_cues.CUE_BANDS), 6.0), atol=0.3)
     assert torch.allclose(cues.delays["in"] * 24000, torch.full((2,), 2.0, dtype=torch.float64), atol=0.1)
     assert torch.equal(cues.delays["in"], cues.delays["rec"])
     assert pair_cues.pair_cues(x_a[..., :1000], x_b[..., :1000], x_a[..., :1000], x_b[..., :1000],
