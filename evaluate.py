@@ -5,7 +5,7 @@
 Every checkpoint (mono or paired) runs on the same fixed validation pairs: two channels of
 the same segment, encoded separately at ONE scale per pair (their common RMS), so mono and
 paired models are scored alike and no loudness restored from outside the codes can fake a
-channel difference. Metrics (measure/metrics.py, modules/spatial_cues.py, measure/probes.py): reconstruction,
+channel difference. Metrics (measure/, modules/spatial_cues.py): reconstruction,
 swap gain with its bootstrap interval, ILD / ITD fidelity beside predicting no difference,
 code agreement across channels beside chance and ceiling, probes trained fresh on frozen
 embeddings (folds grouped by file, shuffled-label baseline), codebook health.
@@ -32,12 +32,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from measure import plots
-from training.configuration import check_command_line
+from training.command_line import check_command_line
 from training.loaders import make_loader
-from measure.metrics import MIN_RESOLVED_SEPARATION, CheckpointReport, InstrumentSettings, flatten_metrics, per_codebook
+from measure.accumulator import InstrumentSettings
+from measure.pair_cues import MIN_RESOLVED_SEPARATION
+from measure.results import CheckpointReport, flatten_metrics, per_codebook
 from model import load_model
 from training.runtime import resolve_device
-from coding.shared_content import shared_content_comparison
+from coding.shared_content_comparison import shared_content_comparison
 from training.validation import array_geometry, evaluate_model, validation_dataset
 
 

@@ -32,8 +32,8 @@ import torch
 
 from utils.checks import AT_LEAST_1, DATA_ROOT, POSITIVE, PathRule, check_flags
 from utils.eigenscape import SCENE_CLASSES
-from paired_channel_dataset import (PREPARED_DIRNAME, PREPARED_INDEX, PREPARED_SCALE, AudioFile,
-                                    find_audio_files, read_wav_segment)
+from utils.audio_read import PREPARED_SCALE, read_wav_segment
+from utils.eigenscape_files import PREPARED_DIRNAME, PREPARED_INDEX, AudioFile, find_audio_files
 
 INDEX_VERSION = 1
 
@@ -51,12 +51,14 @@ def array_name(rel: str) -> str:
 
 
 def resampled_length(file: AudioFile, model_rate: int) -> int:
-    """Length torchaudio gives the whole file at model_rate: ceil(frames * new / old), in integers."""
+    """Length torchaudio gives the whole file at model_rate: ceil(frames * new / old), in
+    integers."""
     return -(-file.frames * model_rate // file.sample_rate)
 
 
 def convert_file(file: AudioFile, out: Path, model_rate: int, chunk_seconds: float) -> dict:
-    """Write one recording as int16 [C, T] at model_rate under `out`, chunk by chunk; return its index entry."""
+    """Write one recording as int16 [C, T] at model_rate under `out`, chunk by chunk; return
+    its index entry."""
     target = out / array_name(file.rel)
     g = math.gcd(file.sample_rate, model_rate)
     down, up = file.sample_rate // g, model_rate // g
@@ -97,7 +99,8 @@ def _unchanged(entry: dict | None, file: AudioFile, out: Path, model_rate: int) 
         return False
     stat = file.path.stat()
     target = out / entry["array"]
-    if (entry["source_size"], entry["source_mtime_ns"]) != (stat.st_size, stat.st_mtime_ns) or not target.is_file():
+    if ((entry["source_size"], entry["source_mtime_ns"]) != (stat.st_size, stat.st_mtime_ns)
+            or not target.is_file()):
         return False
     shape = np.load(target, mmap_mode="r").shape
     return shape == (file.channels, resampled_length(file, model_rate))
@@ -119,8 +122,8 @@ def prepare(data_root: str | os.PathLike, out: str | os.PathLike | None = None, 
             old = {e["source"]: e for e in previous.get("files", [])}
     keep = {f.rel: old[f.rel] for f in files if _unchanged(old.get(f.rel), f, out, model_rate)}
     todo = [f for f in files if f.rel not in keep]
-    print(f"{len(files)} file(s) under {data_root}: {len(keep)} already prepared, converting {len(todo)} "
-          f"to {model_rate} Hz int16 in {out}", flush=True)
+    print(f"{len(files)} file(s) under {data_root}: {len(keep)} already prepared, "
+          f"converting {len(todo)} to {model_rate} Hz int16 in {out}", flush=True)
     started = time.time()
     args = (todo, [out] * len(todo), [model_rate] * len(todo), [chunk_seconds] * len(todo))
     if workers > 1 and len(todo) > 1:
@@ -144,15 +147,20 @@ def prepare(data_root: str | os.PathLike, out: str | os.PathLike | None = None, 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", required=True, help="EigenScape folder (flat or one folder per class)")
-    parser.add_argument("--out", default=None, help=f"output folder (default: <data-root>/{PREPARED_DIRNAME}; "
-                                                    "elsewhere needs datasets.prepared_root=OUT)")
+    parser.add_argument("--data-root", required=True,
+                        help="EigenScape folder (flat or one folder per class)")
+    parser.add_argument("--out", default=None,
+                        help=f"output folder (default: <data-root>/{PREPARED_DIRNAME}; "
+                             "elsewhere needs datasets.prepared_root=OUT)")
     parser.add_argument("--workers", type=int, default=1, help="files converted in parallel")
     parser.add_argument("--sample-rate", type=int, default=24000, help="model.sample_rate")
-    parser.add_argument("--chunk-seconds", type=float, default=10.0, help="audio converted per step")
+    parser.add_argument("--chunk-seconds", type=float, default=10.0,
+                        help="audio converted per step")
     args = parser.parse_args(argv)
-    check_flags(("--data-root", args.data_root, DATA_ROOT), ("--out", args.out, PathRule("output folder")),
-                ("--workers", args.workers, AT_LEAST_1), ("--sample-rate", args.sample_rate, AT_LEAST_1),
+    check_flags(("--data-root", args.data_root, DATA_ROOT),
+                ("--out", args.out, PathRule("output folder")),
+                ("--workers", args.workers, AT_LEAST_1),
+                ("--sample-rate", args.sample_rate, AT_LEAST_1),
                 ("--chunk-seconds", args.chunk_seconds, POSITIVE))
     try:
         prepare(args.data_root, args.out, args.workers, args.sample_rate, args.chunk_seconds)

@@ -11,14 +11,16 @@ from functools import partial
 import hydra
 from omegaconf import DictConfig
 
-from training.configuration import check_command_line, check_training
+from training.command_line import check_command_line
+from training.configuration import check_training
 
 CONFIG_NAME = "config_paired_nq2"
 
 
 @hydra.main(config_path="config", config_name=CONFIG_NAME, version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from training import engine  # here, not above: a command-line mistake is reported without loading it
+    # here, not above: a command-line mistake is reported without loading it
+    from training import engine
 
     engine.train_from_command_line(cfg, paired=True)
 

@@ -3,7 +3,7 @@ report's plots of code agreement (with chance and ceiling), swap gain (with its 
 decoded vs true ILD, and codebook usage.
 
 Every function returns or saves a matplotlib figure and closes what it saves; nothing here
-computes a metric (the numbers come from `metrics.MetricAccumulator` results).
+computes a metric (the numbers come from `MetricAccumulator` results).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import matplotlib
 import torch
 import torchaudio
 
-from measure.metrics import CheckpointReport, per_codebook
+from measure.results import CheckpointReport, per_codebook
 
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
@@ -33,7 +33,8 @@ def plot_code_agreement(reports: Sequence[CheckpointReport], path: Path) -> None
         agree = [_finite(per_codebook(r.results, "codebook_agreement", k)) for r in reports]
         ax.bar(positions, agree, width * 0.9, label=f"codebook {k + 1}")
         for key, color, label in (("chance_agreement", "black", "chance (different segments)"),
-                                  ("ceiling_agreement", "tab:red", "ceiling (1-sample shift, +0.5 dB)")):
+                                  ("ceiling_agreement", "tab:red",
+                                   "ceiling (1-sample shift, +0.5 dB)")):
             values = [per_codebook(r.results, key, k) for r in reports]
             kept = [(p, v) for p, v in zip(positions, values) if v is not None and math.isfinite(v)]
             if kept:
@@ -67,12 +68,14 @@ def plot_swap_gain(reports: Sequence[CheckpointReport], path: Path) -> None:
             continue
         lo, hi = r.get("swap_gain_ci") or (gain, gain)
         lo, hi = _finite(lo, gain), _finite(hi, gain)
-        ax.errorbar([i], [gain], yerr=[[gain - lo], [hi - gain]], fmt="o", capsize=6, color="tab:blue")
+        ax.errorbar([i], [gain], yerr=[[gain - lo], [hi - gain]], fmt="o", capsize=6,
+                    color="tab:blue")
         ax.annotate(f"sep. {_finite(r.get('swap_separation_db'), math.nan):.2g} dB", (i, hi),
                     textcoords="offset points", xytext=(0, 6), ha="center", fontsize="x-small")
     for level, text in ((0.0, "0: cb2 moves nothing"), (1.0, "1: decodes like B")):
         ax.axhline(level, color="grey", linestyle="--", linewidth=1)
-        ax.text(len(reports) - 0.5, level, text, va="bottom", ha="right", fontsize="x-small", color="grey")
+        ax.text(len(reports) - 0.5, level, text, va="bottom", ha="right", fontsize="x-small",
+                color="grey")
     ax.set_xticks(range(len(reports)), [f"{r.label}\n({r.mode})" for r in reports])
     ax.set_xlim(-0.5, len(reports) - 0.5)
     ax.set_ylabel("swap gain (95% CI)")
@@ -99,7 +102,8 @@ def plot_ild_scatter(reports: Sequence[CheckpointReport], path: Path) -> None:
         ild = report.results.get("ild_fidelity") or {}
         ax.set_title(f"{report.label}: r={_finite(ild.get('correlation'), math.nan):.2f}, "
                      f"err {_finite(ild.get('error_db'), math.nan):.2f} dB "
-                     f"(zero {_finite(ild.get('zero_error_db'), math.nan):.2f})", fontsize="x-small")
+                     f"(zero {_finite(ild.get('zero_error_db'), math.nan):.2f})",
+                     fontsize="x-small")
         ax.set_xlabel("true ILD (dB)")
     axes[0][0].set_ylabel("decoded ILD (dB)")
     fig.tight_layout()

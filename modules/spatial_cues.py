@@ -31,6 +31,7 @@ from torch import Tensor
 
 LEVEL_FLOOR = 1e-10   # power floor (-100 dB re full-scale mean square): silence stays finite
 LEVEL_N_FFT = 2048    # 11.7 Hz bins at 24 kHz: a few bins even in the lowest 100 Hz band
+CUE_BANDS = 8         # log-spaced level bands of the cues (losses, metrics)
 CUE_BAND_RANGE_HZ = (100.0, 11_000.0)  # the level bands' range, below a 24 kHz Nyquist
 GCC_N_FFT = 1024      # 43 ms frames: >> the 0.5 ms lags searched, so frames stay aligned
 
@@ -61,7 +62,8 @@ def _spectrogram(n_fft: int, hop: int, power: float | None, device: torch.device
                                              center=False).to(device)
 
 
-def band_edges(n_bands: int = 8, f_min: float = 100.0, f_max: float = 11000.0) -> Tensor:
+def band_edges(n_bands: int = CUE_BANDS, f_min: float = CUE_BAND_RANGE_HZ[0],
+               f_max: float = CUE_BAND_RANGE_HZ[1]) -> Tensor:
     """Log-spaced band edges in Hz, `[n_bands + 1]` (float64), from `f_min` to `f_max`."""
     if n_bands < 1 or not 0 < f_min < f_max:
         raise ValueError(f"need n_bands >= 1 and 0 < f_min < f_max, got {n_bands}, {f_min}, {f_max}")
@@ -85,8 +87,9 @@ def _band_matrix(sample_rate: int, n_fft: int, edges: Tensor) -> Tensor:
     return member.double()
 
 
-def band_levels(wav: Tensor, sample_rate: int, n_bands: int = 8, f_min: float = CUE_BAND_RANGE_HZ[0],
-                f_max: float = CUE_BAND_RANGE_HZ[1], n_fft: int = LEVEL_N_FFT) -> Tensor:
+def band_levels(wav: Tensor, sample_rate: int, n_bands: int = CUE_BANDS,
+                f_min: float = CUE_BAND_RANGE_HZ[0], f_max: float = CUE_BAND_RANGE_HZ[1],
+                n_fft: int = LEVEL_N_FFT) -> Tensor:
     """Level of each frequency band over the whole segment, in dB, `[N, n_bands]`.
 
     Args:

@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from measure.metrics import flatten_metrics  # noqa: E402
+from measure.results import flatten_metrics  # noqa: E402
 
-# (row label, value key, reference keys shown in brackets): keys of metrics.flatten_metrics.
+# (row label, value key, reference keys shown in brackets): keys of results.flatten_metrics.
 ROWS = [
     ("mel distance, pair's scale (lower is better)", "mel_distance", []),
     ("SI-SNR dB, pair's scale", "si_snr", []),
-    ("**swap gain** (0: codebook 2 of B moves nothing; 1: the swap decodes like B)", "swap_gain", []),
+    ("**swap gain** (0: codebook 2 of B moves nothing; 1: the swap decodes like B)",
+     "swap_gain", []),
     ("channel separation of the decodes, dB/band (inputs)", "swap_separation_db",
      ["swap_input_separation_db"]),
     ("**ILD correlation**, decoded vs input pair (slope)", "ild_corr", ["ild_slope"]),

@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 from training import configuration
 from utils.checks import (AT_LEAST_1, DECAY, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Limit,
                     OneOf, PathRule, check_flags, is_number)
+from training.command_line import composed_configs, job_overrides
 from training.configuration import (DECLARED_TYPES, LIMITS, PATHS, check_limits, check_settings,
-                           check_types, composed_configs, expected_type, job_overrides)
+                                    check_types, expected_type)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"

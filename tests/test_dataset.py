@@ -11,9 +11,9 @@ import torch
 import torchaudio
 from torch.utils.data import DataLoader
 
-import paired_channel_dataset as pcd
-from paired_channel_dataset import (DataWarning, MonoChannelDataset, PairedChannelDataset,
-                                    class_from_name, collate_fn, find_audio_files, read_wav_segment)
+from paired_channel_dataset import MonoChannelDataset, PairedChannelDataset, collate_fn
+from utils.audio_read import ReadError, read_frames, read_wav_segment
+from utils.eigenscape_files import DataWarning, class_from_name, find_audio_files
 
 TRAIN = ["Beach", "Busy Street", "Park", "Pedestrian Zone", "Quiet Street", "Shopping Centre"]
 
@@ -288,7 +288,7 @@ def test_short_file_zero_padded_with_warning(tmp_path, cfg_factory):
 def test_read_frames_selects_channels_of_the_real_wavex_span(fixtures_dir):
     for f in find_audio_files(fixtures_dir, ["Beach"]):
         expected = sf.read(str(f.path), start=100, stop=9000, dtype="float32", always_2d=True)[0]
-        got = pcd.read_frames(f, 100, 9000, [f.channels - 1, 0, 3])
+        got = read_frames(f, 100, 9000, [f.channels - 1, 0, 3])
         assert got.dtype == np.float32 and np.array_equal(got, expected[:, [f.channels - 1, 0, 3]])
 
 
@@ -299,5 +299,5 @@ def test_validation_read_failure_is_an_error_not_a_redraw(tmp_path, cfg_factory)
     first = [ds[i][1] for i in range(len(ds))]
     bad.write_bytes(b"not audio any more")
     failing = next(i for i, m in enumerate(first) if m["path"] == str(bad))
-    with pytest.raises(pcd.ReadError, match="TrainStation-01-Raw.wav"):
+    with pytest.raises(ReadError, match="TrainStation-01-Raw.wav"):
         ds[failing]

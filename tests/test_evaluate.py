@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 import evaluate
-from measure.metrics import CheckpointReport
+from measure.results import CheckpointReport
 from test_codec import save_tiny_checkpoint
 from model import EncodecModel
 from training.validation import evaluate_model, latent_decoder

@@ -18,6 +18,7 @@ import torch
 from utils import checkpoints as ckpt_io
 from training import engine
 import paired_channel_dataset as pcd
+from utils.eigenscape_files import DataWarning
 from training.configuration import ConfigError, prepare_config
 from training.parts import estimate_checkpoint_bytes
 from conftest import ROOT, make_config
@@ -384,7 +385,7 @@ def test_data_file_deleted_mid_epoch_is_redrawn_counted_and_logged(tmp_path, syn
     monkeypatch.setattr(Tracker, "log", record)
     monkeypatch.setattr(EncodecModel, "forward", forward)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", pcd.DataWarning)
+        warnings.simplefilter("ignore", DataWarning)
         result = engine.train(cfg)
     assert result["step"] == 3  # the epoch completed
     state = ckpt_io.load_checkpoint(result["checkpoint"])
@@ -409,7 +410,7 @@ def test_all_data_gone_stops_clearly_and_keeps_the_steps_done(tmp_path, synth_ro
 
     monkeypatch.setattr(EncodecModel, "forward", forward)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", pcd.DataWarning)
+        warnings.simplefilter("ignore", DataWarning)
         with pytest.raises(pcd.TooManyReadFailures, match="failed all 4 draws in a row") as err:
             engine.train(cfg)
     assert "max_read_retries=3" in str(err.value) and "\n" not in str(err.value)

@@ -1,5 +1,5 @@
 """The fair paired-channel instrument (issue 9) end to end through `validation.measure_batch`
-and `metrics.MetricAccumulator`: one scale per pair, swap gain, ILD / ITD fidelity, the
+and `MetricAccumulator`: one scale per pair, swap gain, ILD / ITD fidelity, the
 agreement ceiling, the probes' wiring, and the per-epoch validation's logged names.
 
 Most cases use `FramedCodec`, a hand-built "codec" whose latent IS the normalised waveform
@@ -14,7 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from measure import metrics
+from measure import metrics, pair_cues
+from measure.accumulator import InstrumentSettings, MetricAccumulator
+from measure.results import flatten_metrics
+from modules import spatial_cues
 from utils import eigenscape
 from model import EncodecModel, EncodecOutput
 from training.validation import accumulate, evaluate_model, measure_batch
@@ -177,8 +180,8 @@ def test_a_swap_that_only_follows_the_input_level_does_not_score_as_channel_tran
     # The confound this guards against: per-channel scales, swap restored at B's level.
     (emb_a, scale_a), (_, scale_b) = model.embeddings(x_a, None), model.embeddings(x_b, None)
     old_swap = unframe(emb_a[0] + 0) * scale_b
-    level = lambda w: metrics.segment_band_levels(w, RATE)  # noqa: E731
-    old_gain = metrics.spatial_cues.swap_gain(level(old_swap), level(x_a), level(x_b))
+    level = lambda w: pair_cues.segment_band_levels(w, RATE)  # noqa: E731
+    old_gain = spatial_cues.swap_gain(level(old_swap), level(x_a), level(x_b))
     assert old_gain.mean().item() == pytest.approx(1.0, abs=1e-4)
 
 
@@ -194,10 +197,11 @@ def test_swap_gain_uses_only_well_separated_capsules():
                                  keep_examples=0, capsules=None)
     assert anywhere["swap_n_used"] == 8 and anywhere["swap_pairs"].startswith("all pairs")
     pairs = torch.tensor([SEPARATED, CLOSE, [0, 8], [0, 14], [0, 18]])  # 138, 38, 79, 101, 180 degrees
-    mask, _ = metrics.separated_pairs(pairs, eigenscape.CAPSULES)
+    mask, _ = pair_cues.separated_pairs(pairs, eigenscape.CAPSULES)
     assert mask.tolist() == [True, False, False, True, True]
     caps = torch.as_tensor(eigenscape.CAPSULES)
-    share = metrics.separated_pairs(torch.combinations(torch.arange(32)), caps)[0].double().mean()
+    share = pair_cues.separated_pairs(torch.combinations(torch.arange(32)), caps)[0]
+    share = share.double().mean()
     assert 0.35 < share < 0.65  # about half of the em32 pairs
 
 
@@ -282,25 +286,26 @@ def probe_stream(n_files: int = 8, per_file: int = 10, seed: int = 16):
     cb1 = content[:, None].expand(n, 2, dim) + 0.1 * torch.randn(n, 2, dim, generator=gen)
     cb2 = torch.cat([torch.stack([levels_a @ mix, levels_b @ mix], 1), directions[channels]], dim=2)
     embeddings = [cb1[..., None].expand(n, 2, dim, 3), cb2[..., None].expand(n, 2, dim, 3)]
-    cues = metrics.PairCues(levels={"in_a": levels_a, "in_b": levels_b, "rec_a": levels_a, "rec_b": levels_b,
-                                    "swap": levels_a},
-                            delays={"in": torch.zeros(n), "rec": torch.zeros(n)},
-                            mel={k: torch.zeros(n) for k in ("swap_to_a", "swap_to_b", "rec_a_to_b", "rec_b_to_b")})
+    cues = pair_cues.PairCues(levels={"in_a": levels_a, "in_b": levels_b, "rec_a": levels_a,
+                                      "rec_b": levels_b, "swap": levels_a},
+                              delays={"in": torch.zeros(n), "rec": torch.zeros(n)},
+                              mel={k: torch.zeros(n) for k in ("swap_to_a", "swap_to_b",
+                                                                "rec_a_to_b", "rec_b_to_b")})
     return files, channels, embeddings, cues
 
 
 def probe_results(files, channels, embeddings, cues, settings=None) -> dict:
     n = len(files)
-    acc = metrics.MetricAccumulator(n_q=2, bins=4, sample_rate=RATE, frame_rate=75, settings=settings)
+    acc = MetricAccumulator(n_q=2, bins=4, sample_rate=RATE, frame_rate=75, settings=settings)
     wavs = torch.zeros(n, 2, 1, 1100)
     acc.update(wavs, wavs, torch.zeros(n, 2, 2, 3, dtype=torch.long), embeddings, channels, groups=files,
                cues=cues)
     return acc.compute()
 
 
-@pytest.mark.parametrize("settings", [metrics.InstrumentSettings(),
-                                      metrics.InstrumentSettings(probe_shuffles=2, ild_probe_alpha=None,
-                                                                 channel_probe_c=None)],
+@pytest.mark.parametrize("settings", [InstrumentSettings(),
+                                      InstrumentSettings(probe_shuffles=2, ild_probe_alpha=None,
+                                                         channel_probe_c=None)],
                          ids=["per-epoch", "evaluate"])
 def test_probes_find_the_ild_in_codebook_2_and_score_chance_on_shuffled_labels(settings):
     results = probe_results(*probe_stream(), settings=settings)
@@ -344,7 +349,7 @@ def test_probes_need_two_files():
 def test_flattened_results_carry_the_logged_names():
     x_a, x_b = level_different_pair(8, 18)
     results = measure(FramedCodec(low_band_in_codebook_1), pair_batches(x_a, x_b))
-    flat = metrics.flatten_metrics(results)
+    flat = flatten_metrics(results)
     for name in ("swap_gain", "swap_gain_ci_low", "swap_gain_ci_high", "swap_separation_db", "swap_mel_to_a",
                  "swap_mel_to_b", "ild_corr", "ild_error_db", "ild_zero_error_db", "ild_slope", "itd_error_us",
                  "itd_zero_error_us", "si_snr", "mel_distance", "si_snr_own_scale", "mel_distance_own_scale",
@@ -374,7 +379,7 @@ def test_measure_batch_decodes_every_view_of_a_pair_at_one_scale():
     torch.testing.assert_close(measured.audio_own_scale.flatten(0, 1), own)
     assert not torch.allclose(common, own)
     assert measured.cues is not None and measured.swap_audio.shape == (2, 1, LENGTH)
-    acc = metrics.MetricAccumulator(2, 16, RATE, 75)
+    acc = MetricAccumulator(2, 16, RATE, 75)
     accumulate(acc, measured)
     assert acc.compute()["ceiling_agreement"] is not None
 
@@ -458,6 +463,6 @@ def test_flattened_results_leave_out_what_could_not_be_measured():
     low, high = lowpass(noise(4, 21)), noise(4, 22)
     results = measure(FramedCodec(low_band_in_codebook_1), pair_batches(low + high, low - high, channels=CLOSE))
     assert math.isnan(results["swap_gain"])
-    flat = metrics.flatten_metrics(results)
+    flat = flatten_metrics(results)
     assert "swap_gain" not in flat and "swap_gain_ci_low" not in flat and "ild_corr" in flat
     assert all(not math.isnan(v) for v in flat.values())

@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from measure import metrics
+from measure import metrics, pair_cues
+from measure.accumulator import MetricAccumulator
+from modules import spatial_cues
 
 
 @pytest.fixture
@@ -88,7 +90,7 @@ def accumulate_codes(codes: torch.Tensor, bins: int, embeddings: list[torch.Tens
     """MetricAccumulator results for codes `[N, V, n_q, F]` (the audio is a stand-in)."""
     n, views, n_q, _ = codes.shape
     wavs = torch.randn(n, views, 1, 2400, generator=torch.Generator().manual_seed(0))
-    acc = metrics.MetricAccumulator(n_q=n_q, bins=bins, sample_rate=24000, frame_rate=75)
+    acc = MetricAccumulator(n_q=n_q, bins=bins, sample_rate=24000, frame_rate=75)
     acc.update(wavs, wavs.clone(), codes, embeddings)
     return acc.compute()
 
@@ -126,12 +128,12 @@ def test_embedding_cosine_identical_opposite_and_chance():
 # -- swap and pair cues -------------------------------------------------------------------
 
 def test_swap_sources_bookkeeping():
-    assert metrics.swap_sources(2) == ("a", "b")
-    assert metrics.swap_sources(3, content_codebook=1) == ("b", "a", "b")
+    assert pair_cues.swap_sources(2) == ("a", "b")
+    assert pair_cues.swap_sources(3, content_codebook=1) == ("b", "a", "b")
     with pytest.raises(ValueError):
-        metrics.swap_sources(1)
+        pair_cues.swap_sources(1)
     with pytest.raises(ValueError):
-        metrics.swap_sources(2, content_codebook=2)
+        pair_cues.swap_sources(2, content_codebook=2)
 
 
 def test_pair_cues_measure_the_swap_against_both_channels():
@@ -140,23 +142,25 @@ def test_pair_cues_measure_the_swap_against_both_channels():
     gen = torch.Generator().manual_seed(3)
     x_a = torch.randn(2, 1, 4800, generator=gen)
     x_b = 0.5 * torch.roll(x_a, 2, dims=-1) + 0.05 * torch.randn(2, 1, 4800, generator=gen)
-    cues = metrics.pair_cues(x_a, x_b, x_a, x_b, x_b.clone(), 24000)
+    cues = pair_cues.pair_cues(x_a, x_b, x_a, x_b, x_b.clone(), 24000)
     assert torch.allclose(cues.mel["swap_to_b"], torch.zeros(2), atol=1e-5)
     assert torch.allclose(cues.mel["swap_to_a"], cues.mel["rec_a_to_b"], atol=1e-5)
     assert torch.allclose(cues.mel["rec_b_to_b"], torch.zeros(2), atol=1e-5)
-    assert cues.levels["in_a"].shape == (2, metrics.N_BANDS)
-    assert torch.allclose(cues.levels["in_a"] - cues.levels["in_b"], torch.full((2, 8), 6.0), atol=0.3)
+    assert cues.levels["in_a"].shape == (2, spatial_cues.CUE_BANDS)
+    assert torch.allclose(cues.levels["in_a"] - cues.levels["in_b"],
+                          torch.full((2, spatial_cues.CUE_BANDS), 6.0), atol=0.3)
     assert torch.allclose(cues.delays["in"] * 24000, torch.full((2,), 2.0, dtype=torch.float64), atol=0.1)
     assert torch.equal(cues.delays["in"], cues.delays["rec"])
-    assert metrics.pair_cues(x_a[..., :1000], x_b[..., :1000], x_a[..., :1000], x_b[..., :1000],
-                             x_b[..., :1000], 24000) is None  # too short for the cues
+    assert pair_cues.pair_cues(x_a[..., :1000], x_b[..., :1000], x_a[..., :1000], x_b[..., :1000],
+                               x_b[..., :1000], 24000) is None  # too short for the cues
 
 
 def test_segment_band_levels_fit_short_segments_and_low_rates():
     x = torch.randn(1, 1, 1920)  # the tiny preset's segment: shorter than the default FFT
-    assert metrics.cue_fft_size(1920, 2048) == 1024
-    assert torch.isfinite(metrics.segment_band_levels(x, 24000)).all()
-    assert metrics.segment_band_levels(torch.randn(1, 1, 16000), 16000).shape == (1, metrics.N_BANDS)
+    assert pair_cues.cue_fft_size(1920, 2048) == 1024
+    assert torch.isfinite(pair_cues.segment_band_levels(x, 24000)).all()
+    low_rate_levels = pair_cues.segment_band_levels(torch.randn(1, 1, 16000), 16000)
+    assert low_rate_levels.shape == (1, spatial_cues.CUE_BANDS)
 
 
 # -- accumulator ------------------------------------------------------------------------
@@ -174,7 +178,7 @@ def _stream(n_items=7, views=2, n_q=2, bins=16, frames=6, dim=8, length=2400, se
 
 def _accumulate(stream, batch_size, flatten=False, n_q=2, bins=16):
     wavs, audio, codes, embeddings, channels = stream
-    acc = metrics.MetricAccumulator(n_q=n_q, bins=bins, sample_rate=24000, frame_rate=75)
+    acc = MetricAccumulator(n_q=n_q, bins=bins, sample_rate=24000, frame_rate=75)
     files = [f"f{i % 3}" for i in range(wavs.shape[0])]
     for start in range(0, wavs.shape[0], batch_size):
         part = slice(start, start + batch_size)
@@ -231,7 +235,7 @@ def test_accumulator_probe_finds_the_codebook_that_carries_the_channel():
     wavs = torch.randn(n_items, 2, 1, 2400, generator=gen)
     codes = torch.zeros(n_items, 2, 2, frames, dtype=torch.long)
     files = [f"f{i // 10}" for i in range(n_items)]
-    acc = metrics.MetricAccumulator(n_q=2, bins=4, sample_rate=24000, frame_rate=75)
+    acc = MetricAccumulator(n_q=2, bins=4, sample_rate=24000, frame_rate=75)
     for start in range(0, n_items, 16):
         part = slice(start, start + 16)
         acc.update(wavs[part], wavs[part], codes[part], [noise_emb[part], channel_emb[part]], channels[part],
@@ -246,7 +250,7 @@ def test_accumulator_probe_finds_the_codebook_that_carries_the_channel():
 
 def test_accumulator_mono_has_no_pair_metrics_and_rejects_misuse():
     wavs, audio, codes, embeddings, channels = _stream(views=1)
-    acc = metrics.MetricAccumulator(n_q=2, bins=16, sample_rate=24000, frame_rate=75)
+    acc = MetricAccumulator(n_q=2, bins=16, sample_rate=24000, frame_rate=75)
     with pytest.raises(RuntimeError, match="before any update"):
         acc.compute()
     acc.update(wavs, audio, codes, embeddings)
@@ -257,7 +261,8 @@ def test_accumulator_mono_has_no_pair_metrics_and_rejects_misuse():
     with pytest.raises(ValueError, match="views changed"):
         acc.update(*_stream(views=2)[:4])
     with pytest.raises(ValueError, match="codebooks"):
-        metrics.MetricAccumulator(n_q=3, bins=16, sample_rate=24000, frame_rate=75).update(wavs, audio, codes)
+        MetricAccumulator(n_q=3, bins=16, sample_rate=24000,
+                          frame_rate=75).update(wavs, audio, codes)
 
 
 def test_accumulator_pools_pair_cues_over_batches_in_item_order():
@@ -275,15 +280,16 @@ def test_accumulator_pools_pair_cues_over_batches_in_item_order():
     files = [f"f{i % 2}" for i in range(n)]
     results = []
     for batch in (n, 4):
-        acc = metrics.MetricAccumulator(n_q=2, bins=4, sample_rate=24000, frame_rate=75)
+        acc = MetricAccumulator(n_q=2, bins=4, sample_rate=24000, frame_rate=75)
         for s in range(0, n, batch):
             part = slice(s, s + batch)
-            cues = metrics.pair_cues(x_a[part], x_b[part], rec_a[part], rec_b[part], swap[part], 24000)
+            cues = pair_cues.pair_cues(x_a[part], x_b[part], rec_a[part], rec_b[part], swap[part],
+                                       24000)
             acc.update(wavs[part], audio[part], codes[part], channels=channels[part], groups=files[part], cues=cues)
         results.append(acc.compute())
     whole, batched = results
-    level = lambda w: metrics.segment_band_levels(w, 24000)  # noqa: E731
-    direct = metrics.spatial_cues.swap_gain_summary(level(swap), level(rec_a), level(rec_b), groups=files)
+    level = lambda w: pair_cues.segment_band_levels(w, 24000)  # noqa: E731
+    direct = spatial_cues.swap_gain_summary(level(swap), level(rec_a), level(rec_b), groups=files)
     assert whole["swap_gain"] == pytest.approx(direct["mean"]) and whole["swap_n_groups"] == 2
     assert whole["swap_gain_ci"] == pytest.approx([direct["ci_low"], direct["ci_high"]])
     assert whole["swap_pairs"].startswith("all pairs")  # no capsule geometry given

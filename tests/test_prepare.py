@@ -11,9 +11,10 @@ import soundfile as sf
 import torch
 import torchaudio
 
-import paired_channel_dataset as pcd
 import prepare_dataset
-from paired_channel_dataset import DataWarning, PairedChannelDataset
+from paired_channel_dataset import PairedChannelDataset
+from utils import audio_read
+from utils.eigenscape_files import DataWarning
 
 Q = 1 / 32768  # one int16 step
 
@@ -34,8 +35,9 @@ def small_root(tmp_path):
 
 def test_arrays_equal_whole_file_resampled(small_root, monkeypatch):
     reads = []
-    original = pcd.read_frames
-    monkeypatch.setattr(pcd, "read_frames", lambda f, lo, hi, ch: (reads.append(hi - lo), original(f, lo, hi, ch))[1])
+    original = audio_read.read_frames
+    monkeypatch.setattr(audio_read, "read_frames",
+                        lambda f, lo, hi, ch: (reads.append(hi - lo), original(f, lo, hi, ch))[1])
     index_path = prepare_dataset.prepare(small_root, chunk_seconds=0.05)  # many chunks per file
     assert len(reads) > 4 * 8 and max(reads) < 3000  # chunks of 0.05 s + margins; files are 20000+ frames
     index = json.loads(index_path.read_text())

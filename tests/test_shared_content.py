@@ -1,4 +1,5 @@
-"""coding/shared_content.py: one codebook-1 stream for all channels, its bitrate and its comparison."""
+"""coding/shared_content.py and shared_content_comparison.py: one codebook-1 stream for all
+channels, its bitrate and its comparison against independent coding."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ from torch import nn
 
 import codec
 from coding import shared_content as sc
+from coding import shared_content_comparison as comparison
 from measure.metrics import mel_distance
 from model import EncodecModel
 from test_codec import _write_wav, save_tiny_checkpoint
@@ -97,7 +99,7 @@ def test_agreeing_codebook_1_makes_shared_content_coding_identical_to_independen
             expected = model.decode(independent, scale.expand(4, 1, 1), T)
         torch.testing.assert_close(decoded, expected, rtol=1e-5, atol=1e-7)   # scale rounding
 
-    result = sc.shared_content_comparison(model, x[None], reference=1)
+    result = comparison.shared_content_comparison(model, x[None], reference=1)
     assert result["codebook1_agreement"] == 1.0
     for key in ("mel_distance", "si_snr", "ild_error_db", "itd_error_us"):
         assert result["shared_content"][key] == result["independent"][key]
@@ -126,11 +128,11 @@ def test_sharing_a_disagreeing_codebook_1_changes_the_decode(tiny):
     # The control of the test above: with a model whose codebook 1 does not agree, sharing it
     # must show (else the comparison could not tell mono from paired checkpoints).
     x = channels_at_levels()
-    result = sc.shared_content_comparison(tiny, x[None], reference=0)
+    result = comparison.shared_content_comparison(tiny, x[None], reference=0)
     assert result["codebook1_agreement"] < 1.0
     assert result["shared_content"]["mel_distance"] != result["independent"]["mel_distance"]
     # The reference channel keeps its own codes in every coding.
-    for coding in sc.CODINGS:
+    for coding in comparison.CODINGS:
         assert result[coding]["mel_distance_per_channel"][0] == result["independent"]["mel_distance_per_channel"][0]
     # Both codings decode at the one common scale of the segment.
     scale = x.pow(2).mean().sqrt().expand(4, 1, 1)
@@ -144,10 +146,10 @@ def test_sharing_a_disagreeing_codebook_1_changes_the_decode(tiny):
 
 def test_comparison_measures_the_codings_asked_for(tiny):
     x = channels_at_levels()[None]
-    result = sc.shared_content_comparison(tiny, x, codings=("shared_content",))
+    result = comparison.shared_content_comparison(tiny, x, codings=("shared_content",))
     assert {"independent", "shared_content"} <= set(result) and "shared_content_own_residual" not in result
     with pytest.raises(ValueError, match="unknown codings"):
-        sc.shared_content_comparison(tiny, x, codings=("joint",))
+        comparison.shared_content_comparison(tiny, x, codings=("joint",))
 
 
 def test_shared_content_codes_carry_the_references_codebook_1_and_each_channels_detail(tiny):
@@ -199,7 +201,7 @@ def test_bad_reference_and_channel_counts_are_refused(tiny):
     with pytest.raises(ValueError, match="residual"):
         sc.encode_shared_content(tiny, x, residual="mine")
     with pytest.raises(ValueError, match="out of range"):
-        sc.shared_content_comparison(tiny, x[None], reference=-1)
+        comparison.shared_content_comparison(tiny, x[None], reference=-1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -228,13 +230,13 @@ def test_bitrate_of_shared_content_coding_counts_one_codebook_1_stream():
 
 def test_comparison_reports_the_bitrates_of_its_segments(tiny):
     x = torch.stack([channels_at_levels(seed=s) for s in range(2)])      # [2, 4, 1, T]
-    result = sc.shared_content_comparison(tiny, x)
+    result = comparison.shared_content_comparison(tiny, x)
     per_stream = 5 * 75 / 1000                                          # 32 codes: 5 bits
     assert result["segments"] == 2 and result["seconds"] == pytest.approx(2 * T / 24000)
     assert result["independent"]["codes_kbps_total"] == pytest.approx(8 * per_stream)
     assert result["shared_content"]["codes_kbps_total"] == pytest.approx(5 * per_stream)
     # One common scale per segment in both codings (the same convention).
-    for coding in sc.CODINGS:
+    for coding in comparison.CODINGS:
         assert result[coding]["scale_kbps_total"] == pytest.approx(2 * 32 / (2 * T / 24000) / 1000)
 
 
@@ -245,17 +247,17 @@ def test_comparison_reports_the_bitrates_of_its_segments(tiny):
 def test_comparison_reads_tensors_files_and_loader_batches_alike(tiny, tmp_path):
     audio = _write_wav(tmp_path / "a.wav", channels=3, rate=24000, seconds=0.2, seed=1)
     x = torch.from_numpy(audio.T.copy())[None, :, None]                # [1, 3, 1, T]
-    from_tensor = sc.shared_content_comparison(tiny, x, reference=1)
-    from_file = sc.shared_content_comparison(tiny, [tmp_path / "a.wav"], reference=1)
-    from_loader = sc.shared_content_comparison(tiny, [(x, [{"path": "a.wav"}])], reference=1)
+    from_tensor = comparison.shared_content_comparison(tiny, x, reference=1)
+    from_file = comparison.shared_content_comparison(tiny, [tmp_path / "a.wav"], reference=1)
+    from_loader = comparison.shared_content_comparison(tiny, [(x, [{"path": "a.wav"}])], reference=1)
     assert from_tensor == from_file == from_loader
     assert from_tensor["channels"] == 3 and from_tensor["independent"]["n_pairs"] == 2
     assert len(from_tensor["shared_content"]["si_snr_per_channel"]) == 3
     wrong = torch.zeros(1, 3, 2, T)
     with pytest.raises(ValueError, match=r"\[B, N, 1, T\]"):
-        sc.shared_content_comparison(tiny, wrong)
+        comparison.shared_content_comparison(tiny, wrong)
     with pytest.raises(ValueError, match="same channel count"):
-        sc.shared_content_comparison(tiny, [x, x[:, :2]])
+        comparison.shared_content_comparison(tiny, [x, x[:, :2]])
 
 
 def test_cue_errors_are_measured_against_the_reference_channel(tiny):
@@ -267,7 +269,7 @@ def test_cue_errors_are_measured_against_the_reference_channel(tiny):
         return gain * torch.cat([torch.zeros(samples), base[:-samples]])
 
     x = torch.stack([late(4, 0.5), base, late(8, 0.25)])[None, :, None]
-    result = sc.shared_content_comparison(tiny, x, reference=1)
+    result = comparison.shared_content_comparison(tiny, x, reference=1)
     # Predicting no difference is off by the mean |ILD| and |delay| of the pairs.
     assert result["independent"]["n_pairs"] == 2
     assert result["independent"]["ild_zero_error_db"] == pytest.approx((6.02 + 12.04) / 2, abs=0.3)

@@ -13,7 +13,7 @@ from scipy.signal import coherence
 
 import synth_eigenscape as se
 from utils.eigenscape import SCENE_CLASSES
-from paired_channel_dataset import find_audio_files
+from utils.eigenscape_files import find_audio_files
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["Beach-01-Raw.wav", "BusyStreet-01-Raw.wav", "Park-01-Raw.wav", "PedestrianZone-01-Raw.wav",

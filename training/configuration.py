@@ -6,38 +6,29 @@ checked here is what the YAML cannot say: the type each key takes (its default's
 that must exist (`PATHS`) and the combinations that cannot work (`check_settings`), each
 failure named by the key to change and what to do.
 
-`check_command_line(config_name)` runs all of it on the command line of a Hydra entry point
-before `@hydra.main` does, so that a typo, a wrong type or an unknown group option is one
-line (`config error: ...`, exit code 2) rather than Hydra's multi-line error or a traceback
-from deep inside the model; `HYDRA_FULL_ERROR=1` shows the full trace instead.
+`command_line.check_command_line(config_name)` runs all of it on the command line of a Hydra
+entry point before `@hydra.main` does (training/command_line.py).
 """
 from __future__ import annotations
 
-import difflib
 import math
-import re
-import sys
 import types
 import typing
-from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException, MissingConfigException
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from utils.checks import (AT_LEAST_1, DATA_ROOT, DECAY, DEVICE, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError,
-                    Limit, OneOf, PathRule, Pattern, Rule, one_line_errors, setting_error, show)
+                    Limit, OneOf, PathRule, Pattern, Rule, setting_error, show)
 from modules.losses import MelLoss
 from modules.seanet import CONV_NORMS
 from pairwise_losses import DIV_KINDS, NCE_POOLINGS, SCHEDULES, SIM_KINDS
 from training.tracking import WANDB_MODES
 
 AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 
 # Paths resolved against the folder the command was started in.
 PATH_KEYS = (("datasets", "data_root"), ("checkpoint", "save_folder"),
@@ -220,7 +211,8 @@ def check_settings(cfg: DictConfig) -> None:
     check_limits(cfg)
     views = cfg.datasets.views
     if cfg.common.amp not in AMP_MODES:
-        raise setting_error("common.amp", cfg.common.amp, f"not an option; use one of {', '.join(AMP_MODES)}")
+        raise setting_error("common.amp", cfg.common.amp,
+                            f"not an option; use one of {', '.join(AMP_MODES)}")
     if views >= 2:
         n_q = cfg.model.n_q
         for key in ("content_codebook", "channel_codebook"):
@@ -229,11 +221,13 @@ def check_settings(cfg: DictConfig) -> None:
                     f"pairwise.{key}={cfg.pairwise[key]} but model.n_q={n_q}: paired training "
                     f"needs that codebook; use model.n_q>={cfg.pairwise[key] + 1}.")
         if cfg.pairwise.content_codebook == cfg.pairwise.channel_codebook:
-            raise ConfigError(f"pairwise.channel_codebook={cfg.pairwise.channel_codebook} is also the "
-                              "content codebook; use another one (pairwise.channel_codebook=1).")
+            raise ConfigError(f"pairwise.channel_codebook={cfg.pairwise.channel_codebook} is also "
+                              "the content codebook; use another one "
+                              "(pairwise.channel_codebook=1).")
         if cfg.pairwise.schedule == "linear" and cfg.pairwise.ramp_steps < 1:
             raise ConfigError(f"pairwise.ramp_steps={cfg.pairwise.ramp_steps}: "
-                              "pairwise.schedule=linear ramps over them; use pairwise.ramp_steps>=1.")
+                              "pairwise.schedule=linear ramps over them; "
+                              "use pairwise.ramp_steps>=1.")
     if cfg.balancer.enabled and cfg.common.amp == "fp16":
         raise ConfigError("balancer.enabled=true does not combine with common.amp=fp16 (the "
                           "balancer normalises gradients itself); use common.amp=bf16 or off.")
@@ -246,11 +240,12 @@ def check_settings(cfg: DictConfig) -> None:
     disc = cfg.discriminator
     if not len(disc.n_ffts) == len(disc.hop_lengths) == len(disc.win_lengths):
         raise setting_error("discriminator.n_ffts", list(disc.n_ffts),
-                            f"{len(disc.n_ffts)} scales but {len(disc.hop_lengths)} hop_lengths and "
-                            f"{len(disc.win_lengths)} win_lengths; give one of each per scale")
+                            f"{len(disc.n_ffts)} scales but {len(disc.hop_lengths)} hop_lengths "
+                            f"and {len(disc.win_lengths)} win_lengths; give one of each per scale")
     if any(w > n for w, n in zip(disc.win_lengths, disc.n_ffts)):
         raise setting_error("discriminator.win_lengths", list(disc.win_lengths),
-                            f"a window is longer than its FFT ({list(disc.n_ffts)}); use win_lengths<=n_ffts")
+                            f"a window is longer than its FFT ({list(disc.n_ffts)}); "
+                            "use win_lengths<=n_ffts")
     check_segment(cfg)
 
 
@@ -259,9 +254,11 @@ def check_segment(cfg: DictConfig) -> None:
     largest window (its centred STFT pads by reflection) and the discriminator's largest FFT."""
     window = MelLoss(int(cfg.model.sample_rate)).max_window
     needs = [(math.prod(cfg.model.ratios), "a frame of the model (the product of model.ratios)"),
-             (window // 2 + 1, f"the mel loss (its largest window, {window}, needs more than half)")]
+             (window // 2 + 1,
+              f"the mel loss (its largest window, {window}, needs more than half)")]
     if cfg.discriminator.enabled:
-        needs.append((max(cfg.discriminator.n_ffts), "the discriminator's largest FFT (discriminator.n_ffts)"))
+        needs.append((max(cfg.discriminator.n_ffts),
+                      "the discriminator's largest FFT (discriminator.n_ffts)"))
     for samples, what in needs:
         if cfg.datasets.tensor_cut < samples:
             raise setting_error("datasets.tensor_cut", cfg.datasets.tensor_cut,
@@ -275,8 +272,8 @@ def check_mode(cfg: DictConfig, paired: bool) -> None:
         raise setting_error("datasets.views", views, "train_paired_gpu.py needs datasets.views>=2; "
                             "use train_single_gpu.py for mono training")
     if not paired and views != 1:
-        raise setting_error("datasets.views", views, "train_single_gpu.py trains on one channel per "
-                            "item; use train_paired_gpu.py for datasets.views>=2")
+        raise setting_error("datasets.views", views, "train_single_gpu.py trains on one channel "
+                            "per item; use train_paired_gpu.py for datasets.views>=2")
 
 
 def check_training(cfg: DictConfig, paired: bool) -> None:
@@ -321,7 +318,8 @@ def check_missing(cfg: DictConfig) -> None:
     if missing:
         key = missing[0]
         kind = f" ({_describe(DECLARED_TYPES[key])})" if key in DECLARED_TYPES else ""
-        raise ConfigError(f"{key}=???: required and not set; add {key}=...{kind} to the command line.")
+        raise ConfigError(f"{key}=???: required and not set; "
+                          f"add {key}=...{kind} to the command line.")
 
 
 def expected_type(key: str, default: Any) -> Any:
@@ -357,15 +355,18 @@ def _plain(cfg: DictConfig) -> dict:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as error:  # an interpolation that cannot be resolved
         key = getattr(error, "full_key", None) or "?"
-        raise ConfigError(f"{key}: {str(error).splitlines()[0]}; fix the ${{...}} reference.") from error
+        raise ConfigError(f"{key}: {str(error).splitlines()[0]}; "
+                          "fix the ${...} reference.") from error
 
 
 def _check_node(value: Any, default: Any, key: str) -> None:
     if key not in DECLARED_TYPES and isinstance(default, dict) and default:
         if not isinstance(value, dict):
             first = next(iter(default))
-            raise setting_error(key, value, f"is a group of settings ({', '.join(list(default)[:4])}, ...), "
-                                f"not a value; set one of them, e.g. {key}.{first}={show(default[first])}")
+            raise setting_error(key, value,
+                                f"is a group of settings ({', '.join(list(default)[:4])}, ...), "
+                                f"not a value; set one of them, "
+                                f"e.g. {key}.{first}={show(default[first])}")
         for name, sub in default.items():
             if name in value:
                 _check_node(value[name], sub, f"{key}.{name}" if key else name)
@@ -385,7 +386,8 @@ def _admits(value: Any, expected: Any) -> bool:
     if origin is list or expected is list:
         return isinstance(value, list) and (not args or all(_admits(v, args[0]) for v in value))
     if origin is dict or expected is dict:
-        return isinstance(value, dict) and (not args or all(_admits(v, args[1]) for v in value.values()))
+        return isinstance(value, dict) and (not args
+                                            or all(_admits(v, args[1]) for v in value.values()))
     if isinstance(value, bool) or expected is bool:  # bool is an int to Python, not to a config
         return isinstance(value, bool) and expected is bool
     if expected is int:
@@ -411,162 +413,3 @@ def _describe(expected: Any) -> str:
     if origin is dict:
         return f"a mapping of names to {_PLURALS.get(args[1], 'values')}, e.g. {{a:1}}"
     return _NAMES.get(expected, expected.__name__)
-
-
-# ----------------------------------------------------------------------------------------
-# The command line of a Hydra entry point
-
-
-def check_command_line(config_name: str, argv: Sequence[str] | None = None,
-                       check: Callable[[DictConfig], Any] | None = None) -> None:
-    """Compose the config of a Hydra command line as `@hydra.main` will, and exit with one
-    line `config error: <key>=<value>: <what is wrong>; <what to do>` (code 2) if it cannot
-    work: an unknown key (with the closest existing one), an unknown group option (with the
-    available ones), a type that is not the default's, a number out of range, a missing
-    path, or `check(cfg)`'s ConfigError (the training scripts: `check_training`).
-
-    Args:
-        config_name (str): The entry point's `config_name` (`--config-name` on the command
-            line wins).
-        argv (list of str, optional): The arguments (default: `sys.argv[1:]`).
-        check (callable, optional): Further checks of each composed config, raising ConfigError.
-
-    Call it before the `@hydra.main` function. Help, `--info` and other config folders
-    (`--config-path`, `--config-dir`) are left to Hydra. Under `--multirun` every value of
-    every sweep is checked (with the other overrides at their first value). Under
-    `HYDRA_FULL_ERROR=1` the error is raised with its traceback.
-    """
-    with one_line_errors():
-        for cfg in composed_configs(config_name, sys.argv[1:] if argv is None else list(argv)):
-            if check is not None:
-                check(cfg)
-            check_missing(cfg)
-            check_limits(cfg)
-            check_paths(cfg)
-
-
-def composed_configs(config_name: str, argv: list[str]) -> Iterator[DictConfig]:
-    """The configs of the jobs `argv` describes, type-checked against the defaults."""
-    from hydra._internal.utils import get_args_parser  # Hydra's own flags, as @hydra.main parses them
-
-    args = get_args_parser().parse_args(argv)
-    if (args.help or args.hydra_help or args.info or args.shell_completion or args.config_path
-            or args.config_dir or args.experimental_rerun):
-        return
-    name = args.config_name or config_name
-    check_syntax(args.overrides)
-    reference = compose_config(name, [])
-    for overrides in job_overrides(args.overrides, args.multirun):
-        cfg = compose_config(name, overrides, reference)
-        check_types(cfg, reference)
-        yield cfg
-
-
-def check_syntax(overrides: list[str]) -> None:
-    """Raise ConfigError naming the first argument that is not a Hydra override."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    for arg in overrides:
-        try:
-            parser.parse_override(arg)
-        except HydraException as error:  # the parser raises plain HydraExceptions too
-            raise ConfigError(f"{arg}: cannot be read as an override ({str(error).splitlines()[0]}); "
-                              "write key=value, quoted for the shell when the value has spaces or "
-                              "brackets: 'key=[a,b]'.") from error
-
-
-def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """One override list per job to check: the command line, or under `--multirun` each
-    sweep value once (N checks for N values, not the product of the sweeps)."""
-    if not multirun:
-        return [list(overrides)]
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(list(overrides))  # check_syntax passed
-    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
-               if o.is_sweep_override() else [o.input_line] for o in parsed]
-    first = [c[0] for c in choices]
-    return [first] + [first[:i] + [v] + first[i + 1:] for i, c in enumerate(choices) for v in c[1:]]
-
-
-def compose_config(config_name: str, overrides: list[str], reference: DictConfig | None = None) -> DictConfig:
-    """`hydra.compose` from config/, its errors turned into one-line ConfigErrors."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        try:
-            return compose(config_name=config_name, overrides=overrides)
-        except Exception as error:  # compose fails only on the command line or the YAML files
-            raise composition_error(error, overrides, reference, config_name) from error
-
-
-def composition_error(error: Exception, overrides: list[str], reference: DictConfig | None = None,
-                      config_name: str = "") -> ConfigError:
-    """Hydra's composition error as one line naming the override and what to do."""
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
-        group, _, option = error.missing_cfg_file.rpartition("/")
-        if not group:
-            names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-            return ConfigError(f"--config-name={config_name}: no such config in {CONFIG_DIR}; "
-                               f"use one of {', '.join(names)}.")
-        options = ", ".join(error.options or _group_options(group)) or "(none)"
-        arg = _override_for(group, overrides, option) or f"{group}={option}"
-        return ConfigError(f"{arg}: {group} has no option {option!r}; use one of {options}.")
-    quoted = re.search(r"'([^']+)'", first_line)
-    key = quoted.group(1) if quoted else ""
-    arg = _override_for(key, overrides) or key
-    value = arg.split("=", 1)[1] if "=" in arg else "..."
-    if first_line.startswith("Ambiguous value"):  # a comma outside --multirun
-        return ConfigError(f"{arg}: a comma makes a sweep; write {key.split('=')[0]}=[a,b] for a list, "
-                           "quote the value for a string, or add --multirun to sweep.")
-    if "No match in the defaults list" in first_line:
-        return ConfigError(f"{arg}: {key} is not selected by the config; add it with +{key}={value}.")
-    if first_line.startswith("Could not append"):
-        return ConfigError(f"{arg}: {key} already exists; drop the + to change it: {key}={value}.")
-    # Typos: the closest existing key among the siblings when the parent exists
-    # (datasets.batchsize -> datasets.batch_size), else at the same depth (dataset.batch_size).
-    known, parent = _known_keys(reference), key.rpartition(".")[0]
-    if parent in known:
-        known = [k for k in known if k.rpartition(".")[0] == parent]
-    else:
-        known = [k for k in known if k.count(".") == key.count(".")]
-    guess = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    if first_line.startswith("Could not delete"):
-        advice = f"; did you mean ~{guess[0]}?" if guess else ""
-        return ConfigError(f"{arg}: no such key to delete{advice}")
-    if first_line.startswith("Could not override"):
-        nested = getattr(error.__cause__, "full_key", None)
-        if str(nested).startswith(key + "."):  # key={new:1}: the new key is inside the value
-            return ConfigError(f"{arg}: {nested} is not a key of the config; add new keys one by "
-                               f"one with +{nested}=...")
-        advice = f"did you mean {guess[0]}={value}? " if guess else ""
-        return ConfigError(f"{arg}: no such key; {advice}(+{key}={value} adds a new key).")
-    return ConfigError(f"{arg + ': ' if arg else ''}{first_line}")
-
-
-def _override_for(key: str, overrides: list[str], value: str | None = None) -> str:
-    """The command-line argument that sets `key` (to `value`, when given), or ''."""
-    for arg in overrides:
-        name, _, text = arg.lstrip("+~").partition("=")
-        if key and name.split("@", 1)[0] == key and value in (None, text):
-            return arg
-    return ""
-
-
-def _group_options(group: str) -> list[str]:
-    folder = CONFIG_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-
-
-def _known_keys(reference: DictConfig | None) -> list[str]:
-    """Every dotted key of `reference` (leaves and groups) and the config groups."""
-    keys = [p.name for p in CONFIG_DIR.iterdir() if p.is_dir()]
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for name, sub in node.items():
-                keys.append(prefix + str(name))
-                walk(sub, f"{prefix}{name}.")
-    if reference is not None:
-        walk(OmegaConf.to_container(reference, resolve=False), "")
-    return keys

@@ -3,9 +3,9 @@ validation and for `evaluate.py`.
 
 Both build the items from the config with `validation_dataset`, measure each batch with
 `measure_batch` (every decode of an item at ONE scale, its views' common RMS: the
-reconstructions, the swap between views 1 and 2 and the cues of `metrics.pair_cues`; the
-ceiling copy's codes; the reconstructions at each channel's own scale) and feed
-`metrics.MetricAccumulator` with `accumulate`, in item order. On top of that, the
+reconstructions, the swap between views 1 and 2 and the cues of `pair_cues.pair_cues`;
+the ceiling copy's codes; the reconstructions at each channel's own scale) and feed
+`MetricAccumulator` with `accumulate`, in item order. On top of that, the
 engine's `validate` adds the per-channel training losses, splits the items over the ranks
 and writes a few items as audio; `evaluate_model` keeps a few waveforms for the report.
 """
@@ -25,7 +25,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from utils import distributed
-from measure import metrics
+from measure import metrics, pair_cues
+from measure.accumulator import InstrumentSettings, MetricAccumulator
+from measure.results import flatten_metrics
 from utils.eigenscape import CAPSULES
 from model import EncodecModel, EncodecOutput
 from paired_channel_dataset import PairedChannelDataset
@@ -47,7 +49,7 @@ VAL_SUMMARY = ("val/l_f_ch1", "val/l_sim", "val/l_div", "val/si_snr", "val/mel_d
 
 # The per-epoch validation's statistics: cheap probes (fixed regularisation, one shuffle),
 # so that it stays a few seconds on the CPU; evaluate.py runs the full ones.
-PER_EPOCH_SETTINGS = metrics.InstrumentSettings()
+PER_EPOCH_SETTINGS = InstrumentSettings()
 
 
 # ----------------------------------------------------------------------------------------
@@ -79,7 +81,7 @@ def validation_dataset(cfg: DictConfig) -> PairedChannelDataset:
 def array_geometry(dataset: Any) -> Any:
     """Capsule directions `[32, 3]` of the em32 (`eigenscape.CAPSULES`) when every
     file of `dataset` has 32 channels (EigenScape and the synthetic set), else None: the
-    swap gain then uses every pair and says so (`metrics.separated_pairs`)."""
+    swap gain then uses every pair and says so (`pair_cues.separated_pairs`)."""
     files = getattr(dataset, "files", None)
     if not files or any(f.channels != 32 for f in files):
         return None
@@ -109,7 +111,7 @@ class MeasuredBatch:
         embeddings: `n_q` tensors `[B, V, D, F]`.
         metas: the items' metadata (`channels`: pair selection and channel probe; `path`:
             probe folds and bootstrap groups).
-        cues: `metrics.PairCues` of views 1 and 2, or None (one view, or segments too
+        cues: `pair_cues.PairCues` of views 1 and 2, or None (one view, or segments too
             short); without the swap's entries for a single-codebook model.
         swap_audio: `[B, C, T]` decoded swap (content codebook of view 1, the others of
             view 2, at the pair's scale), or None.
@@ -121,7 +123,7 @@ class MeasuredBatch:
     metas: list[dict[str, Any]]
     audio_own_scale: Tensor | None = None
     ceiling_codes: Tensor | None = None
-    cues: metrics.PairCues | None = None
+    cues: pair_cues.PairCues | None = None
     swap_audio: Tensor | None = None
 
     @property
@@ -168,10 +170,11 @@ def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]]
     - one forward at that scale (codes, embeddings, reconstructions);
     - one at each channel's own RMS, for the reconstruction metrics `*_own_scale`;
     - the codes of `metrics.ceiling_copy` of every view at the same scale;
-    - with 2 views or more: the swap (content codebook `content_codebook` of view 1 with
-      the other codebooks of view 2; 2 codebooks or more) decoded at the same scale and
-      under the same `autocast` as the views, and, in float32, `metrics.pair_cues` of views 1 and 2 (band levels of the raw inputs, the
-      decodes and the swap, GCC-PHAT delays, the swap's mel distances).
+    - with 2 views or more: the swap (content codebook `content_codebook` of view 1 with the
+      other codebooks of view 2; 2 codebooks or more) decoded at the same scale and under the
+      same `autocast` as the views, and, in float32, `pair_cues.pair_cues` of views 1 and 2
+      (band levels of the raw inputs, the decodes and the swap, GCC-PHAT delays, the swap's
+      mel distances).
     A mono model is measured the same way: its codes must carry the level difference.
 
     `model` needs `audio_normalize`, `n_q`, `sample_rate`, `decoder`, `forward(x,
@@ -194,10 +197,11 @@ def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]]
             item_scale = None if scale is None else by_view(scale.float(), batch_size, views)[:, 0]
             decode = latent_decoder(model, item_scale, length)
             emb_a, emb_b = [e[:, 0] for e in embeddings], [e[:, 1] for e in embeddings]
-            sources = metrics.swap_sources(model.n_q, content_codebook)
+            sources = pair_cues.swap_sources(model.n_q, content_codebook)
             with autocast():  # the precision A and B were decoded in, or it moves the swap
-                swap_audio = decode(metrics.mix_embeddings(sources, emb_a, emb_b)).float()
-        cues = metrics.pair_cues(wavs[:, 0], wavs[:, 1], audio[:, 0], audio[:, 1], swap_audio, model.sample_rate)
+                swap_audio = decode(pair_cues.mix_embeddings(sources, emb_a, emb_b)).float()
+        cues = pair_cues.pair_cues(wavs[:, 0], wavs[:, 1], audio[:, 0], audio[:, 1], swap_audio,
+                                   model.sample_rate)
         cues = None if cues is None else cues.cpu()
         swap_audio = None if swap_audio is None else swap_audio.cpu()
     measured = MeasuredBatch(
@@ -208,7 +212,7 @@ def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]]
     return measured, out
 
 
-def accumulate(acc: metrics.MetricAccumulator, measured: MeasuredBatch) -> None:
+def accumulate(acc: MetricAccumulator, measured: MeasuredBatch) -> None:
     """Feed one measured batch to the accumulator."""
     acc.update(measured.wavs, measured.audio, measured.codes, measured.embeddings, measured.channels,
                groups=measured.groups, ceiling_codes=measured.ceiling_codes, cues=measured.cues,
@@ -222,19 +226,19 @@ def accumulate(acc: metrics.MetricAccumulator, measured: MeasuredBatch) -> None:
 @torch.no_grad()
 def evaluate_model(model: EncodecModel, bins: int, batches: Iterable[tuple[Tensor, list[dict]]], *,
                    content_codebook: int, keep_examples: int,
-                   settings: metrics.InstrumentSettings | None = None, capsules: Any = None,
+                   settings: InstrumentSettings | None = None, capsules: Any = None,
                    desc: str = "evaluate") -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Run `model` over paired batches `(wavs [B, V, 1, T], metas)`.
 
     `content_codebook` is the model's `pairwise.content_codebook`, `settings` the
-    statistics' `metrics.InstrumentSettings` (default: the per-epoch validation's),
+    statistics' `InstrumentSettings` (default: the per-epoch validation's),
     `capsules` the array geometry (`array_geometry`), `desc` the progress bar's label.
     Returns `(results, examples)`: `MetricAccumulator.compute()` results, and the first
     `keep_examples` items' inputs, reconstructions and swap as `{name: [items, T]}`.
     """
     device = next(model.parameters()).device
     model.eval()
-    acc = metrics.MetricAccumulator(model.n_q, bins, model.sample_rate, model.frame_rate, settings, capsules)
+    acc = MetricAccumulator(model.n_q, bins, model.sample_rate, model.frame_rate, settings, capsules)
     examples: dict[str, list[Tensor]] = {}
     for wavs, metas in tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True):
         measured, _ = measure_batch(model, wavs.to(device), metas, content_codebook)
@@ -288,10 +292,10 @@ def validation_losses(parts: Parts, x: Tensor, out: EncodecOutput, measured: Mea
 def validate(parts: Parts, runtime: Runtime, cfg: DictConfig, loader: DataLoader, epoch: int,
              step: int, tracker: Tracker, audio_dir: Path | None) -> dict[str, float]:
     """Over ALL fixed validation items: mean losses per channel, pairwise losses, and the
-    metrics of `metrics.MetricAccumulator` with the light `PER_EPOCH_SETTINGS` (SI-SNR and
+    metrics of `MetricAccumulator` with the light `PER_EPOCH_SETTINGS` (SI-SNR and
     mel distance at the pair's scale and at each channel's own, perplexity, cross-channel
     code agreement against chance and ceiling, swap gain, ILD / ITD fidelity, the ILD and
-    channel-index probes), logged as `val/<name>` (`metrics.flatten_metrics`).
+    channel-index probes), logged as `val/<name>` (`flatten_metrics`).
 
     Each rank measures its block of the items (`loader`); the measured batches are gathered
     on rank 0 in item order, so the numbers are those of a single process. Returns the
@@ -307,16 +311,17 @@ def validate(parts: Parts, runtime: Runtime, cfg: DictConfig, loader: DataLoader
     batches = distributed.gather_to_main(batches)
     if not runtime.is_main:
         return {}
-    acc = metrics.MetricAccumulator(n_q=model.n_q, bins=cfg.model.bins, sample_rate=model.sample_rate,
-                                    frame_rate=model.frame_rate, settings=PER_EPOCH_SETTINGS,
-                                    capsules=array_geometry(loader.dataset))
+    acc = MetricAccumulator(n_q=model.n_q, bins=cfg.model.bins, sample_rate=model.sample_rate,
+                            frame_rate=model.frame_rate, settings=PER_EPOCH_SETTINGS,
+                            capsules=array_geometry(loader.dataset))
     loss_sums: dict[str, float] = {}
     for measured, sums in batches:
         accumulate(acc, measured)
         for name, value in sums.items():
             loss_sums[name] = loss_sums.get(name, 0.0) + value
     scalars = {f"val/{name}": value / acc.num_items for name, value in loss_sums.items()}
-    scalars.update({f"val/{name}": value for name, value in metrics.flatten_metrics(acc.compute()).items()})
+    scalars.update({f"val/{name}": value
+                    for name, value in flatten_metrics(acc.compute()).items()})
     log.info("validation epoch %d: %s", epoch, " ".join(
         f"{k[4:]}={scalars[k]:.4g}" for k in VAL_SUMMARY if k in scalars))
     tracker.log({**scalars, "epoch": epoch}, step)
