@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +38,7 @@ from training.loaders import make_loader
 from measure.accumulator import InstrumentSettings
 from measure.pair_cues import MIN_RESOLVED_SEPARATION
 from measure.results import CheckpointReport, flatten_metrics, per_codebook
-from model import load_model
+from model import EncodecModel, load_model
 from training.runtime import resolve_device
 from coding.shared_content_comparison import shared_content_comparison
 from training.validation import array_geometry, evaluate_model, validation_dataset
@@ -129,6 +130,32 @@ def segment_length(cfg: DictConfig, data_cfg: DictConfig, sample_rate: int) -> i
     return int(data_cfg.datasets.tensor_cut) if seconds is None else int(round(float(seconds) * sample_rate))
 
 
+def null_model_for(cfg: DictConfig, train_cfg: DictConfig, device: torch.device
+                   ) -> tuple[EncodecModel | None, str | None]:
+    """The unsplit model whose continuous-latent swap is a split checkpoint's null, and a note
+    when there is none: `null_model` of the evaluation config, or else the checkpoint's own
+    `model.init_from` (the model it was fine-tuned from), built with the checkpoint's
+    architecture and no split. (None, None) for an unsplit checkpoint, whose null is 0."""
+    if not float(train_cfg.model.get("content_share") or 0.0) > 0.0:
+        return None, None
+    given = cfg.get("null_model")
+    name = given or train_cfg.model.get("init_from")
+    if not name:
+        return None, "no null model: the checkpoint has no model.init_from; set null_model=PATH"
+    candidates = [Path(to_absolute_path(str(name))), Path(__file__).resolve().parent / str(name)]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        if given:
+            raise FileNotFoundError(f"null_model={given}: no such file; point it at the unsplit "
+                                    "model the checkpoints were fine-tuned from.")
+        return None, f"no null model: model.init_from={name} not found; set null_model=PATH"
+    model_cfg = OmegaConf.to_container(train_cfg.model, resolve=True)
+    model_cfg.update(content_share=0.0, init_from=str(found))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its codebooks are not used: only encoder and decoder
+        return EncodecModel.from_config(model_cfg).to(device).eval(), None
+
+
 def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
     """Measure every checkpoint of `cfg.checkpoints` on the same validation pairs."""
     paths = [to_absolute_path(str(p)) for p in _as_list(cfg.checkpoints)]
@@ -150,11 +177,14 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
         if model.sample_rate not in loaders:
             loaders[model.sample_rate] = validation_loader(at_rate(data_cfg, cfg, model.sample_rate), device)
         loader = loaders[model.sample_rate]
+        null_model, null_note = null_model_for(cfg, train_cfg, device)
         results, examples = evaluate_model(
             model, int(train_cfg.model.bins), loader,
             content_codebook=int(train_cfg.pairwise.content_codebook),
             keep_examples=int(cfg.spectrogram_items), settings=instrument_settings(cfg),
-            capsules=array_geometry(loader.dataset), desc=label)
+            capsules=array_geometry(loader.dataset), desc=label, null_model=null_model)
+        if null_note and results.get("swap_gain") is not None:
+            results["swap_null_note"] = null_note
         mode = "paired" if int(train_cfg.datasets.views) >= 2 else "mono"
         results.update(step=checkpoint_entry(path, "step"), sample_rate=model.sample_rate,
                        segment_samples=loader.dataset.length)
@@ -234,6 +264,11 @@ def _swap_gain_cell(r: dict) -> str:
     return cell
 
 
+def _with_ci(r: dict, key: str) -> str:
+    lo, hi = r.get(f"{key}_ci") or (None, None)
+    return "n/a" if r.get(key) is None else f"{_fmt(r[key])} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
 def table_rows(reports: list[CheckpointReport]) -> list[tuple[str, list[str]]]:
     """The report's rows: (name with its reference in brackets, one cell per checkpoint)."""
     res = [r.results for r in reports]
@@ -249,6 +284,16 @@ def table_rows(reports: list[CheckpointReport]) -> list[tuple[str, list[str]]]:
         ("bitrate kbps (entropy)",
          cells(lambda r: f"{_fmt(r.get('bitrate_kbps'))} ({_fmt(r.get('effective_bitrate_kbps'))})")),
         ("**swap gain** [95% CI] (0: cb2 of B moves nothing, 1: decodes like B)", cells(_swap_gain_cell)),
+        ("swap gain of the spectral shape [95% CI] (band mean removed: loudness cannot move it)",
+         cells(lambda r: _with_ci(r, "swap_gain_shape"))),
+        ("swap gain of a loudness-only fake swap (A's decode at B's level)",
+         cells(lambda r: _fmt(r.get("swap_gain_loudness_only")))),
+        ("null: swap gain / shape of an untrained split (unsplit start's latent)",
+         cells(lambda r: f"{_fmt(r.get('swap_gain_null'))} / {_fmt(r.get('swap_gain_shape_null'))}"
+                         + (f" ({r['swap_null_note']})" if r.get("swap_null_note") else ""))),
+        ("**swap gain normalised** (g - null) / (1 - null): broadband+shape / shape",
+         cells(lambda r: f"{_fmt(r.get('swap_gain_normalized'))} / "
+                         f"{_fmt(r.get('swap_gain_shape_normalized'))}")),
         ("channel separation dB/band: decodes (inputs)",
          cells(lambda r: f"{_fmt(r.get('swap_separation_db'))} ({_fmt(r.get('swap_input_separation_db'))})")),
         ("swap mel to x_A / x_B (rec_A to x_B / rec_B to x_B)",
@@ -260,6 +305,12 @@ def table_rows(reports: list[CheckpointReport]) -> list[tuple[str, list[str]]]:
         ("**ILD error** dB ↓ (predicting no difference)",
          cells(lambda r: f"{_fmt(_nested(r, 'ild_fidelity', 'error_db'))} "
                          f"({_fmt(_nested(r, 'ild_fidelity', 'zero_error_db'))})")),
+        ("ILD shape correlation, band mean removed (slope)",
+         cells(lambda r: f"{_fmt(_nested(r, 'ild_fidelity_shape', 'correlation'))} "
+                         f"({_fmt(_nested(r, 'ild_fidelity_shape', 'slope'))})")),
+        ("ILD shape error dB ↓ (predicting no difference)",
+         cells(lambda r: f"{_fmt(_nested(r, 'ild_fidelity_shape', 'error_db'))} "
+                         f"({_fmt(_nested(r, 'ild_fidelity_shape', 'zero_error_db'))})")),
         ("ITD error µs < 1.5 kHz ↓ (predicting no delay)",
          cells(lambda r: f"{_fmt(_nested(r, 'itd_fidelity', 'error_us'))} "
                          f"({_fmt(_nested(r, 'itd_fidelity', 'zero_error_us'))})")),

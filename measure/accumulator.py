@@ -90,8 +90,10 @@ class MetricAccumulator:
                   "probe_groups", "probe_note")
 
     def __init__(self, n_q: int, bins: int, sample_rate: int, frame_rate: float,
-                 settings: InstrumentSettings | None = None, capsules: Any = None):
+                 settings: InstrumentSettings | None = None, capsules: Any = None,
+                 split_quantizer: bool = False):
         self.n_q, self.bins = int(n_q), int(bins)
+        self.split_quantizer = bool(split_quantizer)
         self.sample_rate, self.frame_rate = int(sample_rate), float(frame_rate)
         self.settings = settings or InstrumentSettings()
         self.capsules = capsules
@@ -270,7 +272,8 @@ class MetricAccumulator:
         separated, selection = self._separated()
         groups = self._item_groups()
         results.update(pair_cues.swap_results(cues, separated, selection, groups,
-                                              self.settings.bootstrap, self.settings.seed))
+                                              self.settings.bootstrap, self.settings.seed,
+                                              self.split_quantizer))
         results.update(pair_cues.fidelity_results(cues))
         results.update(self._probe_results(cues))
         results["per_pair"] = pair_cues.per_pair_values(cues, separated, groups,

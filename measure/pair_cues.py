@@ -152,17 +152,20 @@ class PairCues:
 
 @torch.no_grad()
 def pair_cues(x_a: Tensor, x_b: Tensor, rec_a: Tensor, rec_b: Tensor, swap: Tensor | None,
-              sample_rate: int) -> PairCues | None:
+              sample_rate: int, null: Sequence[Tensor] | None = None) -> PairCues | None:
     """`PairCues` of a batch: inputs `x_a`, `x_b` and decodes `rec_a`, `rec_b`, `swap`, each
     `[B, 1, T]` (decodes trimmed to T and restored at the pair's one scale; `swap` None for
-    a single-codebook model: no swap entries). None for segments shorter than
-    `MIN_CUE_SAMPLES`."""
+    a single-codebook model: no swap entries). `null`: the decodes of A, B and their swap by
+    a model never trained with a split (`null_swap_decodes`), levelled as `null_rec_a`,
+    `null_rec_b`, `null_swap`. None for segments shorter than `MIN_CUE_SAMPLES`."""
     length = x_a.shape[-1]
     if length < MIN_CUE_SAMPLES:
         return None
     waves = {"in_a": x_a, "in_b": x_b, "rec_a": rec_a, "rec_b": rec_b}
     if swap is not None:
         waves["swap"] = swap
+    if null is not None:
+        waves.update(zip(("null_rec_a", "null_rec_b", "null_swap"), null))
     waves = {name: w[..., :length].float() for name, w in waves.items()}
     levels = segment_band_levels(torch.cat(list(waves.values())), sample_rate).chunk(len(waves))
     n_fft = cue_fft_size(length, spatial_cues.GCC_N_FFT)
@@ -186,11 +189,15 @@ def pair_cues(x_a: Tensor, x_b: Tensor, rec_a: Tensor, rec_b: Tensor, swap: Tens
 SWAP_KEYS = ("swap_gain", "swap_gain_ci", "swap_gain_median", "swap_separation_db",
              "swap_input_separation_db", "swap_separation_ratio", "swap_n_pairs", "swap_n_used",
              "swap_n_degenerate", "swap_n_groups", "swap_mel_to_a", "swap_mel_to_b",
-             "swap_rec_a_mel_to_b", "swap_rec_b_mel_to_b", "swap_pairs")
+             "swap_rec_a_mel_to_b", "swap_rec_b_mel_to_b", "swap_pairs",
+             "swap_gain_shape", "swap_gain_shape_ci", "swap_gain_loudness_only",
+             "swap_gain_null", "swap_gain_shape_null", "swap_gain_normalized",
+             "swap_gain_shape_normalized", "swap_null_note")
 
 
 def swap_results(cues: PairCues | None, separated: Tensor, selection: str,
-                 groups: Sequence[str] | None, bootstrap: int, seed: int) -> dict:
+                 groups: Sequence[str] | None, bootstrap: int, seed: int,
+                 split_quantizer: bool = False) -> dict:
     """Swap gain over the well-separated pairs, all decodes at the pair's one scale.
 
     `cues` of every item (None: all entries None), `separated` `[N]` bool mask of the
@@ -209,6 +216,16 @@ def swap_results(cues: PairCues | None, separated: Tensor, selection: str,
     distances `swap_mel_to_a`, `swap_mel_to_b` beside `swap_rec_a_mel_to_b` (score if
     codebook 2 moved nothing) and `swap_rec_b_mel_to_b` (if the swap decoded like B),
     and `swap_pairs` (which pairs).
+
+    Its controls: `swap_gain_shape` (and `_ci`), the same projection with each level
+    vector's mean over bands removed (`spatial_cues.band_shape`: the spectral shape of the
+    difference, which loudness cannot move); `swap_gain_loudness_only`, what a fake swap
+    scores that only plays A's decode at B's broadband level; `swap_gain_null` and
+    `swap_gain_shape_null`, both gains of the dimension swap of the continuous latent of a
+    model never trained with a split (0 for an unsplit quantizer, where a swap moves nothing
+    by construction; None, with `swap_null_note`, when a split model came without one), and
+    `swap_gain_normalized` / `swap_gain_shape_normalized` = (gain - null) / (1 - null):
+    the share of what the split left to learn that the model learned.
     """
     results = dict.fromkeys(SWAP_KEYS)
     if cues is None or "swap" not in cues.levels:
@@ -236,18 +253,64 @@ def swap_results(cues: PairCues | None, separated: Tensor, selection: str,
         "swap_rec_b_mel_to_b": mean(mel["rec_b_to_b"]),
         "swap_pairs": selection,
     })
+    results.update(swap_controls(levels, summary["mean"], groups, bootstrap, seed,
+                                 split_quantizer))
     return results
+
+
+def swap_controls(levels: dict[str, Tensor], gain: float, groups: Sequence[str] | None,
+                  bootstrap: int, seed: int, split_quantizer: bool) -> dict:
+    """The shape, loudness-only, null and normalised swap gains of `swap_results`."""
+    shape = {name: spatial_cues.band_shape(value) for name, value in levels.items()}
+    shaped = spatial_cues.swap_gain_summary(shape["swap"], shape["rec_a"], shape["rec_b"],
+                                            groups=groups, n_boot=bootstrap, seed=seed)
+    fake = spatial_cues.loudness_only_swap(levels["rec_a"], levels["rec_b"])
+    results = {
+        "swap_gain_shape": shaped["mean"],
+        "swap_gain_shape_ci": [shaped["ci_low"], shaped["ci_high"]],
+        "swap_gain_loudness_only": spatial_cues.swap_gain_summary(
+            fake, levels["rec_a"], levels["rec_b"], n_boot=1)["mean"],
+        "swap_null_note": None}
+    if not split_quantizer:
+        null, null_shape = 0.0, 0.0
+    elif "null_swap" in levels:
+        null = spatial_cues.swap_gain_summary(levels["null_swap"], levels["null_rec_a"],
+                                              levels["null_rec_b"], n_boot=1)["mean"]
+        null_shape = spatial_cues.swap_gain_summary(shape["null_swap"], shape["null_rec_a"],
+                                                    shape["null_rec_b"], n_boot=1)["mean"]
+    else:
+        null, null_shape = None, None
+        results["swap_null_note"] = ("split quantizer without a null model: its swap gain "
+                                     "counts latent dimensions too")
+    results.update(swap_gain_null=null, swap_gain_shape_null=null_shape,
+                   swap_gain_normalized=normalized_gain(gain, null),
+                   swap_gain_shape_normalized=normalized_gain(shaped["mean"], null_shape))
+    return results
+
+
+def normalized_gain(gain: float, null: float | None) -> float | None:
+    """(gain - null) / (1 - null): 0 at the null, 1 at a swap that decodes like B; None
+    without a null, NaN when the null leaves nothing to learn (null >= 1)."""
+    if null is None:
+        return None
+    if not null < 1.0 or math.isnan(null):
+        return math.nan
+    return (gain - null) / (1.0 - null)
 
 
 def fidelity_results(cues: PairCues | None) -> dict:
     """`ild_fidelity` (`spatial_cues.ild_fidelity` of the decoded pair against the raw
-    input pair, all pairs) and `itd_fidelity` (`spatial_cues.delay_error`, GCC-PHAT below
+    input pair, all pairs: one scale per pair, the full difference), `ild_fidelity_shape`
+    (the same with each pair's level difference less its band mean: its spectral shape,
+    which tells two capsules apart where a gain cannot) and `itd_fidelity` (`spatial_cues.delay_error`, GCC-PHAT below
     1.5 kHz); both None without cues."""
     if cues is None:
-        return {"ild_fidelity": None, "itd_fidelity": None}
-    levels = cues.levels
-    return {"ild_fidelity": spatial_cues.ild_fidelity(levels["in_a"], levels["in_b"],
-                                                      levels["rec_a"], levels["rec_b"]),
+        return {"ild_fidelity": None, "ild_fidelity_shape": None, "itd_fidelity": None}
+    names = ("in_a", "in_b", "rec_a", "rec_b")
+    levels = [cues.levels[name] for name in names]
+    return {"ild_fidelity": spatial_cues.ild_fidelity(*levels),
+            "ild_fidelity_shape": spatial_cues.ild_fidelity(
+                *[spatial_cues.band_shape(value) for value in levels]),
             "itd_fidelity": spatial_cues.delay_error(cues.delays["in"], cues.delays["rec"])}
 
 

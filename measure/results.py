@@ -25,13 +25,21 @@ PER_CODEBOOK = {"perplexity": "perplexity", "dead_codes": "dead_codes",
 SCALARS = ("si_snr", "mel_distance", "stft_distance", "si_snr_own_scale",
            "mel_distance_own_scale", "effective_bitrate_kbps", "swap_gain", "swap_separation_db",
            "swap_input_separation_db", "swap_separation_ratio", "swap_mel_to_a", "swap_mel_to_b",
-           "swap_rec_a_mel_to_b", "swap_rec_b_mel_to_b", "channel_probe_chance")
+           "swap_rec_a_mel_to_b", "swap_rec_b_mel_to_b", "channel_probe_chance",
+           "swap_gain_shape", "swap_gain_loudness_only", "swap_gain_null",
+           "swap_gain_shape_null", "swap_gain_normalized", "swap_gain_shape_normalized")
 PER_VIEW = ("si_snr", "mel_distance")
 # Nested results -> logged names.
 NESTED = {("swap_gain_ci", 0): "swap_gain_ci_low", ("swap_gain_ci", 1): "swap_gain_ci_high",
           ("ild_fidelity", "correlation"): "ild_corr", ("ild_fidelity", "error_db"): "ild_error_db",
           ("ild_fidelity", "zero_error_db"): "ild_zero_error_db",
           ("ild_fidelity", "slope"): "ild_slope",
+          ("swap_gain_shape_ci", 0): "swap_gain_shape_ci_low",
+          ("swap_gain_shape_ci", 1): "swap_gain_shape_ci_high",
+          ("ild_fidelity_shape", "correlation"): "ild_shape_corr",
+          ("ild_fidelity_shape", "error_db"): "ild_shape_error_db",
+          ("ild_fidelity_shape", "zero_error_db"): "ild_shape_zero_error_db",
+          ("ild_fidelity_shape", "slope"): "ild_shape_slope",
           ("itd_fidelity", "error_us"): "itd_error_us",
           ("itd_fidelity", "zero_error_us"): "itd_zero_error_us"}
 
@@ -41,7 +49,8 @@ def flatten_metrics(results: dict[str, Any]) -> dict[str, float]:
 
     Scalars keep their names; per-codebook lists become `<name>_cbK`, per-view lists
     `<name>_chV` (K, V from 1); the swap gain's interval `swap_gain_ci_low` / `_high`, the
-    cue fidelities `ild_corr`, `ild_error_db`, `ild_zero_error_db`, `ild_slope`,
+    cue fidelities `ild_corr`, `ild_error_db`, `ild_zero_error_db`, `ild_slope` (and
+    `ild_shape_*` of the spectral shape of the difference),
     `itd_error_us`, `itd_zero_error_us`. Entries that are None or NaN (not measurable on
     this set, e.g. a swap gain without a well-separated pair) are left out.
     """

@@ -254,3 +254,27 @@ def test_wandb_gets_the_same_numbers_and_plots(tmp_path, monkeypatch):
     assert logged["paired/swap_gain"] == 0.8 and logged["paired/ild_corr"] == 0.6
     assert logged["images"] == ["code_agreement", "codebook_usage", "ild_scatter", "spectrograms", "swap_gain"]
     assert logged["finished"]
+
+
+def test_a_split_checkpoints_null_model_is_its_unsplit_start_point(cfg_factory, tmp_path):
+    cpu = torch.device("cpu")
+    evaluation = OmegaConf.create({"null_model": None})
+    unsplit = cfg_factory("config_paired_nq2", ["model.content_share=0"])
+    assert evaluate.null_model_for(evaluation, unsplit, cpu) == (None, None)  # its null is 0
+
+    start = EncodecModel.from_config(unsplit.model)
+    path = tmp_path / "start.pt"
+    torch.save({"model": start.state_dict(), "config": OmegaConf.to_container(unsplit)}, path)
+    split = cfg_factory("config_paired_nq2", ["model.content_share=0.5", f"model.init_from={path}"])
+    null, note = evaluate.null_model_for(evaluation, split, cpu)
+    assert note is None and null.quantizer.content_dims == 0
+    for name, value in start.state_dict().items():
+        if name.startswith(("encoder.", "decoder.")):
+            torch.testing.assert_close(null.state_dict()[name], value)
+
+    gone = cfg_factory("config_paired_nq2", ["model.content_share=0.5",
+                                             f"model.init_from={tmp_path / 'gone.pt'}"])
+    null, note = evaluate.null_model_for(evaluation, gone, cpu)
+    assert null is None and "not found; set null_model=PATH" in note
+    with pytest.raises(FileNotFoundError, match="null_model=.*no such file"):
+        evaluate.null_model_for(OmegaConf.create({"null_model": str(tmp_path / "x.pt")}), split, cpu)

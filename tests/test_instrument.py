@@ -185,6 +185,97 @@ def test_a_swap_that_only_follows_the_input_level_does_not_score_as_channel_tran
     assert old_gain.mean().item() == pytest.approx(1.0, abs=1e-4)
 
 
+class SplitFramedCodec(FramedCodec):
+    """`FramedCodec` with a split quantizer: codebook 1 holds the first `dims` samples of
+    each frame, codebook 2 the rest (what `content_dims` does to the latent). It has learned
+    nothing: its swap is the dimension swap of its latent."""
+
+    def __init__(self, dims: int):
+        mask = (torch.arange(HOP) < dims).float()[None, :, None]
+        super().__init__(lambda latent: [latent * mask, latent * (1 - mask)])
+        self.quantizer = type("Quantizer", (), {"content_dims": dims})()
+
+
+class UnsplitLatent(nn.Module):
+    """The null model of `SplitFramedCodec`: the same latent and decoder, no quantizer."""
+    audio_normalize = True
+    normalize = FramedCodec.normalize
+
+    @staticmethod
+    def encoder(x):
+        return frames(x)
+
+    @staticmethod
+    def decoder(latent):
+        return unframe(latent)
+
+
+def test_a_split_that_learned_nothing_scores_zero_once_normalised():
+    """Half of each frame from B moves the swap part of the way to B by dimension counting
+    alone; against the null of an unsplit latent swapped at the same split, nothing is left."""
+    x_a, x_b = noise(8, 30), 0.4 * lowpass(noise(8, 31), 3000.0) + 0.1 * noise(8, 32)
+    results = measure(SplitFramedCodec(HOP // 2), pair_batches(x_a, x_b), null_model=UnsplitLatent())
+    assert results["swap_gain"] > 0.1                       # the raw gain counts dimensions
+    assert results["swap_gain_null"] == pytest.approx(results["swap_gain"], abs=1e-6)
+    assert results["swap_gain_normalized"] == pytest.approx(0.0, abs=1e-5)
+    assert results["swap_gain_shape_normalized"] == pytest.approx(0.0, abs=1e-5)
+    flat = flatten_metrics(results)
+    assert flat["swap_gain_normalized"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_a_split_model_without_a_null_model_says_so_and_an_unsplit_one_has_null_zero():
+    x_a, x_b = noise(8, 33), 0.5 * noise(8, 34)
+    split = measure(SplitFramedCodec(HOP // 2), pair_batches(x_a, x_b))
+    assert split["swap_gain_null"] is None and split["swap_gain_normalized"] is None
+    assert "null model" in split["swap_null_note"]
+    unsplit = measure(FramedCodec(low_band_in_codebook_1), pair_batches(x_a, x_b))
+    assert unsplit["swap_gain_null"] == 0.0
+    assert unsplit["swap_gain_normalized"] == unsplit["swap_gain"]
+
+
+def shape_in_codebook_1_level_in_codebook_2(latent):
+    """One latent row more than the frame: codebook 1 holds the item's waveform at unit RMS
+    (its content and spectral shape), codebook 2 only its RMS, in the extra row."""
+    rms = latent.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
+    zero_row = torch.zeros_like(latent[:, :1])
+    return [torch.cat([latent / rms, zero_row], dim=1),
+            torch.cat([torch.zeros_like(latent), rms.expand_as(zero_row)], dim=1)]
+
+
+def decode_shape_at_level(latent):
+    return unframe(latent[:, :HOP]) * latent[:, HOP:].mean(dim=2, keepdim=True)
+
+
+def test_a_codebook_2_that_holds_only_loudness_scores_zero_on_the_shape():
+    """B is A 12 dB down plus its own low band: another level and another spectral shape. A
+    codec whose codebook 2 carries only the level swaps A's sound to B's loudness: a broadband
+    swap gain near the loudness-only fake's (which shifts by the mean dB over bands, where
+    this codec matches the RMS), and none on the shape."""
+    x_a = noise(8, 35)
+    x_b = 0.25 * x_a + 0.3 * lowpass(noise(8, 36), 2000.0)
+    results = measure(FramedCodec(shape_in_codebook_1_level_in_codebook_2, decode_shape_at_level),
+                      pair_batches(x_a, x_b))
+    assert results["swap_gain"] > 0.8 and results["swap_gain_loudness_only"] > 0.8
+    assert results["swap_gain_shape"] == pytest.approx(0.0, abs=1e-4)
+    # The codec that moves everything to B (test above) scores 1 on the shape as well.
+    low, high_a, high_b = lowpass(noise(8, 0)), noise(8, 1), noise(8, 2)
+    x_a = low + (high_a - lowpass(high_a))
+    x_b = low + 2.0 * ((0.6 * high_a + 0.8 * high_b) - lowpass(0.6 * high_a + 0.8 * high_b))
+    moved = measure(FramedCodec(low_band_in_codebook_1), pair_batches(x_a, x_b))
+    assert moved["swap_gain_shape"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_ild_shape_fidelity_sees_only_the_difference_across_bands():
+    """B = A 6 dB louder: a full ILD of -6 dB in every band and no shape at all, so the
+    shape's error is 0 both ways; a codec that decodes both alike loses the full ILD."""
+    x_a = noise(8, 37)
+    results = measure(FramedCodec(everything_in_codebook_1), pair_batches(x_a, 2.0 * x_a))
+    shape = results["ild_fidelity_shape"]
+    assert shape["zero_error_db"] == pytest.approx(0.0, abs=1e-3)
+    assert shape["error_db"] == pytest.approx(0.0, abs=1e-3)
+    assert results["ild_fidelity"]["error_db"] == pytest.approx(0.0, abs=1e-3)
+
+
 def test_swap_gain_uses_only_well_separated_capsules():
     low, high = lowpass(noise(8, 10)), noise(8, 11)
     x_a, x_b = low + (high - lowpass(high)), low + 3 * (high - lowpass(high))

@@ -155,6 +155,27 @@ def latent_decoder(model: EncodecModel, scale: Tensor | None, length: int) -> Ca
     return decode
 
 
+def content_dims(model: Any) -> int:
+    """Latent dimensions codebook 1 alone codes (0: EnCodec's unsplit residual quantizer)."""
+    return int(getattr(getattr(model, "quantizer", None), "content_dims", 0) or 0)
+
+
+def null_swap_decodes(null_model: EncodecModel, x: Tensor, scale: Tensor | None, views: int,
+                      dims: int, length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Decodes of A, B and of the swap `[z_A[:dims] | z_B[dims:]]` of the continuous latent
+    of `null_model`, a model never trained with a split (no quantizer), at the pair's scale:
+    what a split of `dims` dimensions scores on the swap without having learned anything.
+    `x` `[B*V, C, T]` view-major, `scale` `[B*V, 1, 1]` or None; each output `[B, C, length]`."""
+    batch_size = x.shape[0] // views
+    if not null_model.audio_normalize:
+        scale = None
+    latent = by_view(null_model.encoder(null_model.normalize(x, scale)[0]), batch_size, views)
+    z_a, z_b = latent[:, 0], latent[:, 1]
+    item_scale = None if scale is None else by_view(scale, batch_size, views)[:, 0]
+    decode = latent_decoder(null_model, item_scale, length)
+    return decode(z_a), decode(z_b), decode(torch.cat([z_a[:, :dims], z_b[:, dims:]], dim=1))
+
+
 def by_view(t: Tensor, batch_size: int, views: int) -> Tensor:
     """`[B*V, ...]` (view-major inside an item) -> `[B, V, ...]`."""
     return t.reshape(batch_size, views, *t.shape[1:])
@@ -162,8 +183,8 @@ def by_view(t: Tensor, batch_size: int, views: int) -> Tensor:
 
 @torch.no_grad()
 def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]], content_codebook: int,
-                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                  ) -> tuple[MeasuredBatch, EncodecOutput]:
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                  null_model: EncodecModel | None = None) -> tuple[MeasuredBatch, EncodecOutput]:
     """Measure the V views of `wavs [B, V, C, T]` (on the model's device, under `autocast`),
     all at ONE scale per item: the views' common RMS (`pair_scale`).
 
@@ -176,6 +197,8 @@ def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]]
       (band levels of the raw inputs, the decodes and the swap, GCC-PHAT delays, the swap's
       mel distances).
     A mono model is measured the same way: its codes must carry the level difference.
+    With `null_model` and a split quantizer, also the null swap's decodes
+    (`null_swap_decodes`, under the same `autocast`) for the cues' null levels.
 
     `model` needs `audio_normalize`, `n_q`, `sample_rate`, `decoder`, `forward(x,
     return_embeddings, scale)` and `encode(x, scale=)` (`EncodecModel`'s). Returns the
@@ -200,8 +223,13 @@ def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]]
             sources = pair_cues.swap_sources(model.n_q, content_codebook)
             with autocast():  # the precision A and B were decoded in, or it moves the swap
                 swap_audio = decode(pair_cues.mix_embeddings(sources, emb_a, emb_b)).float()
+        null = None
+        if swap_audio is not None and null_model is not None and content_dims(model) > 0:
+            with autocast():
+                null = [d.float() for d in null_swap_decodes(null_model, x, scale, views,
+                                                             content_dims(model), length)]
         cues = pair_cues.pair_cues(wavs[:, 0], wavs[:, 1], audio[:, 0], audio[:, 1], swap_audio,
-                                   model.sample_rate)
+                                   model.sample_rate, null)
         cues = None if cues is None else cues.cpu()
         swap_audio = None if swap_audio is None else swap_audio.cpu()
     measured = MeasuredBatch(
@@ -227,21 +255,27 @@ def accumulate(acc: MetricAccumulator, measured: MeasuredBatch) -> None:
 def evaluate_model(model: EncodecModel, bins: int, batches: Iterable[tuple[Tensor, list[dict]]], *,
                    content_codebook: int, keep_examples: int,
                    settings: InstrumentSettings | None = None, capsules: Any = None,
-                   desc: str = "evaluate") -> tuple[dict[str, Any], dict[str, Tensor]]:
+                   desc: str = "evaluate", null_model: EncodecModel | None = None
+                   ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Run `model` over paired batches `(wavs [B, V, 1, T], metas)`.
 
     `content_codebook` is the model's `pairwise.content_codebook`, `settings` the
     statistics' `InstrumentSettings` (default: the per-epoch validation's),
-    `capsules` the array geometry (`array_geometry`), `desc` the progress bar's label.
+    `capsules` the array geometry (`array_geometry`), `desc` the progress bar's label,
+    `null_model` the unsplit model whose latent swap is a split model's null (`swap_results`).
     Returns `(results, examples)`: `MetricAccumulator.compute()` results, and the first
     `keep_examples` items' inputs, reconstructions and swap as `{name: [items, T]}`.
     """
     device = next(model.parameters()).device
     model.eval()
-    acc = MetricAccumulator(model.n_q, bins, model.sample_rate, model.frame_rate, settings, capsules)
+    acc = MetricAccumulator(model.n_q, bins, model.sample_rate, model.frame_rate, settings, capsules,
+                            split_quantizer=content_dims(model) > 0)
+    if null_model is not None:
+        null_model.eval()
     examples: dict[str, list[Tensor]] = {}
     for wavs, metas in tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True):
-        measured, _ = measure_batch(model, wavs.to(device), metas, content_codebook)
+        measured, _ = measure_batch(model, wavs.to(device), metas, content_codebook,
+                                    null_model=null_model)
         accumulate(acc, measured)
         keep_examples_of(examples, keep_examples, measured)
     if acc.num_items == 0:
@@ -313,7 +347,8 @@ def validate(parts: Parts, runtime: Runtime, cfg: DictConfig, loader: DataLoader
         return {}
     acc = MetricAccumulator(n_q=model.n_q, bins=cfg.model.bins, sample_rate=model.sample_rate,
                             frame_rate=model.frame_rate, settings=PER_EPOCH_SETTINGS,
-                            capsules=array_geometry(loader.dataset))
+                            capsules=array_geometry(loader.dataset),
+                            split_quantizer=content_dims(model) > 0)
     loss_sums: dict[str, float] = {}
     for measured, sums in batches:
         accumulate(acc, measured)
