@@ -23,7 +23,7 @@ import soundfile as sf
 
 from coding import shared_content
 from coding.file_codec import CheckpointMismatchError, decode_file, encode_file
-from coding.token_file import SHARED_CONTENT, TokenFileError, token_mode
+from coding.token_file import DEFAULT_MAX_SECONDS, SHARED_CONTENT, TokenFileError, token_mode
 from training.runtime import resolve_device
 from utils.checks import DEVICE, POSITIVE, PathRule, check_flags
 
@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dec.add_argument("--ignore-hash", action="store_true",
                      help="decode even if the checkpoint differs from the encoding one")
     dec.add_argument("--subtype", default="FLOAT", help="soundfile subtype (FLOAT, PCM_16, PCM_24)")
+    dec.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
+                     help="refuse a token file that decodes to more audio than this "
+                          "(default: 24 hours)")
     for sub in (enc, dec):
         sub.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
         sub.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_flags(("--checkpoint", args.checkpoint, PathRule("file", "checkpoint")),  # one line, exit 2
                 ("input", args.input, PathRule("file")), ("output", args.output, PathRule("output file")),
-                ("--bandwidth", getattr(args, "bandwidth", None), POSITIVE), ("--device", args.device, DEVICE))
+                ("--bandwidth", getattr(args, "bandwidth", None), POSITIVE), ("--device", args.device, DEVICE),
+                ("--max-seconds", getattr(args, "max_seconds", None), POSITIVE))
     device = resolve_device(args.device)
     try:
         if args.command == "encode":
@@ -93,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             print(encode_summary(meta, args.input, args.output))
         else:
             decode_file(args.checkpoint, args.input, args.output, device, args.ignore_hash,
-                        args.subtype)
+                        args.subtype, args.max_seconds)
             print(f"{args.input} -> {args.output}")
     except (TokenFileError, CheckpointMismatchError, FileNotFoundError, RuntimeError,
             ValueError, sf.LibsndfileError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line
         return 1
     return 0
 

@@ -21,18 +21,25 @@ Modes (`metadata["mode"]`, see `coding/token_file.py` for the file):
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
 
 from coding import shared_content
-from coding.token_file import (INDEPENDENT, SHARED_CONTENT, channel_scale, read_tokens,
-                               token_metadata, write_tokens)
+from coding.token_file import (DEFAULT_MAX_SECONDS, INDEPENDENT, MAX_SAMPLE_RATE,
+                               SHARED_CONTENT, TokenFileError, channel_scale, is_scale,
+                               read_tokens, token_metadata, write_tokens)
 from model import EncodecModel, load_model
 
+# torchaudio.functional.resample's defaults (lowpass_filter_width, rolloff): its filter size.
+RESAMPLING_ZEROS, RESAMPLING_ROLLOFF = 6, 0.99
+# The largest resampling filter a file may ask for; the usual rates need kilobytes.
+MAX_RESAMPLING_FILTER_BYTES = 1 << 30
 
 class CheckpointMismatchError(ValueError):
     """The token file was written with a different checkpoint than the one given."""
@@ -48,6 +55,53 @@ def file_sha256(path: str | Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
+
+# ----------------------------------------------------------------------------------------
+# What a file may ask for
+
+
+def resampling_filter_bytes(from_rate: int, to_rate: int) -> int:
+    """Bytes torchaudio's resampling from `from_rate` to `to_rate` spends on its filter (and
+    the temporaries that build it): `to / g` phases of `from / g + 2 width` taps each, `g`
+    the rates' greatest common divisor. Small for the usual rates; gigabytes for rates that
+    share almost no factor."""
+    if from_rate == to_rate:
+        return 0
+    common = math.gcd(from_rate, to_rate)
+    low, high = from_rate // common, to_rate // common
+    width = math.ceil(RESAMPLING_ZEROS * low / (min(low, high) * RESAMPLING_ROLLOFF))
+    return 4 * 4 * high * (low + 2 * width)
+
+
+def resampling_problem(from_rate: int, to_rate: int) -> str | None:
+    """Why audio cannot be resampled from `from_rate` to `to_rate` here, or None."""
+    needed = resampling_filter_bytes(from_rate, to_rate)
+    if needed <= MAX_RESAMPLING_FILTER_BYTES:
+        return None
+    return (f"resampling {from_rate} Hz to {to_rate} Hz needs a {needed / 1e9:.1f} GB filter "
+            f"(the rates share only a factor of {math.gcd(from_rate, to_rate)}; at most "
+            f"{MAX_RESAMPLING_FILTER_BYTES / 1e9:.1f} GB)")
+
+
+def check_finite(wav_path: str | Path, audio: np.ndarray) -> None:
+    """ValueError naming the first channel of `audio` `[T, channels]` that holds NaN or
+    infinite samples: they would turn the channel's scale and codes into garbage."""
+    for channel in range(audio.shape[1]):  # one channel at a time: no full-size mask
+        bad = ~np.isfinite(audio[:, channel])
+        if bad.any():
+            raise ValueError(f"{wav_path}: channel {channel} holds {int(bad.sum())} NaN or "
+                             f"infinite samples (the first at sample {int(bad.argmax())}); "
+                             "encode needs finite audio: repair or drop them first.")
+
+
+def check_scales(wav_path: str | Path, scales: list[float] | None, shared: bool) -> None:
+    """ValueError when a channel's normalisation scale (its RMS) is not a finite positive
+    float32: samples so large that their power overflows."""
+    for channel, scale in enumerate(scales or []):
+        if not is_scale(scale):
+            which = "the channels' common" if shared else f"channel {channel}'s"
+            raise ValueError(f"{wav_path}: {which} RMS level is {scale} in float32 (samples far "
+                             "beyond full scale); scale the audio to about [-1, 1] first.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -120,8 +174,9 @@ def check_compatible(model: EncodecModel, bins: int, metadata: dict[str, Any],
                      checkpoint_sha256: str, ignore_hash: bool = False) -> None:
     """Raise CheckpointMismatchError unless the tokens were written with this checkpoint
     (with all its codebooks or, at a lower bandwidth, the first ones)."""
-    for key, ours in (("bins", bins), ("sample_rate", model.sample_rate)):
-        if metadata[key] != ours:
+    for key, ours in (("bins", bins), ("sample_rate", model.sample_rate),
+                      ("frame_rate", model.frame_rate)):
+        if key in metadata and metadata[key] != ours:
             raise CheckpointMismatchError(
                 f"the tokens have {key}={metadata[key]} but the checkpoint's model has "
                 f"{key}={ours}: decode with the checkpoint that encoded them.")
@@ -135,6 +190,21 @@ def check_compatible(model: EncodecModel, bins: int, metadata: dict[str, Any],
             f"this checkpoint is {checkpoint_sha256[:16]}...: codes are only meaningful with "
             "the codebooks that produced them. Use the original checkpoint, or pass "
             "--ignore-hash if you know the codebooks are the same.")
+
+
+def check_decodable(token_path: str | Path, model: EncodecModel, metadata: dict[str, Any]) -> None:
+    """Raise TokenFileError unless the header's lengths are what this model's frames give
+    and its rates can be resampled here (after `check_compatible`)."""
+    frames = math.ceil(metadata["length"] / model.hop_length)
+    if metadata["frames"] != frames:
+        raise TokenFileError(
+            f"{token_path}: header field frames={metadata['frames']}: length="
+            f"{metadata['length']} samples are {frames} frames of this model's hop "
+            f"{model.hop_length} (corrupt, or not a token file of this tool).")
+    problem = resampling_problem(metadata["sample_rate"], metadata["original_sample_rate"])
+    if problem:
+        raise TokenFileError(f"{token_path}: header field original_sample_rate="
+                             f"{metadata['original_sample_rate']}: {problem}.")
 
 
 def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | Path,
@@ -152,8 +222,16 @@ def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | 
     audio, rate = sf.read(str(wav_path), dtype="float32", always_2d=True)  # [T, channels]
     if audio.shape[0] == 0:
         raise ValueError(f"{wav_path} holds no samples")
+    if rate > MAX_SAMPLE_RATE:
+        raise ValueError(f"{wav_path}: sample rate {rate} Hz, above the {MAX_SAMPLE_RATE} Hz a "
+                         "token file holds; resample it first.")
+    check_finite(wav_path, audio)
     reference = check_shared_options(wav_path, audio.shape[1], shared_content_coding, reference_channel)
     model, cfg = load_model(checkpoint, device)
+    problem = resampling_problem(rate, model.sample_rate)
+    if problem:
+        raise ValueError(f"{wav_path}: {problem}; convert it to a usual rate (e.g. 48000 Hz) "
+                         "first.")
     kept = model.n_q if bandwidth is None else model.codebooks_for_bandwidth(bandwidth)
     if shared_content_coding and kept < 2:
         raise ValueError(f"--shared-content needs at least 2 codebooks (codebook 1 shared, "
@@ -165,6 +243,7 @@ def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | 
         codes, scales, length = encode_audio_shared(model, channels, rate, reference)
     else:
         codes, scales, length = encode_audio(model, channels, rate)
+    check_scales(wav_path, scales, shared_content_coding)
     metadata = token_metadata(model, cfg.model.bins, codes[:, :kept], scales, length, rate,
                               audio.shape[0], file_sha256(checkpoint),
                               mode=SHARED_CONTENT if shared_content_coding else INDEPENDENT,
@@ -193,10 +272,17 @@ def check_shared_options(wav_path: str | Path, channels: int, shared_content_cod
 
 
 def decode_file(checkpoint: str | Path, token_path: str | Path, wav_path: str | Path,
-                device: str | torch.device = "cpu", ignore_hash: bool = False, subtype: str = "FLOAT") -> None:
-    """Token file -> WAV file at the original rate and channel count."""
-    codes, metadata = read_tokens(token_path)
+                device: str | torch.device = "cpu", ignore_hash: bool = False,
+                subtype: str = "FLOAT", max_seconds: float = DEFAULT_MAX_SECONDS) -> None:
+    """Token file -> WAV file at the original rate and channel count.
+
+    The file is checked through before anything is decoded (`read_tokens`,
+    `check_compatible`, `check_decodable`); one that decodes to more than `max_seconds` of
+    audio is refused (TokenFileError).
+    """
+    codes, metadata = read_tokens(token_path, max_seconds)
     model, cfg = load_model(checkpoint, device)
     check_compatible(model, cfg.model.bins, metadata, file_sha256(checkpoint), ignore_hash)
+    check_decodable(token_path, model, metadata)
     audio = decode_audio(model, codes, metadata)
     sf.write(str(wav_path), audio.T.numpy(), metadata["original_sample_rate"], subtype=subtype)

@@ -15,6 +15,9 @@ are 'independent' and still decode.
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -30,13 +33,18 @@ READABLE_VERSIONS = (1, 2)          # version 1: before modes, always 'independe
 INDEPENDENT, SHARED_CONTENT = "independent", "shared_content"
 MODES = (INDEPENDENT, SHARED_CONTENT)
 _LENGTH = struct.Struct("<I")
+MAX_SAMPLE_RATE = 768_000          # Hz, the highest rate a header may give
+MAX_BINS = 1 << 16                 # codes are stored as uint16
+DEFAULT_MAX_SECONDS = 24 * 3600.0  # the most audio a token file may decode to, by default
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 _REQUIRED_KEYS = ("version", "sample_rate", "original_sample_rate", "channels", "n_q", "bins",
                   "frames", "length", "original_length", "checkpoint_sha256", "scales")
 
 
 class TokenFileError(ValueError):
-    """The token file is not one of ours, is corrupt or is truncated."""
-
+    """The token file is not one of ours, is corrupt, is truncated or decodes to more audio
+    than allowed."""
 
 
 def token_metadata(model: EncodecModel, bins: int, codes: torch.Tensor, scales: list[float] | None,
@@ -114,29 +122,44 @@ def write_tokens(path: str | Path, codes: torch.Tensor, metadata: dict[str, Any]
         f.write(MAGIC + _LENGTH.pack(len(header)) + header + payload)
 
 
-def read_tokens(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
+def read_tokens(path: str | Path, max_seconds: float = DEFAULT_MAX_SECONDS
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Read a token file (any readable version and mode): `(codes [channels, n_q, frames]
     long, metadata)`; in 'shared_content' mode every channel's codebook 1 is the shared
-    stream. Raises TokenFileError."""
-    data = Path(path).read_bytes()
+    stream.
+
+    Every header field is checked (`check_header`) before the payload is read, and the
+    payload must hold exactly the codes the header describes, so nothing larger than the
+    file itself is allocated; a file that would decode to more than `max_seconds` of audio
+    is refused. Raises TokenFileError, one line naming the field and its value.
+    """
     prefix = len(MAGIC) + _LENGTH.size
-    if len(data) < prefix or data[: len(MAGIC)] != MAGIC:
-        raise TokenFileError(f"{path} is not a token file (bad magic bytes); "
-                             "write one with `python codec.py encode`.")
-    (header_length,) = _LENGTH.unpack_from(data, len(MAGIC))
-    if prefix + header_length > len(data):
-        raise TokenFileError(f"{path} is truncated: the header says {header_length} bytes of "
-                             f"metadata but only {len(data) - prefix} follow.")
-    try:
-        metadata = json.loads(data[prefix: prefix + header_length].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TokenFileError(f"{path}: corrupt metadata header ({error}).") from error
-    _check_metadata(path, metadata)
-    payload = data[prefix + header_length:]
-    expected = code_streams(metadata) * metadata["frames"] * 2
+    with open(path, "rb") as f:
+        start = f.read(prefix)
+        if len(start) < prefix or start[: len(MAGIC)] != MAGIC:
+            raise TokenFileError(f"{path} is not a token file (bad magic bytes); "
+                                 "write one with `python codec.py encode`.")
+        (header_length,) = _LENGTH.unpack_from(start, len(MAGIC))
+        size = os.fstat(f.fileno()).st_size
+        if prefix + header_length > size:
+            raise TokenFileError(f"{path} is truncated: the header says {header_length} bytes "
+                                 f"of metadata but only {size - prefix} follow.")
+        try:
+            metadata = json.loads(f.read(header_length).decode("utf-8"))
+        except (ValueError, RecursionError) as error:  # bad UTF-8 or JSON, absurd numbers
+            raise TokenFileError(f"{path}: corrupt metadata header "
+                                 f"({str(error)[:80]}).") from error
+        check_header(path, metadata, max_seconds)
+        expected = code_streams(metadata) * metadata["frames"] * 2
+        found = size - prefix - header_length
+        if found != expected:
+            raise TokenFileError(
+                f"{path}: {found} bytes of codes, expected {expected} for {_layout(metadata)} "
+                f"({'truncated' if found < expected else 'trailing data'}).")
+        payload = f.read(expected)
     if len(payload) != expected:
-        raise TokenFileError(f"{path}: {len(payload)} bytes of codes, expected {expected} for "
-                             f"{_layout(metadata)} ({'truncated' if len(payload) < expected else 'trailing data'}).")
+        raise TokenFileError(f"{path} changed while it was read: {len(payload)} bytes of codes, "
+                             f"expected {expected}.")
     codes = _codes_from_payload(np.frombuffer(payload, dtype="<u2"), metadata)
     if codes.numel() and codes.max() >= metadata["bins"]:
         raise TokenFileError(f"{path}: code {int(codes.max())} out of range for "
@@ -147,32 +170,124 @@ def read_tokens(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
 def _layout(metadata: dict[str, Any]) -> str:
     channels, n_q, frames = metadata["channels"], metadata["n_q"], metadata["frames"]
     if token_mode(metadata) == SHARED_CONTENT:
-        return (f"1 shared codebook-1 stream + {channels} channels x {n_q - 1} codebooks, "
-                f"x {frames} frames")
-    return f"{channels} channels x {n_q} codebooks x {frames} frames"
+        return (f"1 shared codebook-1 stream + channels={channels} x n_q={n_q} - 1 codebooks, "
+                f"x frames={frames}")
+    return f"channels={channels} x n_q={n_q} codebooks x frames={frames}"
 
 
-def _check_metadata(path: str | Path, metadata: Any) -> None:
-    """Raise TokenFileError unless `metadata` is a header this tool can decode."""
-    missing = [key for key in _REQUIRED_KEYS if key not in metadata] if isinstance(metadata, dict) else ["all"]
+# ----------------------------------------------------------------------------------------
+# Header checks: every field before it is used
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """`value` as it stands in the header, cut to `limit` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _field_error(path: str | Path, key: str, value: Any, problem: str) -> TokenFileError:
+    return TokenFileError(f"{path}: header field {key}={_shown(value)}: {problem} "
+                          "(corrupt, or not a token file of this tool).")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(path: str | Path, metadata: dict[str, Any], key: str, low: int,
+               high: int | None = None, unit: str = "") -> int:
+    value = metadata[key]
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        wanted = f"{low} .. {high}" if high is not None else f">= {low}"
+        raise _field_error(path, key, value, f"not an integer{unit} in {wanted}")
+    return value
+
+
+def is_scale(value: Any) -> bool:
+    """Whether `value` can be a normalisation scale: a finite positive number, in float32 too
+    (the precision it is decoded at)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and _FLOAT32_TINY <= value <= _FLOAT32_MAX)
+
+
+def model_rate_length(original_length: int, original_sample_rate: int, sample_rate: int) -> int:
+    """Samples of `original_length` samples resampled to `sample_rate` (as torchaudio rounds,
+    up; exact integer arithmetic)."""
+    return -(-original_length * sample_rate // original_sample_rate)
+
+
+def check_header(path: str | Path, metadata: Any, max_seconds: float = DEFAULT_MAX_SECONDS) -> None:
+    """Raise TokenFileError unless `metadata` is a header this tool can decode: every field
+    of the right type and range, the lengths consistent with the frames and rates, and at
+    most `max_seconds` of audio."""
+    missing = ([key for key in _REQUIRED_KEYS if key not in metadata]
+               if isinstance(metadata, dict) else ["all"])
     if missing:
         raise TokenFileError(f"{path}: metadata lacks {missing}; not a token file of this tool.")
-    if metadata["version"] not in READABLE_VERSIONS:
-        raise TokenFileError(f"{path}: token format version {metadata['version']}, this tool "
+    version = metadata["version"]
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        raise TokenFileError(f"{path}: token format version {_shown(version)}, this tool "
                              f"reads versions {list(READABLE_VERSIONS)}.")
-    if metadata["version"] >= 2 and metadata.get("mode") not in MODES:
-        raise TokenFileError(f"{path}: unknown token mode {metadata.get('mode')!r}; this tool "
+    mode = metadata.get("mode")
+    if (version >= 2 or "mode" in metadata) and not (isinstance(mode, str) and mode in MODES):
+        raise TokenFileError(f"{path}: unknown token mode {_shown(mode)}; this tool "
                              f"reads {list(MODES)}.")
-    scales, channels = metadata["scales"], metadata["channels"]
+    rate = _check_int(path, metadata, "sample_rate", 1, MAX_SAMPLE_RATE, " sample rate (Hz)")
+    original_rate = _check_int(path, metadata, "original_sample_rate", 1, MAX_SAMPLE_RATE,
+                               " sample rate (Hz)")
+    channels = _check_int(path, metadata, "channels", 1)
+    n_q = _check_int(path, metadata, "n_q", 1)
+    _check_int(path, metadata, "bins", 1, MAX_BINS)
+    frames = _check_int(path, metadata, "frames", 1)
+    length = _check_int(path, metadata, "length", 1)
+    original_length = _check_int(path, metadata, "original_length", 1)
+    sha = metadata["checkpoint_sha256"]
+    if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise _field_error(path, "checkpoint_sha256", sha, "not a SHA-256 in hex")
+
     shared = token_mode(metadata) == SHARED_CONTENT
     reference = metadata.get("reference_channel")
-    if shared and not (metadata["n_q"] >= 2 and channels >= 2 and isinstance(reference, int)
+    if shared and not (n_q >= 2 and channels >= 2 and _is_int(reference)
                        and 0 <= reference < channels):
         raise TokenFileError(f"{path}: a shared-content file needs >= 2 channels, >= 2 "
-                             f"codebooks and a reference_channel among them (corrupt header).")
-    if scales is not None and len(scales) != (1 if shared else channels):
-        raise TokenFileError(f"{path}: {len(scales)} scales for {channels} channels in "
-                             f"{token_mode(metadata)!r} mode (corrupt header).")
+                             f"codebooks and a reference_channel among them (corrupt header: "
+                             f"channels={channels}, n_q={n_q}, "
+                             f"reference_channel={_shown(reference)}).")
+    scales = metadata["scales"]
+    if scales is not None:
+        if not isinstance(scales, list):
+            raise _field_error(path, "scales", scales, "not a list of scales or null")
+        if len(scales) != (1 if shared else channels):
+            raise TokenFileError(f"{path}: {len(scales)} scales for {channels} channels in "
+                                 f"{token_mode(metadata)!r} mode (corrupt header).")
+        for index, scale in enumerate(scales):
+            if not is_scale(scale):
+                raise _field_error(path, f"scales[{index}]", scale,
+                                   "not a finite positive float32 scale")
+
+    expected_length = model_rate_length(original_length, original_rate, rate)
+    if abs(length - expected_length) > 1:
+        raise TokenFileError(
+            f"{path}: header fields length={length}, original_length={original_length}, "
+            f"original_sample_rate={original_rate} and sample_rate={rate} disagree: "
+            f"{original_length} samples at {original_rate} Hz are {expected_length} at "
+            f"{rate} Hz (corrupt, or not a token file of this tool).")
+    if "frame_rate" in metadata:
+        frame_rate = _check_int(path, metadata, "frame_rate", 1, rate, " frame rate (Hz)")
+        # frame_rate = ceil(rate / hop) for an integer hop, so rate / frame_rate <= hop <
+        # rate / (frame_rate - 1), and frames = ceil(length / hop).
+        if (frames - 1) * rate >= length * frame_rate or (
+                frame_rate > 1 and length * (frame_rate - 1) >= frames * rate):
+            raise TokenFileError(
+                f"{path}: header fields frames={frames}, length={length}, frame_rate="
+                f"{frame_rate} and sample_rate={rate} disagree: {length} samples are not "
+                f"{frames} frames at {frame_rate} Hz (corrupt, or not a token file of this tool).")
+    seconds = original_length / original_rate
+    if seconds > max_seconds:
+        raise TokenFileError(
+            f"{path}: header field original_length={original_length} at original_sample_rate="
+            f"{original_rate} Hz is {seconds:.0f} s of audio, more than the {max_seconds:g} s "
+            "allowed (raise --max-seconds if the file is genuine).")
 
 
 def channel_scale(metadata: dict[str, Any], channel: int) -> float | None:
