@@ -2,7 +2,7 @@
 
     python codec.py encode --checkpoint CKPT [--bandwidth KBPS] in.wav out.tok
     python codec.py encode --checkpoint CKPT --shared-content [--reference-channel K] in.wav out.tok
-    python codec.py decode --checkpoint CKPT out.tok out.wav
+    python codec.py decode --checkpoint CKPT [--max-seconds S] out.tok out.wav
 
 Any sample rate and channel count: each channel is resampled to the model rate and encoded
 separately; decoding restores the original rate, channel count and length. `--bandwidth`
@@ -11,7 +11,11 @@ it, as EnCodec does; the default keeps all `n_q`. `--shared-content` (N >= 2 cha
 sends ONE codebook-1 stream, the reference channel's (`--reference-channel`, default 0),
 plus codebooks 2.. of every channel, all at one common scale.
 
-The coding itself is `coding/file_codec.py`, the token file `coding/token_file.py`.
+Hostile input is refused in one line (`error: ...`, exit 1): a token file with any header
+field out of type or range, inconsistent with its payload, or decoding to more than
+`--max-seconds` of audio (default 24 hours); audio with NaN or infinite samples; a checkpoint
+whose model would not fit in memory. The coding itself is `coding/file_codec.py`, the token
+file and its checks `coding/token_file.py`.
 """
 from __future__ import annotations
 
@@ -86,8 +90,10 @@ def _bitrate_text(metadata: dict[str, Any], shared: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_flags(("--checkpoint", args.checkpoint, PathRule("file", "checkpoint")),  # one line, exit 2
-                ("input", args.input, PathRule("file")), ("output", args.output, PathRule("output file")),
-                ("--bandwidth", getattr(args, "bandwidth", None), POSITIVE), ("--device", args.device, DEVICE),
+                ("input", args.input, PathRule("file")),
+                ("output", args.output, PathRule("output file")),
+                ("--bandwidth", getattr(args, "bandwidth", None), POSITIVE),
+                ("--device", args.device, DEVICE),
                 ("--max-seconds", getattr(args, "max_seconds", None), POSITIVE))
     device = resolve_device(args.device)
     try:

@@ -16,6 +16,12 @@ Modes (`metadata["mode"]`, see `coding/token_file.py` for the file):
   latent (`shared_content.encode_shared_content`). Decoding runs the ordinary decoder on
   each channel's codes with codebook 1 replaced by the shared stream.
 
+What encoding does with awkward audio: NaN or infinite samples are refused (ValueError naming
+the file and channel); silence encodes (the RMS scale has a floor, `normalize_eps`) and
+decodes to silence; one sample and full-scale clipping encode as any audio; levels whose
+power overflows float32 are refused rather than written as infinite scales. Decoding checks
+the whole file first (`read_tokens`, `check_compatible`, `check_decodable`).
+
 `model.load_model` is the one checkpoint loader (here and in `evaluate.py`).
 """
 from __future__ import annotations

@@ -11,6 +11,10 @@ unpickled).
 Version 2 adds `mode` and `frame_rate` to the header ('shared_content' files also
 `reference_channel`, and `scales` holds the one common scale). Version 1 files (no `mode`)
 are 'independent' and still decode.
+
+A token file is input from anywhere: `read_tokens` checks every header field (`check_header`:
+types, ranges, the lengths against the frames and rates, scales, the reference channel)
+before it uses one, and raises TokenFileError, one line naming the field and its value.
 """
 from __future__ import annotations
 
@@ -129,8 +133,8 @@ def read_tokens(path: str | Path, max_seconds: float = DEFAULT_MAX_SECONDS
     stream.
 
     Every header field is checked (`check_header`) before the payload is read, and the
-    payload must hold exactly the codes the header describes, so nothing larger than the
-    file itself is allocated; a file that would decode to more than `max_seconds` of audio
+    payload must hold exactly the codes the header describes, so what is allocated is
+    proportional to the file's size; a file that would decode to more than `max_seconds` of audio
     is refused. Raises TokenFileError, one line naming the field and its value.
     """
     prefix = len(MAGIC) + _LENGTH.size

@@ -167,8 +167,10 @@ def test_an_absurd_model_is_refused_before_it_is_built(ckpt, tmp_path, capsys, m
 
 def test_the_refusal_compares_with_the_memory_free_on_the_device(ckpt, monkeypatch):
     needed = sum(estimate_model_bytes(torch.load(ckpt, weights_only=True)["config"]["model"]))
-    monkeypatch.setattr(model_module, "available_memory_bytes",
-                        lambda device: needed - 1 if torch.device(device).type == "cuda" else 1 << 40)
+    def free(device):
+        return needed - 1 if torch.device(device).type == "cuda" else 1 << 40
+
+    monkeypatch.setattr(model_module, "available_memory_bytes", free)
     load_model(ckpt)  # fits the CPU
     with pytest.raises(CheckpointError, match=r"tiny\.pt: .* GB of parameters .* free on cuda"):
         model_module.check_model_fits(ckpt, torch.load(ckpt, weights_only=True)["config"]["model"],
