@@ -428,8 +428,8 @@ def available_memory_bytes(device: str | torch.device) -> int | None:
     """Bytes free for new tensors on `device`: the CUDA device's free memory, or the
     machine's available RAM (Linux `MemAvailable`); None when unknown."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # without CUDA, moving the model there reports it
+        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
     if device.type != "cpu":
         return None
     try:

@@ -181,6 +181,7 @@ def test_the_refusal_compares_with_the_memory_free_on_the_device(ckpt, monkeypat
 
 
 def test_cuda_memory_is_read_from_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123, 456))
     assert model_module.available_memory_bytes("cuda:0") == 123
     assert model_module.available_memory_bytes("cpu") > 0
