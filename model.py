@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,15 +385,105 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
+# Parameters and buffers grow linearly with these counts (every codebook, LSTM layer and
+# residual block of a stage has the same size). Above the largest built count the estimate
+# builds 2 and 3 of each and extrapolates: thousands of modules, even on the meta device,
+# take minutes to build.
+_LINEAR_COUNTS = ("n_q", "lstm", "residual_layers")
+_LARGEST_BUILT_COUNT = 16
+
+
+def module_bytes(module: nn.Module) -> tuple[int, int]:
+    """`(parameter bytes, buffer bytes)` of `module`, on any device (the meta device too)."""
+    return (sum(p.numel() * p.element_size() for p in module.parameters()),
+            sum(b.numel() * b.element_size() for b in module.buffers()))
+
+
+def estimate_model_bytes(model_cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """`(parameter bytes, buffer bytes)` of the model a `model` config group describes,
+    without allocating it: built on the meta device (shapes only, no memory, no compute),
+    `init_from` ignored. Raises what building it raises (a RuntimeError when a tensor's size
+    overflows)."""
+    kwargs = {key: _plain(value) for key, value in model_cfg.items() if key != "init_from"}
+
+    def built(**counts: int) -> tuple[int, int]:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")  # the real build reports config warnings once
+            return module_bytes(EncodecModel.from_config({**kwargs, **counts}))
+
+    large = {key: kwargs[key] for key in _LINEAR_COUNTS
+             if isinstance(kwargs.get(key), int) and kwargs[key] > _LARGEST_BUILT_COUNT}
+    if not large:
+        return built()
+    base_counts = {key: 2 for key in large}
+    params, buffers = base = built(**base_counts)
+    for key, count in large.items():
+        step = built(**{**base_counts, key: 3})
+        params += (count - 2) * (step[0] - base[0])
+        buffers += (count - 2) * (step[1] - base[1])
+    return params, buffers
+
+
+def available_memory_bytes(device: str | torch.device) -> int | None:
+    """Bytes free for new tensors on `device`: the CUDA device's free memory, or the
+    machine's available RAM (Linux `MemAvailable`); None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":  # without CUDA, moving the model there reports it
+        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_model_fits(checkpoint_path: str | Path, model_cfg: Mapping[str, Any],
+                     device: str | torch.device) -> None:
+    """Raise CheckpointError when the model a checkpoint's config describes cannot be built
+    or would not fit in the memory free on the CPU (where it is built) or on `device`."""
+    try:
+        needed = sum(estimate_model_bytes(model_cfg))
+    except RuntimeError as error:
+        if "overflow" not in str(error):
+            raise _unbuildable(checkpoint_path, error) from error
+        needed = 1 << 63  # one tensor alone has more bytes than a 64-bit size counts
+    except Exception as error:  # whatever the config holds: a one-line refusal
+        raise _unbuildable(checkpoint_path, error) from error
+    for where in dict.fromkeys([torch.device("cpu"), torch.device(device)]):
+        available = available_memory_bytes(where)
+        if available is not None and needed > available:
+            raise ckpt_io.CheckpointError(
+                f"{checkpoint_path}: its config describes a model of about {needed / 1e9:.3g} "
+                f"GB of parameters and buffers, more than the {available / 1e9:.3g} GB free on "
+                f"{where}; refusing to build it (a corrupt config, or a machine too small).")
+
+
+def _unbuildable(checkpoint_path: str | Path, error: Exception) -> ckpt_io.CheckpointError:
+    return ckpt_io.CheckpointError(
+        f"{checkpoint_path}: the model its config describes cannot be built "
+        f"({' '.join(str(error).split())[:200]}); the checkpoint is corrupt.")
+
+
 def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu"
                ) -> tuple[EncodecModel, DictConfig]:
     """Build the generator of a training checkpoint, in eval mode on `device`.
 
     Returns `(model, cfg)` with `cfg` the resolved training config stored in the checkpoint.
+    The model is refused before it is built when it would not fit (`check_model_fits`).
     """
     ckpt = ckpt_io.load_checkpoint(checkpoint_path, map_location="cpu")
     cfg = OmegaConf.create(ckpt["config"])
-    model = EncodecModel.from_config(_without_init_from(cfg.model))
+    model_cfg = _without_init_from(cfg.model)
+    check_model_fits(checkpoint_path, model_cfg, device)
+    model = EncodecModel.from_config(model_cfg)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as error:

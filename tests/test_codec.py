@@ -1,4 +1,4 @@
-"""codec.py: the token file round trip, its metadata, and clear errors on misuse."""
+"""codec.py, coding/file_codec.py, coding/token_file.py: the token file round trip, its metadata, and clear errors on misuse."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,8 @@ import torch
 from omegaconf import OmegaConf
 
 import codec
-from coding import shared_content
-from model import EncodecModel
+from coding import file_codec, shared_content, token_file
+from model import EncodecModel, load_model
 
 
 def save_tiny_checkpoint(cfg, path: Path, seed: int = 0) -> EncodecModel:
@@ -51,14 +51,14 @@ def test_round_trip_at_the_model_rate_gives_the_models_tokens_and_reconstruction
     audio = _write_wav(tmp_path / "in.wav", channels=2, rate=24000, seconds=0.25)
     assert codec.main(["encode", "--checkpoint", str(ckpt), "--device", "cpu",
                        str(tmp_path / "in.wav"), str(tmp_path / "out.tok")]) == 0
-    codes, meta = codec.read_tokens(tmp_path / "out.tok")
+    codes, meta = token_file.read_tokens(tmp_path / "out.tok")
     x = torch.from_numpy(audio.T.copy())[:, None]  # [channels, 1, T]
     with torch.no_grad():
         expected_codes = torch.cat([model.encode(x[c:c + 1]) for c in range(2)])
         expected_audio = torch.cat([model(x[c:c + 1]).audio for c in range(2)])[:, 0]
     assert torch.equal(codes, expected_codes)
     assert meta["channels"] == 2 and meta["n_q"] == model.n_q and meta["length"] == audio.shape[0]
-    assert meta["checkpoint_sha256"] == codec.file_sha256(ckpt)
+    assert meta["checkpoint_sha256"] == file_codec.file_sha256(ckpt)
 
     assert codec.main(["decode", "--checkpoint", str(ckpt), "--device", "cpu",
                        str(tmp_path / "out.tok"), str(tmp_path / "out.wav")]) == 0
@@ -70,10 +70,10 @@ def test_round_trip_at_the_model_rate_gives_the_models_tokens_and_reconstruction
 def test_other_rates_and_channel_counts_come_back_in_their_own_format(tiny, tmp_path):
     _, ckpt, _ = tiny
     audio = _write_wav(tmp_path / "in.wav", channels=3, rate=48000, seconds=0.2)
-    meta = codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", device="cpu")
+    meta = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", device="cpu")
     assert meta["original_sample_rate"] == 48000 and meta["sample_rate"] == 24000
     assert meta["length"] == audio.shape[0] // 2 and meta["original_length"] == audio.shape[0]
-    codec.decode_file(ckpt, tmp_path / "x.tok", tmp_path / "x.wav", device="cpu")
+    file_codec.decode_file(ckpt, tmp_path / "x.tok", tmp_path / "x.wav", device="cpu")
     info = sf.info(str(tmp_path / "x.wav"))
     assert (info.samplerate, info.channels, info.frames) == (48000, 3, audio.shape[0])
 
@@ -81,25 +81,25 @@ def test_other_rates_and_channel_counts_come_back_in_their_own_format(tiny, tmp_
 def test_token_file_holds_no_pickle_and_exact_metadata(tiny, tmp_path):
     _, ckpt, _ = tiny
     _write_wav(tmp_path / "in.wav", channels=1, rate=16000, seconds=0.1)
-    meta = codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", device="cpu")
+    meta = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", device="cpu")
     raw = (tmp_path / "x.tok").read_bytes()
-    assert raw.startswith(codec.MAGIC)
+    assert raw.startswith(token_file.MAGIC)
     assert len(raw) == 12 + int.from_bytes(raw[8:12], "little") + 2 * meta["n_q"] * meta["frames"]
-    codes, again = codec.read_tokens(tmp_path / "x.tok")
+    codes, again = token_file.read_tokens(tmp_path / "x.tok")
     assert again == meta and codes.shape == (1, meta["n_q"], meta["frames"])
 
 
 def test_corrupt_and_truncated_token_files_are_rejected(tiny, tmp_path):
     _, ckpt, _ = tiny
     _write_wav(tmp_path / "in.wav", channels=1, rate=24000, seconds=0.1)
-    codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", device="cpu")
+    file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", device="cpu")
     raw = (tmp_path / "x.tok").read_bytes()
     cases = {"bad magic": b"RIFF" + raw[4:], "truncated": raw[:-3], "is truncated": raw[:20],
              "trailing data": raw + b"\0\0", "corrupt metadata": raw[:12] + b"]" + raw[13:]}
     for message, content in cases.items():
         (tmp_path / "bad.tok").write_bytes(content)
-        with pytest.raises(codec.TokenFileError, match=message):
-            codec.read_tokens(tmp_path / "bad.tok")
+        with pytest.raises(token_file.TokenFileError, match=message):
+            token_file.read_tokens(tmp_path / "bad.tok")
     assert codec.main(["decode", "--checkpoint", str(ckpt), str(tmp_path / "bad.tok"),
                        str(tmp_path / "y.wav")]) == 1
 
@@ -107,19 +107,19 @@ def test_corrupt_and_truncated_token_files_are_rejected(tiny, tmp_path):
 def test_decoding_with_another_checkpoint_is_refused(tiny, cfg_factory, tmp_path):
     _, ckpt, cfg = tiny
     _write_wav(tmp_path / "in.wav", channels=1, rate=24000, seconds=0.1)
-    codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", device="cpu")
+    file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", device="cpu")
 
     other = tmp_path / "other.pt"
     save_tiny_checkpoint(cfg, other, seed=1)
-    with pytest.raises(codec.CheckpointMismatchError, match="sha256"):
-        codec.decode_file(other, tmp_path / "x.tok", tmp_path / "y.wav", device="cpu")
-    codec.decode_file(other, tmp_path / "x.tok", tmp_path / "y.wav", device="cpu", ignore_hash=True)
+    with pytest.raises(file_codec.CheckpointMismatchError, match="sha256"):
+        file_codec.decode_file(other, tmp_path / "x.tok", tmp_path / "y.wav", device="cpu")
+    file_codec.decode_file(other, tmp_path / "x.tok", tmp_path / "y.wav", device="cpu", ignore_hash=True)
 
     three = tmp_path / "nq3.pt"
     save_tiny_checkpoint(cfg_factory(overrides=["model.n_q=3"]), three)
-    codec.encode_file(three, tmp_path / "in.wav", tmp_path / "x3.tok", device="cpu")
-    with pytest.raises(codec.CheckpointMismatchError, match="n_q=3"):
-        codec.decode_file(ckpt, tmp_path / "x3.tok", tmp_path / "y.wav", device="cpu", ignore_hash=True)
+    file_codec.encode_file(three, tmp_path / "in.wav", tmp_path / "x3.tok", device="cpu")
+    with pytest.raises(file_codec.CheckpointMismatchError, match="n_q=3"):
+        file_codec.decode_file(ckpt, tmp_path / "x3.tok", tmp_path / "y.wav", device="cpu", ignore_hash=True)
 
 
 def test_encoding_at_a_lower_bandwidth_keeps_the_first_codebooks(cfg_factory, tmp_path):
@@ -128,14 +128,14 @@ def test_encoding_at_a_lower_bandwidth_keeps_the_first_codebooks(cfg_factory, tm
     ckpt = tmp_path / "tiny.pt"
     save_tiny_checkpoint(cfg, ckpt)
     _write_wav(tmp_path / "in.wav", channels=2, rate=24000, seconds=0.1)
-    full = codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "full.tok", device="cpu")
-    low = codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "low.tok", device="cpu", bandwidth=0.375)
-    capped = codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "capped.tok", device="cpu", bandwidth=1.5)
+    full = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "full.tok", device="cpu")
+    low = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "low.tok", device="cpu", bandwidth=0.375)
+    capped = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "capped.tok", device="cpu", bandwidth=1.5)
     assert (full["n_q"], low["n_q"], capped["n_q"]) == (2, 1, 2)
-    codes_full, _ = codec.read_tokens(tmp_path / "full.tok")
-    codes_low, _ = codec.read_tokens(tmp_path / "low.tok")
+    codes_full, _ = token_file.read_tokens(tmp_path / "full.tok")
+    codes_low, _ = token_file.read_tokens(tmp_path / "low.tok")
     assert torch.equal(codes_low, codes_full[:, :1])
-    codec.decode_file(ckpt, tmp_path / "low.tok", tmp_path / "low.wav", device="cpu")
+    file_codec.decode_file(ckpt, tmp_path / "low.tok", tmp_path / "low.wav", device="cpu")
     assert sf.info(str(tmp_path / "low.wav")).channels == 2
     assert codec.main(["encode", "--checkpoint", str(ckpt), "--bandwidth", "0.5",
                        str(tmp_path / "in.wav"), str(tmp_path / "bad.tok")]) == 1
@@ -144,7 +144,7 @@ def test_encoding_at_a_lower_bandwidth_keeps_the_first_codebooks(cfg_factory, tm
 def test_load_model_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="could not load checkpoint"):
-        codec.load_model(tmp_path / "junk.pt")
+        load_model(tmp_path / "junk.pt")
 
 
 # ----------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_shared_content_round_trip_restores_every_channel(tiny, tmp_path):
     with torch.no_grad():
         own = model.encode(x, scale=scale.expand(4, 1, 1))
         expected_codes = shared_content.encode_shared_content(model, x, reference=0).codes
-        codes, meta = codec.read_tokens(tmp_path / "s.tok")
+        codes, meta = token_file.read_tokens(tmp_path / "s.tok")
         assert meta["mode"] == "shared_content" and meta["reference_channel"] == 0
         assert meta["scales"] == [pytest.approx(float(scale))]
         assert torch.equal(codes[:, 0], own[0, 0].expand(4, -1))
@@ -188,9 +188,9 @@ def test_shared_content_round_trip_restores_every_channel(tiny, tmp_path):
 
     # Any rate: the channels, rate and length of the input come back.
     audio = _write_wav(tmp_path / "in48.wav", channels=4, rate=48000, seconds=0.2)
-    codec.encode_file(ckpt, tmp_path / "in48.wav", tmp_path / "s48.tok", device="cpu",
+    file_codec.encode_file(ckpt, tmp_path / "in48.wav", tmp_path / "s48.tok", device="cpu",
                       shared_content_coding=True)
-    codec.decode_file(ckpt, tmp_path / "s48.tok", tmp_path / "s48.wav", device="cpu")
+    file_codec.decode_file(ckpt, tmp_path / "s48.tok", tmp_path / "s48.wav", device="cpu")
     info = sf.info(str(tmp_path / "s48.wav"))
     assert (info.samplerate, info.channels, info.frames) == (48000, 4, audio.shape[0])
 
@@ -201,9 +201,9 @@ def test_shared_content_token_file_holds_one_codebook_1_stream_and_n_of_the_othe
     ckpt = tmp_path / "tiny.pt"
     model = save_tiny_checkpoint(cfg_factory(overrides=[f"model.n_q={n_q}"]), ckpt)
     audio = _write_wav(tmp_path / "in.wav", channels=4, rate=24000, seconds=0.2)
-    shared = codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "s.tok", device="cpu",
+    shared = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "s.tok", device="cpu",
                                shared_content_coding=True, reference_channel=3)
-    independent = codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "i.tok", device="cpu")
+    independent = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "i.tok", device="cpu")
     frames = shared["frames"]
 
     def payload(path: Path) -> np.ndarray:
@@ -217,8 +217,8 @@ def test_shared_content_token_file_holds_one_codebook_1_stream_and_n_of_the_othe
                                                      reference=3).codes
     np.testing.assert_array_equal(payload(tmp_path / "s.tok")[:frames], codes[3, 0].numpy())
     np.testing.assert_array_equal(payload(tmp_path / "s.tok")[frames:], codes[:, 1:].flatten().numpy())
-    assert torch.equal(codec.read_tokens(tmp_path / "s.tok")[0], codes)
-    assert codec.code_streams(shared) == 1 + 4 * (n_q - 1) and codec.code_streams(independent) == 4 * n_q
+    assert torch.equal(token_file.read_tokens(tmp_path / "s.tok")[0], codes)
+    assert token_file.code_streams(shared) == 1 + 4 * (n_q - 1) and token_file.code_streams(independent) == 4 * n_q
 
 
 def test_reference_channel_option_shares_that_channels_codebook_1(tiny, tmp_path):
@@ -226,7 +226,7 @@ def test_reference_channel_option_shares_that_channels_codebook_1(tiny, tmp_path
     audio = _write_wav(tmp_path / "in.wav", channels=4, rate=24000, seconds=0.25)
     assert codec.main(_encode_args(ckpt, "--shared-content", "--reference-channel", "2",
                                    str(tmp_path / "in.wav"), str(tmp_path / "s.tok"))) == 0
-    codes, meta = codec.read_tokens(tmp_path / "s.tok")
+    codes, meta = token_file.read_tokens(tmp_path / "s.tok")
     x = torch.from_numpy(audio.T.copy())[:, None]
     scale = _common_scale(x)
     with torch.no_grad():
@@ -236,7 +236,7 @@ def test_reference_channel_option_shares_that_channels_codebook_1(tiny, tmp_path
         assert (codes[:, 0] == own[2, 0]).all()
         # The reference channel keeps all its own codes, so it decodes as on its own.
         assert torch.equal(codes[2], own[2])
-    codec.decode_file(ckpt, tmp_path / "s.tok", tmp_path / "s.wav", device="cpu")
+    file_codec.decode_file(ckpt, tmp_path / "s.tok", tmp_path / "s.wav", device="cpu")
     decoded, _ = sf.read(tmp_path / "s.wav", dtype="float32", always_2d=True)
     with torch.no_grad():
         alone = model.decode(own[2:3], scale, audio.shape[0])[0, 0]
@@ -245,7 +245,7 @@ def test_reference_channel_option_shares_that_channels_codebook_1(tiny, tmp_path
 
 def _write_version_1_tokens(path: Path, codes: torch.Tensor, meta: dict) -> None:
     """A token file exactly as the version-1 tool wrote it: no mode, no frame rate."""
-    header = {key: meta[key] for key in codec._REQUIRED_KEYS} | {"version": 1}
+    header = {key: meta[key] for key in token_file._REQUIRED_KEYS} | {"version": 1}
     header = json.dumps(header, sort_keys=True).encode("utf-8")
     payload = codes.numpy().astype("<u2").tobytes(order="C")
     path.write_bytes(b"PENCTOK1" + len(header).to_bytes(4, "little") + header + payload)
@@ -254,33 +254,33 @@ def _write_version_1_tokens(path: Path, codes: torch.Tensor, meta: dict) -> None
 def test_version_1_token_files_still_decode(tiny, tmp_path):
     _, ckpt, _ = tiny
     _write_wav(tmp_path / "in.wav", channels=2, rate=16000, seconds=0.2)
-    codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "v2.tok", device="cpu")
-    codes, meta = codec.read_tokens(tmp_path / "v2.tok")
+    file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "v2.tok", device="cpu")
+    codes, meta = token_file.read_tokens(tmp_path / "v2.tok")
     assert meta["version"] == 2 and meta["mode"] == "independent"
     _write_version_1_tokens(tmp_path / "v1.tok", codes, meta)
-    old_codes, old_meta = codec.read_tokens(tmp_path / "v1.tok")
+    old_codes, old_meta = token_file.read_tokens(tmp_path / "v1.tok")
     assert torch.equal(old_codes, codes) and old_meta["version"] == 1 and "mode" not in old_meta
     assert codec.main(["decode", "--checkpoint", str(ckpt), "--device", "cpu",
                        str(tmp_path / "v1.tok"), str(tmp_path / "v1.wav")]) == 0
-    codec.decode_file(ckpt, tmp_path / "v2.tok", tmp_path / "v2.wav", device="cpu")
+    file_codec.decode_file(ckpt, tmp_path / "v2.tok", tmp_path / "v2.wav", device="cpu")
     np.testing.assert_array_equal(sf.read(tmp_path / "v1.wav")[0], sf.read(tmp_path / "v2.wav")[0])
 
 
 def test_unknown_token_versions_and_modes_are_rejected(tiny, tmp_path):
     _, ckpt, _ = tiny
     _write_wav(tmp_path / "in.wav", channels=2, rate=24000, seconds=0.1)
-    codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", device="cpu",
+    file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", device="cpu",
                       shared_content_coding=True)
-    codes, meta = codec.read_tokens(tmp_path / "x.tok")
+    codes, meta = token_file.read_tokens(tmp_path / "x.tok")
     cases = {"version 3": {"version": 3}, "unknown token mode": {"mode": "joint"},
              "reference_channel": {"reference_channel": 2}, "scales": {"scales": [1.0, 1.0]}}
     for message, change in cases.items():
         header = json.dumps(meta | change).encode("utf-8")
         raw = (tmp_path / "x.tok").read_bytes()
         payload = raw[12 + int.from_bytes(raw[8:12], "little"):]
-        (tmp_path / "bad.tok").write_bytes(codec.MAGIC + len(header).to_bytes(4, "little") + header + payload)
-        with pytest.raises(codec.TokenFileError, match=message):
-            codec.read_tokens(tmp_path / "bad.tok")
+        (tmp_path / "bad.tok").write_bytes(token_file.MAGIC + len(header).to_bytes(4, "little") + header + payload)
+        with pytest.raises(token_file.TokenFileError, match=message):
+            token_file.read_tokens(tmp_path / "bad.tok")
 
 
 @pytest.mark.parametrize("channels,flags,expected", [

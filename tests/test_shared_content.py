@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import codec
+from coding import file_codec
 from coding import shared_content as sc
 from coding import shared_content_comparison as comparison
 from measure.metrics import mel_distance
@@ -109,7 +110,7 @@ def test_agreeing_codebook_1_makes_shared_content_coding_identical_to_independen
 def test_codec_files_decode_like_independent_coding_when_codebook_1_agrees(tiny, cfg_factory,
                                                                           tmp_path, monkeypatch):
     model = with_agreeing_content(tiny)
-    monkeypatch.setattr(codec, "load_model", lambda *args, **kwargs: (model, cfg_factory()))
+    monkeypatch.setattr(file_codec, "load_model", lambda *args, **kwargs: (model, cfg_factory()))
     x = channels_at_levels()
     sf.write(tmp_path / "in.wav", x[:, 0].T.numpy(), 24000, subtype="FLOAT")
     (tmp_path / "ckpt.pt").write_bytes(b"hashed only")

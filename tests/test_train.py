@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from utils import checkpoints as ckpt_io
 from training import engine
 from training import validation
-from codec import load_model
+from model import load_model
 from training.configuration import ConfigError, prepare_config
 from conftest import ROOT, make_config
 from training.runtime import setup_runtime

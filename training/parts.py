@@ -19,7 +19,7 @@ from torch import nn
 from utils import distributed
 from modules.balancer import Balancer
 from modules.losses import GeneratorLoss
-from model import EncodecModel, is_toolkit_checkpoint
+from model import EncodecModel, estimate_model_bytes, is_toolkit_checkpoint, module_bytes
 from modules.msstftd import MultiScaleSTFTDiscriminator
 from pairwise_losses import PairwiseLoss
 from training.runtime import Runtime
@@ -34,18 +34,16 @@ def estimate_checkpoint_bytes(cfg: Any) -> int | None:
     real: generator and discriminator are instantiated on the meta device (no memory, no
     compute) and counted as weights + two Adam moments + buffers. None when the config
     cannot be built; building the real model then reports why."""
-    def weights_and_moments(module: torch.nn.Module) -> int:
-        params = sum(p.numel() * p.element_size() for p in module.parameters())
-        return 3 * params + sum(b.numel() * b.element_size() for b in module.buffers())
+    def weights_and_moments(params: int, buffers: int) -> int:
+        return 3 * params + buffers
 
-    # Shapes do not depend on init_from; loading official weights here would be wasted.
-    model_cfg = {k: v for k, v in cfg.model.items() if k != "init_from"}
     try:
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")  # the real build reports config warnings once
-            total = weights_and_moments(EncodecModel.from_config(model_cfg))
-            if cfg.discriminator.enabled:
-                total += weights_and_moments(MultiScaleSTFTDiscriminator.from_config(cfg.discriminator))
+        total = weights_and_moments(*estimate_model_bytes(cfg.model))
+        if cfg.discriminator.enabled:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")  # the real build reports config warnings once
+                disc = MultiScaleSTFTDiscriminator.from_config(cfg.discriminator)
+            total += weights_and_moments(*module_bytes(disc))
     except Exception:
         return None
     return int(total * CHECKPOINT_SIZE_SLACK)

@@ -1,0 +1,303 @@
+"""The token file: what `codec.py encode` writes and `decode` reads (data only, nothing is
+unpickled).
+
+    8 bytes   magic b"PENCTOK1"
+    4 bytes   little-endian uint32: length H of the JSON header
+    H bytes   UTF-8 JSON metadata (see `token_metadata`)
+    rest      codes as little-endian uint16, C-order:
+              'independent':    `[channels, n_q, frames]`
+              'shared_content': `[frames]` (codebook 1 of the reference channel), then
+                                `[channels, n_q - 1, frames]` (codebooks 2.. of every channel)
+Version 2 adds `mode` and `frame_rate` to the header ('shared_content' files also
+`reference_channel`, and `scales` holds the one common scale). Version 1 files (no `mode`)
+are 'independent' and still decode.
+
+A token file is input from anywhere: `read_tokens` checks every header field (`check_header`:
+types, ranges, the lengths against the frames and rates, scales, the reference channel)
+before it uses one, and raises TokenFileError, one line naming the field and its value.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import EncodecModel
+
+MAGIC = b"PENCTOK1"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)          # version 1: before modes, always 'independent'
+INDEPENDENT, SHARED_CONTENT = "independent", "shared_content"
+MODES = (INDEPENDENT, SHARED_CONTENT)
+_LENGTH = struct.Struct("<I")
+MAX_SAMPLE_RATE = 768_000          # Hz, the highest rate a header may give
+MAX_BINS = 1 << 16                 # codes are stored as uint16
+DEFAULT_MAX_SECONDS = 24 * 3600.0  # the most audio a token file may decode to, by default
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+_REQUIRED_KEYS = ("version", "sample_rate", "original_sample_rate", "channels", "n_q", "bins",
+                  "frames", "length", "original_length", "checkpoint_sha256", "scales")
+
+
+class TokenFileError(ValueError):
+    """The token file is not one of ours, is corrupt, is truncated or decodes to more audio
+    than allowed."""
+
+
+def token_metadata(model: EncodecModel, bins: int, codes: torch.Tensor, scales: list[float] | None,
+                   length: int, original_sample_rate: int, original_length: int,
+                   checkpoint_sha256: str, mode: str = INDEPENDENT,
+                   reference_channel: int | None = None) -> dict[str, Any]:
+    """Everything `decode` needs besides the codes and the checkpoint.
+
+    `codes` `[channels, n_q, frames]`; `scales`: one per channel ('independent'), the one
+    common scale ('shared_content') or None (no audio normalisation); `reference_channel`
+    only with 'shared_content'.
+    """
+    metadata = {
+        "version": FORMAT_VERSION,
+        "mode": mode,
+        "sample_rate": model.sample_rate,
+        "frame_rate": model.frame_rate,
+        "original_sample_rate": int(original_sample_rate),
+        "channels": int(codes.shape[0]),
+        "n_q": int(codes.shape[1]),
+        "bins": int(bins),
+        "frames": int(codes.shape[2]),
+        "length": int(length),
+        "original_length": int(original_length),
+        "checkpoint_sha256": checkpoint_sha256,
+        "scales": scales,
+    }
+    if mode == SHARED_CONTENT:
+        metadata["reference_channel"] = int(reference_channel)
+    return metadata
+
+
+def token_mode(metadata: dict[str, Any]) -> str:
+    """'independent' or 'shared_content' (version 1 files, which predate modes, are the former)."""
+    return metadata.get("mode", INDEPENDENT)
+
+
+def code_streams(metadata: dict[str, Any]) -> int:
+    """Number of `frames`-long code streams in the payload of a token file."""
+    channels, n_q = metadata["channels"], metadata["n_q"]
+    return 1 + channels * (n_q - 1) if token_mode(metadata) == SHARED_CONTENT else channels * n_q
+
+
+def _payload_codes(codes: torch.Tensor, metadata: dict[str, Any]) -> torch.Tensor:
+    """The codes as stored: all of them, or the shared codebook-1 stream once then the rest."""
+    if token_mode(metadata) != SHARED_CONTENT:
+        return codes.flatten()
+    content = codes[metadata["reference_channel"], 0]
+    if not bool((codes[:, 0] == content).all()):
+        raise ValueError("shared-content codes must carry the reference channel's codebook 1 in "
+                         "every channel (use shared_content.encode_shared_content).")
+    return torch.cat([content.flatten(), codes[:, 1:].flatten()])
+
+
+def _codes_from_payload(values: np.ndarray, metadata: dict[str, Any]) -> torch.Tensor:
+    """Inverse of `_payload_codes`: per-channel codes `[channels, n_q, frames]` (long)."""
+    channels, n_q, frames = metadata["channels"], metadata["n_q"], metadata["frames"]
+    values = torch.from_numpy(values.astype(np.int64))
+    if token_mode(metadata) != SHARED_CONTENT:
+        return values.reshape(channels, n_q, frames)
+    content = values[:frames].reshape(1, 1, frames).expand(channels, 1, frames)
+    detail = values[frames:].reshape(channels, n_q - 1, frames)
+    return torch.cat([content, detail], dim=1)
+
+
+def write_tokens(path: str | Path, codes: torch.Tensor, metadata: dict[str, Any]) -> None:
+    """Write codes `[channels, n_q, frames]` and their metadata as a token file (in
+    'shared_content' mode codebook 1 must be the reference's in every channel; it is
+    stored once)."""
+    if codes.numel() and (codes.min() < 0 or codes.max() > np.iinfo(np.uint16).max):
+        raise ValueError("codes do not fit in uint16 (codebooks larger than 65536 entries?)")
+    header = json.dumps(metadata, sort_keys=True).encode("utf-8")
+    payload = _payload_codes(codes.cpu(), metadata).numpy().astype("<u2", copy=False).tobytes()
+    with open(path, "wb") as f:
+        f.write(MAGIC + _LENGTH.pack(len(header)) + header + payload)
+
+
+def read_tokens(path: str | Path, max_seconds: float = DEFAULT_MAX_SECONDS
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Read a token file (any readable version and mode): `(codes [channels, n_q, frames]
+    long, metadata)`; in 'shared_content' mode every channel's codebook 1 is the shared
+    stream.
+
+    Every header field is checked (`check_header`) before the payload is read, and the
+    payload must hold exactly the codes the header describes, so what is allocated is
+    proportional to the file's size; a file that would decode to more than `max_seconds` of audio
+    is refused. Raises TokenFileError, one line naming the field and its value.
+    """
+    prefix = len(MAGIC) + _LENGTH.size
+    with open(path, "rb") as f:
+        start = f.read(prefix)
+        if len(start) < prefix or start[: len(MAGIC)] != MAGIC:
+            raise TokenFileError(f"{path} is not a token file (bad magic bytes); "
+                                 "write one with `python codec.py encode`.")
+        (header_length,) = _LENGTH.unpack_from(start, len(MAGIC))
+        size = os.fstat(f.fileno()).st_size
+        if prefix + header_length > size:
+            raise TokenFileError(f"{path} is truncated: the header says {header_length} bytes "
+                                 f"of metadata but only {size - prefix} follow.")
+        try:
+            metadata = json.loads(f.read(header_length).decode("utf-8"))
+        except (ValueError, RecursionError) as error:  # bad UTF-8 or JSON, absurd numbers
+            raise TokenFileError(f"{path}: corrupt metadata header "
+                                 f"({str(error)[:80]}).") from error
+        check_header(path, metadata, max_seconds)
+        expected = code_streams(metadata) * metadata["frames"] * 2
+        found = size - prefix - header_length
+        if found != expected:
+            raise TokenFileError(
+                f"{path}: {found} bytes of codes, expected {expected} for {_layout(metadata)} "
+                f"({'truncated' if found < expected else 'trailing data'}).")
+        payload = f.read(expected)
+    if len(payload) != expected:
+        raise TokenFileError(f"{path} changed while it was read: {len(payload)} bytes of codes, "
+                             f"expected {expected}.")
+    codes = _codes_from_payload(np.frombuffer(payload, dtype="<u2"), metadata)
+    if codes.numel() and codes.max() >= metadata["bins"]:
+        raise TokenFileError(f"{path}: code {int(codes.max())} out of range for "
+                             f"{metadata['bins']}-entry codebooks (corrupt file).")
+    return codes, metadata
+
+
+def _layout(metadata: dict[str, Any]) -> str:
+    channels, n_q, frames = metadata["channels"], metadata["n_q"], metadata["frames"]
+    if token_mode(metadata) == SHARED_CONTENT:
+        return (f"1 shared codebook-1 stream + channels={channels} x n_q={n_q} - 1 codebooks, "
+                f"x frames={frames}")
+    return f"channels={channels} x n_q={n_q} codebooks x frames={frames}"
+
+
+# ----------------------------------------------------------------------------------------
+# Header checks: every field before it is used
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """`value` as it stands in the header, cut to `limit` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _field_error(path: str | Path, key: str, value: Any, problem: str) -> TokenFileError:
+    return TokenFileError(f"{path}: header field {key}={_shown(value)}: {problem} "
+                          "(corrupt, or not a token file of this tool).")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(path: str | Path, metadata: dict[str, Any], key: str, low: int,
+               high: int | None = None, unit: str = "") -> int:
+    value = metadata[key]
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        wanted = f"{low} .. {high}" if high is not None else f">= {low}"
+        raise _field_error(path, key, value, f"not an integer{unit} in {wanted}")
+    return value
+
+
+def is_scale(value: Any) -> bool:
+    """Whether `value` can be a normalisation scale: a finite positive number, in float32 too
+    (the precision it is decoded at)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and _FLOAT32_TINY <= value <= _FLOAT32_MAX)
+
+
+def model_rate_length(original_length: int, original_sample_rate: int, sample_rate: int) -> int:
+    """Samples of `original_length` samples resampled to `sample_rate` (as torchaudio rounds,
+    up; exact integer arithmetic)."""
+    return -(-original_length * sample_rate // original_sample_rate)
+
+
+def check_header(path: str | Path, metadata: Any, max_seconds: float = DEFAULT_MAX_SECONDS) -> None:
+    """Raise TokenFileError unless `metadata` is a header this tool can decode: every field
+    of the right type and range, the lengths consistent with the frames and rates, and at
+    most `max_seconds` of audio."""
+    missing = ([key for key in _REQUIRED_KEYS if key not in metadata]
+               if isinstance(metadata, dict) else ["all"])
+    if missing:
+        raise TokenFileError(f"{path}: metadata lacks {missing}; not a token file of this tool.")
+    version = metadata["version"]
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        raise TokenFileError(f"{path}: token format version {_shown(version)}, this tool "
+                             f"reads versions {list(READABLE_VERSIONS)}.")
+    mode = metadata.get("mode")
+    if (version >= 2 or "mode" in metadata) and not (isinstance(mode, str) and mode in MODES):
+        raise TokenFileError(f"{path}: unknown token mode {_shown(mode)}; this tool "
+                             f"reads {list(MODES)}.")
+    rate = _check_int(path, metadata, "sample_rate", 1, MAX_SAMPLE_RATE, " sample rate (Hz)")
+    original_rate = _check_int(path, metadata, "original_sample_rate", 1, MAX_SAMPLE_RATE,
+                               " sample rate (Hz)")
+    channels = _check_int(path, metadata, "channels", 1)
+    n_q = _check_int(path, metadata, "n_q", 1)
+    _check_int(path, metadata, "bins", 1, MAX_BINS)
+    frames = _check_int(path, metadata, "frames", 1)
+    length = _check_int(path, metadata, "length", 1)
+    original_length = _check_int(path, metadata, "original_length", 1)
+    sha = metadata["checkpoint_sha256"]
+    if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise _field_error(path, "checkpoint_sha256", sha, "not a SHA-256 in hex")
+
+    shared = token_mode(metadata) == SHARED_CONTENT
+    reference = metadata.get("reference_channel")
+    if shared and not (n_q >= 2 and channels >= 2 and _is_int(reference)
+                       and 0 <= reference < channels):
+        raise TokenFileError(f"{path}: a shared-content file needs >= 2 channels, >= 2 "
+                             f"codebooks and a reference_channel among them (corrupt header: "
+                             f"channels={channels}, n_q={n_q}, "
+                             f"reference_channel={_shown(reference)}).")
+    scales = metadata["scales"]
+    if scales is not None:
+        if not isinstance(scales, list):
+            raise _field_error(path, "scales", scales, "not a list of scales or null")
+        if len(scales) != (1 if shared else channels):
+            raise TokenFileError(f"{path}: {len(scales)} scales for {channels} channels in "
+                                 f"{token_mode(metadata)!r} mode (corrupt header).")
+        for index, scale in enumerate(scales):
+            if not is_scale(scale):
+                raise _field_error(path, f"scales[{index}]", scale,
+                                   "not a finite positive float32 scale")
+
+    expected_length = model_rate_length(original_length, original_rate, rate)
+    if abs(length - expected_length) > 1:
+        raise TokenFileError(
+            f"{path}: header fields length={length}, original_length={original_length}, "
+            f"original_sample_rate={original_rate} and sample_rate={rate} disagree: "
+            f"{original_length} samples at {original_rate} Hz are {expected_length} at "
+            f"{rate} Hz (corrupt, or not a token file of this tool).")
+    if "frame_rate" in metadata:
+        frame_rate = _check_int(path, metadata, "frame_rate", 1, rate, " frame rate (Hz)")
+        # frame_rate = ceil(rate / hop) for an integer hop, so rate / frame_rate <= hop <
+        # rate / (frame_rate - 1), and frames = ceil(length / hop).
+        if (frames - 1) * rate >= length * frame_rate or (
+                frame_rate > 1 and length * (frame_rate - 1) >= frames * rate):
+            raise TokenFileError(
+                f"{path}: header fields frames={frames}, length={length}, frame_rate="
+                f"{frame_rate} and sample_rate={rate} disagree: {length} samples are not "
+                f"{frames} frames at {frame_rate} Hz (corrupt, or not a token file of this tool).")
+    seconds = original_length / original_rate
+    if seconds > max_seconds:
+        raise TokenFileError(
+            f"{path}: header field original_length={original_length} at original_sample_rate="
+            f"{original_rate} Hz is {seconds:.0f} s of audio, more than the {max_seconds:g} s "
+            "allowed (raise --max-seconds if the file is genuine).")
+
+
+def channel_scale(metadata: dict[str, Any], channel: int) -> float | None:
+    """The normalisation scale a channel is decoded with: its own, the common one of a
+    shared-content file, or None (no audio normalisation)."""
+    scales = metadata["scales"]
+    if scales is None:
+        return None
+    return scales[0] if token_mode(metadata) == SHARED_CONTENT else scales[channel]
