@@ -247,7 +247,7 @@ def assert_same_on_all_ranks(named_tensors) -> None:
 # logs, and why one stopped. Under torchrun the launcher holds the store, so it outlives
 # every rank; where it does not answer, the messages say less but the ranks still stop.
 
-KEYS = "encodec"
+STORE_PREFIX = "encodec"
 PEER_WORD_S = 2.0  # how long a rank whose collective broke waits for word from the others
 # What a collective that broke because another rank went away says (gloo, NCCL); a
 # torch.distributed.DistError is one too.
@@ -277,7 +277,7 @@ def tell_log_file(path: str | Path) -> None:
     store = _store() if is_distributed() else None
     if store is not None:
         with contextlib.suppress(Exception):
-            store.set(f"{KEYS}/log/{rank()}", str(Path(path).resolve()))
+            store.set(f"{STORE_PREFIX}/log/{rank()}", str(Path(path).resolve()))
 
 
 def leave(error: BaseException) -> None:
@@ -286,8 +286,8 @@ def leave(error: BaseException) -> None:
     store = _store()
     if store is not None:
         with contextlib.suppress(Exception):
-            store.set(f"{KEYS}/stopped/{rank()}", _one_line(error))
-            store.add(f"{KEYS}/stopped", 1)  # a round trip: the word is stored before we go
+            store.set(f"{STORE_PREFIX}/stopped/{rank()}", _one_line(error))
+            store.add(f"{STORE_PREFIX}/stopped", 1)  # a round trip: the word is stored before we go
     destroy_process_group()
 
 
@@ -313,10 +313,10 @@ def _peer_word(store: dist.Store) -> tuple[dict[int, str], list[int], dict[int, 
     me = rank()
     others = [r for r in range(world_size()) if r != me]
     store.set_timeout(timedelta(seconds=PEER_WORD_S))
-    store.set(f"{KEYS}/alive/{me}", "1")
+    store.set(f"{STORE_PREFIX}/alive/{me}", "1")
 
     def word(kind: str, r: int) -> str | None:
-        key = f"{KEYS}/{kind}/{r}"
+        key = f"{STORE_PREFIX}/{kind}/{r}"
         return store.get(key).decode() if store.check([key]) else None
 
     reasons: dict[int, str] = {}
@@ -346,8 +346,9 @@ def explain_broken_collective(error: BaseException, timeout_s: float) -> str:
         reasons, silent, logs = {}, [], {}
 
     def where(ranks: list[int]) -> str:
-        known = [f"{logs[r]}" for r in ranks if r in logs]
-        return f"; its log: {', '.join(known)}" if known else ""
+        known = [logs[r] for r in ranks if r in logs]
+        return f"; {'its log' if len(known) == 1 else 'their logs'}: {', '.join(known)}" \
+            if known else ""
 
     if reasons:
         first = min(reasons)
