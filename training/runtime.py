@@ -104,9 +104,10 @@ class StopFlag:
     """SIGTERM / SIGUSR1 (cluster preemption) / Ctrl-C: finish the step, save, exit cleanly.
     A second Ctrl-C interrupts at once. Use as a context manager around the training loop.
 
-    The handler only takes note; `noticed` reports it. When the loop fails under several
-    ranks, the stop signals stay ignored on leaving: the launcher sends SIGTERM to the ranks
-    left when one exits, and that must not cut short the line saying why this one stops.
+    The handler only takes note; `noticed` logs it at the end of the step, once the loop
+    goes on: under several ranks, the SIGTERM that the launcher sends to the ranks left when
+    one exits is no preemption. When the loop fails under several ranks, the stop signals
+    stay ignored on leaving, so that SIGTERM cannot cut short the line saying why.
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
