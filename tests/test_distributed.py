@@ -7,6 +7,8 @@ import re
 import socket
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -239,6 +241,39 @@ def test_file_unreadable_on_one_rank_is_redrawn_and_counted_over_ranks(tmp_path,
     logged = re.findall(r"skipped_reads=(\d+)", (hydra / "train.log").read_text())
     assert int(logged[-1]) == expected
     assert f"skipped_reads: {victim}" in (hydra / "train.rank1.log").read_text()
+
+
+def leave_together_worker(rank: int, ports: tuple[int, int], out_dir: str) -> None:
+    """Rank 1 fails with a reason, then (in a new group) rank 1 hangs outside collectives;
+    rank 0 waits in a collective each time. What rank 0 is told goes to `out_dir`."""
+    said = {}
+    for case, port in zip(("reason", "hang"), ports):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=2, timeout=timedelta(seconds=2))
+        distributed.tell_log_file(Path(out_dir) / f"rank{rank}.log")
+        try:
+            with distributed.leave_together(timeout_s=2, advice=" (advice)"):
+                if rank == 1 and case == "reason":
+                    raise ValueError("a reason only rank 1 knows")
+                if rank == 1:
+                    time.sleep(6)  # stuck: no collective within the timeout
+                distributed.barrier()
+        except (ValueError, distributed.PeerStopped) as error:
+            said[case] = (type(error).__name__, str(error))
+        distributed.destroy_process_group()
+    torch.save(said, Path(out_dir) / f"said{rank}.pt")
+
+
+def test_a_rank_that_fails_or_hangs_is_named_by_the_others(tmp_path):
+    mp.spawn(leave_together_worker, args=((free_port(), free_port()), str(tmp_path)), nprocs=2)
+    said = torch.load(tmp_path / "said0.pt")
+    assert said["reason"] == ("PeerStopped", "rank 1 stopped (ValueError: a reason only rank 1 "
+                              f"knows); its log: {tmp_path / 'rank1.log'}; rank 0 stops too "
+                              "(advice)")
+    kind, message = said["hang"]
+    assert kind == "PeerStopped" and message.startswith(
+        "rank 1 did not answer for 2 s (distributed.timeout_s)")
+    assert torch.load(tmp_path / "said1.pt")["reason"][0] == "ValueError"  # its own, unchanged
 
 
 # ----------------------------------------------------------------------------------------
