@@ -2,7 +2,8 @@
 
     python tests/fault_harness.py SPEC train_paired_gpu.py [hydra overrides ...]
 
-SPEC names an event of THIS process (counted from 1) and what happens there:
+SPEC names an event of THIS process (counted from 1) and what happens there; under
+torchrun, ``SPEC@R`` injects it into rank R only (the other ranks run without a fault):
 
 - ``none``: no fault.
 - ``step:N``: SIGKILL at the N-th training forward of the generator (one per step).
@@ -16,6 +17,8 @@ SPEC names an event of THIS process (counted from 1) and what happens there:
 - ``delete-data:N``: after the N-th training forward, delete every audio file under
   ``datasets.data_root``.
 - ``wandb-kill:N``: after the N-th training forward, SIGKILL wandb's service process.
+- ``unreadable:N:NAME``: after the N-th training forward, audio files whose name is NAME
+  cannot be opened by this process (as if gone from this node's copy of the data).
 
 Faults hook into the model's forward and ``torch.save``, not into the engine's functions,
 so that they survive a reorganisation of the training loop.
@@ -77,14 +80,29 @@ def _kill_wandb_service() -> int:
     return len(killed)
 
 
+def _hide_audio_file(name: str) -> None:
+    """From now on, soundfile cannot open files called `name` in this process."""
+    import soundfile
+
+    real_open = soundfile.SoundFile
+
+    def sound_file(file, *a, **k):
+        if Path(str(file)).name == name:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(file))
+        return real_open(file, *a, **k)
+
+    soundfile.SoundFile = sound_file
+
+
 def install(spec: str, argv: list[str]) -> None:
+    spec, _, only_rank = spec.partition("@")
     kind, *args = spec.split(":")
-    if kind == "none":
+    if kind == "none" or (only_rank and os.environ.get("RANK", "0") != only_rank):
         return
     n = int(args[0])
     counts = {"train": 0, "val": 0, "save": 0, "renamed": 0}
 
-    if kind in ("step", "val", "delete-data", "wandb-kill"):
+    if kind in ("step", "val", "delete-data", "wandb-kill", "unreadable"):
         real_forward = EncodecModel.forward
 
         def forward(self, *a, **k):
@@ -99,6 +117,8 @@ def install(spec: str, argv: list[str]) -> None:
                         path.unlink()
                 elif kind == "wandb-kill":
                     _kill_wandb_service()
+                elif kind == "unreadable":
+                    _hide_audio_file(args[1])
             return out
 
         EncodecModel.forward = forward
@@ -107,6 +127,8 @@ def install(spec: str, argv: list[str]) -> None:
         real_save = torch.save
 
         def save(obj, f, *a, **k):
+            if isinstance(f, io.BytesIO):  # pickling tensors to send them (gather_object)
+                return real_save(obj, f, *a, **k)
             counts["save"] += 1
             if counts["save"] != n:
                 return real_save(obj, f, *a, **k)

@@ -123,6 +123,7 @@ LIMITS: dict[str, Rule] = {
     "checkpoint.save_audio": NON_NEGATIVE,
     "wandb.mode": OneOf(WANDB_MODES),
     "distributed.check_sync_every": NON_NEGATIVE,
+    "distributed.timeout_s": POSITIVE,
     "pairwise.sim_weight": NON_NEGATIVE,
     "pairwise.div_weight": NON_NEGATIVE,
     "pairwise.sim_kind": OneOf(SIM_KINDS),

@@ -52,7 +52,12 @@ class TrainingDiverged(RuntimeError):
 
 
 # A run that failed for a reason the user can act on: one line and exit code 1, no traceback.
-RUN_FAILURES = (ckpt_io.CheckpointError, TooManyReadFailures, TrainingDiverged)
+RUN_FAILURES = (ckpt_io.CheckpointError, TooManyReadFailures, TrainingDiverged,
+                distributed.PeerStopped)
+# What a rank says after the name of the peer that stopped (distributed.leave_together).
+START_ADVICE = " before training started"
+RESUME_ADVICE = (": the checkpoints saved so far are kept; resume with checkpoint.resume=true "
+                 "once the cause is fixed")
 
 
 def train_from_command_line(cfg: DictConfig, paired: bool) -> None:
@@ -100,13 +105,19 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None,
     except ckpt_io.SaveFolderError as e:
         raise ConfigError(str(e)) from e
     run_dir = Path(run_dir) if run_dir else save_folder
-    setup_logging(run_dir / cfg.common.log_file, runtime.is_main)
+    log_file = rank_log_file(run_dir / cfg.common.log_file, runtime.rank)
+    setup_logging(log_file, runtime.is_main)
+    distributed.tell_log_file(log_file)
     seed_everything(cfg.common.seed + runtime.rank)
-    run, progress = start_run(cfg, runtime, stop_after_step or cfg.common.stop_after_step)
+    timeout_s = cfg.distributed.timeout_s
+    with distributed.leave_together(timeout_s, START_ADVICE):
+        run, progress = start_run(cfg, runtime, stop_after_step or cfg.common.stop_after_step)
 
     exit_code = 1
     try:
-        with StopFlag() as stop:
+        # On leaving, StopFlag exits first: a failing rank ignores the launcher's SIGTERM
+        # while it tells the others why it stops.
+        with distributed.leave_together(timeout_s, RESUME_ADVICE), StopFlag() as stop:
             while progress.epoch <= cfg.common.max_epoch:
                 if not run_epoch(run, progress, stop):
                     save_checkpoint(run, progress, ckpt_io.checkpoint_name(progress.epoch, progress.step))
@@ -124,6 +135,14 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None,
         distributed.destroy_process_group()
     return {"epoch": progress.epoch, "step": progress.step, "skipped": progress.skipped_total,
             "val": progress.last_val, "checkpoint": run.checkpoint, "save_folder": run.save_folder}
+
+
+def rank_log_file(main_log_file: Path, rank: int) -> Path:
+    """Rank 0 logs to `common.log_file`; any other rank logs its warnings and errors to a
+    file of its own beside it (`train.rank1.log`)."""
+    if rank == 0:
+        return main_log_file
+    return main_log_file.with_name(f"{main_log_file.stem}.rank{rank}{main_log_file.suffix}")
 
 
 def start_run(cfg: DictConfig, runtime: Runtime,
@@ -187,7 +206,7 @@ def run_epoch(run: TrainingRun, progress: Progress, stop: StopFlag) -> bool:
     window: dict[str, list[float]] = {}
     start, segments = time.perf_counter(), 0
     for wavs, metas in loader:
-        progress.skipped_reads += run.train_set.count_skipped_reads(metas)
+        reads_skipped_here = run.train_set.count_skipped_reads(metas)
         update_disc = adversarial and discriminator_coin(
             cfg.common.seed, epoch, progress.batch) < cfg.discriminator.update_prob
         result = train_step(run.parts, runtime, wavs, metas, step=progress.step,
@@ -196,6 +215,10 @@ def run_epoch(run: TrainingRun, progress: Progress, stop: StopFlag) -> bool:
                             measure_gradients=(progress.batch + 1) % cfg.common.log_interval == 0,
                             gain_jitter_db=cfg.datasets.gain_jitter_db)
         progress.batch += 1
+        # One collective after every batch: a stop signal on any rank, and the reads that
+        # every rank redrew around (train/skipped_reads counts them all).
+        signalled, reads_skipped = distributed.sum_over_ranks(stop.noticed(), reads_skipped_here)
+        progress.skipped_reads += reads_skipped
         check_replicas(run, progress.batch)
         count_step(run, progress, result)
         segments += wavs.shape[0] * wavs.shape[1] * runtime.world_size
@@ -210,7 +233,7 @@ def run_epoch(run: TrainingRun, progress: Progress, stop: StopFlag) -> bool:
                        or progress.batch == run.steps_per_epoch):
             log_window(run, progress, window, rate)
             window = {}
-        if stop_requested(run, progress, stop):
+        if signalled or (run.stop_after_step is not None and progress.step >= run.stop_after_step):
             bar.close()
             return False
     bar.close()
@@ -259,12 +282,6 @@ def log_window(run: TrainingRun, progress: Progress, window: dict[str, list[floa
              run.steps_per_epoch, progress.step, " ".join(
                  f"{k[6:]}={v:.4g}" for k, v in means.items()
                  if k.startswith("train/") and not k.startswith("train/usage")))
-
-
-def stop_requested(run: TrainingRun, progress: Progress, stop: StopFlag) -> bool:
-    """A signal on any rank (agreed on by all ranks), or `stop_after_step` reached."""
-    signalled = stop.agreed()  # a collective: every rank calls it after every batch
-    return signalled or (run.stop_after_step is not None and progress.step >= run.stop_after_step)
 
 
 def finish_epoch(run: TrainingRun, progress: Progress) -> None:

@@ -46,13 +46,13 @@ class Runtime:
 
 
 def setup_runtime(cfg: DictConfig) -> Runtime:
-    """Pick the device (`common.device`), join the process group under torchrun, set the
-    precision flags (`common.amp`)."""
+    """Pick the device (`common.device`), join the process group under torchrun (collectives
+    time out after `distributed.timeout_s`), set the precision flags (`common.amp`)."""
     distributed.export_submitit_env()
     multi_process = distributed.env_world_size() > 1
     device = pick_device(str(cfg.common.device), multi_process)
     if multi_process:
-        distributed.init_process_group(cfg.distributed.backend, device)
+        distributed.init_process_group(cfg.distributed.backend, device, cfg.distributed.timeout_s)
     amp_dtype = AMP_MODES[cfg.common.amp]
     if amp_dtype == torch.float16 and device.type != "cuda":
         # bf16 autocasts on a CPU too (so that CI runs the mixed-precision path); fp16 and
@@ -102,20 +102,25 @@ def seed_everything(seed: int) -> None:
 
 class StopFlag:
     """SIGTERM / SIGUSR1 (cluster preemption) / Ctrl-C: finish the step, save, exit cleanly.
-    A second Ctrl-C interrupts at once. Use as a context manager around the training loop."""
+    A second Ctrl-C interrupts at once. Use as a context manager around the training loop.
+
+    The handler only takes note; `noticed` logs it at the end of the step, once the loop
+    goes on: under several ranks, the SIGTERM that the launcher sends to the ranks left when
+    one exits is no preemption. When the loop fails under several ranks, the stop signals
+    stay ignored on leaving, so that SIGTERM cannot cut short the line saying why.
+    """
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(self):
         self.requested: str | None = None
+        self._said = False
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        log.warning("%s received: finishing the current step, then saving a checkpoint",
-                    self.requested)
 
     def __enter__(self) -> "StopFlag":
         for name in self.SIGNALS:
@@ -125,10 +130,15 @@ class StopFlag:
                     self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        failing_with_peers = exc_type is not None and distributed.is_distributed()
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if failing_with_peers else handler)
 
-    def agreed(self) -> bool:
-        """All ranks stop together if any rank was signalled."""
-        return distributed.any_true(self.requested is not None)
+    def noticed(self) -> bool:
+        """Whether this process was signalled; says so in the log the first time."""
+        if self.requested and not self._said:
+            self._said = True
+            log.warning("%s received: finishing the current step, then saving a checkpoint",
+                        self.requested)
+        return self.requested is not None

@@ -16,7 +16,8 @@ WANDB_MODES = ("online", "offline", "disabled")
 
 
 def setup_logging(log_file: str | Path | None, is_main: bool = True) -> None:
-    """Console + file logging for the ``encodec`` logger (only the main rank writes)."""
+    """Console + file logging for the ``encodec`` logger: everything on the main rank,
+    warnings and errors on the others (each to its own `log_file`)."""
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     log.propagate = False
     for h in list(log.handlers):
@@ -26,7 +27,7 @@ def setup_logging(log_file: str | Path | None, is_main: bool = True) -> None:
     console = logging.StreamHandler()
     console.setFormatter(fmt)
     log.addHandler(console)
-    if log_file is not None and is_main:
+    if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)

@@ -5,7 +5,12 @@ unconditionally and stay correct with or without a process group.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -147,14 +152,18 @@ def env_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init_process_group(backend: str, device: torch.device) -> None:
-    """Join torchrun's process group: NCCL on CUDA, gloo on CPU when `backend` is 'auto'."""
+def init_process_group(backend: str, device: torch.device, timeout_s: float) -> None:
+    """Join torchrun's process group: NCCL on CUDA, gloo on CPU when `backend` is 'auto'.
+
+    A collective that waits more than `timeout_s` seconds for another rank fails, so that a
+    rank that stopped without a word (or got stuck) cannot hold the others for ever.
+    """
     if dist.is_initialized():
         return
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend=backend, **kwargs)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
 def destroy_process_group() -> None:
@@ -162,14 +171,26 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _collective_device() -> str:
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
 def any_true(flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank (one tiny all-reduce)."""
     if not is_distributed():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0],
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def sum_over_ranks(*counts: int) -> list[int]:
+    """Each of `counts` summed over all ranks, on every rank (one tiny all-reduce)."""
+    if not is_distributed():
+        return list(counts)
+    t = torch.tensor(counts, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [int(c) for c in t.tolist()]
 
 
 def all_true(flag: bool) -> bool:
@@ -219,3 +240,145 @@ def assert_same_on_all_ranks(named_tensors) -> None:
         if differs:
             raise RuntimeError(f"rank {rank()} and rank {other_rank} disagree on "
                                f"{[names[i] for i in differs[:5]]}: the replicas drifted apart.")
+
+
+# ---------------------------------------------------------------------------- a rank stops
+# Ranks leave word for each other in the process group's key-value store: where each one
+# logs, and why one stopped. Under torchrun the launcher holds the store, so it outlives
+# every rank; where it does not answer, the messages say less but the ranks still stop.
+
+STORE_PREFIX = "encodec"
+PEER_WORD_S = 2.0  # how long a rank whose collective broke waits for word from the others
+# What a collective that broke because another rank went away says (gloo, NCCL); a
+# torch.distributed.DistError is one too.
+BROKEN_COLLECTIVE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                     "Timed out waiting", "/gloo/transport/", "NCCL communicator",
+                     "remote process exited")
+
+
+class PeerStopped(RuntimeError):
+    """Another rank stopped, so this one cannot go on; the message names it and its log."""
+
+
+def _store() -> dist.Store | None:
+    """The process group's key-value store (torch has no public accessor), or None."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # no process group, or it is gone
+        return None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())[:1000]
+
+
+def tell_log_file(path: str | Path) -> None:
+    """Leave word of where this rank logs, for the message the others print if it stops."""
+    store = _store() if is_distributed() else None
+    if store is not None:
+        with contextlib.suppress(Exception):
+            store.set(f"{STORE_PREFIX}/log/{rank()}", str(Path(path).resolve()))
+
+
+def leave(error: BaseException) -> None:
+    """Tell the other ranks why this one stops, then leave the process group at once: their
+    collectives with this rank fail now, instead of after the timeout."""
+    store = _store()
+    if store is not None:
+        with contextlib.suppress(Exception):
+            store.set(f"{STORE_PREFIX}/stopped/{rank()}", _one_line(error))
+            store.add(f"{STORE_PREFIX}/stopped", 1)  # a round trip: the word is stored before we go
+    destroy_process_group()
+
+
+def is_broken_collective(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank went away or did
+    not answer in time."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in BROKEN_COLLECTIVE)
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+def _peer_word(store: dist.Store) -> tuple[dict[int, str], list[int], dict[int, str]]:
+    """(why each rank that left word stopped, the ranks never heard from, where ranks log).
+
+    This rank says it is alive; the others whose collectives broke too say so within
+    `PEER_WORD_S`. A rank that stopped with word wrote it before leaving, so it is there
+    already; when one did, nobody else needs to be waited for.
+    """
+    me = rank()
+    others = [r for r in range(world_size()) if r != me]
+    store.set_timeout(timedelta(seconds=PEER_WORD_S))
+    store.set(f"{STORE_PREFIX}/alive/{me}", "1")
+
+    def word(kind: str, r: int) -> str | None:
+        key = f"{STORE_PREFIX}/{kind}/{r}"
+        return store.get(key).decode() if store.check([key]) else None
+
+    reasons: dict[int, str] = {}
+    alive: set[int] = set()
+    deadline = time.monotonic() + PEER_WORD_S
+    while True:
+        for r in others:
+            if r not in reasons and (reason := word("stopped", r)) is not None:
+                reasons[r] = reason
+            if word("alive", r) is not None:
+                alive.add(r)
+        silent = [r for r in others if r not in reasons and r not in alive]
+        if reasons or not silent or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    logs = {r: path for r in others if (path := word("log", r)) is not None}
+    return reasons, ([] if reasons else silent), logs
+
+
+def explain_broken_collective(error: BaseException, timeout_s: float) -> str:
+    """Which rank stopped, why (where it left word) and where its log is, as one line."""
+    timed_out = "timed out" in str(error).lower()
+    store = _store()
+    try:
+        reasons, silent, logs = _peer_word(store) if store else ({}, [], {})
+    except Exception:  # the store went with the rank that held it
+        reasons, silent, logs = {}, [], {}
+
+    def where(ranks: list[int]) -> str:
+        known = [logs[r] for r in ranks if r in logs]
+        return f"; {'its log' if len(known) == 1 else 'their logs'}: {', '.join(known)}" \
+            if known else ""
+
+    if reasons:
+        first = min(reasons)
+        return f"{_ranks(sorted(reasons))} stopped ({reasons[first]}){where([first])}"
+    if silent and timed_out:
+        return (f"{_ranks(silent)} did not answer for {timeout_s:g} s (distributed.timeout_s): "
+                f"stuck, or its node is unreachable{where(silent)}")
+    if silent:
+        return (f"{_ranks(silent)} stopped without a word (killed, e.g. out of memory, or its "
+                f"node failed){where(silent)}")
+    return f"a peer rank stopped (which one is unknown: {_one_line(error)})"
+
+
+@contextlib.contextmanager
+def leave_together(timeout_s: float, advice: str = "") -> Iterator[None]:
+    """Around work that all ranks do together, a failure ends every rank promptly and says
+    why.
+
+    When this rank fails, it tells the others why and leaves the process group (`leave`),
+    then the error goes on. When a collective breaks because another rank stopped, this
+    rank raises `PeerStopped`: which rank stopped, why and where it logs, as far as known,
+    then `advice`. Does nothing in a single process.
+    """
+    try:
+        yield
+    except Exception as error:
+        if not is_distributed():
+            raise
+        if is_broken_collective(error):
+            raise PeerStopped(f"{explain_broken_collective(error, timeout_s)}; rank {rank()} "
+                              f"stops too{advice}") from error
+        leave(error)
+        raise
