@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from measure import pair_cues
+from modules import spatial_cues
 from measure.metrics import (centered_pooled_cosine, codebook_histogram, histogram_entropy,
                              mel_distance, nominal_bitrate_kbps, per_item_agreement,
                              per_item_cosine, si_snr, stft_distance)
@@ -383,8 +384,10 @@ class MetricAccumulator:
             warnings.simplefilter("ignore")  # convergence chatter of tiny folds, every epoch
             if cues is not None and self.views >= 2:
                 ild = (cues.levels["in_a"] - cues.levels["in_b"]).double()
+                # Bands whose ILD varies by rounding only have no R^2 (NaN, not -5e5).
                 fits = [run(pooled[:, :2, k].flatten(1), ild, groups, kind="regression",
-                            regularization=settings.ild_probe_alpha) for k in range(self.n_q)]
+                            regularization=settings.ild_probe_alpha,
+                            resolution=spatial_cues.ILD_RESOLUTION_DB) for k in range(self.n_q)]
                 results.update(self._probe_lists("ild_probe_r2", fits))
             else:
                 notes.append("ILD probe: no pair cues")

@@ -409,6 +409,18 @@ def test_probes_find_the_ild_in_codebook_2_and_score_chance_on_shuffled_labels(s
     assert abs(results["channel_probe_accuracy_shuffled"][1] - 0.25) < 0.15  # 4 channels
 
 
+def test_an_ild_probe_on_level_differences_of_rounding_size_is_undefined():
+    """Channels that differ by float rounding only: there is no ILD to explain, and the probe
+    says so (NaN, left out of the logs) instead of an R^2 of rounding noise."""
+    files, channels, embeddings, cues = probe_stream()
+    flat_b = cues.levels["in_a"] + 1e-5 * torch.randn(cues.levels["in_a"].shape,
+                                                      generator=torch.Generator().manual_seed(4))
+    cues.levels.update(in_b=flat_b)
+    results = probe_results(files, channels, embeddings, cues)
+    assert all(math.isnan(r2) for r2 in results["ild_probe_r2"])
+    assert not any(name.startswith("ild_probe_r2") for name in flatten_metrics(results))
+
+
 def test_probe_folds_are_grouped_by_file():
     """Codebook 1 identifies the file and the ILD target is the file's (the same for all its
     pairs): only a probe tested on files it was trained on could look good. With the files
