@@ -400,13 +400,14 @@ class ResidualVectorQuantizer(nn.Module):
         kmeans_iters (int): k-means iterations.
         threshold_ema_dead_code (float): Dead-code threshold (0 disables).
         kmeans_buffer (float): Each codebook runs k-means on `kmeans_buffer x bins` vectors
-            gathered over training forwards; codebook k starts gathering once codebooks < k are
-            initialised, so that it sees their true residuals. 0: the first training batch.
+            gathered over training forwards; codebook k starts gathering once the codebooks
+            < k that share its dimensions are initialised, so that it sees their true
+            residuals (codebook 2 of a split from the start). 0: the first training batch.
         content_dims (int): 0: every codebook quantizes every dimension (EnCodec's RVQ).
             C > 0: codebook 1 quantizes the first C latent dimensions only and codebook 2 the
             other D - C (codebooks 3.. everything that is left), so that what codebook 2 codes
-            cannot change codebook 1's choice: a content part and a channel part of the latent
-            (issue 9). Each codebook then sees, updates and decodes only its dimensions.
+            cannot change codebook 1's choice: a content part and a channel part of the latent.
+            Each codebook then sees, updates and decodes only its dimensions.
     """
 
     def __init__(self, dimension: int = 128, n_q: int = 2, bins: int = 1024, decay: float = 0.99,
@@ -433,6 +434,11 @@ class ResidualVectorQuantizer(nn.Module):
         if content_dims:
             self.codebooks[0].dims[content_dims:] = 0
             self.codebooks[1].dims[:content_dims] = 0
+        # Codebook k's input depends on the earlier codebooks that share its dimensions: it
+        # waits for their k-means before gathering its own. The two halves of a split do not
+        # share any, so codebook 2 of a split gathers from the first step, as codebook 1 does.
+        self.waits_for = [[j for j in range(k) if not (content_dims and (j, k) == (0, 1))]
+                          for k in range(n_q)]
 
     @property
     def codebooks(self) -> list[EuclideanCodebook]:
@@ -474,12 +480,10 @@ class ResidualVectorQuantizer(nn.Module):
             total = torch.zeros_like(x)
             commit_per_item = x.new_zeros(batch)
             codes, embeddings = [], []
-            # Codebook k may fill its k-means buffer only once codebooks < k are initialised.
-            earlier_initialized = True
-            for codebook in self.codebooks:
+            for k, codebook in enumerate(self.codebooks):
                 flat = residual.detach().transpose(1, 2).reshape(-1, dim)
-                vectors, indices = codebook(flat, gather=earlier_initialized)
-                earlier_initialized = earlier_initialized and codebook.initialized
+                ready = all(self.codebooks[j].initialized for j in self.waits_for[k])
+                vectors, indices = codebook(flat, gather=ready)
                 chosen = vectors.view(batch, frames, dim).transpose(1, 2)
                 coded = residual * codebook.dims[:, None]  # what this codebook quantizes
                 commit_per_item = commit_per_item + (coded - chosen).pow(2).mean(dim=(1, 2))

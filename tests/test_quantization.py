@@ -411,6 +411,28 @@ def test_codebook_2_initialises_on_the_residuals_of_codebook_1_final_init():
     assert residual_rms > 0.02 and codebook_2_rms > 0.5 * residual_rms
 
 
+def test_the_halves_of_a_split_gather_for_k_means_together_and_a_third_codebook_waits():
+    """Codebook 2 of a split codes dimensions codebook 1 never touches: its input does not
+    depend on codebook 1, so it gathers from the first step; codebook 3 codes the whole
+    residual and waits for both."""
+    torch.manual_seed(0)
+    split = ResidualVectorQuantizer(dimension=8, n_q=3, bins=16, kmeans_iters=10,
+                                    threshold_ema_dead_code=0, kmeans_buffer=4,
+                                    content_dims=4).train()
+    split(latent_batch(0))
+    assert split.kmeans_progress == [0.25, 0.25, 0.0]
+    # The buffer holds exactly codebook 2's dims of the latent.
+    x = latent_batch(1)
+    split(x)
+    gathered = split.codebooks[1].kmeans_samples[16:]
+    torch.testing.assert_close(gathered, (x * split.codebooks[1].dims[:, None]).transpose(1, 2).reshape(-1, 8))
+    step = 2
+    while not split.codebooks[0].initialized:
+        split(latent_batch(step))
+        step += 1
+    assert split.codebooks[1].initialized and not split.codebooks[2].initialized
+
+
 def test_resume_mid_gather_gives_the_codebooks_of_an_uninterrupted_run():
     def make() -> ResidualVectorQuantizer:
         return ResidualVectorQuantizer(dimension=8, n_q=2, bins=16, kmeans_iters=5,
