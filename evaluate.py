@@ -73,6 +73,10 @@ def evaluation_data_config(train_cfg: DictConfig, eval_cfg: DictConfig) -> DictC
         cfg.datasets.val_pairs = int(data.val_pairs)
     if data.channels is not None:
         cfg.datasets.channels = [int(c) for c in data.channels]
+    # A run that validated on the monitor files is scored on the others by default.
+    trained_on = cfg.datasets.get("val_files", "all")
+    cfg.datasets.val_files = (str(data.val_files) if data.get("val_files") is not None
+                              else "held_out" if trained_on == "monitor" else trained_on)
     cfg.datasets.views = 2
     cfg.datasets.batch_size = int(data.batch_size)
     cfg.datasets.num_workers = int(data.num_workers)

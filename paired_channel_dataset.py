@@ -58,6 +58,32 @@ def _absolute(path: Any) -> Path:
     return Path(to_absolute_path(str(Path(str(path)).expanduser())))
 
 
+VAL_FILE_SETS = ("all", "monitor", "held_out")
+
+
+def validation_files(files: list[AudioFile], which: str) -> list[AudioFile]:
+    """The validation files of `datasets.val_files`: `all`, or two disjoint sets of each
+    class's files in name order: `monitor` (every 4th, from the first: what the per-epoch
+    validation that picks `best.pt` sees) and `held_out` (the others: what a study evaluates
+    on), so that choosing a checkpoint and scoring it never share a recording."""
+    if which == "all":
+        return files
+    if which not in VAL_FILE_SETS:
+        raise ValueError(f"datasets.val_files must be one of {VAL_FILE_SETS}, got {which!r}")
+    by_class: dict[str, list[AudioFile]] = {}
+    for f in sorted(files, key=lambda f: f.rel):
+        by_class.setdefault(f.scene_class, []).append(f)
+    chosen = []
+    for scene_class, members in by_class.items():
+        if len(members) < 2:
+            raise ValueError(f"datasets.val_files={which} needs at least 2 files of each "
+                             f"validation class, {scene_class} has {len(members)}: add files "
+                             "or use datasets.val_files=all")
+        chosen += [f.rel for i, f in enumerate(members) if (i % 4 == 0) == (which == "monitor")]
+    keep = set(chosen)
+    return [f for f in files if f.rel in keep]
+
+
 class ChannelViewsDataset(Dataset):
     """Items of V distinct channels of one segment: (wavs [V, 1, T] float32, meta).
 
@@ -95,6 +121,8 @@ class ChannelViewsDataset(Dataset):
         self._logged: set[str] = set()  # files whose failed reads the trainer has logged
         self.format = self._resolve_format(ds)
         self.files = self._find_files()
+        if mode == "val":
+            self.files = validation_files(self.files, str(ds.get("val_files", "all")))
         self._read = read_prepared_segment if self.format == "prepared" else read_wav_segment
         self._allowed = [usable_channels(f.channels, self.channel_choice) for f in self.files]
         self._warn_short_files()

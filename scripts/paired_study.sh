@@ -7,18 +7,23 @@
 # Trains the variants `mono` (config_mono_nq2), `mono_split` (config_mono_nq2 on the paired
 # default's split quantizer: the mono baseline of the same architecture), `seed`
 # (config_paired_nq2 with pairwise=seed model.content_share=0, the design document's recipe),
-# `rvq` (the default pairwise recipe on EnCodec's unsplit quantizer) and `paired`
-# (config_paired_nq2 as it is, the default recipe), each fine-tuned from the same starting point (pretrained/start_demo.pt,
-# made by scripts/pretrain_start.sh) for the same optimizer steps with the same batch of
-# items, for SEEDS seeds; evaluates every seed's variants side by side with evaluate.py on
-# the held-out classes; prints the table of mean +- std over seeds (scripts/study_table.py).
+# `rvq` (the default pairwise recipe on EnCodec's unsplit quantizer), `xrec0` (the default
+# recipe without cross-reconstruction) and `paired` (config_paired_nq2 as it is, the default
+# recipe), each fine-tuned from the same starting point (pretrained/start_demo.pt, made by
+# scripts/pretrain_start.sh) for the same optimizer steps on the same segments per step: a
+# paired step codes 2 channels of B items, so the mono variants take 2B items per step. For
+# SEEDS seeds; every run's per-epoch validation (which picks best.pt) sees the `monitor`
+# files of the validation classes, and evaluate.py scores every seed's variants side by side
+# on the `held_out` others (datasets.val_files); prints the table of mean +- std over seeds
+# (scripts/study_table.py).
 #
 # Environment:
-#   DATA_ROOT  data (default: the synthetic em32 set of scripts/lib.sh, generated in OUT/data)
+#   DATA_ROOT  data (default: the synthetic em32 set of scripts/lib.sh, generated in OUT/data,
+#              SYNTH_FILES=12 files per class: 18 held-out evaluation files, 6 monitor files)
 #   OUT        work folder (default runs/paired_study); checkpoints in OUT/<variant>/seed<N>/
 #   SEEDS      seeds per variant (default 3: training seeds FIRST_SEED..FIRST_SEED+SEEDS-1)
 #   FIRST_SEED first training seed (default 1)
-#   VARIANTS   space-separated subset of "mono mono_split seed rvq paired" (default all five);
+#   VARIANTS   space-separated subset of "mono mono_split seed rvq xrec0 paired" (default all six);
 #              a variant NAME:OVERRIDES is the paired config with comma-separated Hydra
 #              overrides, e.g. "paired nocue:pairwise.cue_weight=0 head:pairwise.ild_head.enabled=true",
 #              and NAME:mono,OVERRIDES the mono config with them ("m4:mono,model.content_share=0.25")
@@ -41,10 +46,11 @@ out="$(mkdir -p "${OUT:-$here/runs/paired_study}" && cd "${OUT:-$here/runs/paire
 seeds="${SEEDS:-3}"
 first_seed="${FIRST_SEED:-1}"
 seed_list="$(seq "$first_seed" $(( first_seed + seeds - 1 )))"
-variants="${VARIANTS:-mono mono_split seed rvq paired}"
+variants="${VARIANTS:-mono mono_split seed rvq xrec0 paired}"
 steps="${STEPS:-800}"
 start="${START:-$here/pretrained/start_demo.pt}"
 [ -f "$start" ] || { echo "no starting point at $start: run scripts/pretrain_start.sh" >&2; exit 1; }
+export SYNTH_FILES="${SYNTH_FILES:-12}"
 if [ -n "${DATA_ROOT:-}" ]; then data="$DATA_ROOT"; else data="$out/data"; synth_set "$data"; fi
 per_epoch=100
 epochs=$(( (steps + per_epoch - 1) / per_epoch ))
@@ -52,6 +58,7 @@ epochs=$(( (steps + per_epoch - 1) / per_epoch ))
 paired_content_share() {  # the split of config_paired_nq2, for its mono baseline
   sed -n 's/^ *content_share: *\([0-9.]*\).*/\1/p' "$here/config/config_paired_nq2.yaml"
 }
+batch="$(sed -n 's/^ *batch_size: *\([0-9]*\).*/\1/p' "$here/config/preset/demo.yaml")"
 
 train() {  # train VARIANT SEED
   local variant="$1" seed="$2" dir="$out/$1/seed$2"
@@ -62,20 +69,25 @@ train() {  # train VARIANT SEED
                 recipe=("model.content_share=$(paired_content_share)") ;;
     seed) recipe=(pairwise=seed model.content_share=0) ;;
     rvq) recipe=(model.content_share=0) ;;
+    xrec0) recipe=(pairwise.xrec_weight=0) ;;
     paired) ;;
     *:*) IFS=, read -r -a recipe <<< "${variant#*:}"; variant="${variant%%:*}"; dir="$out/$variant/seed$seed"
          if [ "${recipe[0]:-}" = mono ]; then
            script=train_single_gpu.py; config=config_mono_nq2; recipe=("${recipe[@]:1}")
          fi ;;
-    *) echo "unknown variant '$variant' in VARIANTS (use mono, mono_split, seed, rvq, paired or NAME:OVERRIDES)" >&2; exit 2 ;;
+    *) echo "unknown variant '$variant' in VARIANTS (use mono, mono_split, seed, rvq, xrec0, paired or NAME:OVERRIDES)" >&2; exit 2 ;;
   esac
+  # Equal segments per step: a mono item is one segment, a paired item two.
+  local items=$batch
+  [ "$script" = train_single_gpu.py ] && items=$(( 2 * batch ))
   if latest_checkpoint "$dir" >/dev/null 2>&1 && [ -f "$dir/.complete" ]; then
     phase "$variant seed $seed: done before, reused"; return
   fi
   phase "training $variant, seed $seed ($steps steps from $(basename "$start"))"
   "$py" "$here/$script" --config-name="$config" +preset=demo "${recipe[@]}" \
     "model.init_from=$start" "datasets.data_root=$data" "common.seed=$seed" \
-    "common.max_epoch=$epochs" "datasets.fixed_length=$(( per_epoch * 4 ))" \
+    "common.max_epoch=$epochs" "datasets.batch_size=$items" \
+    "datasets.fixed_length=$(( per_epoch * items ))" datasets.val_files=monitor \
     "common.max_steps_per_epoch=$per_epoch" "common.val_interval=$epochs" \
     "common.save_interval=$epochs" discriminator.start_epoch=1 checkpoint.keep_last=1 \
     "common.device=${DEVICE:-cpu}" "wandb.mode=${WANDB:-disabled}" checkpoint.resume=true \

@@ -301,3 +301,23 @@ def test_validation_read_failure_is_an_error_not_a_redraw(tmp_path, cfg_factory)
     failing = next(i for i, m in enumerate(first) if m["path"] == str(bad))
     with pytest.raises(ReadError, match="TrainStation-01-Raw.wav"):
         ds[failing]
+
+
+def test_monitor_and_held_out_validation_files_are_disjoint_and_cover_each_class():
+    from paired_channel_dataset import validation_files
+    from utils.eigenscape_files import AudioFile
+
+    files = [AudioFile(Path(f"/d/{c}-{i:02d}.wav"), f"{c}-{i:02d}.wav", c, 32, 48000, 48000)
+             for c in ("Woodland", "Train Station") for i in (5, 1, 3, 2, 4, 6, 7, 8)]
+    monitor = validation_files(files, "monitor")
+    held_out = validation_files(files, "held_out")
+    assert validation_files(files, "all") == files
+    assert {f.rel for f in monitor}.isdisjoint({f.rel for f in held_out})
+    assert len(monitor) + len(held_out) == len(files)
+    # Every 4th file of each class in name order, from the first: 01 and 05.
+    assert sorted(f.rel for f in monitor) == ["Train Station-01.wav", "Train Station-05.wav",
+                                              "Woodland-01.wav", "Woodland-05.wav"]
+    with pytest.raises(ValueError, match="at least 2 files of each validation class, Woodland has 1"):
+        validation_files(files[:1], "held_out")
+    with pytest.raises(ValueError, match="datasets.val_files must be one of"):
+        validation_files(files, "odd")

@@ -278,3 +278,17 @@ def test_a_split_checkpoints_null_model_is_its_unsplit_start_point(cfg_factory, 
     assert null is None and "not found; set null_model=PATH" in note
     with pytest.raises(FileNotFoundError, match="null_model=.*no such file"):
         evaluate.null_model_for(OmegaConf.create({"null_model": str(tmp_path / "x.pt")}), split, cpu)
+
+
+def test_a_run_validated_on_the_monitor_files_is_evaluated_on_the_others(cfg_factory, synth_root):
+    data = {"data_root": None, "classes": None, "val_pairs": None, "channels": None,
+            "batch_size": 2, "num_workers": 0, "val_files": None}
+    monitored = cfg_factory("config_paired_nq2", [f"datasets.data_root={synth_root}",
+                                                  "datasets.val_files=monitor"])
+    cfg = evaluate.evaluation_data_config(monitored, OmegaConf.create({"datasets": data}))
+    assert cfg.datasets.val_files == "held_out"
+    plain = cfg_factory("config_paired_nq2", [f"datasets.data_root={synth_root}"])
+    assert evaluate.evaluation_data_config(plain, OmegaConf.create({"datasets": data})
+                                           ).datasets.val_files == "all"
+    chosen = OmegaConf.create({"datasets": {**data, "val_files": "monitor"}})
+    assert evaluate.evaluation_data_config(monitored, chosen).datasets.val_files == "monitor"

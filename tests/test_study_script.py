@@ -44,13 +44,13 @@ def option(call: list[str], key: str) -> str | None:
 def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluated(tmp_path, jobs):
     result, calls = run_study(tmp_path, SEEDS="2", FIRST_SEED="7", STEPS="250", JOBS=jobs,
                               VARIANTS="mono seed paired head:pairwise.ild_head.enabled=true,pairwise.cue_weight=0 "
-                                       "msplit:mono,model.content_share=0.25 mono_split rvq")
+                                       "msplit:mono,model.content_share=0.25 mono_split rvq xrec0")
     assert result.returncode == 0, result.stderr
     trains = [c for c in calls if c[0].endswith(("train_single_gpu.py", "train_paired_gpu.py"))]
     runs = {(Path(option(c, "checkpoint.save_folder")).parent.name, option(c, "common.seed")): c
             for c in trains}
     assert set(runs) == {(v, s) for v in ("mono", "seed", "paired", "head", "msplit",
-                                          "mono_split", "rvq") for s in ("7", "8")}
+                                          "mono_split", "rvq", "xrec0") for s in ("7", "8")}
     assert runs["mono", "7"][0].endswith("train_single_gpu.py")
     assert "--config-name=config_mono_nq2" in runs["mono", "7"]
     assert {"pairwise=seed", "model.content_share=0"} <= set(runs["seed", "7"])
@@ -64,6 +64,15 @@ def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluate
     assert "model.content_share=0" in runs["rvq", "7"]
     assert not any(a.startswith("pairwise") for a in runs["paired", "7"])  # the config as it is
     assert {"pairwise.ild_head.enabled=true", "pairwise.cue_weight=0"} <= set(runs["head", "8"])
+    assert "--config-name=config_paired_nq2" in runs["xrec0", "7"]
+    assert "pairwise.xrec_weight=0" in runs["xrec0", "7"]
+    # Equal segments per step: mono runs take twice the paired runs' items (the demo's 4).
+    for (name, seed), call in runs.items():
+        items = 8 if call[0].endswith("train_single_gpu.py") else 4
+        assert option(call, "datasets.batch_size") == str(items), name
+        assert option(call, "datasets.fixed_length") == str(100 * items), name
+    # Per-epoch validation on the monitor files; the evaluation defaults to the held-out ones.
+    assert {option(c, "datasets.val_files") for c in trains} == {"monitor"}
     # The same start, steps and batch for every run: 250 steps = 3 epochs of at most 100.
     assert {option(c, "model.init_from") for c in trains} == {str(tmp_path / "start.pt")}
     assert {(option(c, "common.max_epoch"), option(c, "common.max_steps_per_epoch"))
@@ -71,7 +80,7 @@ def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluate
     evals = [c for c in calls if c[0].endswith("evaluate.py")]
     assert [option(c, "out_dir") for c in evals] == [str(tmp_path / "out" / "eval" / f"seed{s}")
                                                      for s in (7, 8)]
-    assert option(evals[1], "labels") == "[mono,seed,paired,head,msplit,mono_split,rvq]"
+    assert option(evals[1], "labels") == "[mono,seed,paired,head,msplit,mono_split,rvq,xrec0]"
     assert "/head/seed8/" in option(evals[1], "checkpoints")
     table = [c for c in calls if c[0].endswith("study_table.py")]
     assert table[0][1:] == [str(tmp_path / "out" / "eval" / f"seed{s}" / "metrics.json") for s in (7, 8)]

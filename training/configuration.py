@@ -74,6 +74,7 @@ LIMITS: dict[str, Rule] = {
     "common.max_steps_per_epoch": AT_LEAST_1,
     "common.stop_after_step": NON_NEGATIVE,
     "datasets.format": OneOf(("auto", "wav", "prepared")),
+    "datasets.val_files": OneOf(("all", "monitor", "held_out")),
     "datasets.channels": NON_NEGATIVE,
     "datasets.views": AT_LEAST_1,
     "datasets.tensor_cut": AT_LEAST_1,  # and long enough for the model and losses: check_segment
