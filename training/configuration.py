@@ -51,6 +51,8 @@ DECLARED_TYPES: dict[str, Any] = {
     "pairwise.class_weights": dict[str, float],
     # config/evaluate.yaml
     "checkpoints": list[str] | str,
+    "null_model": str,
+    "datasets.val_files": str,
     "labels": list[str],
     "datasets.classes": list[str],
     "datasets.val_pairs": int,
