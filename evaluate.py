@@ -40,7 +40,7 @@ from measure.pair_cues import MIN_RESOLVED_SEPARATION
 from measure.results import CheckpointReport, flatten_metrics, per_codebook
 from model import EncodecModel, load_model
 from training.runtime import resolve_device
-from coding.shared_content_comparison import shared_content_comparison
+from coding.shared_content_comparison import EQUAL_BITRATE, shared_content_comparison
 from training.validation import array_geometry, evaluate_model, validation_dataset
 
 
@@ -85,15 +85,32 @@ def evaluation_data_config(train_cfg: DictConfig, eval_cfg: DictConfig) -> DictC
 
 
 def shared_content_loader(data_cfg: DictConfig, cfg: DictConfig, sample_rate: int,
-                          device: torch.device) -> DataLoader:
+                          device: torch.device, channels: list[int]) -> DataLoader:
     """`shared_content.segments` fixed segments of the evaluation classes, each with all of
-    `shared_content.channels` (the first one's codebook 1 is shared): the multichannel use."""
-    channels = [int(c) for c in cfg.shared_content.channels]
+    `channels` (the first one's codebook 1 is shared): the multichannel use."""
     multi = at_rate(data_cfg, cfg, sample_rate)
     multi.datasets.channels = channels
     multi.datasets.views = len(channels)
     multi.datasets.val_pairs = int(cfg.shared_content.segments)
     return validation_loader(multi, device)
+
+
+def shared_content_channel_sets(cfg: DictConfig, dataset: Any) -> dict[str, list[int]]:
+    """Result key -> channels coded together: `shared_content.channels` (`shared_content`)
+    and, with `shared_content.all_channels`, every channel the files have
+    (`shared_content_all`, e.g. the 32 capsules)."""
+    sets = {"shared_content": [int(c) for c in cfg.shared_content.channels]}
+    counts = {f.channels for f in getattr(dataset, "files", [])}
+    if cfg.shared_content.get("all_channels") and len(counts) == 1:
+        sets["shared_content_all"] = list(range(counts.pop()))
+    return sets
+
+
+def equal_bitrate_model(cfg: DictConfig, device: torch.device) -> EncodecModel | None:
+    """The model of `shared_content.equal_bitrate_checkpoint` (e.g. a mono model trained with
+    `model.n_q=1`), or None."""
+    path = cfg.shared_content.get("equal_bitrate_checkpoint")
+    return load_model(to_absolute_path(str(path)), device)[0] if path else None
 
 
 def validation_loader(data_cfg: DictConfig, device: torch.device) -> DataLoader:
@@ -172,6 +189,7 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
     loaders: dict[int, DataLoader] = {}
     data_cfg = None
     reports = []
+    equal_model = equal_bitrate_model(cfg, device)
     for path, label in zip(paths, labels):
         model, train_cfg = load_model(path, device)
         # The first checkpoint fixes the validation items (seed, segment length, classes) so
@@ -193,9 +211,12 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
         results.update(step=checkpoint_entry(path, "step"), sample_rate=model.sample_rate,
                        segment_samples=loader.dataset.length)
         if cfg.shared_content.segments:
-            results["shared_content"] = shared_content_comparison(
-                model, shared_content_loader(data_cfg, cfg, model.sample_rate, device), reference=0,
-                codings=("independent", "shared_content"))
+            for key, channels in shared_content_channel_sets(cfg, loader.dataset).items():
+                results[key] = shared_content_comparison(
+                    model, shared_content_loader(data_cfg, cfg, model.sample_rate, device,
+                                                 channels),
+                    reference=0, codings=("independent", "shared_content"),
+                    equal_bitrate_model=equal_model)
         reports.append(CheckpointReport(label, path, mode, results, examples))
         del model
     return reports
@@ -319,6 +340,7 @@ def table_rows(reports: list[CheckpointReport]) -> list[tuple[str, list[str]]]:
          cells(lambda r: f"{_fmt(_nested(r, 'itd_fidelity', 'error_us'))} "
                          f"({_fmt(_nested(r, 'itd_fidelity', 'zero_error_us'))})")),
         *shared_content_rows(cells),
+        *shared_content_rows(cells, "shared_content_all"),
     ]
     n_q = max(len(r.get("perplexity") or []) for r in res)
     for k in range(n_q):
@@ -342,27 +364,40 @@ def table_rows(reports: list[CheckpointReport]) -> list[tuple[str, list[str]]]:
     return rows
 
 
-def shared_content_rows(cells) -> list[tuple[str, list[str]]]:
-    """Rows of the shared-content comparison: shared coding (independent coding) of the same
-    multichannel segments, both at one scale per segment."""
-    def both(key: str) -> Callable[[dict], str]:
+def shared_content_rows(cells, key: str = "shared_content") -> list[tuple[str, list[str]]]:
+    """Rows of one shared-content comparison (`key`): shared coding (independent coding at
+    full bitrate; independent coding at about the shared bitrate, when measured) of the same
+    multichannel segments, all at one scale per segment."""
+    def codings(r: dict) -> list[dict]:
+        comparison = r.get(key) or {}
+        return [comparison.get(c) or {} for c in ("shared_content", "independent", EQUAL_BITRATE)]
+
+    def all_three(name: str) -> Callable[[dict], str]:
         def cell(r: dict) -> str:
-            comparison = r.get("shared_content") or {}
-            shared, independent = (comparison.get(c) or {} for c in ("shared_content", "independent"))
-            return f"{_fmt(shared.get(key))} ({_fmt(independent.get(key))})"
+            shared, independent, equal = codings(r)
+            tail = f"; {_fmt(equal.get(name))}" if equal else ""
+            return f"{_fmt(shared.get(name))} ({_fmt(independent.get(name))}{tail})"
         return cell
 
     def channels(r: dict) -> str:
-        comparison = r.get("shared_content") or {}
-        return f"{_fmt(comparison.get('channels'))} ch, cb1 agreement with the reference {_fmt(comparison.get('codebook1_agreement'))}"
+        comparison = r.get(key) or {}
+        return (f"{_fmt(comparison.get('channels'))} ch, cb1 agreement with the reference "
+                f"{_fmt(comparison.get('codebook1_agreement'))}")
 
-    return [("shared-content coding: channels, codebook 1 shared from the first", cells(channels)),
-            ("shared-content kbps per channel (independent coding)", cells(both("kbps_per_channel"))),
-            ("shared-content mel distance ↓ (independent)", cells(both("mel_distance"))),
-            ("shared-content SI-SNR dB (independent)", cells(both("si_snr"))),
-            ("shared-content ILD error dB ↓ vs the reference (independent; predicting none)",
-             cells(lambda r: f"{both('ild_error_db')(r)} ({_fmt(((r.get('shared_content') or {}).get('independent') or {}).get('ild_zero_error_db'))})")),
-            ("shared-content ITD error µs ↓ (independent)", cells(both("itd_error_us")))]
+    def ild(r: dict) -> str:
+        return f"{all_three('ild_error_db')(r)} [{_fmt(codings(r)[1].get('ild_zero_error_db'))}]"
+
+    if not any(r.get(key) for r in cells(lambda r: r)):
+        return []
+    what = "(independent; independent at equal bitrate)"
+    return [(f"shared-content coding ({key}): channels, codebook 1 shared from the first",
+             cells(channels)),
+            (f"shared-content kbps per channel {what}", cells(all_three("kbps_per_channel"))),
+            (f"shared-content mel distance ↓ {what}", cells(all_three("mel_distance"))),
+            (f"shared-content SI-SNR dB {what}", cells(all_three("si_snr"))),
+            (f"shared-content ILD error dB ↓ vs the reference {what} [predicting none]",
+             cells(ild)),
+            (f"shared-content ITD error µs ↓ {what}", cells(all_three("itd_error_us")))]
 
 
 def markdown_table(reports: list[CheckpointReport]) -> str:

@@ -27,6 +27,9 @@ from model import EncodecModel
 from modules.spatial_cues import band_levels, delay_error, gcc_phat_delay, ild_fidelity
 
 CODINGS = ("independent", "shared_content", "shared_content_own_residual")
+# Independent coding by another model at about shared-content coding's bitrate (a mono model
+# trained with one codebook: not codebook 1 of this one, whose decoder never lacked the rest).
+EQUAL_BITRATE = "independent_equal_bitrate"
 
 
 def read_channels(path: str | Path, sample_rate: int) -> Tensor:
@@ -137,16 +140,25 @@ def _decode_changed(model: EncodecModel, codes: Tensor, baseline_codes: Tensor,
 
 
 def _compare_segment(model: EncodecModel, x: Tensor, reference: int, inputs: _Collected,
-                     coded: dict[str, _Collected]) -> Tensor:
+                     coded: dict[str, _Collected],
+                     equal_bitrate_model: EncodecModel | None = None) -> Tensor:
     """Code segment `x` `[N, 1, T]` in every way of `coded` at its common scale, add the
     measurements of the input and of each decode; returns `_content_matches`."""
     rate = model.sample_rate
     scale = common_scale(model, x)
-    codes = _coding_codes(model, encode_latents(model, x, scale), reference, list(coded))
+    codes = _coding_codes(model, encode_latents(model, x, scale), reference,
+                          [c for c in coded if c != EQUAL_BITRATE])
     inputs.add(_measure(x, reference, rate))
     independent = decode_channels(model, codes["independent"], scale, x.shape[-1])
-    for coding in coded:
-        decoded = _decode_changed(model, codes[coding], codes["independent"], independent, scale)
+    decodes = {coding: _decode_changed(model, codes[coding], codes["independent"], independent,
+                                       scale) for coding in codes if coding in coded}
+    if equal_bitrate_model is not None:
+        other_scale = common_scale(equal_bitrate_model, x)
+        other_codes = equal_bitrate_model.quantizer.encode(
+            encode_latents(equal_bitrate_model, x, other_scale))
+        decodes[EQUAL_BITRATE] = decode_channels(equal_bitrate_model, other_codes, other_scale,
+                                                 x.shape[-1])
+    for coding, decoded in decodes.items():
         coded[coding].add({**_measure(decoded, reference, rate),
                            "mel": mel_distance(x, decoded, rate).cpu(),
                            "si_snr": si_snr(x, decoded).cpu()})
@@ -174,7 +186,8 @@ def _summary(coded: _Collected, inputs: _Collected, reference: int) -> dict[str,
 @torch.no_grad()
 def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0,
                               sample_rate: int | None = None,
-                              codings: Sequence[str] = CODINGS) -> dict[str, Any]:
+                              codings: Sequence[str] = CODINGS,
+                              equal_bitrate_model: EncodecModel | None = None) -> dict[str, Any]:
     """Quality of shared-content coding against independent per-channel coding.
 
     Both codings are measured at ONE scale convention: every segment's channels are divided
@@ -196,6 +209,10 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
             is resampled to and measured at the model rate.
         codings (sequence of str): which of `CODINGS` to measure ('independent' always is);
             leaving out the diagnostic 'shared_content_own_residual' saves time.
+        equal_bitrate_model (EncodecModel or None): a model of the same rate that codes each
+            channel on its own at about the bitrate of shared-content coding (e.g. a mono
+            model trained with `model.n_q=1`): measured as `independent_equal_bitrate`, with
+            its own bitrate, at its own common scale per segment.
     Returns:
         dict: `channels` (N), `reference`, `segments`, `seconds` (total duration of one
         channel), `sample_rate` (the model's), `scale` (the convention, in words),
@@ -220,6 +237,11 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
         raise ValueError(f"unknown codings {unknown}; choose among {list(CODINGS)}")
     inputs = _Collected()
     coded = {coding: _Collected() for coding in CODINGS if coding in ("independent", *codings)}
+    if equal_bitrate_model is not None:
+        if equal_bitrate_model.sample_rate != rate:
+            raise ValueError(f"the equal-bitrate model codes {equal_bitrate_model.sample_rate} Hz, "
+                             f"the compared model {rate} Hz: they must share a rate")
+        coded[EQUAL_BITRATE] = _Collected()
     agreeing, compared, seconds = 0, 0, 0.0
     for item in _items(wavs, sample_rate or rate, rate):
         channels = inputs.levels[0].shape[0] if inputs.levels else item.shape[0]
@@ -227,7 +249,8 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
             raise ValueError(f"all segments must have the same channel count: got {item.shape[0]} "
                              f"after {channels}")
         check_reference(reference, channels)
-        matches = _compare_segment(model, item.float().to(device), reference, inputs, coded)
+        matches = _compare_segment(model, item.float().to(device), reference, inputs, coded,
+                                   equal_bitrate_model)
         agreeing, compared = agreeing + int(matches.sum()), compared + matches.numel()
         seconds += item.shape[-1] / rate
     if not inputs.levels:
@@ -240,8 +263,9 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
         "codebook1_agreement": agreeing / compared,
     }
     for coding in coded:
-        bitrate = coding_bitrate(model.n_q, model.quantizer.bins, model.frame_rate, channels,
-                                 shared_content=coding != "independent", seconds=seconds,
-                                 scales=segments)
+        coder = equal_bitrate_model if coding == EQUAL_BITRATE else model
+        bitrate = coding_bitrate(coder.n_q, coder.quantizer.bins, coder.frame_rate, channels,
+                                 shared_content=coding not in ("independent", EQUAL_BITRATE),
+                                 seconds=seconds, scales=segments)
         result[coding] = {**bitrate, **_summary(coded[coding], inputs, reference)}
     return result

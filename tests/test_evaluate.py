@@ -211,6 +211,9 @@ def test_command_line_compares_mono_and_paired_checkpoints(cfg_factory, synth_ro
         assert shared["channels"] == 4 and shared["segments"] == 3
         assert shared["shared_content"]["kbps_per_channel"] < shared["independent"]["kbps_per_channel"]
         assert shared["shared_content"]["n_pairs"] == 3 * 3  # each channel against the reference
+        every = entry["shared_content_all"]  # all 32 capsules of the files together
+        assert every["channels"] == 32 and every["shared_content"]["n_pairs"] == 3 * 31
+        assert every["shared_content"]["streams"] == 1 + 32 * 1
     assert "| metric (reference) | mono (mono) | paired (paired) |" in proc.stdout
     assert "shared-content kbps per channel" in proc.stdout
     for name in ("report.md", "code_agreement.png", "swap_gain.png", "ild_scatter.png", "spectrograms.png"):

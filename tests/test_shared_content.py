@@ -275,3 +275,30 @@ def test_cue_errors_are_measured_against_the_reference_channel(tiny):
     assert result["independent"]["n_pairs"] == 2
     assert result["independent"]["ild_zero_error_db"] == pytest.approx((6.02 + 12.04) / 2, abs=0.3)
     assert result["independent"]["itd_zero_error_us"] == pytest.approx(6 / 24000 * 1e6, abs=10)
+
+
+def test_identical_channels_code_alike_shared_or_independent(tiny):
+    # Every channel's codebook 1 is the reference's own: sharing it changes nothing.
+    x = channels_at_levels(gains_db=(0.0, 0.0, 0.0, 0.0))[:1].expand(4, 1, -1)[None]
+    result = comparison.shared_content_comparison(tiny, x, codings=("shared_content",))
+    assert result["codebook1_agreement"] == 1.0
+    for key in ("mel_distance", "si_snr", "ild_error_db"):
+        assert result["shared_content"][key] == result["independent"][key], key
+
+
+def test_equal_bitrate_coding_is_the_one_codebook_models_own_and_uses_the_bits_it_claims(
+        tiny, cfg_factory, tmp_path):
+    one = save_tiny_checkpoint(cfg_factory("config_mono_nq2", ["model.n_q=1"]), tmp_path / "one.pt")
+    x = channels_at_levels()[None]
+    result = comparison.shared_content_comparison(tiny, x, codings=("shared_content",),
+                                                  equal_bitrate_model=one)
+    equal = result[comparison.EQUAL_BITRATE]
+    alone = comparison.shared_content_comparison(one, x, codings=())["independent"]
+    assert equal == alone                                   # its decodes, its bitrate
+    # One stream per channel (both models have the tiny preset's codebook size); shared
+    # content sends 1 + 4 x 1 streams for 4 channels, independent coding 4 x 2.
+    stream = result["independent"]["codes_kbps_per_channel"] / 2
+    assert stream == pytest.approx(math.log2(tiny.quantizer.bins) * tiny.frame_rate / 1000)
+    assert equal["streams"] == 4 and equal["codes_kbps_per_channel"] == pytest.approx(stream)
+    shared = result["shared_content"]
+    assert shared["streams"] == 5 and shared["codes_kbps_per_channel"] == pytest.approx(5 * stream / 4)

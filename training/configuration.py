@@ -52,6 +52,7 @@ DECLARED_TYPES: dict[str, Any] = {
     # config/evaluate.yaml
     "checkpoints": list[str] | str,
     "null_model": str,
+    "shared_content.equal_bitrate_checkpoint": str,
     "datasets.val_files": str,
     "labels": list[str],
     "datasets.classes": list[str],
