@@ -32,6 +32,7 @@ from torch import Tensor
 LEVEL_FLOOR = 1e-10   # power floor (-100 dB re full-scale mean square): silence stays finite
 LEVEL_N_FFT = 2048    # 11.7 Hz bins at 24 kHz: a few bins even in the lowest 100 Hz band
 CUE_BAND_RANGE_HZ = (100.0, 11_000.0)  # the level bands' range, below a 24 kHz Nyquist
+CUE_BANDS = 8         # log-spaced level bands in that range
 GCC_N_FFT = 1024      # 43 ms frames: >> the 0.5 ms lags searched, so frames stay aligned
 
 
@@ -85,7 +86,7 @@ def _band_matrix(sample_rate: int, n_fft: int, edges: Tensor) -> Tensor:
     return member.double()
 
 
-def band_levels(wav: Tensor, sample_rate: int, n_bands: int = 8, f_min: float = CUE_BAND_RANGE_HZ[0],
+def band_levels(wav: Tensor, sample_rate: int, n_bands: int = CUE_BANDS, f_min: float = CUE_BAND_RANGE_HZ[0],
                 f_max: float = CUE_BAND_RANGE_HZ[1], n_fft: int = LEVEL_N_FFT) -> Tensor:
     """Level of each frequency band over the whole segment, in dB, `[N, n_bands]`.
 
