@@ -457,7 +457,8 @@ class PairwiseLoss(nn.Module):
         that target's scale: 'xrec' is the mean of the per-item weighted reconstruction loss
         (the same weighted mel + L1 sum as the plain reconstruction)."""
         swap = swap_latents(views, self.content_codebook)
-        # The embeddings are float32: in the audio's dtype (a no-op but in float64) as in the forward.
+        # The embeddings are float32: in the audio's dtype (a no-op but in float64), as in
+        # the forward.
         audio = model.decoder(swap.latents.to(x.dtype))[..., :x.shape[-1]]
         if scale is None:
             scale = model.normalize(x)[1]  # the targets' own scales (None: no normalisation)
@@ -497,7 +498,8 @@ class PairwiseLoss(nn.Module):
         residual = out.latent.float()
         for earlier in out.embeddings[:k]:
             residual = residual - earlier.detach()
-        residual = residual * codebook.dims[:, None]  # the dimensions it codes (model.content_share)
+        # Only the dimensions it codes (model.content_share).
+        residual = residual * codebook.dims[:, None]
         return self.code_consensus_terms(unflatten_views(residual, views).unbind(1),
                                          codebook.embed * codebook.dims)
 

@@ -219,7 +219,8 @@ def similarity_loss(a: torch.Tensor, b: torch.Tensor, kind: str = 'mse',
     elif kind == 'infonce':
         per_item = info_nce(a, b, **nce_options).loss
     else:
-        raise ValueError(f"unknown similarity kind {kind!r} (pairwise.sim_kind): use one of {SIM_KINDS}")
+        raise ValueError(f"unknown similarity kind {kind!r} (pairwise.sim_kind): use one of "
+                         f"{SIM_KINDS}")
     return reduce(per_item, reduction)
 
 
@@ -250,7 +251,8 @@ def diversity_loss(a: torch.Tensor, b: torch.Tensor, kind: str = 'neg_mse', marg
     elif kind == 'cos_hinge':
         per_item = F.relu(centred_cosine(a, b) - max_cosine).mean(dim=1)
     else:
-        raise ValueError(f"unknown diversity kind {kind!r} (pairwise.div_kind): use one of {DIV_KINDS}")
+        raise ValueError(f"unknown diversity kind {kind!r} (pairwise.div_kind): use one of "
+                         f"{DIV_KINDS}")
     return reduce(per_item, reduction)
 
 

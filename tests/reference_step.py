@@ -108,7 +108,9 @@ def reference_pairwise(cfg: Any, parts: Parts, runtime: Runtime, out, x: torch.T
                    or cfg.nce_same_segment_negatives)
     if unsupported:
         raise NotImplementedError("the reference step writes out the recipes' default terms only")
-    factor = 1.0 if cfg.schedule == 'constant' else min(1.0, (step - cfg.start_step) / cfg.ramp_steps)
+    factor = 1.0
+    if cfg.schedule == 'linear':
+        factor = min(1.0, (step - cfg.start_step) / cfg.ramp_steps)
     content, channel = cfg.content_codebook, cfg.channel_codebook
     # Codebook k of view v, [B, D, F], out of embeddings[k] [B*V, D, F] (row b * V + v). Each
     # taken once: the float32 embeddings then sum their gradients in the step's order.
@@ -188,7 +190,8 @@ def reference_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: li
     fake_logits = real_fmaps = fake_fmaps = None
     if adversarial:
         disc = parts.raw_disc.train()
-        with runtime.autocast(), no_grad_for(disc):  # the generator's losses train the generator only
+        # The generator's losses train the generator only.
+        with runtime.autocast(), no_grad_for(disc):
             fake_logits, fake_fmaps = disc(y)
             real_fmaps = [[f.detach() for f in scale_fmaps] for scale_fmaps in disc(x)[1]]
     items = parts.generator_loss(x, y, fake_logits, real_fmaps, fake_fmaps)

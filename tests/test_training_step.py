@@ -400,6 +400,21 @@ def test_pairwise_terms_wait_for_their_start_step_and_for_kmeans():
     assert "l_sim" in scalars(["model.kmeans_buffer=10", "pairwise.wait_for_kmeans=false"], step=50)
 
 
+def test_both_heads_on_train_the_classifier_before_the_scheduled_terms_start():
+    # The classifier is unscheduled and runs from the first step; the level-difference head
+    # waits with the other scheduled terms (its targets are not measured before).
+    cfg, runtime, parts = tiny_setup([*CONTRASTIVE, "pairwise.start_step=5",
+                                      "pairwise.channel_classifier.enabled=true",
+                                      "pairwise.ild_head.enabled=true"])
+    wavs, metas = level_pair(cfg)
+    init_codebooks(parts, wavs)
+    for step, scheduled_on in ((0, False), (4, False), (5, True)):
+        result = train_step(parts, runtime, wavs, metas, step=step, adversarial=False,
+                            update_disc=False, grad_clip=0.0, bins=cfg.model.bins)
+        assert result.ok and result.scalars["l_cls"] > 0, step
+        assert ("l_ild" in result.scalars) == ("l_xrec" in result.scalars) == scheduled_on, step
+
+
 def test_gradient_ratios_are_each_terms_pull_on_the_latent_next_to_the_reconstructions():
     def ratios(overrides):
         cfg, runtime, parts = tiny_setup([*CONTRASTIVE, *overrides])
