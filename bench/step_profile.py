@@ -1,6 +1,6 @@
 """Time and peak memory of the training step, phase by phase.
 
-The three modes of `training_step.train_step` on the full paired config (32 filters, 2 x 1024
+The three modes of `training.step.train_step` on the full paired config (32 filters, 2 x 1024
 codes, 3-scale discriminator) at batch B x 1 s (paired: 2B segments), and mono at batch 2B
 (the same number of segments) beside it:
 

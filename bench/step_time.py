@@ -1,7 +1,7 @@
 """Time one training step: paired at batch B against mono at batch 2B (same segments/step).
 
 Uses the paired config's model, discriminator, losses and balancer settings and the real
-training step (training_step.train_step), on random audio (no dataset needed). Each mode runs in its own process so
+training step (training.step.train_step), on random audio (no dataset needed). Each mode runs in its own process so
 that its peak memory is its own.
 
     python bench/step_time.py [--batch 8] [--seconds 1.0] [--steps 5] [--rounds 2] [--device auto]

@@ -300,7 +300,7 @@ def nce_case(name: str) -> tuple[PairwiseLoss, list[list[torch.Tensor]]]:
 def nce_run(loss: PairwiseLoss, views: list[list[torch.Tensor]], rows: slice) -> dict:
     """Loss, accuracy and gradients (embeddings and parameters) on the items `rows`."""
     leaves = [[e[rows].clone().requires_grad_() for e in view] for view in views]
-    out = loss(leaves, step=0)
+    out = loss.embedding_terms(leaves, step=0)
     loss.zero_grad()
     out["l_sim"].backward()
     return {"l_sim": out["l_sim"].detach(), "nce_accuracy": out["nce_accuracy"],
@@ -324,8 +324,9 @@ def nce_worker(rank: int, port: int, out_dir: str) -> None:
     # Validation (no_grad): no collective, negatives from this rank only.
     loss, views = nce_case("frame")
     with torch.no_grad():
-        results["no_grad"] = loss([[e[rank * per_rank:(rank + 1) * per_rank] for e in view]
-                                   for view in views], step=0)["sim"]
+        results["no_grad"] = loss.embedding_terms([[e[rank * per_rank:(rank + 1) * per_rank]
+                                                    for e in view] for view in views],
+                                                  step=0)["sim"]
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -372,4 +373,4 @@ def test_infonce_under_no_grad_stays_local(nce_ranks):
     per_rank = NCE_BATCH // NCE_WORLD
     for rank, r in enumerate(nce_ranks):
         local = [[e[rank * per_rank:(rank + 1) * per_rank] for e in view] for view in views]
-        torch.testing.assert_close(r["no_grad"], loss(local, step=0)["sim"])
+        torch.testing.assert_close(r["no_grad"], loss.embedding_terms(local, step=0)["sim"])

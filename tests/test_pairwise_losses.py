@@ -10,17 +10,40 @@ import torch
 import yaml
 from omegaconf import OmegaConf, open_dict
 
-from conftest import ROOT
-from pairwise_losses import (LevelDifferenceHead, PairwiseLoss, centred_cosine, code_consensus,
-                             diversity_loss,
-                             info_nce, level_difference_loss, pairwise_losses, reverse_gradient,
-                             similarity_loss, split_views, swap_latents)
+from conftest import ROOT, make_config
+from modules.pairwise_heads import LevelDifferenceHead, level_difference_loss, reverse_gradient
+from modules.pairwise_terms import (centred_cosine, code_consensus, diversity_loss, info_nce,
+                                    similarity_loss, swap_latents)
+from modules.views import split_views
+from pairwise_losses import PairwiseLoss, Terms
+from training.configuration import prepare_config
+from utils.checks import ConfigError
 
 # One item, D = 2, F = 2. Frames of a: (1, 0), (0, 1); frames of b: (0, 1), (0, 2).
 A = torch.tensor([[[1., 0.], [0., 1.]]])
 B = torch.tensor([[[0., 0.], [1., 2.]]])
 # mse: differences (1, -1), (0, -1) -> (1 + 1 + 0 + 1) / 4 = 0.75
 # cosine per frame: 0 and 1 -> mean 0.5
+
+
+def pairwise_losses(*views, sim_weight: float = 0.5, div_weight: float = 0.5,
+                    **options) -> dict[str, torch.Tensor]:
+    """The design document's call, `pairwise_losses(emb1, emb2, sim_weight=.5, div_weight=.5)`:
+    `PairwiseLoss`'s terms of the views' embeddings with these weights."""
+    loss = PairwiseLoss(sim_weight=sim_weight, div_weight=div_weight, **options)
+    return loss.embedding_terms(list(views), step=0)
+
+
+def scheduled(loss: PairwiseLoss, terms: Terms, step: int) -> dict[str, torch.Tensor]:
+    """`terms` weighted as `loss` weighs them at optimizer step `step`."""
+    return loss.weigh(terms, loss.schedule_factor(step))
+
+
+def config_error(*overrides: str) -> str:
+    """The error of preparing the paired config with `overrides`."""
+    with pytest.raises(ConfigError) as error:
+        prepare_config(make_config("config_paired_nq2", ["datasets.data_root=unused", *overrides]))
+    return str(error.value)
 
 
 def random_views(num_views: int, batch: int = 3, n_q: int = 2, dim: int = 4, frames: int = 5,
@@ -148,17 +171,16 @@ def test_split_views_follows_view_major_order():
 def test_from_config_seed_recipe_is_the_design_documents_function(cfg_factory):
     cfg = cfg_factory("config_paired_nq2", ["pairwise=seed"])
     loss = PairwiseLoss.from_config(cfg.pairwise, dimension=cfg.model.dimension)
-    assert (loss.sim_weight, loss.div_weight, loss.sim_kind, loss.div_kind) == (0.5, 0.5, 'mse',
+    assert (loss.weights['l_sim'], loss.weights['l_div'], loss.sim_kind, loss.div_kind) == (0.5, 0.5, 'mse',
                                                                                  'neg_mse')
     assert loss.classifier is None and list(loss.parameters()) == []
     torch.manual_seed(0)
     views = random_views(2, requires_grad=True)
-    out = loss(views, step=0)
+    out = loss.embedding_terms(views, step=0)
     assert set(out) == {'l_sim', 'l_div', 'sim', 'div'}
-    reference = pairwise_losses(*views)
-    torch.testing.assert_close(out['l_sim'], reference['l_sim'])
-    torch.testing.assert_close(out['l_div'], reference['l_div'])
-    torch.testing.assert_close(out['sim'], 2 * reference['l_sim'].detach())
+    torch.testing.assert_close(out['l_sim'], 0.5 * similarity_loss(views[0][0], views[1][0]))
+    torch.testing.assert_close(out['l_div'], 0.5 * diversity_loss(views[0][1], views[1][1]))
+    torch.testing.assert_close(out['sim'], similarity_loss(views[0][0], views[1][0]).detach())
     assert not out['sim'].requires_grad and not out['div'].requires_grad
     assert out['l_sim'].requires_grad and out['l_div'].requires_grad
 
@@ -168,33 +190,31 @@ def test_class_weights_scale_per_item_similarity():
     views = random_views(2, batch=3)
     loss = PairwiseLoss(sim_weight=1.0, class_weights={'Beach': 3.0, 'Park': 0.0})
     per_item = similarity_loss(views[0][0], views[1][0], reduction='none')
-    out = loss(views, step=0, classes=['Beach', 'Park', 'Woodland'])  # Woodland: unknown -> 1
+    out = loss.embedding_terms(views, step=0, classes=['Beach', 'Park', 'Woodland'])  # Woodland: unknown -> 1
     expected = torch.stack([3.0 * per_item[0], 0.0 * per_item[1], per_item[2]]).mean()
     torch.testing.assert_close(out['l_sim'], expected)
     torch.testing.assert_close(out['sim'], per_item.mean())  # logged value stays unweighted
-    unweighted = loss(views, step=0)
+    unweighted = loss.embedding_terms(views, step=0)
     torch.testing.assert_close(unweighted['l_sim'], per_item.mean())
 
 
 def test_linear_schedule_ramps():
     torch.manual_seed(0)
     views = random_views(2)
-    full = PairwiseLoss()(views, step=0)
+    full = PairwiseLoss().embedding_terms(views, step=0)
     ramp = PairwiseLoss(schedule='linear', ramp_steps=10)
-    assert ramp(views, step=0)['l_sim'].item() == 0.0
-    torch.testing.assert_close(ramp(views, step=5)['l_sim'], 0.5 * full['l_sim'])
-    torch.testing.assert_close(ramp(views, step=5)['l_div'], 0.5 * full['l_div'])
-    torch.testing.assert_close(ramp(views, step=10)['l_div'], full['l_div'])
-    torch.testing.assert_close(ramp(views, step=1000)['l_sim'], full['l_sim'])
-    torch.testing.assert_close(ramp(views, step=5)['sim'], full['sim'])  # logging unscaled
-    with pytest.raises(ValueError, match="pairwise.ramp_steps"):
-        PairwiseLoss(schedule='linear', ramp_steps=0)
-    with pytest.raises(ValueError, match="pairwise.schedule"):
-        PairwiseLoss(schedule='cosine')
-    with pytest.raises(ValueError, match="must differ"):
-        PairwiseLoss(content_codebook=1, channel_codebook=1)
-    with pytest.raises(ValueError, match="pairwise.margin"):
-        PairwiseLoss(div_kind='margin', margin=0.0)
+    assert ramp.embedding_terms(views, step=0)['l_sim'].item() == 0.0
+    torch.testing.assert_close(ramp.embedding_terms(views, step=5)['l_sim'], 0.5 * full['l_sim'])
+    torch.testing.assert_close(ramp.embedding_terms(views, step=5)['l_div'], 0.5 * full['l_div'])
+    torch.testing.assert_close(ramp.embedding_terms(views, step=10)['l_div'], full['l_div'])
+    torch.testing.assert_close(ramp.embedding_terms(views, step=1000)['l_sim'], full['l_sim'])
+    torch.testing.assert_close(ramp.embedding_terms(views, step=5)['sim'], full['sim'])  # logging unscaled
+    assert "pairwise.ramp_steps" in config_error("pairwise.schedule=linear",
+                                                 "pairwise.ramp_steps=0")
+    assert "pairwise.schedule" in config_error("pairwise.schedule=cosine")
+    assert "is also the content codebook" in config_error("pairwise.content_codebook=1",
+                                                          "pairwise.channel_codebook=1")
+    assert "pairwise.margin" in config_error("pairwise.div_kind=margin", "pairwise.margin=0.0")
 
 
 def test_channel_classifier_learns_separable_channels(cfg_factory):
@@ -212,7 +232,7 @@ def test_channel_classifier_learns_separable_channels(cfg_factory):
     optimizer = torch.optim.Adam(loss.parameters(), lr=0.1)
     first = None
     for _ in range(30):
-        out = loss(views, step=0, channels=channels)
+        out = loss.embedding_terms(views, step=0, channels=channels)
         if first is None:
             first = out['cls'].item()
         optimizer.zero_grad()
@@ -230,11 +250,11 @@ def test_channel_classifier_errors():
         PairwiseLoss(channel_classifier=True)
     loss = PairwiseLoss(channel_classifier=True, num_channels=4, dimension=4)
     with pytest.raises(ValueError, match="channels"):
-        loss(views, step=0)
+        loss.embedding_terms(views, step=0)
     with pytest.raises(ValueError, match="num_channels=4"):
-        loss(views, step=0, channels=torch.tensor([[0, 1], [2, 7], [1, 0]]))
+        loss.embedding_terms(views, step=0, channels=torch.tensor([[0, 1], [2, 7], [1, 0]]))
     with torch.no_grad():  # validation: the head term is left out rather than failing
-        assert 'l_cls' not in loss(views, step=0)
+        assert 'l_cls' not in loss.embedding_terms(views, step=0)
 
 
 # ----------------------------------------------------------------------------- InfoNCE
@@ -347,7 +367,7 @@ def test_pairwise_loss_infonce_outputs_and_gradient():
     views = random_views(2, requires_grad=True)
     loss = PairwiseLoss(sim_kind='infonce', sim_weight=2.0, div_kind='cos_hinge',
                         temperature=0.2, nce_pooling='mean')
-    out = loss(views, step=0)
+    out = loss.embedding_terms(views, step=0)
     assert {'l_sim', 'l_div', 'sim', 'div', 'nce_accuracy', 'div_cosine'} <= set(out)
     expected = info_nce(views[0][0], views[1][0], temperature=0.2, pooling='mean')
     torch.testing.assert_close(out['sim'], expected.loss.mean())
@@ -361,7 +381,7 @@ def test_pairwise_loss_infonce_outputs_and_gradient():
 def test_nce_projection_is_a_parameter():
     loss = PairwiseLoss(sim_kind='infonce', nce_projection=3, dimension=4)
     assert [p.shape for p in loss.parameters()] == [torch.Size([3, 4])]
-    loss(random_views(2, dim=4), step=0)['l_sim'].backward()
+    loss.embedding_terms(random_views(2, dim=4), step=0)['l_sim'].backward()
     assert loss.projection.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="dimension"):
         PairwiseLoss(sim_kind='infonce', nce_projection=3)
@@ -444,10 +464,11 @@ def test_swap_latents_gradient_reaches_both_views():
 
 def test_xrec_loss_is_weighted_and_scheduled():
     loss = PairwiseLoss(xrec_weight=0.5, start_step=10, schedule='linear', ramp_steps=10)
-    assert loss.uses_xrec and not PairwiseLoss().uses_xrec
-    per_item = torch.tensor([1.0, 3.0])
-    assert loss.xrec_loss(per_item, step=5)['l_xrec'].item() == 0.0
-    out = loss.xrec_loss(per_item, step=15)
+    assert loss.uses('l_xrec') and not PairwiseLoss().uses('l_xrec')
+    xrec = torch.tensor([1.0, 3.0]).mean()  # the mean of the decoded swaps' losses
+    terms = {'l_xrec': xrec}, {'xrec': xrec}
+    assert scheduled(loss, terms, step=5)['l_xrec'].item() == 0.0
+    out = scheduled(loss, terms, step=15)
     assert out['l_xrec'].item() == pytest.approx(0.5 * 0.5 * 2.0)
     assert out['xrec'].item() == pytest.approx(2.0)
 
@@ -455,24 +476,23 @@ def test_xrec_loss_is_weighted_and_scheduled():
 def test_invariance_loss_contrasts_the_content_codebook_with_its_changed_copy():
     loss = PairwiseLoss(sim_kind='infonce', invariance_weight=0.5, start_step=10,
                         schedule='linear', ramp_steps=10, temperature=0.2)
-    assert loss.uses_invariance and not PairwiseLoss().uses_invariance
+    assert loss.uses('l_inv') and not PairwiseLoss().uses('l_inv')
     torch.manual_seed(0)
     view, changed = random_views(2, batch=4, frames=3, requires_grad=True)
-    out = loss.invariance_loss(view, changed, step=15)
+    out = scheduled(loss, loss.invariance_terms(view, changed), step=15)
     want = info_nce(view[0], changed[0], temperature=0.2).loss.mean()
     assert out['inv'].item() == pytest.approx(want.item())
     assert out['l_inv'].item() == pytest.approx(0.5 * 0.5 * want.item())
-    assert loss.invariance_loss(view, changed, step=5)['l_inv'].item() == 0.0
+    assert scheduled(loss, loss.invariance_terms(view, changed), step=5)['l_inv'].item() == 0.0
     out['l_inv'].backward()
     assert view[0].grad.abs().sum() > 0 and view[1].grad is None  # codebook 1 only
     # A changed copy that codes exactly alike reaches the minimum; a collapsed one, chance.
     same = one_hot_views(batch=4, frames=3)
-    assert loss.invariance_loss([same, same], [same.clone(), same], 20)['inv'] < 0.01
+    assert loss.invariance_terms([same, same], [same.clone(), same])[1]['inv'] < 0.01
     collapsed = torch.randn(1, 8, 1).expand(4, -1, 3)
-    assert loss.invariance_loss([collapsed, same], [collapsed.clone(), same], 20)['inv'] \
+    assert loss.invariance_terms([collapsed, same], [collapsed.clone(), same])[1]['inv'] \
         == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="pairwise.invariance"):
-        PairwiseLoss(invariance_weight=-1.0)
+    assert "pairwise.invariance" in config_error("pairwise.invariance.weight=-1.0")
 
 
 CODES = torch.tensor([[0., 0.], [2., 0.], [0., 2.]])
@@ -501,17 +521,16 @@ def test_code_consensus_is_the_normalised_margin_to_the_pairs_code():
 
 def test_consensus_loss_is_weighted_scheduled_and_zero_for_views_coded_alike():
     loss = PairwiseLoss(consensus_weight=2.0, start_step=10, schedule='linear', ramp_steps=10)
-    assert loss.uses_consensus and not PairwiseLoss().uses_consensus
+    assert loss.uses('l_consensus') and not PairwiseLoss().uses('l_consensus')
     a = torch.tensor([[[0., 2.], [0., 0.]]])
     b = torch.tensor([[[0., 0.9], [0., 0.]]])
-    out = loss.consensus_loss([a, b], CODES, step=15)
+    out = scheduled(loss, loss.code_consensus_terms([a, b], CODES), step=15)
     assert out['consensus'].item() == pytest.approx(0.025)
     assert out['l_consensus'].item() == pytest.approx(0.5 * 2.0 * 0.025)
-    assert loss.consensus_loss([a, b], CODES, step=5)['l_consensus'].item() == 0.0
-    alike = loss.consensus_loss([a, a + 0.1], CODES, step=20)
+    assert scheduled(loss, loss.code_consensus_terms([a, b], CODES), step=5)['l_consensus'] == 0
+    alike = scheduled(loss, loss.code_consensus_terms([a, a + 0.1], CODES), step=20)
     assert alike['consensus'].item() == 0.0 and alike['consensus_agreement'].item() == 1.0
-    with pytest.raises(ValueError, match="consensus_weight"):
-        PairwiseLoss(consensus_weight=-1.0)
+    assert "consensus_weight" in config_error("pairwise.consensus_weight=-1.0")
 
 
 # ----------------------------------------------------------------------------- level differences
@@ -526,7 +545,7 @@ def test_gradient_reversal_twin_opposes_the_plain_head():
     views = [[base[v].clone().requires_grad_(), base[v].clone().requires_grad_()]
              for v in range(2)]
     targets = torch.randn(2, 3)
-    out = loss(views, step=0, ild_targets=targets)
+    out = loss.embedding_terms(views, step=0, ild_targets=targets)
     torch.testing.assert_close(out['ild'], out['ild_adv'])
     (out['l_ild'] + out['l_ild_adv']).backward()
     for v in range(2):
@@ -568,7 +587,7 @@ def test_ild_targets_shapes_and_missing_targets():
     loss = PairwiseLoss(ild_head=True, dimension=4, ild_bands=3, ild_hidden=8)
     views = random_views(3, dim=4)
     levels = torch.randn(3, 3, 3)  # per-view levels [B, V, n_bands]
-    out = loss(views, step=0, ild_targets=levels)
+    out = loss.embedding_terms(views, step=0, ild_targets=levels)
     pairs = list(itertools.combinations(range(3), 2))
     expected = torch.stack([level_difference_loss(
         loss.ild_head(views[i][1], views[j][1]), levels[:, i] - levels[:, j]) for i, j in pairs])
@@ -577,13 +596,13 @@ def test_ild_targets_shapes_and_missing_targets():
     two = random_views(2, dim=4)
     difference = torch.randn(3, 3)
     expected = level_difference_loss(loss.ild_head(two[0][1], two[1][1]), difference)
-    torch.testing.assert_close(loss(two, step=0, ild_targets=difference)['ild'], expected)
+    torch.testing.assert_close(loss.embedding_terms(two, step=0, ild_targets=difference)['ild'], expected)
     with pytest.raises(ValueError, match="ild_targets"):
-        loss(views, step=0)  # training without targets
+        loss.embedding_terms(views, step=0)  # training without targets
     with pytest.raises(ValueError, match=r"\[B, 3\]"):
-        loss(views, step=0, ild_targets=torch.randn(3, 3))  # a difference for 3 views
+        loss.embedding_terms(views, step=0, ild_targets=torch.randn(3, 3))  # a difference for 3 views
     with torch.no_grad():
-        assert 'l_ild' not in loss(views, step=0)  # validation
+        assert 'l_ild' not in loss.embedding_terms(views, step=0)  # validation
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -596,18 +615,17 @@ def test_start_step_switches_every_term_on_then_ramps():
     late = PairwiseLoss(ild_head=True, dimension=4, start_step=100, schedule='linear',
                         ramp_steps=10)
     late.load_state_dict(full.state_dict())
-    reference = full(views, step=0, ild_targets=targets)
+    reference = full.embedding_terms(views, step=0, ild_targets=targets)
     assert not late.is_active(50) and not late.is_active(100) and late.is_active(101)
-    early = late(views, step=50, ild_targets=targets)
+    early = late.embedding_terms(views, step=50, ild_targets=targets)
     assert all(early[k].item() == 0.0 for k in ('l_sim', 'l_div', 'l_ild', 'l_ild_adv'))
     torch.testing.assert_close(early['sim'], reference['sim'])  # logging is unscheduled
-    half = late(views, step=105, ild_targets=targets)
+    half = late.embedding_terms(views, step=105, ild_targets=targets)
     for k in ('l_sim', 'l_div', 'l_ild', 'l_ild_adv'):
         torch.testing.assert_close(half[k], 0.5 * reference[k])
-    torch.testing.assert_close(late(views, step=110, ild_targets=targets)['l_sim'],
+    torch.testing.assert_close(late.embedding_terms(views, step=110, ild_targets=targets)['l_sim'],
                                reference['l_sim'])
-    with pytest.raises(ValueError, match="pairwise.start_step"):
-        PairwiseLoss(start_step=-1)
+    assert "pairwise.start_step" in config_error("pairwise.start_step=-1")
 
 
 # ----------------------------------------------------------------------------- config group
@@ -640,16 +658,16 @@ def test_contrastive_group_composes_from_the_command_line(cfg_factory):
     assert cfg.pairwise.sim_weight == 1.0 and cfg.pairwise.ild_head.enabled
     loss = PairwiseLoss.from_config(cfg.pairwise, dimension=cfg.model.dimension)
     contrastive = group_file("contrastive")
-    assert (loss.sim_kind, loss.div_kind, loss.temperature, loss.nce_pooling, loss.xrec_weight,
+    assert (loss.sim_kind, loss.div_kind, loss.temperature, loss.nce_pooling, loss.weights['l_xrec'],
             loss.start_step, loss.max_cosine) == (
         'infonce', 'cos_hinge', contrastive['temperature'], contrastive['nce_pooling'],
         contrastive['xrec_weight'], contrastive['start_step'], contrastive['max_cosine'])
     assert loss.ild_head is not None and loss.ild_twin is not None
-    out = loss(random_views(2, dim=cfg.model.dimension), step=10_000,
+    out = loss.embedding_terms(random_views(2, dim=cfg.model.dimension), step=10_000,
                ild_targets=torch.randn(3, contrastive['ild_head']['n_bands']))
     assert set(out) >= {'l_sim', 'l_div', 'l_ild', 'l_ild_adv', 'nce_accuracy'}
     seed_override = cfg_factory("config_paired_nq2", ["pairwise=seed", "pairwise.xrec_weight=1.0"])
-    assert PairwiseLoss.from_config(seed_override.pairwise).uses_xrec
+    assert PairwiseLoss.from_config(seed_override.pairwise).uses('l_xrec')
 
 
 def test_from_config_reads_every_key(cfg_factory):
@@ -673,7 +691,7 @@ def test_from_config_reads_every_key(cfg_factory):
     overrides = [f"pairwise.{k}={v}" for k, v in values.items() if k != "class_weights"]
     cfg = cfg_factory("config_paired_nq2", [*overrides, "+pairwise.class_weights.Beach=2.0"])
     loss = PairwiseLoss.from_config(cfg.pairwise, dimension=4)
-    read = {"sim_weight": loss.sim_weight, "div_weight": loss.div_weight,
+    read = {"sim_weight": loss.weights['l_sim'], "div_weight": loss.weights['l_div'],
             "sim_kind": loss.sim_kind, "div_kind": loss.div_kind, "margin": loss.margin,
             "max_cosine": loss.max_cosine, "content_codebook": loss.content_codebook,
             "channel_codebook": loss.channel_codebook, "start_step": loss.start_step,
@@ -681,18 +699,18 @@ def test_from_config_reads_every_key(cfg_factory):
             "class_weights": loss.class_weights, "temperature": loss.temperature,
             "nce_pooling": loss.nce_pooling, "nce_center": loss.nce_center,
             "nce_same_segment_negatives": loss.nce_same_segment_negatives,
-            "nce_projection": loss.projection.out_features, "xrec_weight": loss.xrec_weight,
+            "nce_projection": loss.projection.out_features, "xrec_weight": loss.weights['l_xrec'],
             "channel_classifier.enabled": loss.classifier is not None,
-            "channel_classifier.weight": loss.classifier_weight,
+            "channel_classifier.weight": loss.weights['l_cls'],
             "channel_classifier.num_channels": loss.classifier.num_channels,
             "ild_head.enabled": loss.ild_head is not None,
             "ild_head.n_bands": loss.ild_twin.n_bands,
             "ild_head.hidden": loss.ild_head.mlp[0].out_features,
-            "ild_head.weight": loss.ild_weight, "ild_head.adv_weight": loss.ild_adv_weight,
+            "ild_head.weight": loss.weights['l_ild'], "ild_head.adv_weight": loss.weights['l_ild_adv'],
             "ild_head.reversal": loss.ild_reversal, "ild_head.floor_db": loss.ild_floor_db,
             "wait_for_kmeans": loss.wait_for_kmeans, "shared_scale": loss.shared_scale,
-            "cue_weight": loss.cue_weight, "consensus_weight": loss.consensus_weight,
-            "invariance.weight": loss.invariance_weight,
+            "cue_weight": loss.weights['l_cue'], "consensus_weight": loss.weights['l_consensus'],
+            "invariance.weight": loss.weights['l_inv'],
             "invariance.band_gain_db": loss.invariance_band_gain_db,
             "invariance.max_delay": loss.invariance_max_delay}
     assert read == values
@@ -719,12 +737,13 @@ def test_cue_loss_is_zero_for_kept_differences_and_one_for_none():
     torch.manual_seed(0)
     inputs = torch.randn(6, 2, 8) * 3.0  # per-view band levels, dB
     kept = inputs + 40.0  # the decode at another overall level keeps every difference
-    assert loss.cue_loss(kept, inputs, step=0)['cue'].item() == pytest.approx(0.0, abs=1e-6)
+    assert loss.cue_fidelity(kept, inputs)[1]['cue'].item() == pytest.approx(0.0, abs=1e-6)
     none = inputs[:, :1].expand(-1, 2, -1)  # both decoded views alike
-    result = loss.cue_loss(none, inputs, step=0)
+    result = scheduled(loss, loss.cue_fidelity(none, inputs), step=0)
     assert result['cue'].item() == pytest.approx(1.0, rel=1e-5)
     assert result['l_cue'].item() == pytest.approx(2.0, rel=1e-5)
     halved = inputs.clone()
     halved[:, 1] = (inputs[:, 0] + inputs[:, 1]) / 2  # half of each difference kept
-    assert loss.cue_loss(halved, inputs, step=0)['cue'].item() == pytest.approx(0.25, rel=1e-5)
-    assert PairwiseLoss(cue_weight=1.0, start_step=5).cue_loss(none, inputs, step=4)['l_cue'] == 0
+    assert loss.cue_fidelity(halved, inputs)[1]['cue'].item() == pytest.approx(0.25, rel=1e-5)
+    late = PairwiseLoss(cue_weight=1.0, start_step=5)
+    assert scheduled(late, late.cue_fidelity(none, inputs), step=4)['l_cue'] == 0

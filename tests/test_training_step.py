@@ -14,13 +14,14 @@ import torch.multiprocessing as mp
 
 from modules import channel_change
 from training import engine
-from training import step as training_step
 from conftest import make_config
 from reference_step import reference_step
 from training.configuration import prepare_config
 from modules.losses import discriminator_loss, feature_matching_loss, generator_adv_loss
 from modules import spatial_cues
-from pairwise_losses import code_consensus, info_nce, level_difference_loss, split_views, swap_latents
+from modules.pairwise_heads import level_difference_loss
+from modules.pairwise_terms import code_consensus, info_nce, swap_latents
+from modules.views import split_views
 from training.parts import WarmupCosine, build_parts
 from training.runtime import Runtime, seed_everything
 from step_faults import fp16_scalers, nan_time_loss, overflowing_gradient
@@ -88,8 +89,8 @@ def test_train_step_applies_the_design_documents_loss_and_its_gradients(float64)
     weights = cfg.losses
     total = sum(weights[name] * per_channel(value).sum() for name, value in items.items())
     total = total + weights.commit * per_channel(out.commit_per_item).sum()
-    pair = pairwise(split_views(out.embeddings, VIEWS), 3, classes=["Beach"] * BATCH,
-                    channels=torch.tensor([m["channels"] for m in metas]))
+    pair = pairwise.embedding_terms(split_views(out.embeddings, VIEWS), 3, classes=["Beach"] * BATCH,
+                                    channels=torch.tensor([m["channels"] for m in metas]))
     total = total + pair["l_sim"] + pair["l_div"]
     model.zero_grad()
     total.backward()
@@ -141,7 +142,8 @@ def test_train_step_computes_what_the_straightforward_step_computes(views, overr
                          gain_jitter_db=cfg.datasets.gain_jitter_db)
         torch.manual_seed(step)
         want = reference_step(reference, runtime, wavs, metas, step=step, adversarial=adversarial,
-                              update_disc=update_disc, gain_jitter_db=cfg.datasets.gain_jitter_db)
+                              update_disc=update_disc, gain_jitter_db=cfg.datasets.gain_jitter_db,
+                              pairwise_cfg=cfg.pairwise if views > 1 else None)
         assert got.ok and want.pop("ok")
         assert {"l_g_ch1", "l_feat_ch1"} <= set(want) or not adversarial
         assert ("loss_d" in want) == update_disc
@@ -273,7 +275,8 @@ def test_contrastive_step_adds_cross_reconstruction_at_the_pairs_shared_scale(sh
     total = sum(cfg.losses[name] * per_channel(value).sum() for name, value in items.items())
     total = total + cfg.losses.commit * per_channel(out.commit_per_item).sum()
     views = split_views(out.embeddings, VIEWS)
-    pair = pairwise(views, 3, classes=["Beach"] * BATCH, channels=torch.tensor([m["channels"] for m in metas]))
+    pair = pairwise.embedding_terms(views, 3, classes=["Beach"] * BATCH,
+                                    channels=torch.tensor([m["channels"] for m in metas]))
     swap = swap_latents(views, content_codebook=0)
     decoded = model.decoder(swap.latents)[..., :x.shape[-1]] * scale[swap.target_index]
     xrec = parts.generator_loss.weighted_sum(parts.generator_loss(x[swap.target_index], decoded))
@@ -319,7 +322,7 @@ def test_invariance_encodes_a_changed_first_view_at_its_scale_without_touching_t
         changed.append(original(x, *args))
         return changed[-1]
 
-    monkeypatch.setattr(training_step.channel_change, "random_channel_change", recorded_change)
+    monkeypatch.setattr(channel_change, "random_channel_change", recorded_change)
     quantizers = {}
     for weight in ("0.5", "0"):
         _, parts, model, x, result = measured_step(["pairwise.xrec_weight=0",
@@ -395,6 +398,21 @@ def test_pairwise_terms_wait_for_their_start_step_and_for_kmeans():
     waiting = scalars(["model.kmeans_buffer=10"], step=50)  # 24 of 320 vectors gathered
     assert waiting["kmeans_done"] == 0 and "l_sim" not in waiting and "l_xrec" not in waiting
     assert "l_sim" in scalars(["model.kmeans_buffer=10", "pairwise.wait_for_kmeans=false"], step=50)
+
+
+def test_both_heads_on_train_the_classifier_before_the_scheduled_terms_start():
+    # The classifier is unscheduled and runs from the first step; the level-difference head
+    # waits with the other scheduled terms (its targets are not measured before).
+    cfg, runtime, parts = tiny_setup([*CONTRASTIVE, "pairwise.start_step=5",
+                                      "pairwise.channel_classifier.enabled=true",
+                                      "pairwise.ild_head.enabled=true"])
+    wavs, metas = level_pair(cfg)
+    init_codebooks(parts, wavs)
+    for step, scheduled_on in ((0, False), (4, False), (5, True)):
+        result = train_step(parts, runtime, wavs, metas, step=step, adversarial=False,
+                            update_disc=False, grad_clip=0.0, bins=cfg.model.bins)
+        assert result.ok and result.scalars["l_cls"] > 0, step
+        assert ("l_ild" in result.scalars) == ("l_xrec" in result.scalars) == scheduled_on, step
 
 
 def test_gradient_ratios_are_each_terms_pull_on_the_latent_next_to_the_reconstructions():
@@ -493,7 +511,6 @@ def test_discriminator_stays_trainable_when_its_frozen_pass_raises():
 
 def test_compile_compiles_each_discriminator_scale_in_place():
     _, _, parts = tiny_setup(["common.compile=true"])
-    assert parts.disc is parts.raw_disc  # the step calls the scales themselves
     assert all(scale._compiled_call_impl is not None for scale in parts.raw_disc.discriminators)
     _, _, plain = tiny_setup()
     assert all(scale._compiled_call_impl is None for scale in plain.raw_disc.discriminators)
@@ -610,16 +627,18 @@ def test_gain_jitter_scales_each_item_within_its_range_and_views_alike():
     cfg, runtime, parts = tiny_setup(SEED_RECIPE)
     wavs, _ = level_pair(cfg)
     x = wavs.flatten(0, 1)
-    assert normalisation_scale(parts, x, VIEWS) is None  # the seed recipe: each view its RMS
+    model, shared_scale = parts.raw_model, parts.pairwise.shared_scale
+    assert normalisation_scale(model, x, VIEWS, shared_scale) is None  # the seed recipe: each view its RMS
     own = parts.raw_model.normalize(x)[1]
     torch.manual_seed(1)
-    jittered = normalisation_scale(parts, x, VIEWS, gain_jitter_db=6.0)
+    jittered = normalisation_scale(model, x, VIEWS, shared_scale, gain_jitter_db=6.0)
     gain_db = 20 * torch.log10(own / jittered).flatten()
     assert gain_db.abs().max() <= 6.0 and gain_db.std() > 0.5
     assert torch.allclose(gain_db[0::2], gain_db[1::2])  # one gain per item, for all its views
     _, _, shared = tiny_setup(CONTRASTIVE)
     torch.manual_seed(1)
-    both = normalisation_scale(shared, x, VIEWS, gain_jitter_db=6.0)
+    both = normalisation_scale(shared.raw_model, x, VIEWS, shared.pairwise.shared_scale,
+                               gain_jitter_db=6.0)
     torch.testing.assert_close(20 * torch.log10(shared.raw_model.shared_scale(x, VIEWS) / both).flatten(),
                                gain_db)  # same draws on top of the pair's common RMS
 

@@ -25,7 +25,8 @@ from utils.checks import (AT_LEAST_1, DATA_ROOT, DECAY, DEVICE, NON_NEGATIVE, PO
                     Limit, OneOf, PathRule, Pattern, Rule, setting_error, show)
 from modules.losses import MelLoss
 from modules.seanet import CONV_NORMS
-from pairwise_losses import DIV_KINDS, NCE_POOLINGS, SCHEDULES, SIM_KINDS
+from modules.pairwise_terms import DIV_KINDS, NCE_POOLINGS, SIM_KINDS
+from pairwise_losses import SCHEDULES
 from training.tracking import WANDB_MODES
 
 AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -73,19 +73,17 @@ class Parts:
 
     `model` is what the step calls: the DDP wrapper of `raw_model` under several processes,
     the raw module otherwise; under `common.compile` its encoder and decoder are compiled in
-    place (`compile_generator`). `disc` is `raw_disc` itself: the step
-    runs its scales one at a time (`training_step.discriminate`), which DDP cannot wrap, so
-    its initial weights are broadcast from rank 0 and its gradients averaged by hand; under
+    place (`compile_generator`). The discriminator is `raw_disc` alone: the step runs its
+    scales one at a time (`training.step.discriminate`), which DDP cannot wrap, so its
+    initial weights are broadcast from rank 0 and its gradients averaged by hand; under
     `common.compile` each scale is compiled in place. State dicts always come from the raw
-    modules. `disc`, `raw_disc`, `opt_d` are None
-    without a discriminator, `pairwise` is None in mono training and `balancer` when it is
-    off. The learning rate of optimizer step `s` is `lr_g * schedule(s)` (`lr_d` for the
+    modules. `raw_disc`, `opt_d` are None without a discriminator, `pairwise` is None in mono
+    training and `balancer` when it is off. The learning rate of optimizer step `s` is `lr_g * schedule(s)` (`lr_d` for the
     discriminator), set by `set_learning_rates` before each step.
     """
     raw_model: EncodecModel
     raw_disc: MultiScaleSTFTDiscriminator | None
     model: nn.Module
-    disc: nn.Module | None
     generator_loss: GeneratorLoss
     pairwise: PairwiseLoss | None
     balancer: Balancer | None
@@ -128,7 +126,6 @@ def build_parts(cfg: DictConfig, runtime: Runtime, steps_per_epoch: int) -> Part
     return Parts(
         raw_model=raw_model, raw_disc=raw_disc,
         model=wrap_for_runtime(raw_model, cfg, runtime),
-        disc=raw_disc,
         generator_loss=generator_loss, pairwise=pairwise, balancer=balancer,
         opt_g=opt_g, opt_d=opt_d,
         scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),

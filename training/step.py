@@ -2,11 +2,12 @@
 `generator_losses` -> `backward` -> `apply_updates`.
 
 A step is the same code for mono (V = 1) and paired (V = 2) training: the V views of B
-segments go through the generator as ONE batch of B*V (view-major inside an item), the
-result is split back into views for per-channel losses, and the pairwise losses compare the
-views' codebook embeddings. The generator loss is the design document's sum over channels:
+segments go through the generator as ONE batch of B*V (`modules.views`), and the per-item
+losses are averaged per view. Paired training (`parts.pairwise` is not None) adds the
+pairwise objective, which takes what it needs from the generator pass in one call. The
+generator loss is the design document's sum over channels:
 `sum_v (l_t + l_f + l_g + l_feat + commit)_v + l_sim + l_div` (weighted), plus the terms the
-pairwise recipe adds (cross-reconstruction `l_xrec`, the level-difference heads).
+pairwise recipe adds (cross-reconstruction `l_xrec`, the level-difference heads, ...).
 """
 from __future__ import annotations
 
@@ -19,14 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from modules import channel_change
-from utils import distributed
 from measure import metrics
-from modules import spatial_cues
-from modules.losses import hinge_fake, hinge_real, relative_l1
 from model import EncodecModel, EncodecOutput
-from pairwise_losses import LOSS_TERMS, split_views
+from modules.losses import hinge_fake, hinge_real, relative_l1
+from modules.views import flatten_views, per_view_means
+from pairwise_losses import LOGGED_TERMS, LOSS_TERMS
 from training.parts import Parts, set_learning_rates
+from utils import distributed
 from training.runtime import Runtime
 
 
@@ -68,14 +68,16 @@ class GeneratorLosses:
         per_loss: the output-dependent losses summed over views (what the balancer balances);
             the adversarial ones (`l_g`, `l_feat`) are values: their gradient at the output is
             already in `Adversarial.output_grads`.
-        rest: commitment + pairwise losses, which do not go through the balancer.
-        pair: the pairwise losses' dict (weighted and unweighted terms), empty in mono.
+        unbalanced: commitment + the weighted pairwise terms, which do not go through the
+            balancer.
+        pairwise: the pairwise objective's weighted terms and unweighted logs (empty in mono
+            and before its terms switch on).
         total: the design document's weighted sum of everything (a value, for the log).
     """
     per_view: dict[str, torch.Tensor]
     per_loss: dict[str, torch.Tensor]
-    rest: torch.Tensor
-    pair: dict[str, torch.Tensor]
+    unbalanced: torch.Tensor
+    pairwise: dict[str, torch.Tensor]
     total: torch.Tensor
 
     def with_graph(self) -> dict[str, torch.Tensor]:
@@ -87,11 +89,6 @@ def discriminator_coin(seed: int, epoch: int, batch: int) -> float:
     """The discriminator-update coin flip at batch `batch` of `epoch`: a pure function of
     the position in training, so it is the same on every rank and after a resume."""
     return float(np.random.default_rng([seed, epoch, batch, 0xD15C]).random())
-
-
-def per_view_means(items: dict[str, torch.Tensor], batch_size: int, views: int) -> dict[str, torch.Tensor]:
-    """Per-item losses `[B*V]` (view-major inside an item) -> per-view means `[V]`."""
-    return {name: value.reshape(batch_size, views).mean(0) for name, value in items.items()}
 
 
 def codebook_usage(codes: torch.Tensor, bins: int) -> torch.Tensor:
@@ -178,163 +175,49 @@ def discriminate(parts: Parts, runtime: Runtime, x: torch.Tensor, y: torch.Tenso
     return Adversarial(per_item=per_item, output_grads=grads, loss_d=loss_d)
 
 
-def normalisation_scale(parts: Parts, x: torch.Tensor, views: int,
+def normalisation_scale(model: EncodecModel, x: torch.Tensor, views: int, shared: bool,
                         gain_jitter_db: float = 0.0) -> torch.Tensor | None:
     """The scale the generator divides `x [B*V, 1, T]` by, or None for its own default (each
     item's RMS, or no normalisation at all).
 
-    - With `pairwise.shared_scale`, the views of an item share their common RMS, so that the
-      level differences between the channels of a pair stay in the latent.
+    - With `shared` (`pairwise.shared_scale`), the views of an item share their common RMS, so
+      that the level differences between the channels of a pair stay in the latent.
     - With `gain_jitter_db` > 0 (`datasets.gain_jitter_db`), each item's scale is multiplied
       by a random gain, uniform in dB within +-gain_jitter_db (one gain for all views of an
       item): the encoder sees its input at varied levels and the reconstruction is scored at
       the true level. Without it a per-item RMS shows the codec every input at the same
       level, and it learns to ignore level: a louder input may even decode quieter.
     """
-    if not parts.raw_model.audio_normalize:
+    if not model.audio_normalize:
         return None
-    shared = views > 1 and parts.pairwise is not None and parts.pairwise.shared_scale
+    shared = shared and views > 1
     if not shared and gain_jitter_db <= 0:
         return None
-    scale = EncodecModel.shared_scale(x, views) if shared else parts.raw_model.normalize(x)[1]
+    scale = EncodecModel.shared_scale(x, views) if shared else model.normalize(x)[1]
     if gain_jitter_db > 0:
         gain_db = (2 * torch.rand(x.shape[0] // views) - 1) * gain_jitter_db  # CPU RNG: resumable
         gain = 10 ** (-gain_db.to(scale.device) / 20)
-        scale = scale * gain.repeat_interleave(views).view(-1, 1, 1)
+        scale = scale * flatten_views(gain[:, None].expand(-1, views)).view(-1, 1, 1)
     return scale
 
 
-def cross_reconstruction(parts: Parts, views: list[list[torch.Tensor]], x: torch.Tensor,
-                         scale: torch.Tensor | None, step: int) -> dict[str, torch.Tensor]:
-    """Decode the content codebook of each view with the other codebooks of each other view
-    and score it against the other view's waveform, in the reconstruction loss's units
-    (weighted L1 + mel): `{'l_xrec', 'xrec'}`. The decode is restored at the target's scale."""
-    swap = parts.pairwise.swap_latents(views)
-    # The embeddings are float32: in the audio's dtype (a no-op but in float64) as in the forward.
-    audio = parts.raw_model.decoder(swap.latents.to(x.dtype))[..., :x.shape[-1]]
-    if scale is None:
-        scale = parts.raw_model.normalize(x)[1]  # the targets' own scales (None: no normalisation)
-    if scale is not None:
-        audio = audio * scale[swap.target_index]
-    target = x[swap.target_index]
-    per_item = parts.generator_loss.weighted_sum(parts.generator_loss(target, audio))
-    return parts.pairwise.xrec_loss(per_item, step)
-
-
-def invariance_terms(parts: Parts, runtime: Runtime, views: list[list[torch.Tensor]],
-                     x: torch.Tensor, scale: torch.Tensor | None, step: int,
-                     num_views: int) -> dict[str, torch.Tensor]:
-    """Encode a random channel-style change of each item's first view, at that view's own
-    normalisation scale (so the change's level stays in the latent), and score its content
-    codes against the view's (`PairwiseLoss.invariance_loss`). The codebooks see it without
-    updating: the item counts once in their statistics."""
-    pairwise, model = parts.pairwise, parts.raw_model
-    first = x[::num_views]
-    changed = channel_change.random_channel_change(first, model.sample_rate,
-                                                   pairwise.invariance_band_gain_db,
-                                                   pairwise.invariance_max_delay)
-    first_scale = model.normalize(first)[1] if scale is None else scale[::num_views]
-    with runtime.autocast():
-        latent = model.encoder(model.normalize(changed, first_scale)[0])
-    return pairwise.invariance_loss(views[0], model.quantizer.embeddings(latent), step)
-
-
-def consensus_terms(parts: Parts, out: EncodecOutput, views: int,
-                    step: int) -> dict[str, torch.Tensor]:
-    """`PairwiseLoss.consensus_loss` on what the content codebook quantized: the encoder
-    output minus the earlier codebooks' vectors, split into views."""
-    k = parts.pairwise.content_codebook
-    codebook = parts.raw_model.quantizer.codebooks[k]
-    residual = out.latent.float()
-    for earlier in out.embeddings[:k]:
-        residual = residual - earlier.detach()
-    residual = residual * codebook.dims[:, None]  # the dimensions it codes (model.content_share)
-    per_view = [view[0] for view in split_views([residual], views)]
-    return parts.pairwise.consensus_loss(per_view, codebook.embed * codebook.dims, step)
-
-
-CUE_BANDS = 8  # band levels of the cue terms: spatial_cues.band_levels' defaults (100 Hz - 11 kHz)
-
-
-def view_levels(parts: Parts, audio: torch.Tensor, batch_size: int, views: int,
-                n_bands: int = CUE_BANDS) -> torch.Tensor:
-    """Per-view band levels `[B, V, n_bands]` dB of `audio [B*V, 1, T]` (differentiable)."""
-    n_fft = 2048 if audio.shape[-1] >= 2048 else 1024  # short (test) segments: coarser bins
-    levels = spatial_cues.band_levels(audio.float(), parts.raw_model.sample_rate, n_bands=n_bands,
-                                      n_fft=n_fft)
-    return levels.view(batch_size, views, n_bands)
-
-
-def level_difference_targets(parts: Parts, x: torch.Tensor, batch_size: int,
-                             views: int) -> torch.Tensor | None:
-    """Per-view band levels `[B, V, n_bands]` dB of the raw views (one scale for all), the
-    targets of the level-difference heads; None when the heads are off."""
-    head = parts.pairwise.ild_head
-    if head is None:
-        return None
-    with torch.no_grad():
-        return view_levels(parts, x, batch_size, views, head.n_bands)
-
-
-def cue_fidelity(parts: Parts, out: EncodecOutput, x: torch.Tensor, batch_size: int,
-                 views: int, step: int) -> dict[str, torch.Tensor]:
-    """`PairwiseLoss.cue_loss` of the decoded views against the input views."""
-    with torch.no_grad():
-        target = view_levels(parts, x, batch_size, views)
-    return parts.pairwise.cue_loss(view_levels(parts, out.audio, batch_size, views), target, step)
-
-
-def pairwise_terms(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torch.Tensor,
-                   scale: torch.Tensor | None, metas: list[dict[str, Any]], step: int, batch_size: int,
-                   views: int) -> dict[str, torch.Tensor]:
-    """The pairwise recipe's terms of one step (weighted `l_*` and unweighted logs). The
-    scheduled terms count once `pairwise.start_step` is reached (and, with
-    `pairwise.wait_for_kmeans`, every codebook has done its k-means); before that only the
-    unscheduled channel classifier runs."""
-    pairwise = parts.pairwise
-    initialized = parts.raw_model.codebooks_initialized
-    active = pairwise.is_active(step, initialized)
-    if not active and pairwise.classifier is None:
-        return {}
-    embeddings = split_views(out.embeddings, views)
-    channels = torch.tensor([m["channels"] for m in metas])  # CPU: range-checked there
-    pair = pairwise(embeddings, step, classes=[m["class"] for m in metas], channels=channels,
-                    ild_targets=level_difference_targets(parts, x, batch_size, views) if active else None,
-                    codebooks_initialized=initialized)
-    if active and pairwise.uses_xrec:
-        with runtime.autocast():
-            pair.update(cross_reconstruction(parts, embeddings, x, scale, step))
-    if active and pairwise.uses_cue:
-        pair.update(cue_fidelity(parts, out, x, batch_size, views, step))
-    if active and pairwise.uses_consensus:
-        pair.update(consensus_terms(parts, out, views, step))
-    if active and pairwise.uses_invariance:
-        pair.update(invariance_terms(parts, runtime, embeddings, x, scale, step, views))
-    return pair
-
-
 def generator_losses(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torch.Tensor,
-                     scale: torch.Tensor | None, adversarial: Adversarial, metas: list[dict[str, Any]], step: int,
-                     batch_size: int, views: int) -> GeneratorLosses:
+                     scale: torch.Tensor | None, adversarial_terms: Adversarial,
+                     metas: list[dict[str, Any]], step: int, views: int) -> GeneratorLosses:
     """sum over channels of (weighted l_t, l_f, l_g, l_feat, commit) + the pairwise terms
     (`l_g`, `l_feat`: the values `discriminate` computed)."""
-    items = {**parts.generator_loss(x, out.audio), **adversarial.per_item}
-    per_view = per_view_means({**items, "commit": out.commit_per_item}, batch_size, views)
+    items = {**parts.generator_loss(x, out.audio), **adversarial_terms.per_item}
+    per_view = per_view_means({**items, "commit": out.commit_per_item}, views)
     per_loss = {name: value.sum() for name, value in per_view.items() if name != "commit"}
-    rest = parts.generator_loss.commit_weight * per_view["commit"].sum()
-    pair: dict[str, torch.Tensor] = {}
-    if parts.pairwise is not None:
-        pair = pairwise_terms(parts, runtime, out, x, scale, metas, step, batch_size, views)
-        rest = rest + sum(pair[k] for k in PAIRWISE_LOSS_TERMS if k in pair)
-    total = (parts.generator_loss.weighted_sum(per_loss) + rest).detach()
-    return GeneratorLosses(per_view, per_loss, rest, pair, total)
-
-
-# Weighted pairwise terms that join the generator loss, and the unweighted values logged.
-PAIRWISE_LOSS_TERMS = (*LOSS_TERMS, "l_xrec", "l_cue", "l_inv", "l_consensus")
-PAIRWISE_LOGGED = (*PAIRWISE_LOSS_TERMS, "sim", "div", "nce_accuracy", "div_cosine", "cls",
-                   "ild", "ild_adv", "xrec", "cue", "inv", "nce_accuracy_inv", "consensus",
-                   "consensus_agreement")
+    unbalanced = parts.generator_loss.commit_weight * per_view["commit"].sum()
+    pairwise: dict[str, torch.Tensor] = {}
+    if parts.pairwise is not None:  # paired training: the pairwise objective, in one call
+        pairwise = parts.pairwise(parts.raw_model, out, x, scale, views=views, step=step,
+                                  metas=metas, reconstruction_loss=parts.generator_loss,
+                                  autocast=runtime.autocast)
+        unbalanced = unbalanced + sum(pairwise[k] for k in LOSS_TERMS if k in pairwise)
+    total = (parts.generator_loss.weighted_sum(per_loss) + unbalanced).detach()
+    return GeneratorLosses(per_view, per_loss, unbalanced, pairwise, total)
 
 
 def gradient_ratios(latent: torch.Tensor, losses: GeneratorLosses,
@@ -347,8 +230,8 @@ def gradient_ratios(latent: torch.Tensor, losses: GeneratorLosses,
     reconstruction = sum(weights[name] * losses.per_loss[name] for name in ("l_t", "l_f"))
     reference = torch.autograd.grad(reconstruction, latent, retain_graph=True)[0].norm()
     ratios = {}
-    for name in PAIRWISE_LOSS_TERMS:
-        term = losses.pair.get(name)
+    for name in LOSS_TERMS:
+        term = losses.pairwise.get(name)
         if term is None or not term.requires_grad:
             continue
         grad = torch.autograd.grad(term, latent, retain_graph=True, allow_unused=True)[0]
@@ -373,11 +256,11 @@ def backward(parts: Parts, runtime: Runtime, losses: GeneratorLosses, y: torch.T
     if parts.balancer is not None:
         grad = parts.balancer.balanced_grad(losses.with_graph(), y, grads=adversarial.output_grads)
         roots, root_grads = [y], [grad]
-        if losses.rest.requires_grad:  # a constant rest (no pairwise term, no commitment) has none
-            roots.append(losses.rest)
-            root_grads.append(torch.ones_like(losses.rest))
+        if losses.unbalanced.requires_grad:  # constant without pairwise terms and commitment
+            roots.append(losses.unbalanced)
+            root_grads.append(torch.ones_like(losses.unbalanced))
     else:
-        weighted = parts.generator_loss.weighted_sum(losses.with_graph()) + losses.rest
+        weighted = parts.generator_loss.weighted_sum(losses.with_graph()) + losses.unbalanced
         roots, root_grads = [scaler.scale(weighted)], [torch.ones_like(weighted)]
         if "weighted" in adversarial.output_grads:  # already times the loss scale
             roots.append(y)
@@ -402,7 +285,7 @@ def step_scalars(losses: GeneratorLosses, adversarial: Adversarial, grad_norm_g:
     named = {f"{name}_ch{v + 1}": values[v] for name, values in losses.per_view.items()
              for v in range(len(values))}
     named.update({"loss_g": losses.total, "grad_norm_g": grad_norm_g})
-    named.update({k: losses.pair[k] for k in PAIRWISE_LOGGED if k in losses.pair})
+    named.update({k: losses.pairwise[k] for k in LOGGED_TERMS if k in losses.pairwise})
     if adversarial.loss_d is not None:
         named.update({"loss_d": adversarial.loss_d, "grad_norm_d": grad_norm_d})
     named.update({f"usage_cb{k + 1}": u for k, u in enumerate(codebook_usage(codes, bins))})
@@ -472,26 +355,30 @@ def train_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[d
     The V views of B segments go through the generator as one batch of B*V. `adversarial`:
     the discriminator has started (adversarial losses on); `update_disc`: it also updates
     this step; `measure_gradients`: also log `gradient_ratios` (the engine asks on the
-    steps it logs); `gain_jitter_db`: see `normalisation_scale`. Returns the logged scalars, or ok=False when the step was skipped
-    because a loss or gradient was not finite (on any rank).
+    steps it logs); `gain_jitter_db`: see `normalisation_scale`. Returns the logged scalars,
+    or ok=False when the step was skipped because a loss or gradient was not finite (on any
+    rank).
     """
     batch_size, views = wavs.shape[:2]
-    x = wavs.to(runtime.device, non_blocking=True).flatten(0, 1)
+    x = flatten_views(wavs.to(runtime.device, non_blocking=True))
     parts.model.train()
     # The quantizer updates its codebooks (and k-means buffers) during the forward; keep a
     # copy so that a skipped step leaves no trace in them either.
     codebook_snapshot = parts.raw_model.quantizer.snapshot()
-    scale = normalisation_scale(parts, x, views, gain_jitter_db)
+    paired = parts.pairwise is not None
+    scale = normalisation_scale(parts.raw_model, x, views, paired and parts.pairwise.shared_scale,
+                                gain_jitter_db)
     with runtime.autocast():
-        out = parts.model(x, return_embeddings=views > 1, scale=scale)
-    adversarial_view = (discriminate(parts, runtime, x, out.audio, batch_size, views, update_disc)
-                        if adversarial else Adversarial())
-    losses = generator_losses(parts, runtime, out, x, scale, adversarial_view, metas, step,
-                              batch_size, views)
+        out = parts.model(x, return_embeddings=paired, scale=scale)
+    adversarial_terms = (discriminate(parts, runtime, x, out.audio, batch_size, views,
+                                      update_disc) if adversarial else Adversarial())
+    losses = generator_losses(parts, runtime, out, x, scale, adversarial_terms, metas, step,
+                              views)
     ratios = (gradient_ratios(out.latent, losses, parts.generator_loss.weights)
-              if measure_gradients and losses.pair else {})
-    grad_norm_g, grad_norm_d = backward(parts, runtime, losses, out.audio, adversarial_view, grad_clip)
-    scalars = step_scalars(losses, adversarial_view, grad_norm_g, grad_norm_d, out.codes, bins,
+              if measure_gradients and losses.pairwise else {})
+    grad_norm_g, grad_norm_d = backward(parts, runtime, losses, out.audio, adversarial_terms,
+                                        grad_clip)
+    scalars = step_scalars(losses, adversarial_terms, grad_norm_g, grad_norm_d, out.codes, bins,
                            ratios)
     scalars["kmeans_done"] = float(parts.raw_model.codebooks_initialized)
 
@@ -502,7 +389,7 @@ def train_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[d
     # finds an inf or NaN. Every rank skips or steps together (a NaN on one rank must not
     # fork the replicas).
     reason = skip_reason(parts, scalars)
-    updated_disc = adversarial_view.loss_d is not None
+    updated_disc = adversarial_terms.loss_d is not None
     if not distributed.all_true(not reason):
         discard_step(parts, codebook_snapshot, updated_disc, scalars)
         return StepResult(False, scalars, reason or "non-finite loss or gradient on another rank")

@@ -31,11 +31,10 @@ from measure.results import flatten_metrics
 from utils.eigenscape import CAPSULES
 from model import EncodecModel, EncodecOutput
 from paired_channel_dataset import PairedChannelDataset
-from pairwise_losses import split_views
+from modules.views import per_view_means, split_views
 from training.parts import Parts
 from training.runtime import Runtime
 from training.tracking import Tracker
-from training.step import per_view_means
 
 log = logging.getLogger("encodec")
 
@@ -312,12 +311,13 @@ def validation_losses(parts: Parts, x: Tensor, out: EncodecOutput, measured: Mea
     the channel classifier's `l_cls` when it is on), of `out`: the forward at the pair's
     common scale, like every validation measurement."""
     batch_size, views = measured.wavs.shape[:2]
-    per_view = per_view_means(parts.generator_loss(x, out.audio.float()), batch_size, views)
+    per_view = per_view_means(parts.generator_loss(x, out.audio.float()), views)
     sums = {f"{name}_ch{v + 1}": values[v] * batch_size
             for name, values in per_view.items() for v in range(views)}
     if parts.pairwise is not None:
-        pair = parts.pairwise(split_views(out.embeddings, views), step,
-                              classes=[m["class"] for m in measured.metas], channels=measured.channels)
+        pair = parts.pairwise.embedding_terms(split_views(out.embeddings, views), step,
+                                              classes=[m["class"] for m in measured.metas],
+                                              channels=measured.channels)
         sums.update({k: pair[k] * batch_size for k in ("l_sim", "l_div", "l_cls", "sim", "div") if k in pair})
     return {name: float(value) for name, value in sums.items()}
 
