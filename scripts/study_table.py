@@ -24,10 +24,19 @@ ROWS = [
     ("SI-SNR dB, pair's scale", "si_snr", []),
     ("**swap gain** (0: codebook 2 of B moves nothing; 1: the swap decodes like B)",
      "swap_gain", []),
+    ("swap gain of the spectral shape, band mean removed (loudness-only fake swap)",
+     "swap_gain_shape", ["swap_gain_loudness_only"]),
+    ("**swap gain normalised**, (g - null) / (1 - null) (null: untrained split)",
+     "swap_gain_normalized", ["swap_gain_null"]),
+    ("shape swap gain normalised (null)", "swap_gain_shape_normalized",
+     ["swap_gain_shape_null"]),
     ("channel separation of the decodes, dB/band (inputs)", "swap_separation_db",
      ["swap_input_separation_db"]),
     ("**ILD correlation**, decoded vs input pair (slope)", "ild_corr", ["ild_slope"]),
     ("ILD error dB (predicting no difference)", "ild_error_db", ["ild_zero_error_db"]),
+    ("ILD shape correlation, band mean removed (slope)", "ild_shape_corr", ["ild_shape_slope"]),
+    ("ILD shape error dB (predicting no difference)", "ild_shape_error_db",
+     ["ild_shape_zero_error_db"]),
     ("ITD error us below 1.5 kHz (predicting no delay)", "itd_error_us", ["itd_zero_error_us"]),
     ("cb1 code agreement across channels (chance / ceiling)", "agreement_cb1",
      ["chance_agreement_cb1", "ceiling_agreement_cb1"]),
@@ -47,6 +56,13 @@ ROWS = [
      ["independent_ild_error_db"]),
     ("shared-content coding: kbps per channel (independent)", "shared_kbps_per_channel",
      ["independent_kbps_per_channel"]),
+    ("all capsules, shared-content: mel distance (independent; equal bitrate)",
+     "all_shared_mel_distance", ["all_independent_mel_distance", "all_equal_mel_distance"]),
+    ("all capsules, shared-content: ILD error dB (independent; equal bitrate)",
+     "all_shared_ild_error_db", ["all_independent_ild_error_db", "all_equal_ild_error_db"]),
+    ("all capsules, shared-content: kbps per channel (independent; equal bitrate)",
+     "all_shared_kbps_per_channel",
+     ["all_independent_kbps_per_channel", "all_equal_kbps_per_channel"]),
 ]
 
 
@@ -59,13 +75,15 @@ def seed_scalars(path: Path) -> dict[str, dict[str, float]]:
 
 def shared_content_scalars(entry: dict) -> dict[str, float]:
     """The shared-content comparison's headline numbers, when the report has them."""
-    comparison = entry.get("shared_content") or {}
     flat = {}
-    for coding, prefix in (("shared_content", "shared"), ("independent", "independent")):
-        for key in ("mel_distance", "ild_error_db", "kbps_per_channel"):
-            value = (comparison.get(coding) or {}).get(key)
-            if value is not None:
-                flat[f"{prefix}_{key}"] = float(value)
+    for result, head in (("shared_content", ""), ("shared_content_all", "all_")):
+        comparison = entry.get(result) or {}
+        for coding, prefix in (("shared_content", "shared"), ("independent", "independent"),
+                               ("independent_equal_bitrate", "equal")):
+            for key in ("mel_distance", "ild_error_db", "kbps_per_channel"):
+                value = (comparison.get(coding) or {}).get(key)
+                if value is not None:
+                    flat[f"{head}{prefix}_{key}"] = float(value)
     return flat
 
 

@@ -21,7 +21,11 @@ def seed_metrics(swap_mono: float, swap_paired: float, ild_corr: float) -> dict:
                 "codebook_agreement": [0.4, 0.1], "chance_agreement": [0.01, 0.02],
                 "ceiling_agreement": [0.9, 0.8],
                 "shared_content": {"independent": {"mel_distance": 0.3, "kbps_per_channel": 1.5},
-                                   "shared_content": {"mel_distance": 0.4, "kbps_per_channel": 0.77}}}
+                                   "shared_content": {"mel_distance": 0.4, "kbps_per_channel": 0.77}},
+                "shared_content_all": {
+                    "independent": {"ild_error_db": 0.5},
+                    "independent_equal_bitrate": {"ild_error_db": 0.9},
+                    "shared_content": {"ild_error_db": 0.6}}}
     return {"paired": entry(swap_paired), "mono": entry(swap_mono)}
 
 
@@ -49,6 +53,8 @@ def test_table_is_mean_and_sample_std_over_seeds_with_references(tmp_path):
     assert agreement[2].strip() == "0.4 ± 0 (0.01 / 0.9)"  # chance / ceiling beside it
     shared = next(line for line in lines if "kbps per channel" in line).split("|")
     assert shared[2].strip() == "0.77 ± 0 (1.5)"
+    every = next(line for line in lines if "all capsules" in line and "ILD" in line).split("|")
+    assert every[2].strip() == "0.6 ± 0 (0.5 / 0.9)"  # beside full and equal bitrate
     assert not any("perplexity" in line for line in lines)  # rows nobody measured are left out
 
 
