@@ -18,10 +18,13 @@ test: venv
 
 # A few minutes on 2 CPU cores: a small synthetic scene set, mono (EnCodec's quantizer and the
 # split one of the paired default) and paired fine-tuned from the common starting point
-# (pretrained/start_demo.pt), evaluated side by side.
+# (pretrained/start_demo.pt), evaluated side by side; then one line of the starting point beside
+# the official EnCodec model on a real speech clip, when ENCODEC_ANCHOR (or the shared fixtures)
+# holds it.
 demo: venv
 	OUT=runs/demo SEEDS=1 VARIANTS="mono mono_split paired" STEPS=200 EVAL_PAIRS=64 SYNTH_FILES=2 JOBS=2 \
 	SYNTH_SECONDS=20 WANDB=offline bash scripts/paired_study.sh
+	$(PY) scripts/anchor_check.py --checkpoint pretrained/start_demo.pt
 
 bench: venv
 	$(PY) bench/step_time.py

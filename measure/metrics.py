@@ -99,6 +99,17 @@ def mel_distance(x: Tensor, y: Tensor, sample_rate: int = 24000) -> Tensor:
 
 
 @torch.no_grad()
+def log_mel_l1(x: Tensor, y: Tensor, sample_rate: int = 24000) -> Tensor:
+    """Single-scale log-mel L1, `[N]`: mean |ln(mel(x) + 1e-5) - ln(mel(y) + 1e-5)| with
+    torchaudio's power mel spectrogram (n_fft 1024, hop 256, 64 mels). The metric of the
+    EnCodec quality anchor's scores (not `mel_distance`, whose scales and logarithm differ)."""
+    _check_pair(x, y, min_length=1024 // 2 + 1)
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate=int(sample_rate), n_fft=1024,
+                                               hop_length=256, n_mels=64).to(x.device)
+    return _per_item((torch.log(mel(x.float()) + 1e-5) - torch.log(mel(y.float()) + 1e-5)).abs())
+
+
+@torch.no_grad()
 def stft_distance(x: Tensor, y: Tensor) -> Tensor:
     """Multi-resolution STFT distance, `[N]`: spectral convergence + log-magnitude L1.
 
