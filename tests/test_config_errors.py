@@ -38,7 +38,7 @@ def _training(script: str, *extra: str) -> list[str]:
 
 
 CASES = {
-    # the mistakes measured in issue 12
+    # the mistakes users made most often
     "unknown key": (_training("train_paired_gpu.py", "datasets.batchsize=4"),
                     ["datasets.batchsize=4", "did you mean datasets.batch_size=4", "+datasets.batchsize=4"]),
     "wrong type": (_training("train_paired_gpu.py", "datasets.batch_size=abc"),

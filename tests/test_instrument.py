@@ -1,4 +1,4 @@
-"""The fair paired-channel instrument (issue 9) end to end through `validation.measure_batch`
+"""The fair paired-channel instrument end to end through `validation.measure_batch`
 and `MetricAccumulator`: one scale per pair, swap gain, ILD / ITD fidelity, the
 agreement ceiling, the probes' wiring, and the per-epoch validation's logged names.
 
