@@ -245,7 +245,8 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
             model, int(train_cfg.model.bins), loader,
             content_codebook=int(train_cfg.pairwise.content_codebook),
             keep_examples=int(cfg.spectrogram_items), settings=instrument_settings(cfg),
-            capsules=array_geometry(loader.dataset, geometry_spec(cfg)), desc=label, null_model=null_model)
+            capsules=array_geometry(loader.dataset, geometry_spec(cfg)), desc=label,
+            null_model=null_model)
         if null_note and results.get("swap_gain") is not None:
             results["swap_null_note"] = null_note
         mode = "paired" if int(train_cfg.datasets.views) >= 2 else "mono"

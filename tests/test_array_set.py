@@ -111,7 +111,8 @@ def test_one_channel_and_short_files_are_explained(tmp_path):
         files = find_array_files(folder, 2, None, segment=9600, model_rate=RATE)
     assert [f.rel for f in files] == ["good.wav"]
     message = str(caught[0].message)
-    assert "mono.wav: 1 channel(s)" in message and "short.wav: 0.2 s, shorter than one segment" in message
+    assert "mono.wav: 1 channel(s)" in message
+    assert "short.wav: 0.2 s, shorter than one segment" in message
     (folder / "good.wav").unlink()
     with pytest.raises(RuntimeError, match=r"array_set=.*set: no usable recording among 2") as err:
         find_array_files(folder, 2, None, segment=9600, model_rate=RATE)
