@@ -1,6 +1,7 @@
 """Compare trained checkpoints: does codebook 1 carry the content and codebook 2 the channel?
 
     python evaluate.py checkpoints='[mono.pt,paired.pt]' datasets.data_root=DIR out_dir=DIR
+    python evaluate.py checkpoints='[paired.pt]' array_set=DIR [array_geometry=FILE|em32]
 
 Every checkpoint (mono or paired) runs on the same fixed validation pairs: two channels of
 the same segment, encoded separately at ONE scale per pair (their common RMS), so mono and
@@ -9,6 +10,10 @@ channel difference. Metrics (measure/, modules/spatial_cues.py): reconstruction,
 swap gain with its bootstrap interval, ILD / ITD fidelity beside predicting no difference,
 code agreement across channels beside chance and ceiling, probes trained fresh on frozen
 embeddings (folds grouped by file, shuffled-label baseline), codebook health.
+
+`array_set=DIR` evaluates on any folder of multichannel recordings (any array, channel
+count >= 2 and rate; no scene classes) instead of EigenScape's; its geometry is unknown
+(the swap gain over all pairs, with a note) unless `array_geometry` gives one.
 
 Writes to `out_dir`: `metrics.json` (one entry per checkpoint; NaN written as null),
 `report.md` (the checkpoints side by side, each figure beside its reference, and a legend),
@@ -42,6 +47,7 @@ from model import EncodecModel, load_model
 from training.runtime import resolve_device
 from coding.shared_content_comparison import EQUAL_BITRATE, shared_content_comparison
 from training.validation import array_geometry, evaluate_model, validation_dataset
+from utils.array_files import EM32
 
 
 # ----------------------------------------------------------------------------------------
@@ -54,11 +60,13 @@ def evaluation_data_config(train_cfg: DictConfig, eval_cfg: DictConfig) -> DictC
     Mono checkpoints are evaluated on pairs too (each channel encoded separately), so that
     their cross-channel agreement, swap gain, cue fidelity and probes are comparable with
     paired ones. `datasets.segment_seconds` sets the segment length per model rate in
-    `evaluate_checkpoints`.
+    `evaluate_checkpoints`. With `array_set`, the folder's recordings (`array_set_config`).
     """
     cfg = train_cfg.copy()
     OmegaConf.set_struct(cfg, False)
     data = eval_cfg.datasets
+    if eval_cfg.get("array_set"):
+        return array_set_config(cfg, eval_cfg)
     if data.data_root:
         cfg.datasets.data_root = to_absolute_path(str(data.data_root))
     if OmegaConf.is_missing(cfg.datasets, "data_root") or not cfg.datasets.data_root:
@@ -84,6 +92,35 @@ def evaluation_data_config(train_cfg: DictConfig, eval_cfg: DictConfig) -> DictC
     return cfg
 
 
+def array_set_config(cfg: DictConfig, eval_cfg: DictConfig) -> DictConfig:
+    """`cfg` (the training config, unlocked) reading `array_set`: every usable recording of
+    the folder, no classes, pairs of any of its channels (`datasets.channels` of the
+    evaluation, or all), always two views."""
+    data = eval_cfg.datasets
+    root = Path(to_absolute_path(str(eval_cfg.array_set)))
+    if not root.is_dir():
+        raise FileNotFoundError(f"array_set={root} is not a folder; point it at a folder of "
+                                "multichannel WAV / FLAC / OGG recordings.")
+    cfg.datasets.array_set = str(root)
+    cfg.datasets.channels = None if data.channels is None else [int(c) for c in data.channels]
+    cfg.datasets.val_files = "all"
+    if data.val_pairs is not None:
+        cfg.datasets.val_pairs = int(data.val_pairs)
+    cfg.datasets.views = 2
+    cfg.datasets.batch_size = int(data.batch_size)
+    cfg.datasets.num_workers = int(data.num_workers)
+    cfg.datasets.pin_memory = False
+    return cfg
+
+
+def geometry_spec(cfg: DictConfig) -> str | None:
+    """`array_geometry` of the evaluation config: `em32`, a file (absolute), or None."""
+    spec = cfg.get("array_geometry")
+    if not spec:
+        return None
+    return str(spec) if str(spec) == EM32 else to_absolute_path(str(spec))
+
+
 def shared_content_loader(data_cfg: DictConfig, cfg: DictConfig, sample_rate: int,
                           device: torch.device, channels: list[int]) -> DataLoader:
     """`shared_content.segments` fixed segments of the evaluation classes, each with all of
@@ -101,6 +138,10 @@ def shared_content_channel_sets(cfg: DictConfig, dataset: Any) -> dict[str, list
     (`shared_content_all`, e.g. the 32 capsules)."""
     sets = {"shared_content": [int(c) for c in cfg.shared_content.channels]}
     counts = {f.channels for f in getattr(dataset, "files", [])}
+    # An array set may have fewer channels than those named: its first (up to 4) then.
+    if (getattr(dataset, "array_set", False) and counts
+            and max(sets["shared_content"]) >= min(counts)):
+        sets["shared_content"] = list(range(min(4, min(counts))))
     if cfg.shared_content.get("all_channels") and len(counts) == 1:
         sets["shared_content_all"] = list(range(counts.pop()))
     return sets
@@ -204,7 +245,8 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
             model, int(train_cfg.model.bins), loader,
             content_codebook=int(train_cfg.pairwise.content_codebook),
             keep_examples=int(cfg.spectrogram_items), settings=instrument_settings(cfg),
-            capsules=array_geometry(loader.dataset), desc=label, null_model=null_model)
+            capsules=array_geometry(loader.dataset, geometry_spec(cfg)), desc=label,
+            null_model=null_model)
         if null_note and results.get("swap_gain") is not None:
             results["swap_null_note"] = null_note
         mode = "paired" if int(train_cfg.datasets.views) >= 2 else "mono"

@@ -1,6 +1,8 @@
 """EigenScape datasets: paired (two channels of one segment) and mono items.
 
-The files come from `utils.eigenscape_files` (either layout, found with no configuration)
+The files come from `utils.eigenscape_files` (either layout, found with no configuration),
+or, for an array set (`datasets.array_set`, evaluate.py's `array_set=DIR`), from
+`utils.array_files` (any folder of multichannel recordings, no classes)
 and each segment from `utils.audio_read` (only the source frames it needs, resampled to the
 model rate; or, once `prepare_dataset.py` has converted the data to int16 arrays at the
 model rate in `<data_root>/.prepared/` by default or `datasets.prepared_root`, only its
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.array_files import find_array_files
 from utils.audio_read import ReadError, read_prepared_segment, read_wav_segment, span_for
 from utils.eigenscape_files import (PREPARED_DIRNAME, PREPARED_INDEX, AudioFile, DataWarning,
                                     canonical_classes, find_audio_files, prepared_files,
@@ -96,8 +99,10 @@ class ChannelViewsDataset(Dataset):
         if mode not in ("train", "val"):
             raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
         ds = config.datasets
+        # Any array's recordings (evaluate.py array_set=DIR): no classes, read from the files.
+        self.array_set = bool(ds.get("array_set"))
         try:
-            data_root = _absolute(ds.data_root)
+            data_root = _absolute(ds.array_set if self.array_set else ds.data_root)
         except Exception as err:  # omegaconf MissingMandatoryValue for '???'
             raise ValueError("datasets.data_root is not set: pass "
                              "datasets.data_root=/path/to/EigenScape "
@@ -111,7 +116,8 @@ class ChannelViewsDataset(Dataset):
                              f"got {self.seed}, {self.length}")
         self.max_retries = int(ds.max_read_retries)
         key = "train_classes" if mode == "train" else "val_classes"
-        self.classes = canonical_classes(list(ds[key]), f"datasets.{key}")
+        self.classes = [] if self.array_set else canonical_classes(list(ds[key]),
+                                                                   f"datasets.{key}")
         self.channel_choice = self._channel_setting(ds)
         # Shared memory, so that persistent DataLoader workers see set_epoch() too.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -119,9 +125,9 @@ class ChannelViewsDataset(Dataset):
         self.stats: Counter = Counter()
         self._reported: set[str] = set()
         self._logged: set[str] = set()  # files whose failed reads the trainer has logged
-        self.format = self._resolve_format(ds)
+        self.format = "wav" if self.array_set else self._resolve_format(ds)
         self.files = self._find_files()
-        if mode == "val":
+        if mode == "val" and not self.array_set:
             self.files = validation_files(self.files, str(ds.get("val_files", "all")))
         self._read = read_prepared_segment if self.format == "prepared" else read_wav_segment
         self._allowed = [usable_channels(f.channels, self.channel_choice) for f in self.files]
@@ -164,6 +170,9 @@ class ChannelViewsDataset(Dataset):
         return fmt
 
     def _find_files(self) -> list[AudioFile]:
+        if self.array_set:
+            return find_array_files(self.data_root, self.views, self.channel_choice,
+                                    self.length, self.model_rate)
         args = (self.classes, self.views, self.channel_choice)
         if self.format == "wav":
             return find_audio_files(self.data_root, *args)

@@ -53,6 +53,8 @@ DECLARED_TYPES: dict[str, Any] = {
     # config/evaluate.yaml
     "checkpoints": list[str] | str,
     "null_model": str,
+    "array_set": str,
+    "array_geometry": str,
     "shared_content.equal_bitrate_checkpoint": str,
     "datasets.val_files": str,
     "labels": list[str],
@@ -180,6 +182,7 @@ PATHS: dict[str, PathRule] = {
     "model.init_from": PathRule("file", "checkpoint"),
     "checkpoint.resume_path": PathRule("file", "checkpoint"),
     "checkpoints": PathRule("file", "checkpoint"),
+    "array_set": PathRule("folder", hint="point it at a folder of multichannel recordings"),
     "out_dir": PathRule("output folder"),
 }
 

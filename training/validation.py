@@ -28,6 +28,7 @@ from utils import distributed
 from measure import metrics, pair_cues
 from measure.accumulator import InstrumentSettings, MetricAccumulator
 from measure.results import flatten_metrics
+from utils.array_files import geometry_channels, read_geometry
 from utils.eigenscape import CAPSULES
 from model import EncodecModel, EncodecOutput
 from paired_channel_dataset import PairedChannelDataset
@@ -77,11 +78,20 @@ def validation_dataset(cfg: DictConfig) -> PairedChannelDataset:
     return dataset
 
 
-def array_geometry(dataset: Any) -> Any:
-    """Capsule directions `[32, 3]` of the em32 (`eigenscape.CAPSULES`) when every
-    file of `dataset` has 32 channels (EigenScape and the synthetic set), else None: the
-    swap gain then uses every pair and says so (`pair_cues.separated_pairs`)."""
+def array_geometry(dataset: Any, spec: str | None = None) -> Any:
+    """Capsule directions `[C, 3]` of the files of `dataset`, or None (unknown): the swap
+    gain then uses every pair and says so (`pair_cues.separated_pairs`).
+
+    `spec` (evaluate.py's `array_geometry`): `em32` or a file of one line per channel
+    (`array_files.read_geometry`). Without it: the em32's (`eigenscape.CAPSULES`) when
+    every file of an EigenScape `dataset` has 32 channels (EigenScape and the synthetic
+    set); an array set (`datasets.array_set`) has no geometry unless given one.
+    """
     files = getattr(dataset, "files", None)
+    if spec:
+        return read_geometry(str(spec), geometry_channels(files or [], str(spec)))
+    if getattr(dataset, "array_set", False):
+        return None
     if not files or any(f.channels != 32 for f in files):
         return None
     return CAPSULES

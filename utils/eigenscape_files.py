@@ -82,7 +82,7 @@ def _class_of(path: Path, root: Path) -> str | None:
     return class_from_name(path.name)
 
 
-def _walk_audio(root: Path) -> list[Path]:
+def walk_audio(root: Path) -> list[Path]:
     """Audio-extension files under root, sorted; hidden folders (e.g. .prepared) skipped."""
     found = []
     for folder, dirs, files in os.walk(root):
@@ -152,7 +152,7 @@ def find_audio_files(data_root: str | os.PathLike, classes: Sequence[str], min_c
     classes = canonical_classes(classes)
     files, skipped = [], []
     found, other, unnamed = Counter(), Counter(), 0
-    for path in _walk_audio(root):
+    for path in walk_audio(root):
         scene_class = _class_of(path, root)
         if scene_class is None:
             unnamed += 1
