@@ -32,7 +32,7 @@ from utils.array_files import geometry_channels, read_geometry
 from utils.eigenscape import CAPSULES
 from model import EncodecModel, EncodecOutput
 from paired_channel_dataset import PairedChannelDataset
-from modules.views import per_view_means, split_views
+from modules.views import flatten_views, per_view_means, split_views, unflatten_views
 from training.parts import Parts
 from training.runtime import Runtime
 from training.tracking import Tracker
@@ -175,19 +175,13 @@ def null_swap_decodes(null_model: EncodecModel, x: Tensor, scale: Tensor | None,
     of `null_model`, a model never trained with a split (no quantizer), at the pair's scale:
     what a split of `dims` dimensions scores on the swap without having learned anything.
     `x` `[B*V, C, T]` view-major, `scale` `[B*V, 1, 1]` or None; each output `[B, C, length]`."""
-    batch_size = x.shape[0] // views
     if not null_model.audio_normalize:
         scale = None
-    latent = by_view(null_model.encoder(null_model.normalize(x, scale)[0]), batch_size, views)
+    latent = unflatten_views(null_model.encoder(null_model.normalize(x, scale)[0]), views)
     z_a, z_b = latent[:, 0], latent[:, 1]
-    item_scale = None if scale is None else by_view(scale, batch_size, views)[:, 0]
+    item_scale = None if scale is None else unflatten_views(scale, views)[:, 0]
     decode = latent_decoder(null_model, item_scale, length)
     return decode(z_a), decode(z_b), decode(torch.cat([z_a[:, :dims], z_b[:, dims:]], dim=1))
-
-
-def by_view(t: Tensor, batch_size: int, views: int) -> Tensor:
-    """`[B*V, ...]` (view-major inside an item) -> `[B, V, ...]`."""
-    return t.reshape(batch_size, views, *t.shape[1:])
 
 
 @torch.no_grad()
@@ -214,19 +208,19 @@ def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]]
     measured batch (on the CPU) and the model's output on `wavs.flatten(0, 1)` at the
     pair's scale.
     """
-    batch_size, views, _, length = wavs.shape
-    x = wavs.flatten(0, 1)
+    views, length = wavs.shape[1], wavs.shape[-1]
+    x = flatten_views(wavs)
     scale = pair_scale(model, x, views)
     with autocast():
         out = model(x, return_embeddings=True, scale=scale)
         own = model(x) if scale is not None else None
         ceiling_codes = model.encode(metrics.ceiling_copy(x), scale=scale)
-    embeddings = [by_view(e.float(), batch_size, views) for e in out.embeddings]
-    audio = by_view(out.audio.float()[..., :length], batch_size, views)
+    embeddings = [unflatten_views(e.float(), views) for e in out.embeddings]
+    audio = unflatten_views(out.audio.float()[..., :length], views)
     cues, swap_audio = None, None
     if views >= 2:
         if model.n_q >= 2:
-            item_scale = None if scale is None else by_view(scale.float(), batch_size, views)[:, 0]
+            item_scale = None if scale is None else unflatten_views(scale.float(), views)[:, 0]
             decode = latent_decoder(model, item_scale, length)
             emb_a, emb_b = [e[:, 0] for e in embeddings], [e[:, 1] for e in embeddings]
             sources = pair_cues.swap_sources(model.n_q, content_codebook)
@@ -242,10 +236,10 @@ def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]]
         cues = None if cues is None else cues.cpu()
         swap_audio = None if swap_audio is None else swap_audio.cpu()
     measured = MeasuredBatch(
-        wavs=wavs.cpu(), audio=audio.cpu(), codes=by_view(out.codes, batch_size, views).cpu(),
+        wavs=wavs.cpu(), audio=audio.cpu(), codes=unflatten_views(out.codes, views).cpu(),
         embeddings=[e.cpu() for e in embeddings], metas=list(metas),
-        audio_own_scale=None if own is None else by_view(own.audio.float()[..., :length], batch_size, views).cpu(),
-        ceiling_codes=by_view(ceiling_codes, batch_size, views).cpu(), cues=cues, swap_audio=swap_audio)
+        audio_own_scale=None if own is None else unflatten_views(own.audio.float()[..., :length], views).cpu(),
+        ceiling_codes=unflatten_views(ceiling_codes, views).cpu(), cues=cues, swap_audio=swap_audio)
     return measured, out
 
 
@@ -351,7 +345,7 @@ def validate(parts: Parts, runtime: Runtime, cfg: DictConfig, loader: DataLoader
     for wavs, metas in loader:
         wavs = wavs.to(runtime.device)
         measured, out = measure_batch(model, wavs, metas, cfg.pairwise.content_codebook, runtime.autocast)
-        batches.append((measured, validation_losses(parts, wavs.flatten(0, 1), out, measured, step)))
+        batches.append((measured, validation_losses(parts, flatten_views(wavs), out, measured, step)))
     batches = distributed.gather_to_main(batches)
     if not runtime.is_main:
         return {}
