@@ -16,7 +16,6 @@ Physics, kept simple but not trivial:
 - each capsule has a small fixed coloration and independent self-noise, which dominates
   above a few kHz as in the real recordings.
 Spectra are low-frequency heavy (the real excerpt has 91% of its energy below 1 kHz).
-The sound makers themselves (cars, voices, birds, ...) are in utils/procedural_sources.py.
 
 Real material (`--sources DIR`, see utils/source_audio.py: channel 0 = mono / W / ACN 0)
 replaces a share `--real-share` of the point sources and beds. A real point source is an
@@ -64,7 +63,8 @@ HOP = NFFT // 2
 FRAMES_PER_BLOCK = 32   # small blocks keep the mixing loop in cache
 COS_GRID = 2049  # resolution of the cos(angle) lookup of the sphere response
 DIFFUSE_DIRECTIONS = 32
-DIFFUSE_FOCUS = 2.5      # 0 = isotropic; 2.5 brings the coherence bands close to the real Beach excerpt
+# 0 = isotropic; 2.5 brings the coherence bands close to the real Beach excerpt
+DIFFUSE_FOCUS = 2.5
 DIFFUSE_MAX_HZ = 16000  # the beds are far below the capsule noise above this
 NOISE_CROSSOVER_HZ = 7000  # real em32: an uncorrelated noise floor above about 6-8 kHz
 ARRAY_SEED = 32  # the simulated em32 unit: its capsule coloration is the same in every set
@@ -94,7 +94,8 @@ def sphere_response_table(nfft: int = NFFT, sample_rate: int = SAMPLE_RATE) -> n
     n = np.arange(n_max + 1)
     x = np.maximum(ka, 1e-3)[:, None]
     with np.errstate(over="ignore", invalid="ignore"):
-        dh = special.spherical_jn(n, x, derivative=True) + 1j * special.spherical_yn(n, x, derivative=True)
+        dh = (special.spherical_jn(n, x, derivative=True)
+              + 1j * special.spherical_yn(n, x, derivative=True))
         coef = 1j / x ** 2 * (2 * n + 1) * (-1j) ** n / dh
     coef[~np.isfinite(coef)] = 0.0
     coef[n[None, :] > x + 12] = 0.0  # terms beyond ka + 12 are negligible (and overflow)
@@ -117,7 +118,8 @@ def capsule_responses(directions: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def capsule_coloration() -> np.ndarray:
-    """Fixed per-capsule magnitude coloration [F, 32]: +-0.5 dB sensitivity, +-1 dB smooth ripple."""
+    """Fixed per-capsule magnitude coloration [F, 32]: +-0.5 dB sensitivity, +-1 dB smooth
+    ripple."""
     rng = np.random.default_rng(ARRAY_SEED)
     freqs = np.fft.rfftfreq(NFFT, 1.0 / SAMPLE_RATE)
     logf = np.log2(np.maximum(freqs, 20.0) / 20.0) / np.log2(SAMPLE_RATE / 40.0)  # 0..1
@@ -138,7 +140,8 @@ def random_directions(rng: np.random.Generator, count: int, focus: float = 0.0) 
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def fixed_direction(rng: np.random.Generator, colatitude: tuple[float, float] = (60, 110)) -> Callable:
+def fixed_direction(rng: np.random.Generator,
+                    colatitude: tuple[float, float] = (60, 110)) -> Callable:
     """A static direction: a random azimuth, colatitude within the given range."""
     u = unit_vectors(rng.uniform(*colatitude), rng.uniform(0, 360))
     return lambda times: np.broadcast_to(u, (len(times), 3))
@@ -193,23 +196,31 @@ class Material:
 # Per class: diffuse beds (name, slope, high-pass, low-pass, level dB, modulation rate, depth)
 # and point sources (generator name, count range, level dB). Levels are dB re full scale RMS.
 RECIPES: dict[str, dict] = {
-    "Beach": {"beds": [("surf", 1.8, 40, 2500, -30, 0.15, 0.7), ("wind", 2.2, 20, 400, -34, 0.4, 0.8)],
-              "points": [("voice", (0, 2), -44), ("bird", (0, 1), -48), ("footsteps", (0, 1), -46)]},
+    "Beach": {"beds": [("surf", 1.8, 40, 2500, -30, 0.15, 0.7),
+                       ("wind", 2.2, 20, 400, -34, 0.4, 0.8)],
+              "points": [("voice", (0, 2), -44), ("bird", (0, 1), -48),
+                         ("footsteps", (0, 1), -46)]},
     "Busy Street": {"beds": [("traffic", 1.9, 25, 2500, -28, 0.2, 0.4)],
-                    "points": [("car", (2, 4), -31), ("voice", (1, 3), -40), ("footsteps", (1, 2), -40)]},
-    "Park": {"beds": [("distant traffic", 2.2, 25, 1200, -38, 0.1, 0.3), ("leaves", 1.2, 300, 5000, -52, 0.5, 0.9)],
+                    "points": [("car", (2, 4), -31), ("voice", (1, 3), -40),
+                               ("footsteps", (1, 2), -40)]},
+    "Park": {"beds": [("distant traffic", 2.2, 25, 1200, -38, 0.1, 0.3),
+                      ("leaves", 1.2, 300, 5000, -52, 0.5, 0.9)],
              "points": [("bird", (2, 4), -46), ("voice", (0, 2), -42), ("footsteps", (0, 1), -44)]},
     "Pedestrian Zone": {"beds": [("babble", 1.6, 80, 3500, -33, 0.5, 0.3)],
-                        "points": [("voice", (3, 5), -36), ("footsteps", (2, 3), -40), ("chime", (0, 1), -44)]},
+                        "points": [("voice", (3, 5), -36), ("footsteps", (2, 3), -40),
+                                   ("chime", (0, 1), -44)]},
     "Quiet Street": {"beds": [("distant traffic", 2.1, 25, 1500, -38, 0.1, 0.5)],
-                     "points": [("car", (0, 1), -34), ("bird", (1, 2), -44), ("footsteps", (0, 2), -44)]},
+                     "points": [("car", (0, 1), -34), ("bird", (1, 2), -44),
+                                ("footsteps", (0, 2), -44)]},
     "Shopping Centre": {"beds": [("reverberant babble", 1.7, 60, 3000, -31, 0.3, 0.2)],
-                        "points": [("hum", (1, 1), -40), ("voice", (2, 4), -38), ("footsteps", (1, 3), -42),
-                                   ("chime", (0, 2), -42)]},
-    "Train Station": {"beds": [("hall", 1.8, 30, 2500, -30, 0.15, 0.4), ("train rumble", 2.4, 20, 500, -32, 0.05, 0.8)],
-                      "points": [("voice", (1, 3), -38), ("hum", (1, 1), -42), ("chime", (1, 2), -40),
-                                 ("footsteps", (1, 3), -42)]},
-    "Woodland": {"beds": [("wind", 2.0, 20, 600, -36, 0.3, 0.8), ("leaves", 1.2, 300, 5000, -52, 0.6, 0.9)],
+                        "points": [("hum", (1, 1), -40), ("voice", (2, 4), -38),
+                                   ("footsteps", (1, 3), -42), ("chime", (0, 2), -42)]},
+    "Train Station": {"beds": [("hall", 1.8, 30, 2500, -30, 0.15, 0.4),
+                               ("train rumble", 2.4, 20, 500, -32, 0.05, 0.8)],
+                      "points": [("voice", (1, 3), -38), ("hum", (1, 1), -42),
+                                 ("chime", (1, 2), -40), ("footsteps", (1, 3), -42)]},
+    "Woodland": {"beds": [("wind", 2.0, 20, 600, -36, 0.3, 0.8),
+                          ("leaves", 1.2, 300, 5000, -52, 0.6, 0.9)],
                  "points": [("bird", (2, 5), -48)]},
 }
 
@@ -217,7 +228,8 @@ RECIPES: dict[str, dict] = {
 
 def active_level(sig: np.ndarray) -> float:
     """RMS while the source sounds (50 ms frames within 20 dB of the loudest), not averaged over
-    silence, so that a sparse source (one chime, a few steps) is as loud in short files as in long."""
+    silence, so that a sparse source (one chime, a few steps) is as loud in short files as in
+    long."""
     frame = int(0.05 * SAMPLE_RATE)
     n = len(sig) // frame
     frames = sig[:n * frame].reshape(n, frame) if n else sig[None, :]
@@ -275,8 +287,8 @@ def build_scene(scene_class: str, n: int, rng: np.random.Generator,
                 direction = direction_of(kind, rng)
             level_now = active_level(sig)
             if level_now > 0:
-                scene.points.append(PointSource(kind, (sig / level_now).astype(np.float32), direction,
-                                                level + rng.uniform(-3, 3)))
+                scene.points.append(PointSource(kind, (sig / level_now).astype(np.float32),
+                                                direction, level + rng.uniform(-3, 3)))
     return scene
 
 
@@ -292,10 +304,11 @@ def stft_scale(variance: float) -> float:
     return float(np.sqrt(variance * NFFT ** 2 / 2))
 
 
-def capsule_noise_std(bed_psd: np.ndarray, point_frames: list[np.ndarray], window: np.ndarray) -> float:
-    """Per-bin STFT std of the white capsule self-noise (time std: this / sqrt(NFFT)); it crosses the scene spectrum at
-    NOISE_CROSSOVER_HZ, so that (as measured on the real em32) the capsules share content
-    at low frequencies and carry mostly their own noise above about 6 kHz."""
+def capsule_noise_std(bed_psd: np.ndarray, point_frames: list[np.ndarray],
+                      window: np.ndarray) -> float:
+    """Per-bin STFT std of the white capsule self-noise (time std: this / sqrt(NFFT)); it crosses
+    the scene spectrum at NOISE_CROSSOVER_HZ, so that (as measured on the real em32) the capsules
+    share content at low frequencies and carry mostly their own noise above about 6 kHz."""
     k = int(NOISE_CROSSOVER_HZ * NFFT / SAMPLE_RATE)
     power = stft_scale(1.0) ** 2 * bed_psd[:, k].sum()
     for frames in point_frames:
@@ -334,7 +347,8 @@ def real_bed_spectra(bed: RealBed, t0: int, t1: int, window: np.ndarray, n_bins:
     return (gain * np.transpose(spectra, (2, 0, 1))).astype(np.complex64)
 
 
-def render(scene: Scene, n: int, rng: np.random.Generator, write: Callable[[np.ndarray], None]) -> None:
+def render(scene: Scene, n: int, rng: np.random.Generator,
+           write: Callable[[np.ndarray], None]) -> None:
     """Render a scene to `n` x 32 samples, passing finished blocks [m, 32] to `write` in order."""
     window = np.sqrt(0.5 - 0.5 * np.cos(2 * np.pi * np.arange(NFFT) / NFFT)).astype(np.float32)
     n_frames = n // HOP + 2  # frame t covers padded samples [t*HOP, t*HOP + NFFT); pad = HOP
@@ -379,7 +393,8 @@ def render(scene: Scene, n: int, rng: np.random.Generator, write: Callable[[np.n
             h = sphere_response_table()[:, idx]  # [F, K, 32]
             spec += np.transpose(h * s.T[:, :, None], (0, 2, 1))
         spec *= coloration[:, :, None]
-        frames_out = np.fft.irfft(np.transpose(spec, (2, 1, 0)), n=NFFT, axis=-1) * window  # [K, 32, N]
+        # [K, 32, N]
+        frames_out = np.fft.irfft(np.transpose(spec, (2, 1, 0)), n=NFFT, axis=-1) * window
         block = np.zeros(((k + 1) * HOP, N_CAPSULES), np.float32)
         block[:HOP] = carry
         for j in range(k):  # overlap-add: frame j starts at j*HOP within the block
@@ -389,7 +404,8 @@ def render(scene: Scene, n: int, rng: np.random.Generator, write: Callable[[np.n
         skip = 0
         done = done[:n - written]
         # White capsule self-noise, added in time (white there too, and half the random draws).
-        done += rng.standard_normal(done.shape, dtype=np.float32) * np.float32(noise_std / np.sqrt(NFFT))
+        done += (rng.standard_normal(done.shape, dtype=np.float32)
+                 * np.float32(noise_std / np.sqrt(NFFT)))
         write(done)
         written += len(done)
 
@@ -432,7 +448,8 @@ def generate(out_dir: str | os.PathLike, files_per_class: int, seconds: float, s
     (independent of `workers`). Returns the paths.
     """
     if files_per_class < 1 or seconds <= 0:
-        raise ValueError(f"files_per_class must be >= 1 and seconds > 0, got {files_per_class}, {seconds}")
+        raise ValueError(f"files_per_class must be >= 1 and seconds > 0, got {files_per_class}, "
+                         f"{seconds}")
     if not 0.0 <= real_share <= 1.0:
         raise ValueError(f"real_share must be in [0, 1], got {real_share}")
     out_dir = Path(out_dir)

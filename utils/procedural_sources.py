@@ -47,7 +47,8 @@ def events(rng: np.random.Generator, seconds: float, rate_hz: float) -> np.ndarr
 
 
 def car_pass(rng: np.random.Generator, n: int) -> tuple[np.ndarray, Callable]:
-    """A car driving past: engine harmonics + tyre noise; loudest when passing, moving in azimuth."""
+    """A car driving past: engine harmonics + tyre noise; loudest when passing, moving in
+    azimuth."""
     t = np.arange(n) / SAMPLE_RATE
     seconds = n / SAMPLE_RATE
     t_pass = rng.uniform(0.2, 0.8) * seconds
@@ -82,7 +83,8 @@ def voice(rng: np.random.Generator, n: int) -> np.ndarray:
     while pos < n:
         length = int(rng.uniform(0.12, 0.3) * SAMPLE_RATE)
         seg = pulses[pos:pos + length] + 0.05 * rng.normal(size=len(pulses[pos:pos + length]))
-        for formant, bw in zip((rng.uniform(300, 800), rng.uniform(900, 2200), rng.uniform(2400, 3200)),
+        for formant, bw in zip((rng.uniform(300, 800), rng.uniform(900, 2200),
+                                rng.uniform(2400, 3200)),
                                (80, 120, 180)):
             r = np.exp(-np.pi * bw / SAMPLE_RATE)
             a = [1, -2 * r * np.cos(2 * np.pi * formant / SAMPLE_RATE), r * r]
@@ -144,8 +146,10 @@ def footsteps(rng: np.random.Generator, n: int) -> np.ndarray:
 def hum(rng: np.random.Generator, n: int) -> np.ndarray:
     """Ventilation / mains hum: 50 Hz harmonics plus low broadband noise."""
     t = np.arange(n) / SAMPLE_RATE
-    tones = sum(np.sin(2 * np.pi * 50 * k * t + rng.uniform(0, 2 * np.pi)) / k for k in (1, 2, 3, 4, 6))
+    tones = sum(np.sin(2 * np.pi * 50 * k * t + rng.uniform(0, 2 * np.pi)) / k
+                for k in (1, 2, 3, 4, 6))
     return tones + 0.5 * lowpass_noise(rng, n, 300.0)
 
 
-POINT_GENERATORS = {"voice": voice, "bird": bird, "chime": chime, "footsteps": footsteps, "hum": hum}
+POINT_GENERATORS = {"voice": voice, "bird": bird, "chime": chime, "footsteps": footsteps,
+                    "hum": hum}
