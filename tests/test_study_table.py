@@ -21,13 +21,15 @@ def seed_metrics(swap_mono: float, swap_paired: float, ild_corr: float) -> dict:
                 "codebook_agreement": [0.4, 0.1], "chance_agreement": [0.01, 0.02],
                 "ceiling_agreement": [0.9, 0.8],
                 "shared_content": {"independent": {"mel_distance": 0.3, "kbps_per_channel": 1.5},
-                                   "shared_content": {"mel_distance": 0.4, "kbps_per_channel": 0.77}}}
+                                   "shared_content": {"mel_distance": 0.4,
+                                                      "kbps_per_channel": 0.77}}}
     return {"paired": entry(swap_paired), "mono": entry(swap_mono)}
 
 
 def write_seeds(tmp_path: Path) -> list[Path]:
     paths = []
-    for seed, (mono, paired, corr) in enumerate([(0.1, 0.5, 0.6), (0.3, 0.7, 0.8), (0.2, 0.9, None)]):
+    for seed, (mono, paired, corr) in enumerate([(0.1, 0.5, 0.6), (0.3, 0.7, 0.8),
+                                                  (0.2, 0.9, None)]):
         path = tmp_path / f"seed{seed}" / "metrics.json"
         path.parent.mkdir()
         path.write_text(json.dumps(seed_metrics(mono, paired, corr)))
