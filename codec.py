@@ -36,10 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     enc = commands.add_parser("encode", help="WAV file -> token file")
-    enc.add_argument("input", help="WAV (or any format libsndfile reads), any rate and channel count")
+    enc.add_argument("input",
+                     help="WAV (or any format libsndfile reads), any rate and channel count")
     enc.add_argument("output", help="token file to write")
     enc.add_argument("--bandwidth", type=float, default=None,
-                     help="kbps, one of the checkpoint's model.target_bandwidths (default: all codebooks)")
+                     help="kbps, one of the checkpoint's model.target_bandwidths (default: all "
+                          "codebooks)")
     enc.add_argument("--shared-content", action="store_true",
                      help="one codebook-1 stream (the reference channel's) for all channels, "
                           "codebooks 2.. per channel, one common scale (files of >= 2 channels)")
@@ -89,7 +91,8 @@ def _bitrate_text(metadata: dict[str, Any], shared: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    check_flags(("--checkpoint", args.checkpoint, PathRule("file", "checkpoint")),  # one line, exit 2
+    check_flags(("--checkpoint", args.checkpoint,
+                 PathRule("file", "checkpoint")),  # one line, exit 2
                 ("input", args.input, PathRule("file")),
                 ("output", args.output, PathRule("output file")),
                 ("--bandwidth", getattr(args, "bandwidth", None), POSITIVE),

@@ -167,8 +167,10 @@ def validation_loader(data_cfg: DictConfig, device: torch.device) -> DataLoader:
 def checkpoint_labels(paths: list[str]) -> list[str]:
     """Short unique names: the file stem, or `folder/stem` when stems repeat."""
     stems = [Path(p).stem for p in paths]
-    labels = [s if stems.count(s) == 1 else f"{Path(p).parent.name}/{s}" for s, p in zip(stems, paths)]
-    return [label if labels.count(label) == 1 else f"{label}#{i + 1}" for i, label in enumerate(labels)]
+    labels = [s if stems.count(s) == 1 else f"{Path(p).parent.name}/{s}"
+              for s, p in zip(stems, paths)]
+    return [label if labels.count(label) == 1 else f"{label}#{i + 1}"
+            for i, label in enumerate(labels)]
 
 
 def instrument_settings(cfg: DictConfig) -> InstrumentSettings:
@@ -189,7 +191,8 @@ def segment_length(cfg: DictConfig, data_cfg: DictConfig, sample_rate: int) -> i
     """Validation segment in samples at `sample_rate`: `datasets.segment_seconds`, or the
     checkpoint's `datasets.tensor_cut` when that is null."""
     seconds = cfg.datasets.get("segment_seconds")
-    return int(data_cfg.datasets.tensor_cut) if seconds is None else int(round(float(seconds) * sample_rate))
+    return (int(data_cfg.datasets.tensor_cut) if seconds is None
+            else int(round(float(seconds) * sample_rate)))
 
 
 def null_model_for(cfg: DictConfig, train_cfg: DictConfig, device: torch.device
@@ -225,7 +228,8 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
     if cfg.labels:
         labels = [str(label) for label in cfg.labels]
         if len(labels) != len(paths) or len(set(labels)) != len(labels):
-            raise ValueError(f"labels={labels}: need one distinct label per checkpoint ({len(paths)})")
+            raise ValueError(f"labels={labels}: need one distinct label per checkpoint "
+                             f"({len(paths)})")
     device = resolve_device(cfg.device)
     loaders: dict[int, DataLoader] = {}
     data_cfg = None
@@ -238,7 +242,8 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
         if data_cfg is None:
             data_cfg = evaluation_data_config(train_cfg, cfg)
         if model.sample_rate not in loaders:
-            loaders[model.sample_rate] = validation_loader(at_rate(data_cfg, cfg, model.sample_rate), device)
+            loaders[model.sample_rate] = validation_loader(
+                at_rate(data_cfg, cfg, model.sample_rate), device)
         loader = loaders[model.sample_rate]
         null_model, null_note = null_model_for(cfg, train_cfg, device)
         results, examples = evaluate_model(
@@ -326,7 +331,8 @@ def _swap_gain_cell(r: dict) -> str:
     cell = (f"{_fmt(r['swap_gain'])} [{_fmt(lo)}, {_fmt(hi)}] "
             f"({_fmt(r.get('swap_n_used'))} used, {_fmt(r.get('swap_n_degenerate'))} degenerate)")
     ratio = r.get("swap_separation_ratio")
-    if math.isfinite(r["swap_gain"]) and ratio is not None and math.isfinite(ratio) and ratio < MIN_RESOLVED_SEPARATION:
+    if (math.isfinite(r["swap_gain"]) and ratio is not None and math.isfinite(ratio)
+        and ratio < MIN_RESOLVED_SEPARATION):
         cell += f" ⚠ not resolved: decodes differ by {100 * ratio:.2g}% of the inputs' separation"
     return cell
 
@@ -343,14 +349,18 @@ def table_rows(reports: list[CheckpointReport]) -> list[tuple[str, list[str]]]:
     rows: list[tuple[str, list[str]]] = [
         ("mode", [r.mode for r in reports]),
         ("step", cells(lambda r: _fmt(r.get("step")))),
-        ("pairs (segment samples)", cells(lambda r: f"{_fmt(r.get('num_items'))} ({_fmt(r.get('segment_samples'))})")),
+        ("pairs (segment samples)",
+         cells(lambda r: f"{_fmt(r.get('num_items'))} ({_fmt(r.get('segment_samples'))})")),
         ("SI-SNR dB ↑, pair's scale (own scale)",
          cells(lambda r: f"{_fmt(r.get('si_snr'))} ({_fmt(r.get('si_snr_own_scale'))})")),
         ("mel distance ↓, pair's scale (own scale)",
-         cells(lambda r: f"{_fmt(r.get('mel_distance'))} ({_fmt(r.get('mel_distance_own_scale'))})")),
+         cells(lambda r: f"{_fmt(r.get('mel_distance'))} "
+                         f"({_fmt(r.get('mel_distance_own_scale'))})")),
         ("bitrate kbps (entropy)",
-         cells(lambda r: f"{_fmt(r.get('bitrate_kbps'))} ({_fmt(r.get('effective_bitrate_kbps'))})")),
-        ("**swap gain** [95% CI] (0: cb2 of B moves nothing, 1: decodes like B)", cells(_swap_gain_cell)),
+         cells(lambda r: f"{_fmt(r.get('bitrate_kbps'))} "
+                         f"({_fmt(r.get('effective_bitrate_kbps'))})")),
+        ("**swap gain** [95% CI] (0: cb2 of B moves nothing, 1: decodes like B)",
+         cells(_swap_gain_cell)),
         ("swap gain of the spectral shape [95% CI] (band mean removed: loudness cannot move it)",
          cells(lambda r: _with_ci(r, "swap_gain_shape"))),
         ("swap gain of a loudness-only fake swap (A's decode at B's level)",
@@ -362,10 +372,12 @@ def table_rows(reports: list[CheckpointReport]) -> list[tuple[str, list[str]]]:
          cells(lambda r: f"{_fmt(r.get('swap_gain_normalized'))} / "
                          f"{_fmt(r.get('swap_gain_shape_normalized'))}")),
         ("channel separation dB/band: decodes (inputs)",
-         cells(lambda r: f"{_fmt(r.get('swap_separation_db'))} ({_fmt(r.get('swap_input_separation_db'))})")),
+         cells(lambda r: f"{_fmt(r.get('swap_separation_db'))} "
+                         f"({_fmt(r.get('swap_input_separation_db'))})")),
         ("swap mel to x_A / x_B (rec_A to x_B / rec_B to x_B)",
          cells(lambda r: f"{_fmt(r.get('swap_mel_to_a'))} / {_fmt(r.get('swap_mel_to_b'))} "
-                         f"({_fmt(r.get('swap_rec_a_mel_to_b'))} / {_fmt(r.get('swap_rec_b_mel_to_b'))})")),
+                         f"({_fmt(r.get('swap_rec_a_mel_to_b'))} / "
+                         f"{_fmt(r.get('swap_rec_b_mel_to_b'))})")),
         ("**ILD correlation** decoded vs true (slope)",
          cells(lambda r: f"{_fmt(_nested(r, 'ild_fidelity', 'correlation'))} "
                          f"({_fmt(_nested(r, 'ild_fidelity', 'slope'))})")),
@@ -391,15 +403,18 @@ def table_rows(reports: list[CheckpointReport]) -> list[tuple[str, list[str]]]:
         rows += [
             (f"{cb} code agreement across channels (chance / ceiling)",
              cells(lambda r: f"{_fmt(at(r, 'codebook_agreement'))} "
-                             f"({_fmt(at(r, 'chance_agreement'))} / {_fmt(at(r, 'ceiling_agreement'))})")),
+                             f"({_fmt(at(r, 'chance_agreement'))} / "
+                             f"{_fmt(at(r, 'ceiling_agreement'))})")),
             (f"{cb} ILD probe R² ± std (shuffled labels)",
              cells(lambda r: f"{_pm(at(r, 'ild_probe_r2'), at(r, 'ild_probe_r2_std'))} "
                              f"({_pm(at(r, 'ild_probe_r2_shuffled'), at(r, 'ild_probe_r2_shuffled_std'))})")),
             (f"{cb} channel-index probe acc. ± std, capsule fingerprints only (chance / shuffled)",
              cells(lambda r: f"{_pm(at(r, 'channel_probe_accuracy'), at(r, 'channel_probe_accuracy_std'))} "
-                             f"({_fmt(r.get('channel_probe_chance'))} / {_fmt(at(r, 'channel_probe_accuracy_shuffled'))})")),
+                             f"({_fmt(r.get('channel_probe_chance'))} / "
+                             f"{_fmt(at(r, 'channel_probe_accuracy_shuffled'))})")),
             (f"{cb} centred pooled-embedding cosine (chance)",
-             cells(lambda r: f"{_fmt(at(r, 'centered_cosine'))} ({_fmt(at(r, 'chance_centered_cosine'))})")),
+             cells(lambda r: f"{_fmt(at(r, 'centered_cosine'))} "
+                             f"({_fmt(at(r, 'chance_centered_cosine'))})")),
             (f"{cb} perplexity / dead codes",
              cells(lambda r: f"{_fmt(at(r, 'perplexity'))} / {_fmt(at(r, 'dead_codes'))}")),
         ]
@@ -498,10 +513,13 @@ that carries nothing would look faithful. Input levels come from the raw pair.
 def write_markdown(reports: list[CheckpointReport], path: Path) -> str:
     """`report.md`: the table and how to read it; returns the table."""
     table = markdown_table(reports)
-    selections = sorted({r.results.get("swap_pairs") for r in reports if r.results.get("swap_pairs")})
+    selections = sorted({r.results.get("swap_pairs")
+                         for r in reports if r.results.get("swap_pairs")})
     selection = "; ".join(selections) or "the well-separated pairs"
-    notes = [f"- {r.label}: probes: {r.results['probe_note']}" for r in reports if r.results.get("probe_note")]
-    path.write_text("# Evaluation: does codebook 1 carry the content and codebook 2 the channel?\n\n"
+    notes = [f"- {r.label}: probes: {r.results['probe_note']}"
+             for r in reports if r.results.get("probe_note")]
+    path.write_text("# Evaluation: does codebook 1 carry the content and codebook 2 the "
+                    "channel?\n\n"
                     + table + "\n\n" + ("\n".join(notes) + "\n\n" if notes else "")
                     + LEGEND.format(selection=selection, min_ratio=MIN_RESOLVED_SEPARATION))
     return table
@@ -511,8 +529,10 @@ def write_report(reports: list[CheckpointReport], out_dir: Path) -> dict[str, Pa
     """All report files into `out_dir`; returns them by name."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"metrics": out_dir / "metrics.json", "report": out_dir / "report.md",
-             "code_agreement": out_dir / "code_agreement.png", "swap_gain": out_dir / "swap_gain.png",
-             "ild_scatter": out_dir / "ild_scatter.png", "codebook_usage": out_dir / "codebook_usage.png",
+             "code_agreement": out_dir / "code_agreement.png",
+             "swap_gain": out_dir / "swap_gain.png",
+             "ild_scatter": out_dir / "ild_scatter.png",
+             "codebook_usage": out_dir / "codebook_usage.png",
              "spectrograms": out_dir / "spectrograms.png"}
     write_metrics_json(reports, files["metrics"])
     write_markdown(reports, files["report"])
@@ -536,9 +556,10 @@ def log_to_wandb(reports: list[CheckpointReport], files: dict[str, Path], cfg: D
         return
     from training.tracking import Tracker
 
-    tracker = Tracker(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name, Path(files["metrics"]).parent,
-                      OmegaConf.to_container(cfg, resolve=True))
-    scalars = {f"{r.label}/{key}": value for r in reports for key, value in flatten_metrics(r.results).items()}
+    tracker = Tracker(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name,
+                      Path(files["metrics"]).parent, OmegaConf.to_container(cfg, resolve=True))
+    scalars = {f"{r.label}/{key}": value for r in reports
+               for key, value in flatten_metrics(r.results).items()}
     tracker.log(scalars, step=0)
     tracker.log_images({name: str(p) for name, p in files.items() if p.suffix == ".png"}, step=0)
     tracker.finish()

@@ -47,14 +47,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 import soundfile as sf
-from scipy import signal, special
+from scipy import special
 
 from utils.checks import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, PathRule, check_flags,
                           one_line_errors, setting_error)
 from utils.eigenscape import CAPSULES, N_CAPSULES, SCENE_CLASSES, unit_vectors
+from utils.procedural_sources import (POINT_GENERATORS, SAMPLE_RATE, car_pass, slow_envelope,
+                                      spectral_shape)
 from utils.source_audio import SourceFile, excerpt, scan_sources
 
-SAMPLE_RATE = 48000
 SPEED_OF_SOUND = 343.0
 SPHERE_RADIUS = 0.042
 NFFT = 1024
@@ -62,7 +63,8 @@ HOP = NFFT // 2
 FRAMES_PER_BLOCK = 32   # small blocks keep the mixing loop in cache
 COS_GRID = 2049  # resolution of the cos(angle) lookup of the sphere response
 DIFFUSE_DIRECTIONS = 32
-DIFFUSE_FOCUS = 2.5      # 0 = isotropic; 2.5 brings the coherence bands close to the real Beach excerpt
+# 0 = isotropic; 2.5 brings the coherence bands close to the real Beach excerpt
+DIFFUSE_FOCUS = 2.5
 DIFFUSE_MAX_HZ = 16000  # the beds are far below the capsule noise above this
 NOISE_CROSSOVER_HZ = 7000  # real em32: an uncorrelated noise floor above about 6-8 kHz
 ARRAY_SEED = 32  # the simulated em32 unit: its capsule coloration is the same in every set
@@ -92,7 +94,8 @@ def sphere_response_table(nfft: int = NFFT, sample_rate: int = SAMPLE_RATE) -> n
     n = np.arange(n_max + 1)
     x = np.maximum(ka, 1e-3)[:, None]
     with np.errstate(over="ignore", invalid="ignore"):
-        dh = special.spherical_jn(n, x, derivative=True) + 1j * special.spherical_yn(n, x, derivative=True)
+        dh = (special.spherical_jn(n, x, derivative=True)
+              + 1j * special.spherical_yn(n, x, derivative=True))
         coef = 1j / x ** 2 * (2 * n + 1) * (-1j) ** n / dh
     coef[~np.isfinite(coef)] = 0.0
     coef[n[None, :] > x + 12] = 0.0  # terms beyond ka + 12 are negligible (and overflow)
@@ -115,7 +118,8 @@ def capsule_responses(directions: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def capsule_coloration() -> np.ndarray:
-    """Fixed per-capsule magnitude coloration [F, 32]: +-0.5 dB sensitivity, +-1 dB smooth ripple."""
+    """Fixed per-capsule magnitude coloration [F, 32]: +-0.5 dB sensitivity, +-1 dB smooth
+    ripple."""
     rng = np.random.default_rng(ARRAY_SEED)
     freqs = np.fft.rfftfreq(NFFT, 1.0 / SAMPLE_RATE)
     logf = np.log2(np.maximum(freqs, 20.0) / 20.0) / np.log2(SAMPLE_RATE / 40.0)  # 0..1
@@ -136,142 +140,8 @@ def random_directions(rng: np.random.Generator, count: int, focus: float = 0.0) 
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-# ----------------------------------------------------------------------------- sounds
-
-
-def spectral_shape(freqs: np.ndarray, slope: float, highpass: float, lowpass: float) -> np.ndarray:
-    """Power spectrum f^-slope between a 4th-order high-pass and low-pass corner."""
-    f = np.maximum(freqs, 1.0)
-    hp = (f / highpass) ** 4 / (1 + (f / highpass) ** 4)
-    lp = 1 / (1 + (f / lowpass) ** 4)
-    return (f / 100.0) ** -slope * hp * lp
-
-
-def slow_envelope(rng: np.random.Generator, n: int, rate_hz: float, depth: float,
-                  sample_rate: float) -> np.ndarray:
-    """Positive random modulation: 1 + depth * smoothed noise, evaluated at n points."""
-    knots = max(int(n / sample_rate * rate_hz) + 4, 4)
-    values = rng.uniform(-1, 1, knots)
-    grid = np.linspace(0, knots - 3, n)
-    env = np.interp(grid, np.arange(knots), values)
-    return np.maximum(1 + depth * env, 0.05)
-
-
-def lowpass_noise(rng: np.random.Generator, n: int, cutoff: float, order: int = 2) -> np.ndarray:
-    """White noise through a Butterworth low-pass."""
-    sos = signal.butter(order, cutoff, fs=SAMPLE_RATE, output="sos")
-    return signal.sosfilt(sos, rng.normal(size=n))
-
-
-def events(rng: np.random.Generator, seconds: float, rate_hz: float) -> np.ndarray:
-    """Poisson event times in seconds."""
-    count = rng.poisson(rate_hz * seconds)
-    return np.sort(rng.uniform(0, seconds, count))
-
-
-def car_pass(rng: np.random.Generator, n: int) -> tuple[np.ndarray, Callable]:
-    """A car driving past: engine harmonics + tyre noise; loudest when passing, moving in azimuth."""
-    t = np.arange(n) / SAMPLE_RATE
-    seconds = n / SAMPLE_RATE
-    t_pass = rng.uniform(0.2, 0.8) * seconds
-    speed = rng.uniform(8, 15)  # m/s
-    distance = rng.uniform(4, 12)
-    f0 = rng.uniform(25, 45) * (1 + 0.05 * np.sin(2 * np.pi * 0.3 * t))
-    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
-    engine = sum(np.sin(k * phase) / k for k in range(1, 7))
-    tyres = lowpass_noise(rng, n, 900.0)
-    sig = engine * 0.6 + tyres / (tyres.std() + 1e-9)
-    along = speed * (t - t_pass)
-    sig *= 1.0 / np.sqrt(distance ** 2 + along ** 2)
-    heading = rng.uniform(0, 360)
-
-    def direction(times: np.ndarray) -> np.ndarray:
-        az = heading + np.degrees(np.arctan2(speed * (times - t_pass), distance))
-        return unit_vectors(np.full_like(times, 92.0), az)
-
-    return sig, direction
-
-
-def voice(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Speech-like babble of one talker: glottal pulses through moving formants, with pauses."""
-    f_base = rng.uniform(95, 230)
-    t = np.arange(n) / SAMPLE_RATE
-    f0 = f_base * (1 + 0.12 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t))
-    phase = np.cumsum(f0) / SAMPLE_RATE
-    pulses = np.diff(np.floor(phase), prepend=0.0)  # one impulse per period
-    pulses = signal.lfilter([1.0], [1.0, -0.95], pulses)  # glottal roll-off
-    out = np.zeros(n)
-    pos = int(rng.uniform(0, 0.5) * SAMPLE_RATE)
-    while pos < n:
-        length = int(rng.uniform(0.12, 0.3) * SAMPLE_RATE)
-        seg = pulses[pos:pos + length] + 0.05 * rng.normal(size=len(pulses[pos:pos + length]))
-        for formant, bw in zip((rng.uniform(300, 800), rng.uniform(900, 2200), rng.uniform(2400, 3200)),
-                               (80, 120, 180)):
-            r = np.exp(-np.pi * bw / SAMPLE_RATE)
-            a = [1, -2 * r * np.cos(2 * np.pi * formant / SAMPLE_RATE), r * r]
-            seg = seg + 0.5 * signal.lfilter([1 - r], a, seg)
-        out[pos:pos + len(seg)] = seg * np.hanning(len(seg))
-        pos += length + (int(rng.uniform(0.2, 1.0) * SAMPLE_RATE) if rng.random() < 0.2 else 0)
-    return out
-
-
-def bird(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Bird song: bursts of short frequency sweeps between 2 and 5 kHz."""
-    out = np.zeros(n)
-    seconds = n / SAMPLE_RATE
-    for start in events(rng, seconds, rng.uniform(0.2, 0.6)):
-        f_lo, f_hi = sorted(rng.uniform(1800, 5000, 2))
-        for k in range(rng.integers(2, 7)):
-            dur = rng.uniform(0.04, 0.15)
-            i0 = int((start + k * dur * 1.4) * SAMPLE_RATE)
-            m = int(dur * SAMPLE_RATE)
-            if i0 + m > n:
-                break
-            tt = np.arange(m) / SAMPLE_RATE
-            freq = f_hi + (f_lo - f_hi) * tt / dur if k % 2 else f_lo + (f_hi - f_lo) * tt / dur
-            out[i0:i0 + m] += np.sin(2 * np.pi * np.cumsum(freq) / SAMPLE_RATE) * np.hanning(m)
-    return out
-
-
-def chime(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Struck bells / shop chimes: decaying inharmonic partials."""
-    out = np.zeros(n)
-    seconds = n / SAMPLE_RATE
-    times = events(rng, seconds, 0.15)
-    if len(times) == 0:
-        times = np.array([rng.uniform(0, seconds)])
-    for start in times:
-        f0 = rng.uniform(400, 900)
-        m = min(int(2.5 * SAMPLE_RATE), n - int(start * SAMPLE_RATE))
-        tt = np.arange(m) / SAMPLE_RATE
-        tone = sum(np.sin(2 * np.pi * f0 * r * tt) * np.exp(-tt * (1.5 + r)) / r
-                   for r in (1.0, 2.76, 5.40, 8.93))
-        i0 = int(start * SAMPLE_RATE)
-        out[i0:i0 + m] += tone
-    return out
-
-
-def footsteps(rng: np.random.Generator, n: int) -> np.ndarray:
-    """A walker: short low-passed noise thumps about twice per second."""
-    out = np.zeros(n)
-    period = rng.uniform(0.45, 0.6)
-    thump = int(0.06 * SAMPLE_RATE)
-    decay = np.exp(-np.arange(thump) / (0.012 * SAMPLE_RATE))
-    t = rng.uniform(0, period)
-    while (i0 := int(t * SAMPLE_RATE)) + thump < n:
-        out[i0:i0 + thump] += rng.normal(size=thump) * decay * rng.uniform(0.6, 1.0)
-        t += period * rng.uniform(0.9, 1.1)
-    return signal.sosfilt(signal.butter(2, 1500, fs=SAMPLE_RATE, output="sos"), out)
-
-
-def hum(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Ventilation / mains hum: 50 Hz harmonics plus low broadband noise."""
-    t = np.arange(n) / SAMPLE_RATE
-    tones = sum(np.sin(2 * np.pi * 50 * k * t + rng.uniform(0, 2 * np.pi)) / k for k in (1, 2, 3, 4, 6))
-    return tones + 0.5 * lowpass_noise(rng, n, 300.0)
-
-
-def fixed_direction(rng: np.random.Generator, colatitude: tuple[float, float] = (60, 110)) -> Callable:
+def fixed_direction(rng: np.random.Generator,
+                    colatitude: tuple[float, float] = (60, 110)) -> Callable:
     """A static direction: a random azimuth, colatitude within the given range."""
     u = unit_vectors(rng.uniform(*colatitude), rng.uniform(0, 360))
     return lambda times: np.broadcast_to(u, (len(times), 3))
@@ -326,32 +196,40 @@ class Material:
 # Per class: diffuse beds (name, slope, high-pass, low-pass, level dB, modulation rate, depth)
 # and point sources (generator name, count range, level dB). Levels are dB re full scale RMS.
 RECIPES: dict[str, dict] = {
-    "Beach": {"beds": [("surf", 1.8, 40, 2500, -30, 0.15, 0.7), ("wind", 2.2, 20, 400, -34, 0.4, 0.8)],
-              "points": [("voice", (0, 2), -44), ("bird", (0, 1), -48), ("footsteps", (0, 1), -46)]},
+    "Beach": {"beds": [("surf", 1.8, 40, 2500, -30, 0.15, 0.7),
+                       ("wind", 2.2, 20, 400, -34, 0.4, 0.8)],
+              "points": [("voice", (0, 2), -44), ("bird", (0, 1), -48),
+                         ("footsteps", (0, 1), -46)]},
     "Busy Street": {"beds": [("traffic", 1.9, 25, 2500, -28, 0.2, 0.4)],
-                    "points": [("car", (2, 4), -31), ("voice", (1, 3), -40), ("footsteps", (1, 2), -40)]},
-    "Park": {"beds": [("distant traffic", 2.2, 25, 1200, -38, 0.1, 0.3), ("leaves", 1.2, 300, 5000, -52, 0.5, 0.9)],
+                    "points": [("car", (2, 4), -31), ("voice", (1, 3), -40),
+                               ("footsteps", (1, 2), -40)]},
+    "Park": {"beds": [("distant traffic", 2.2, 25, 1200, -38, 0.1, 0.3),
+                      ("leaves", 1.2, 300, 5000, -52, 0.5, 0.9)],
              "points": [("bird", (2, 4), -46), ("voice", (0, 2), -42), ("footsteps", (0, 1), -44)]},
     "Pedestrian Zone": {"beds": [("babble", 1.6, 80, 3500, -33, 0.5, 0.3)],
-                        "points": [("voice", (3, 5), -36), ("footsteps", (2, 3), -40), ("chime", (0, 1), -44)]},
+                        "points": [("voice", (3, 5), -36), ("footsteps", (2, 3), -40),
+                                   ("chime", (0, 1), -44)]},
     "Quiet Street": {"beds": [("distant traffic", 2.1, 25, 1500, -38, 0.1, 0.5)],
-                     "points": [("car", (0, 1), -34), ("bird", (1, 2), -44), ("footsteps", (0, 2), -44)]},
+                     "points": [("car", (0, 1), -34), ("bird", (1, 2), -44),
+                                ("footsteps", (0, 2), -44)]},
     "Shopping Centre": {"beds": [("reverberant babble", 1.7, 60, 3000, -31, 0.3, 0.2)],
-                        "points": [("hum", (1, 1), -40), ("voice", (2, 4), -38), ("footsteps", (1, 3), -42),
-                                   ("chime", (0, 2), -42)]},
-    "Train Station": {"beds": [("hall", 1.8, 30, 2500, -30, 0.15, 0.4), ("train rumble", 2.4, 20, 500, -32, 0.05, 0.8)],
-                      "points": [("voice", (1, 3), -38), ("hum", (1, 1), -42), ("chime", (1, 2), -40),
-                                 ("footsteps", (1, 3), -42)]},
-    "Woodland": {"beds": [("wind", 2.0, 20, 600, -36, 0.3, 0.8), ("leaves", 1.2, 300, 5000, -52, 0.6, 0.9)],
+                        "points": [("hum", (1, 1), -40), ("voice", (2, 4), -38),
+                                   ("footsteps", (1, 3), -42), ("chime", (0, 2), -42)]},
+    "Train Station": {"beds": [("hall", 1.8, 30, 2500, -30, 0.15, 0.4),
+                               ("train rumble", 2.4, 20, 500, -32, 0.05, 0.8)],
+                      "points": [("voice", (1, 3), -38), ("hum", (1, 1), -42),
+                                 ("chime", (1, 2), -40), ("footsteps", (1, 3), -42)]},
+    "Woodland": {"beds": [("wind", 2.0, 20, 600, -36, 0.3, 0.8),
+                          ("leaves", 1.2, 300, 5000, -52, 0.6, 0.9)],
                  "points": [("bird", (2, 5), -48)]},
 }
 
-POINT_GENERATORS = {"voice": voice, "bird": bird, "chime": chime, "footsteps": footsteps, "hum": hum}
 
 
 def active_level(sig: np.ndarray) -> float:
     """RMS while the source sounds (50 ms frames within 20 dB of the loudest), not averaged over
-    silence, so that a sparse source (one chime, a few steps) is as loud in short files as in long."""
+    silence, so that a sparse source (one chime, a few steps) is as loud in short files as in
+    long."""
     frame = int(0.05 * SAMPLE_RATE)
     n = len(sig) // frame
     frames = sig[:n * frame].reshape(n, frame) if n else sig[None, :]
@@ -409,8 +287,8 @@ def build_scene(scene_class: str, n: int, rng: np.random.Generator,
                 direction = direction_of(kind, rng)
             level_now = active_level(sig)
             if level_now > 0:
-                scene.points.append(PointSource(kind, (sig / level_now).astype(np.float32), direction,
-                                                level + rng.uniform(-3, 3)))
+                scene.points.append(PointSource(kind, (sig / level_now).astype(np.float32),
+                                                direction, level + rng.uniform(-3, 3)))
     return scene
 
 
@@ -426,10 +304,11 @@ def stft_scale(variance: float) -> float:
     return float(np.sqrt(variance * NFFT ** 2 / 2))
 
 
-def capsule_noise_std(bed_psd: np.ndarray, point_frames: list[np.ndarray], window: np.ndarray) -> float:
-    """Per-bin STFT std of the white capsule self-noise (time std: this / sqrt(NFFT)); it crosses the scene spectrum at
-    NOISE_CROSSOVER_HZ, so that (as measured on the real em32) the capsules share content
-    at low frequencies and carry mostly their own noise above about 6 kHz."""
+def capsule_noise_std(bed_psd: np.ndarray, point_frames: list[np.ndarray],
+                      window: np.ndarray) -> float:
+    """Per-bin STFT std of the white capsule self-noise (time std: this / sqrt(NFFT)); it crosses
+    the scene spectrum at NOISE_CROSSOVER_HZ, so that (as measured on the real em32) the capsules
+    share content at low frequencies and carry mostly their own noise above about 6 kHz."""
     k = int(NOISE_CROSSOVER_HZ * NFFT / SAMPLE_RATE)
     power = stft_scale(1.0) ** 2 * bed_psd[:, k].sum()
     for frames in point_frames:
@@ -468,7 +347,8 @@ def real_bed_spectra(bed: RealBed, t0: int, t1: int, window: np.ndarray, n_bins:
     return (gain * np.transpose(spectra, (2, 0, 1))).astype(np.complex64)
 
 
-def render(scene: Scene, n: int, rng: np.random.Generator, write: Callable[[np.ndarray], None]) -> None:
+def render(scene: Scene, n: int, rng: np.random.Generator,
+           write: Callable[[np.ndarray], None]) -> None:
     """Render a scene to `n` x 32 samples, passing finished blocks [m, 32] to `write` in order."""
     window = np.sqrt(0.5 - 0.5 * np.cos(2 * np.pi * np.arange(NFFT) / NFFT)).astype(np.float32)
     n_frames = n // HOP + 2  # frame t covers padded samples [t*HOP, t*HOP + NFFT); pad = HOP
@@ -513,7 +393,8 @@ def render(scene: Scene, n: int, rng: np.random.Generator, write: Callable[[np.n
             h = sphere_response_table()[:, idx]  # [F, K, 32]
             spec += np.transpose(h * s.T[:, :, None], (0, 2, 1))
         spec *= coloration[:, :, None]
-        frames_out = np.fft.irfft(np.transpose(spec, (2, 1, 0)), n=NFFT, axis=-1) * window  # [K, 32, N]
+        # [K, 32, N]
+        frames_out = np.fft.irfft(np.transpose(spec, (2, 1, 0)), n=NFFT, axis=-1) * window
         block = np.zeros(((k + 1) * HOP, N_CAPSULES), np.float32)
         block[:HOP] = carry
         for j in range(k):  # overlap-add: frame j starts at j*HOP within the block
@@ -523,7 +404,8 @@ def render(scene: Scene, n: int, rng: np.random.Generator, write: Callable[[np.n
         skip = 0
         done = done[:n - written]
         # White capsule self-noise, added in time (white there too, and half the random draws).
-        done += rng.standard_normal(done.shape, dtype=np.float32) * np.float32(noise_std / np.sqrt(NFFT))
+        done += (rng.standard_normal(done.shape, dtype=np.float32)
+                 * np.float32(noise_std / np.sqrt(NFFT)))
         write(done)
         written += len(done)
 
@@ -566,7 +448,8 @@ def generate(out_dir: str | os.PathLike, files_per_class: int, seconds: float, s
     (independent of `workers`). Returns the paths.
     """
     if files_per_class < 1 or seconds <= 0:
-        raise ValueError(f"files_per_class must be >= 1 and seconds > 0, got {files_per_class}, {seconds}")
+        raise ValueError(f"files_per_class must be >= 1 and seconds > 0, got {files_per_class}, "
+                         f"{seconds}")
     if not 0.0 <= real_share <= 1.0:
         raise ValueError(f"real_share must be in [0, 1], got {real_share}")
     out_dir = Path(out_dir)

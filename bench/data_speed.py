@@ -41,7 +41,8 @@ def main() -> None:
     parser.add_argument("--files-per-class", type=int, default=1)
     parser.add_argument("--items", type=int, default=300, help="paired items read per path")
     parser.add_argument("--tensor-cut", type=int, default=24000, help="segment length at 24 kHz")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (a DataLoader worker uses 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (a DataLoader worker uses 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

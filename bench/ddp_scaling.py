@@ -51,7 +51,8 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4, help="paired items per process")
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=3)

@@ -89,13 +89,16 @@ def check_against_reference() -> str:
     want = reference_step(reference, runtime, wavs, metas, step=0, adversarial=True,
                           update_disc=True)
     worst = {name: abs(got.scalars[name] - want[name]) / max(abs(want[name]), 1e-12)
-             for name in ("loss_g", "loss_d", "grad_norm_g", "grad_norm_d", "l_feat_ch1", "l_g_ch1")}
+             for name in ("loss_g", "loss_d", "grad_norm_g", "grad_norm_d", "l_feat_ch1",
+                          "l_g_ch1")}
     # Per player, the largest gradient difference next to its largest gradient: a weight
     # whose true gradient is 0 (the hinge terms of real and fake cancel in the logits' bias)
     # differs by float32 rounding alone.
     grads = 0.0
-    for mine, theirs in ((parts.raw_model, reference.raw_model), (parts.raw_disc, reference.raw_disc)):
-        pairs = [(a.grad, b.grad) for a, b in zip(mine.parameters(), theirs.parameters()) if b.grad is not None]
+    for mine, theirs in ((parts.raw_model, reference.raw_model),
+                         (parts.raw_disc, reference.raw_disc)):
+        pairs = [(a.grad, b.grad)
+                 for a, b in zip(mine.parameters(), theirs.parameters()) if b.grad is not None]
         largest = max(b.abs().max().item() for _, b in pairs)
         grads = max(grads, max((a - b).abs().max().item() for a, b in pairs) / largest)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -150,11 +153,13 @@ def print_row(row: dict) -> None:
     name = f"{row['precision']}{' + compile' if row['compiled'] else ''}"
     print(f"| {row['mode']} | {row['batch']} ({row['segments']} segments) | {name} | "
           f"{row['s_per_step'] * 1e3:.0f} | {row['adv_s'] * 1e3:.0f} / {row['upd_s'] * 1e3:.0f} | "
-          f"{row['segments_per_s']:.0f} | {row['peak_gpu_gb']:.2f} | {row['warmup_s']:.0f} |", flush=True)
+          f"{row['segments_per_s']:.0f} | {row['peak_gpu_gb']:.2f} | {row['warmup_s']:.0f} |",
+          flush=True)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--budget", type=float, default=420.0,
                     help="seconds after which no new configuration is started")
@@ -164,7 +169,8 @@ def main() -> None:
     import torch
     global DEVICE, EXTRA
     if args.dry_run:
-        DEVICE, EXTRA = "cpu", ["+preset=tiny", "datasets.tensor_cut=4800", "datasets.fixed_length=1000"]
+        DEVICE, EXTRA = ("cpu",
+                         ["+preset=tiny", "datasets.tensor_cut=4800", "datasets.fixed_length=1000"])
     elif not torch.cuda.is_available():
         sys.exit("no CUDA device: this check is for a GPU machine")
     start = time.perf_counter()
@@ -194,9 +200,11 @@ def main() -> None:
     by = {(r["mode"], r["segments"], r["precision"], r["compiled"]): r for r in rows}
     for segments in (16, 64):
         for amp, compiled in PRECISIONS:
-            paired, mono = by.get(("paired", segments, amp, compiled)), by.get(("mono", segments, amp, compiled))
+            paired, mono = (by.get(("paired", segments, amp, compiled)),
+                            by.get(("mono", segments, amp, compiled)))
             if paired and mono:
-                print(f"paired_over_mono2B segments={segments} {amp}{'+compile' if compiled else ''}: "
+                print(f"paired_over_mono2B segments={segments} "
+                      f"{amp}{'+compile' if compiled else ''}: "
                       f"{paired['s_per_step'] / mono['s_per_step']:.3f}")
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.json:

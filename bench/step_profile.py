@@ -96,7 +96,8 @@ def build_config_value(key: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
-        cfg = compose(config_name="config_paired_nq2", overrides=["datasets.data_root=unused", *overrides])
+        cfg = compose(config_name="config_paired_nq2",
+                      overrides=["datasets.data_root=unused", *overrides])
     return OmegaConf.select(cfg, key)
 
 
@@ -147,7 +148,8 @@ def measure_step(views: int, batch: int, phase: str, args) -> dict:
     gen = torch.Generator().manual_seed(0)
     metas = [{"class": "Beach", "channels": list(range(views)), "path": "", "start": 0}] * batch
     adversarial, update_disc = phase != "gen", phase == "upd"
-    batches = [0.1 * torch.randn(batch, views, 1, length, generator=gen) for _ in range(args.steps + 1)]
+    batches = [0.1 * torch.randn(batch, views, 1, length, generator=gen)
+               for _ in range(args.steps + 1)]
 
     def run(i: int, wavs) -> None:
         result = train_step(parts, runtime, wavs, metas, step=i, adversarial=adversarial,
@@ -258,8 +260,10 @@ def build_seed_step(root: Path, batch: int, device: str):
                                         "lr": config.optimization.disc_lr}], betas=(0.5, 0.9))
     iters = 1000
     schedulers = [seed.WarmupCosineLrScheduler(opt, max_iter=config.common.max_epoch * iters,
-                                               eta_ratio=0.1, warmup_iter=config.lr_scheduler.warmup_epoch * iters,
-                                               warmup_ratio=1e-4) for opt in (optimizer, optimizer_disc)]
+                                               eta_ratio=0.1,
+                                               warmup_iter=config.lr_scheduler.warmup_epoch * iters,
+                                               warmup_ratio=1e-4)
+                  for opt in (optimizer, optimizer_disc)]
     scaler = torch.amp.GradScaler() if config.common.amp else None
     scaler_disc = torch.amp.GradScaler() if config.common.amp else None
     balancer = seed.Balancer(dict(config.balancer.weights)) if hasattr(config, "balancer") else None
@@ -279,14 +283,16 @@ def measure_seed_step(batch: int, phase: str, args) -> dict:
     """Median time and peak memory of `args.steps` paired steps of the seed system."""
     import torch
 
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = ("cuda" if args.device == "cuda"
+              or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     config, step = build_seed_step(Path(args.seed_root).resolve(), batch, device)
     runtime = type("Runtime", (), {"device": torch.device(device)})()
     length = int(args.seconds * config.model.sample_rate)
     gen = torch.Generator().manual_seed(0)
     pairs = [[0.1 * torch.randn(batch, 1, length, generator=gen).to(device) for _ in range(2)]
              for _ in range(args.steps + 1)]
-    times, cpu = timed_steps(runtime, pairs, lambda i, pair: step(*pair, update_disc=phase == "upd"))
+    times, cpu = timed_steps(runtime, pairs,
+                             lambda i, pair: step(*pair, update_disc=phase == "upd"))
     return {"times": times, "cpu_times": cpu, **peaks(runtime), "device": device,
             "threads": torch.get_num_threads()}
 
@@ -347,7 +353,8 @@ def report(table: dict[tuple[str, str], dict], args) -> None:
         for mode in modes:
             row = table.get((mode, phase))
             if row is not None:
-                print(f"| {NAMES[phase]} | {mode} | {row['s']:.2f} ({row['min_s']:.2f}-{row['max_s']:.2f}) "
+                print(f"| {NAMES[phase]} | {mode} | {row['s']:.2f} "
+                      f"({row['min_s']:.2f}-{row['max_s']:.2f}) "
                       f"| {row['cpu_s']:.2f} | {row[memory]:.2f} |")
     for mode in modes:
         get = lambda phase, key="s": table.get((mode, phase), {}).get(key)  # noqa: E731
@@ -357,7 +364,8 @@ def report(table: dict[tuple[str, str], dict], args) -> None:
                 line.append(f"adversarial_part_{phase}={get(phase) - get('gen'):.2f}s "
                             f"(cpu {get(phase, 'cpu_s') - get('gen', 'cpu_s'):.2f}s)")
         if get("disc") is not None:
-            line.append(f"disc_fwd_bwd={get('disc'):.2f}s disc_nograd_fwd={get('disc', 'forward_s'):.2f}s")
+            line.append(f"disc_fwd_bwd={get('disc'):.2f}s "
+                        f"disc_nograd_fwd={get('disc', 'forward_s'):.2f}s")
         if len(line) > 1:
             print(" ".join(line))
     mix = {}
@@ -367,7 +375,8 @@ def report(table: dict[tuple[str, str], dict], args) -> None:
             p_upd = SEED_UPDATE_PROB if mode == "seed" else args.update_prob
             mix[mode] = {key: (1 - p_upd) * adv[key] + p_upd * upd[key] for key in ("s", "cpu_s")}
             print(f"{mode}_mixed_s_per_step={mix[mode]['s']:.2f} cpu={mix[mode]['cpu_s']:.2f} "
-                  f"({1 - p_upd:.2f} adv + {p_upd:.2f} upd) peak_{memory}={max(adv[memory], upd[memory]):.2f}")
+                  f"({1 - p_upd:.2f} adv + {p_upd:.2f} upd) "
+                  f"peak_{memory}={max(adv[memory], upd[memory]):.2f}")
     if "paired" in mix and "mono" in mix:
         print(f"paired_over_mono2B={mix['paired']['s'] / mix['mono']['s']:.3f} "
               f"(cpu {mix['paired']['cpu_s'] / mix['mono']['cpu_s']:.3f}; mixed step)")
@@ -380,7 +389,8 @@ def report(table: dict[tuple[str, str], dict], args) -> None:
         ours = max(table[("paired", p)][memory] for p in ("adv", "upd"))
         theirs = max(table[("seed", p)][memory] for p in ("adv", "upd"))
         print(f"paired_over_seed_time={mix['paired']['s'] / mix['seed']['s']:.3f} "
-              f"(cpu {mix['paired']['cpu_s'] / mix['seed']['cpu_s']:.3f}; each system's training mix; goal <= 0.40)")
+              f"(cpu {mix['paired']['cpu_s'] / mix['seed']['cpu_s']:.3f}; each system's training "
+              "mix; goal <= 0.40)")
         print(f"paired_over_seed_memory={ours / theirs:.3f} (peak {label}; goal <= 0.55)")
         for phase in ("adv", "upd"):
             paired, seed = table[("paired", phase)], table[("seed", phase)]
@@ -389,17 +399,20 @@ def report(table: dict[tuple[str, str], dict], args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8, help="paired batch B (mono runs 2B)")
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per process")
     ap.add_argument("--rounds", type=int, default=2, help="rounds, alternating the order")
     ap.add_argument("--modes", default="paired,mono")
     ap.add_argument("--phases", default="gen,adv,upd,disc")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per process (0: torch's default)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed-root", default=None,
-                    help="a checkout of the seed system: time its paired step side by side (mode seed)")
+                    help="a checkout of the seed system: time its paired step side by side (mode "
+                         "seed)")
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override")
     ap.add_argument("--json", default=None, help="also write the measurements here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -419,10 +432,12 @@ def main() -> None:
     # The discriminator alone sees the same 2B segments in both modes: measured once; the
     # seed system's step has no generator-only phase here.
     jobs = [(mode, phase) for phase in args.phases.split(",") for mode in args.modes
-            if (phase != "disc" or mode == args.modes[0]) and (mode != "seed" or phase in ("adv", "upd"))]
+            if (phase != "disc" or mode == args.modes[0])
+            and (mode != "seed" or phase in ("adv", "upd"))]
     runs: dict[tuple[str, str], list[dict]] = {}
     print(f"batch={args.batch} seconds={args.seconds} steps={args.steps} rounds={args.rounds} "
-          f"threads={args.threads or 'default'} OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} "
+          f"threads={args.threads or 'default'} "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} "
           f"overrides={args.override}", flush=True)
     for r in range(args.rounds):
         for mode, phase in (jobs if r % 2 == 0 else jobs[::-1]):
@@ -430,14 +445,15 @@ def main() -> None:
             runs.setdefault((mode, phase), []).append(result)
             print(f"round={r + 1} {mode} {phase} s={','.join(f'{t:.2f}' for t in result['times'])} "
                   f"cpu_s={','.join(f'{t:.2f}' for t in result['cpu_times'])} "
-                  f"peak_rss_mb={result['peak_rss_mb']:.0f} peak_gpu_mb={result['peak_gpu_mb']:.0f} "
+                  f"peak_rss_mb={result['peak_rss_mb']:.0f} "
+                  f"peak_gpu_mb={result['peak_gpu_mb']:.0f} "
                   f"threads={result['threads']}", flush=True)
     table = summarise(runs)
     report(table, args)
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": {f"{m}/{p}": v for (m, p), v in table.items()},
-                                               "runs": {f"{m}/{p}": v for (m, p), v in runs.items()}},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps(
+            {"summary": {f"{m}/{p}": v for (m, p), v in table.items()},
+             "runs": {f"{m}/{p}": v for (m, p), v in runs.items()}}, indent=1))
 
 
 if __name__ == "__main__":

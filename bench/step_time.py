@@ -85,7 +85,8 @@ def merge_rounds(results: list[dict]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8, help="paired batch B (mono runs 2B)")
     ap.add_argument("--seconds", type=float, default=1.0, help="segment length in seconds")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per mode and round")
@@ -118,7 +119,8 @@ def main() -> None:
     print(f"mono2B_s_per_step={mono['median_s']:.4f}")
     print(f"mono2B_peak_rss_mb={mono['peak_rss_mb']:.0f}")
     if paired["peak_gpu_mb"]:
-        print(f"paired_peak_gpu_mb={paired['peak_gpu_mb']:.0f} mono2B_peak_gpu_mb={mono['peak_gpu_mb']:.0f}")
+        print(f"paired_peak_gpu_mb={paired['peak_gpu_mb']:.0f} "
+              f"mono2B_peak_gpu_mb={mono['peak_gpu_mb']:.0f}")
     print(f"peak_rss_mb={paired['peak_rss_mb']:.0f}")
     print(f"paired_over_mono2B={paired['median_s'] / mono['median_s']:.3f}")
 

@@ -157,7 +157,8 @@ def encode_audio_shared(model: EncodecModel, audio: torch.Tensor, sample_rate: i
 
 
 @torch.no_grad()
-def decode_audio(model: EncodecModel, codes: torch.Tensor, metadata: dict[str, Any]) -> torch.Tensor:
+def decode_audio(model: EncodecModel, codes: torch.Tensor,
+                 metadata: dict[str, Any]) -> torch.Tensor:
     """Audio `[channels, original_length]` at the original rate from codes and metadata."""
     device = next(model.parameters()).device
     channels = []
@@ -192,7 +193,8 @@ def check_compatible(model: EncodecModel, bins: int, metadata: dict[str, Any],
             f"{model.n_q}: decode with the checkpoint that encoded them.")
     if metadata["checkpoint_sha256"] != checkpoint_sha256 and not ignore_hash:
         raise CheckpointMismatchError(
-            f"the tokens were encoded with checkpoint sha256 {metadata['checkpoint_sha256'][:16]}..., "
+            "the tokens were encoded with checkpoint sha256 "
+            f"{metadata['checkpoint_sha256'][:16]}..., "
             f"this checkpoint is {checkpoint_sha256[:16]}...: codes are only meaningful with "
             "the codebooks that produced them. Use the original checkpoint, or pass "
             "--ignore-hash if you know the codebooks are the same.")
@@ -232,7 +234,8 @@ def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | 
         raise ValueError(f"{wav_path}: sample rate {rate} Hz, above the {MAX_SAMPLE_RATE} Hz a "
                          "token file holds; resample it first.")
     check_finite(wav_path, audio)
-    reference = check_shared_options(wav_path, audio.shape[1], shared_content_coding, reference_channel)
+    reference = check_shared_options(wav_path, audio.shape[1], shared_content_coding,
+                                     reference_channel)
     model, cfg = load_model(checkpoint, device)
     problem = resampling_problem(rate, model.sample_rate)
     if problem:

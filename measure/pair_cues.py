@@ -302,8 +302,8 @@ def fidelity_results(cues: PairCues | None) -> dict:
     """`ild_fidelity` (`spatial_cues.ild_fidelity` of the decoded pair against the raw
     input pair, all pairs: one scale per pair, the full difference), `ild_fidelity_shape`
     (the same with each pair's level difference less its band mean: its spectral shape,
-    which tells two capsules apart where a gain cannot) and `itd_fidelity` (`spatial_cues.delay_error`, GCC-PHAT below
-    1.5 kHz); both None without cues."""
+    which tells two capsules apart where a gain cannot) and `itd_fidelity`
+    (`spatial_cues.delay_error`, GCC-PHAT below 1.5 kHz); both None without cues."""
     if cues is None:
         return {"ild_fidelity": None, "ild_fidelity_shape": None, "itd_fidelity": None}
     names = ("in_a", "in_b", "rec_a", "rec_b")

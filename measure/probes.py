@@ -44,7 +44,8 @@ def _to_numpy(values: tp.Any) -> np.ndarray:
     return np.asarray(values)
 
 
-def grouped_folds(groups: tp.Any, folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def grouped_folds(groups: tp.Any, folds: int = 5,
+                  seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """Train / test index arrays of a K-fold split in which no group is on both sides.
 
     Args:
@@ -66,7 +67,8 @@ def grouped_folds(groups: tp.Any, folds: int = 5, seed: int = 0) -> list[tuple[n
     if folds < 2:
         raise ValueError(f"need at least 2 folds, got {folds}")
     if n_groups < folds:
-        warnings.warn(f"only {n_groups} groups for {folds} folds: using {n_groups} folds", stacklevel=2)
+        warnings.warn(f"only {n_groups} groups for {folds} folds: using {n_groups} folds",
+                      stacklevel=2)
         folds = n_groups
     splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros((len(labels), 1)), groups=labels))
@@ -133,7 +135,8 @@ def _fit(kind: str, grid: tp.Sequence[float], x: np.ndarray, y: np.ndarray, grou
         # One training group cannot be split: the middle of the grid, stated in the result.
         value = grid[len(grid) // 2]
         return clone(pipe).set_params(**{name: value}).fit(x, y), value
-    search = GridSearchCV(pipe, {name: list(grid)}, cv=GroupKFold(inner, shuffle=True, random_state=seed),
+    search = GridSearchCV(pipe, {name: list(grid)},
+                          cv=GroupKFold(inner, shuffle=True, random_state=seed),
                           scoring="r2" if kind == "regression" else "accuracy")
     with warnings.catch_warnings():
         # Inner folds may miss a class or hold a constant target; those grid points score
@@ -167,7 +170,8 @@ def _nan_mean_std(values: np.ndarray) -> tuple[float, float]:
     return float(defined.mean()), float(defined.std())
 
 
-def cross_validated_probe(features: tp.Any, targets: tp.Any, groups: tp.Any, kind: str = "regression",
+def cross_validated_probe(features: tp.Any, targets: tp.Any, groups: tp.Any,
+                          kind: str = "regression",
                           folds: int = 5, seed: int = 0, shuffles: int = 5,
                           regularization: float | tp.Sequence[float] | None = None,
                           resolution: float = 0.0) -> dict:
@@ -212,13 +216,16 @@ def cross_validated_probe(features: tp.Any, targets: tp.Any, groups: tp.Any, kin
     if x.ndim != 2:
         raise ValueError(f"features must be [N, D], got shape {x.shape}")
     if len(y) != len(x) or len(labels) != len(x):
-        raise ValueError(f"features, targets and groups differ in length: {len(x)}, {len(y)}, {len(labels)}")
+        raise ValueError(f"features, targets and groups differ in length: {len(x)}, {len(y)}, "
+                         f"{len(labels)}")
     if kind == "regression":
         y = y.astype(np.float64)
         if y.ndim not in (1, 2):
-            raise ValueError(f"regression targets must be [N] or [N, n_outputs], got shape {y.shape}")
+            raise ValueError("regression targets must be [N] or [N, n_outputs], got shape "
+                             f"{y.shape}")
     elif y.ndim != 1:
-        raise ValueError(f"classification targets must be one label per sample [N], got shape {y.shape}")
+        raise ValueError("classification targets must be one label per sample [N], got shape "
+                         f"{y.shape}")
     if regularization is None:
         grid = RIDGE_ALPHAS if kind == "regression" else LOGISTIC_CS
     else:

@@ -59,7 +59,8 @@ class Balancer:
         weights (`GeneratorLoss.weights`, from the `losses` group). Whether to use it
         (`balancer.enabled`) is the caller's decision."""
         return cls({name: weights[name] for name in BALANCED_LOSS_NAMES if name in weights},
-                   ema_decay=float(balancer_cfg.ema_decay), total_norm=float(balancer_cfg.total_norm))
+                   ema_decay=float(balancer_cfg.ema_decay),
+                   total_norm=float(balancer_cfg.total_norm))
 
     def update_norms(self, norms: dict[str, float]) -> dict[str, float]:
         """Fold this step's gradient norms into the EMAs; return the bias-corrected EMAs."""
@@ -89,7 +90,8 @@ class Balancer:
             grads[name], = torch.autograd.grad(loss, [output], retain_graph=True)
         for name, grad in given.items():
             if grad.shape != output.shape:
-                raise ValueError(f"Balancer: the gradient of {name!r} has shape {tuple(grad.shape)}, "
+                raise ValueError(f"Balancer: the gradient of {name!r} has shape "
+                                 f"{tuple(grad.shape)}, "
                                  f"the output {tuple(output.shape)}")
             grads[name] = grad
         norms = [grad.flatten(1).norm(dim=1).mean() if grad.dim() > 1 else grad.norm()

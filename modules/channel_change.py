@@ -21,7 +21,8 @@ from modules.spatial_cues import CUE_BAND_RANGE_HZ
 
 
 def gain_curve(gains_db: torch.Tensor, frequencies: torch.Tensor,
-               low_hz: float = CUE_BAND_RANGE_HZ[0], high_hz: float = CUE_BAND_RANGE_HZ[1]) -> torch.Tensor:
+               low_hz: float = CUE_BAND_RANGE_HZ[0],
+               high_hz: float = CUE_BAND_RANGE_HZ[1]) -> torch.Tensor:
     """Linear gains `[B, n_freq]` at `frequencies` `[n_freq]` Hz from per-band gains
     `gains_db` `[B, n_bands]`, placed at log-spaced band centres between `low_hz` and
     `high_hz` and interpolated linearly in log-frequency (held constant beyond the ends)."""

@@ -92,7 +92,8 @@ class MelLoss(nn.Module):
                 mel_x, mel_y = transform(both).split(n)
                 log_x = torch.log10(self.floor + mel_x)
                 log_y = torch.log10(self.floor + mel_y)
-                loss = loss + per_item_mean((mel_x - mel_y).abs()) + per_item_mean((log_x - log_y) ** 2)
+                loss = (loss + per_item_mean((mel_x - mel_y).abs())
+                        + per_item_mean((log_x - log_y) ** 2))
         return loss / len(self.transforms)
 
 
@@ -169,7 +170,8 @@ def per_item_l1_sum(x: torch.Tensor) -> torch.Tensor:
 
 def item_rows(x: torch.Tensor) -> torch.Tensor:
     """`x [N, ...]` as `[N, 1, M]` rows, a view when `x` is contiguous or channels-last."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()):
         x = x.permute(0, 2, 3, 1)  # NHWC in memory: this order is the contiguous one
     return x.reshape(x.shape[0], 1, -1)
 

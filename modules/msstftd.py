@@ -102,7 +102,8 @@ class DiscriminatorSTFT(nn.Module):
         # Under autocast the STFT would run in half precision, which is inaccurate and not
         # supported for every size; the conv stack after it may use autocast again.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            z = self.spec_transform(x.to(torch.promote_types(x.dtype, torch.float32)))  # [N, C, freqs, frames]
+            z = self.spec_transform(
+                x.to(torch.promote_types(x.dtype, torch.float32)))  # [N, C, freqs, frames]
         z = torch.cat([z.real, z.imag], dim=1)
         return z.transpose(2, 3)  # time first so that dilations act on time
 

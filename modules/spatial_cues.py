@@ -45,7 +45,8 @@ def _as_mono(wav: Tensor, name: str = "wav") -> Tensor:
     if wav.dim() == 3:
         if wav.shape[1] != 1:
             # Averaging channels here would silently mix the very cues being measured.
-            raise ValueError(f"{name}: expected one channel per item [N, 1, T], got {tuple(wav.shape)}; "
+            raise ValueError(f"{name}: expected one channel per item [N, 1, T], got "
+                             f"{tuple(wav.shape)}; "
                              "pass each channel of a pair as its own tensor")
         wav = wav[:, 0]
     if wav.dim() != 2:
@@ -54,7 +55,8 @@ def _as_mono(wav: Tensor, name: str = "wav") -> Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _spectrogram(n_fft: int, hop: int, power: float | None, device: torch.device) -> torchaudio.transforms.Spectrogram:
+def _spectrogram(n_fft: int, hop: int, power: float | None,
+                 device: torch.device) -> torchaudio.transforms.Spectrogram:
     # Built once per (size, device), not per batch (the window is a buffer). No centring:
     # reflect-padded edge frames hold a mirrored copy of the signal, whose inter-channel
     # delay has the opposite sign and would pull delay estimates toward zero.
@@ -66,7 +68,8 @@ def band_edges(n_bands: int = CUE_BANDS, f_min: float = CUE_BAND_RANGE_HZ[0],
                f_max: float = CUE_BAND_RANGE_HZ[1]) -> Tensor:
     """Log-spaced band edges in Hz, `[n_bands + 1]` (float64), from `f_min` to `f_max`."""
     if n_bands < 1 or not 0 < f_min < f_max:
-        raise ValueError(f"need n_bands >= 1 and 0 < f_min < f_max, got {n_bands}, {f_min}, {f_max}")
+        raise ValueError(f"need n_bands >= 1 and 0 < f_min < f_max, got {n_bands}, {f_min}, "
+                         f"{f_max}")
     return torch.logspace(math.log10(f_min), math.log10(f_max), n_bands + 1, dtype=torch.float64)
 
 
@@ -82,7 +85,8 @@ def _band_matrix(sample_rate: int, n_fft: int, edges: Tensor) -> Tensor:
     member = (freqs[:, None] >= lower[None]) & (freqs[:, None] < upper[None])
     empty = (member.sum(dim=0) == 0).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"bands {empty} contain no STFT bin ({sample_rate / n_fft:.1f} Hz resolution): "
+        raise ValueError(f"bands {empty} contain no STFT bin ({sample_rate / n_fft:.1f} Hz "
+                         "resolution): "
                          "use fewer bands or a higher f_min")
     return member.double()
 
@@ -116,7 +120,8 @@ def band_levels(wav: Tensor, sample_rate: int, n_bands: int = CUE_BANDS,
         raise ValueError(f"segments of {x.shape[-1]} samples are too short for n_fft={n_fft}; "
                          "evaluate longer segments or pass a smaller n_fft")
     if x.shape[0] == 0:  # the FFT backends reject empty batches
-        return x.new_zeros(0, n_bands, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return x.new_zeros(0, n_bands,
+                           dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     spec = _spectrogram(n_fft, n_fft // 4, 2.0, x.device)
     power = spec(x.float()).mean(dim=-1).double()            # [N, F], mean over frames
     # One-sided spectrum: every bin but DC and Nyquist stands for two bins of the full one.
@@ -124,7 +129,8 @@ def band_levels(wav: Tensor, sample_rate: int, n_bands: int = CUE_BANDS,
     window_energy = spec.window.double().pow(2).sum()
     member = _band_matrix(int(sample_rate), n_fft, band_edges(n_bands, f_min, f_max)).to(x.device)
     band_power = power @ member / (n_fft * window_energy)     # [N, n_bands]
-    return (10 * torch.log10(band_power + LEVEL_FLOOR)).to(x.dtype if x.dtype == torch.float64 else torch.float32)
+    return (10 * torch.log10(band_power + LEVEL_FLOOR)).to(
+        x.dtype if x.dtype == torch.float64 else torch.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,11 +143,14 @@ def _check_levels(*levels: Tensor) -> None:
         raise ValueError(f"expected levels [N, n_bands], got {tuple(shape)}")
     for other in levels[1:]:
         if other.shape != shape:
-            raise ValueError(f"level tensors differ in shape: {tuple(shape)} vs {tuple(other.shape)}")
+            raise ValueError(f"level tensors differ in shape: {tuple(shape)} vs "
+                             f"{tuple(other.shape)}")
 
 
-def _swap_terms(levels_swap: Tensor, levels_rec_a: Tensor, levels_rec_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Per pair `(<L(swap) - L(rec_A), L(rec_B) - L(rec_A)>, |L(rec_B) - L(rec_A)|^2)`, each `[N]`."""
+def _swap_terms(levels_swap: Tensor, levels_rec_a: Tensor,
+                levels_rec_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Per pair `(<L(swap) - L(rec_A), L(rec_B) - L(rec_A)>, |L(rec_B) - L(rec_A)|^2)`, each
+    `[N]`."""
     _check_levels(levels_swap, levels_rec_a, levels_rec_b)
     direction = (levels_rec_b - levels_rec_a).double()
     moved = (levels_swap - levels_rec_a).double()
@@ -176,7 +185,8 @@ def swap_gain(levels_swap: Tensor, levels_rec_a: Tensor, levels_rec_b: Tensor,
     """
     numerator, separation = _swap_terms(levels_swap, levels_rec_a, levels_rec_b)
     gain = numerator / separation.clamp_min(torch.finfo(torch.float64).tiny)
-    return gain.masked_fill(_degenerate(separation, levels_rec_a.shape[1], min_separation_db), math.nan)
+    return gain.masked_fill(_degenerate(separation, levels_rec_a.shape[1], min_separation_db),
+                            math.nan)
 
 
 def _group_index(groups: tp.Any, n: int) -> Tensor:
@@ -210,7 +220,8 @@ def bootstrap_ci(values: tp.Any, n_boot: int = 1000, seed: int = 0, groups: tp.A
         everywhere when no item is usable.
     """
     v = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
-    w = torch.ones_like(v) if weights is None else torch.as_tensor(weights, dtype=torch.float64).flatten().cpu()
+    w = (torch.ones_like(v) if weights is None
+         else torch.as_tensor(weights, dtype=torch.float64).flatten().cpu())
     if w.shape != v.shape:
         raise ValueError(f"weights has {w.numel()} entries for {v.numel()} values")
     if (w < 0).any():
@@ -264,7 +275,9 @@ def swap_gain_summary(levels_swap: Tensor, levels_rec_a: Tensor, levels_rec_b: T
     n_pairs, n_bands = levels_rec_a.shape
     degenerate = _degenerate(separation, n_bands, min_separation_db).cpu()
     numerator, separation = numerator.cpu(), separation.cpu()
-    per_pair = (numerator / separation.clamp_min(torch.finfo(torch.float64).tiny)).masked_fill(degenerate, math.nan)
+    per_pair = (numerator
+                / separation.clamp_min(torch.finfo(torch.float64).tiny)).masked_fill(
+                    degenerate, math.nan)
     used = ~degenerate
     group = torch.arange(n_pairs) if groups is None else _group_index(groups, n_pairs)
     # The weighted mean of per-pair gains with weights |d|^2 equals the ratio of sums.
@@ -308,7 +321,8 @@ def _pearson(x: Tensor, y: Tensor, dim: int | None = None) -> Tensor:
     covariance = (xc * yc).sum(dim=dim)
     scale = (xc.pow(2).sum(dim=dim) * yc.pow(2).sum(dim=dim)).sqrt()
     # Relative test: a constant side leaves only rounding noise in its sum of squares.
-    constant = scale <= 1e-12 * (x.pow(2).sum(dim=dim) * y.pow(2).sum(dim=dim)).sqrt().clamp_min(1e-300)
+    constant = (scale <= 1e-12
+                * (x.pow(2).sum(dim=dim) * y.pow(2).sum(dim=dim)).sqrt().clamp_min(1e-300))
     return (covariance / scale.clamp_min(1e-300)).masked_fill(constant, math.nan)
 
 
@@ -317,7 +331,8 @@ def _slope(reference: Tensor, estimate: Tensor, dim: int | None = None) -> Tenso
     if dim is None:
         reference, estimate, dim = reference.flatten(), estimate.flatten(), 0
     power = reference.pow(2).sum(dim=dim)
-    return ((reference * estimate).sum(dim=dim) / power.clamp_min(1e-300)).masked_fill(power <= 1e-300, math.nan)
+    return ((reference * estimate).sum(dim=dim)
+            / power.clamp_min(1e-300)).masked_fill(power <= 1e-300, math.nan)
 
 
 # Decoded level differences that vary by less than this (dB) are float rounding, not a cue: the
@@ -416,14 +431,16 @@ def gcc_phat_delay(a: Tensor, b: Tensor, sample_rate: int, max_delay_s: float = 
     if x.shape[-1] < n_fft:
         raise ValueError(f"segments of {x.shape[-1]} samples are too short for n_fft={n_fft}")
     if not 0 <= f_min < f_max <= sample_rate / 2:
-        raise ValueError(f"need 0 <= f_min < f_max <= Nyquist, got {f_min}, {f_max} at {sample_rate} Hz")
+        raise ValueError(f"need 0 <= f_min < f_max <= Nyquist, got {f_min}, {f_max} at "
+                         f"{sample_rate} Hz")
     if x.shape[0] == 0:  # the FFT backends reject empty batches
         return x.new_zeros(0, dtype=torch.float64)
     spec = _spectrogram(n_fft, n_fft // 4, None, x.device)
     both = spec(torch.cat([x, y]).float())                       # [2N, F, frames], complex
     spec_a, spec_b = both.chunk(2)
     cross = (spec_a.conj() * spec_b).mean(dim=-1).to(torch.complex128)   # [N, F]
-    freqs = torch.arange(cross.shape[-1], device=x.device, dtype=torch.float64) * sample_rate / n_fft
+    freqs = (torch.arange(cross.shape[-1], device=x.device, dtype=torch.float64) * sample_rate
+             / n_fft)
     band = (freqs >= f_min) & (freqs <= f_max)
     if not band.any():
         raise ValueError(f"no STFT bin between {f_min} and {f_max} Hz at n_fft={n_fft}")
@@ -433,7 +450,8 @@ def gcc_phat_delay(a: Tensor, b: Tensor, sample_rate: int, max_delay_s: float = 
     silent = (magnitude * band).sum(dim=-1) <= 1e-20
     phat = torch.where(band, cross / magnitude.clamp_min(1e-30), torch.zeros_like(cross))
     size = n_fft * int(upsample)
-    correlation = torch.fft.irfft(phat, n=size, dim=-1)          # lag l / upsample samples at index l
+    # lag l / upsample samples at index l
+    correlation = torch.fft.irfft(phat, n=size, dim=-1)
     max_lag = int(math.ceil(max_delay_s * sample_rate * upsample))
     if max_lag < 1 or 2 * max_lag + 1 > size // 2:
         raise ValueError(f"max_delay_s={max_delay_s} does not fit n_fft={n_fft}")
@@ -445,7 +463,8 @@ def gcc_phat_delay(a: Tensor, b: Tensor, sample_rate: int, max_delay_s: float = 
     inner = peak.clamp(1, window.shape[-1] - 2)
     left, centre, right = (window.gather(1, (inner + k)[:, None])[:, 0] for k in (-1, 0, 1))
     curvature = left - 2 * centre + right
-    offset = torch.where(curvature < 0, 0.5 * (left - right) / curvature.clamp_max(-1e-300), torch.zeros_like(centre))
+    offset = torch.where(curvature < 0, 0.5 * (left - right) / curvature.clamp_max(-1e-300),
+                         torch.zeros_like(centre))
     offset = torch.where(peak == inner, offset.clamp(-0.5, 0.5), torch.zeros_like(offset))
     delay_samples = (lags[peak].double() + offset) / upsample
     return (delay_samples / sample_rate).masked_fill(silent, math.nan)
@@ -463,15 +482,17 @@ def delay_error(delay_true: Tensor, delay_dec: Tensor) -> dict:
         the reference a codec has to beat), `mean_abs_delay_dec_us`, `correlation`
         (Pearson, NaN when undefined), `n_valid`, `n_pairs`.
     """
-    true, decoded = torch.as_tensor(delay_true).double().flatten(), torch.as_tensor(delay_dec).double().flatten()
+    true, decoded = (torch.as_tensor(delay_true).double().flatten(),
+                     torch.as_tensor(delay_dec).double().flatten())
     if true.shape != decoded.shape:
-        raise ValueError(f"delay tensors differ in shape: {tuple(true.shape)} vs {tuple(decoded.shape)}")
+        raise ValueError(f"delay tensors differ in shape: {tuple(true.shape)} vs "
+                         f"{tuple(decoded.shape)}")
     valid = ~(torch.isnan(true) | torch.isnan(decoded))
     true, decoded = true[valid] * 1e6, decoded[valid] * 1e6
     if not valid.any():
         nan = math.nan
-        return {"error_us": nan, "zero_error_us": nan, "mean_abs_delay_dec_us": nan, "correlation": nan,
-                "n_valid": 0, "n_pairs": int(valid.numel())}
+        return {"error_us": nan, "zero_error_us": nan, "mean_abs_delay_dec_us": nan,
+                "correlation": nan, "n_valid": 0, "n_pairs": int(valid.numel())}
     return {
         "error_us": (decoded - true).abs().mean().item(),
         "zero_error_us": true.abs().mean().item(),

@@ -34,14 +34,16 @@ def swap_gains(study: Path, seed: int, variants: list[str], data_root: str, pair
     paths = {v: sorted((study / v / f"seed{seed}").glob("ckpt_*.pt"))[-1] for v in variants}
     # The first variant's checkpoint fixes the pairs, as in the study's evaluation.
     data_cfg = evaluate.evaluation_data_config(load_model(paths[variants[0]])[1], cfg)
-    loader = evaluate.validation_loader(evaluate.at_rate(data_cfg, cfg, int(data_cfg.model.sample_rate)), "cpu")
+    loader = evaluate.validation_loader(
+        evaluate.at_rate(data_cfg, cfg, int(data_cfg.model.sample_rate)), "cpu")
     gains = {}
     for variant, path in paths.items():
         model, train_cfg = load_model(path)
         gains[variant] = tuple(
             evaluate_model(model, int(train_cfg.model.bins), loader, content_codebook=kept_from_a,
                            keep_examples=0, settings=evaluate.instrument_settings(cfg),
-                           capsules=array_geometry(loader.dataset), desc=f"{variant} seed {seed}")[0]["swap_gain"]
+                           capsules=array_geometry(loader.dataset),
+                           desc=f"{variant} seed {seed}")[0]["swap_gain"]
             for kept_from_a in (0, 1))  # keep codebook 1 of A (swap codebook 2), then codebook 2
     return gains
 
@@ -51,10 +53,12 @@ def main() -> None:
     parser.add_argument("study", type=Path, help="OUT folder of scripts/paired_study.sh")
     parser.add_argument("--data-root", required=True, help="the study's DATA_ROOT")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--variants", nargs="+", default=["mono", "mono_split", "seed", "rvq", "paired"])
+    parser.add_argument("--variants", nargs="+",
+                        default=["mono", "mono_split", "seed", "rvq", "paired"])
     parser.add_argument("--pairs", type=int, default=256)
     args = parser.parse_args()
-    per_seed = [swap_gains(args.study, s, args.variants, args.data_root, args.pairs) for s in args.seeds]
+    per_seed = [swap_gains(args.study, s, args.variants, args.data_root, args.pairs)
+                for s in args.seeds]
 
     def cell(values: list[float]) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -63,7 +67,8 @@ def main() -> None:
     print(f"{len(args.seeds)} seed(s), {args.pairs} pairs; swap gain, mean ± std over seeds\n")
     print("| variant | codebook 2 from B | codebook 1 from B |\n|---|---|---|")
     for v in args.variants:
-        print(f"| {v} | {cell([g[v][0] for g in per_seed])} | {cell([g[v][1] for g in per_seed])} |")
+        print(f"| {v} | {cell([g[v][0] for g in per_seed])} | "
+              f"{cell([g[v][1] for g in per_seed])} |")
 
 
 if __name__ == "__main__":

@@ -218,7 +218,8 @@ def reference_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: li
         n = x.shape[0]
         with runtime.autocast():
             logits, _ = parts.raw_disc(torch.cat([x, y.detach()]))
-        loss_d = per_view(discriminator_loss([l[:n] for l in logits], [l[n:] for l in logits])).sum()
+        loss_d = per_view(discriminator_loss([l[:n] for l in logits],
+                                             [l[n:] for l in logits])).sum()
         loss_d.backward()
         grad_norm_d = torch.nn.utils.clip_grad_norm_(parts.raw_disc.parameters(), max_norm)
 

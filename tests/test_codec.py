@@ -1,4 +1,5 @@
-"""codec.py, coding/file_codec.py, coding/token_file.py: the token file round trip, its metadata, and clear errors on misuse."""
+"""codec.py, coding/file_codec.py, coding/token_file.py: the token file round trip, its metadata,
+and clear errors on misuse."""
 from __future__ import annotations
 
 import json
@@ -40,7 +41,8 @@ def tiny(cfg_factory, tmp_path):
 def _write_wav(path: Path, channels: int, rate: int, seconds: float, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(rate * seconds)) / rate
-    audio = np.stack([0.3 * np.sin(2 * np.pi * (220 + 110 * c) * t) + 0.02 * rng.standard_normal(t.size)
+    audio = np.stack([0.3 * np.sin(2 * np.pi * (220 + 110 * c) * t)
+                      + 0.02 * rng.standard_normal(t.size)
                       for c in range(channels)], axis=1).astype(np.float32)
     sf.write(path, audio, rate, subtype="FLOAT")
     return audio
@@ -113,13 +115,15 @@ def test_decoding_with_another_checkpoint_is_refused(tiny, cfg_factory, tmp_path
     save_tiny_checkpoint(cfg, other, seed=1)
     with pytest.raises(file_codec.CheckpointMismatchError, match="sha256"):
         file_codec.decode_file(other, tmp_path / "x.tok", tmp_path / "y.wav", device="cpu")
-    file_codec.decode_file(other, tmp_path / "x.tok", tmp_path / "y.wav", device="cpu", ignore_hash=True)
+    file_codec.decode_file(other, tmp_path / "x.tok", tmp_path / "y.wav", device="cpu",
+                           ignore_hash=True)
 
     three = tmp_path / "nq3.pt"
     save_tiny_checkpoint(cfg_factory(overrides=["model.n_q=3"]), three)
     file_codec.encode_file(three, tmp_path / "in.wav", tmp_path / "x3.tok", device="cpu")
     with pytest.raises(file_codec.CheckpointMismatchError, match="n_q=3"):
-        file_codec.decode_file(ckpt, tmp_path / "x3.tok", tmp_path / "y.wav", device="cpu", ignore_hash=True)
+        file_codec.decode_file(ckpt, tmp_path / "x3.tok", tmp_path / "y.wav", device="cpu",
+                               ignore_hash=True)
 
 
 def test_encoding_at_a_lower_bandwidth_keeps_the_first_codebooks(cfg_factory, tmp_path):
@@ -129,8 +133,10 @@ def test_encoding_at_a_lower_bandwidth_keeps_the_first_codebooks(cfg_factory, tm
     save_tiny_checkpoint(cfg, ckpt)
     _write_wav(tmp_path / "in.wav", channels=2, rate=24000, seconds=0.1)
     full = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "full.tok", device="cpu")
-    low = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "low.tok", device="cpu", bandwidth=0.375)
-    capped = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "capped.tok", device="cpu", bandwidth=1.5)
+    low = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "low.tok", device="cpu",
+                                 bandwidth=0.375)
+    capped = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "capped.tok",
+                                    device="cpu", bandwidth=1.5)
     assert (full["n_q"], low["n_q"], capped["n_q"]) == (2, 1, 2)
     codes_full, _ = token_file.read_tokens(tmp_path / "full.tok")
     codes_low, _ = token_file.read_tokens(tmp_path / "low.tok")
@@ -203,7 +209,8 @@ def test_shared_content_token_file_holds_one_codebook_1_stream_and_n_of_the_othe
     audio = _write_wav(tmp_path / "in.wav", channels=4, rate=24000, seconds=0.2)
     shared = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "s.tok", device="cpu",
                                shared_content_coding=True, reference_channel=3)
-    independent = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "i.tok", device="cpu")
+    independent = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "i.tok",
+                                         device="cpu")
     frames = shared["frames"]
 
     def payload(path: Path) -> np.ndarray:
@@ -213,12 +220,14 @@ def test_shared_content_token_file_holds_one_codebook_1_stream_and_n_of_the_othe
     assert payload(tmp_path / "s.tok").size == (1 + 4 * (n_q - 1)) * frames
     assert payload(tmp_path / "i.tok").size == 4 * n_q * frames
     with torch.no_grad():
-        codes = shared_content.encode_shared_content(model, torch.from_numpy(audio.T.copy())[:, None],
-                                                     reference=3).codes
+        codes = shared_content.encode_shared_content(
+            model, torch.from_numpy(audio.T.copy())[:, None], reference=3).codes
     np.testing.assert_array_equal(payload(tmp_path / "s.tok")[:frames], codes[3, 0].numpy())
-    np.testing.assert_array_equal(payload(tmp_path / "s.tok")[frames:], codes[:, 1:].flatten().numpy())
+    np.testing.assert_array_equal(payload(tmp_path / "s.tok")[frames:],
+                                  codes[:, 1:].flatten().numpy())
     assert torch.equal(token_file.read_tokens(tmp_path / "s.tok")[0], codes)
-    assert token_file.code_streams(shared) == 1 + 4 * (n_q - 1) and token_file.code_streams(independent) == 4 * n_q
+    assert (token_file.code_streams(shared) == 1 + 4 * (n_q - 1)
+            and token_file.code_streams(independent) == 4 * n_q)
 
 
 def test_reference_channel_option_shares_that_channels_codebook_1(tiny, tmp_path):
@@ -278,21 +287,27 @@ def test_unknown_token_versions_and_modes_are_rejected(tiny, tmp_path):
         header = json.dumps(meta | change).encode("utf-8")
         raw = (tmp_path / "x.tok").read_bytes()
         payload = raw[12 + int.from_bytes(raw[8:12], "little"):]
-        (tmp_path / "bad.tok").write_bytes(token_file.MAGIC + len(header).to_bytes(4, "little") + header + payload)
+        (tmp_path / "bad.tok").write_bytes(token_file.MAGIC + len(header).to_bytes(4, "little")
+                                           + header + payload)
         with pytest.raises(token_file.TokenFileError, match=message):
             token_file.read_tokens(tmp_path / "bad.tok")
 
 
 @pytest.mark.parametrize("channels,flags,expected", [
-    (1, ["--shared-content"], r"--shared-content needs a file with at least 2 channels.*without --shared-content"),
-    (4, ["--shared-content", "--reference-channel", "4"], r"--reference-channel 4 is out of range.*0 \.\. 3"),
-    (4, ["--shared-content", "--reference-channel", "-1"], r"--reference-channel -1 is out of range"),
+    (1, ["--shared-content"],
+     r"--shared-content needs a file with at least 2 channels.*without --shared-content"),
+    (4, ["--shared-content", "--reference-channel", "4"],
+     r"--reference-channel 4 is out of range.*0 \.\. 3"),
+    (4, ["--shared-content", "--reference-channel", "-1"],
+     r"--reference-channel -1 is out of range"),
     (4, ["--reference-channel", "1"], r"--reference-channel only applies to --shared-content"),
 ])
-def test_bad_shared_content_options_give_one_line_errors(tiny, tmp_path, capsys, channels, flags, expected):
+def test_bad_shared_content_options_give_one_line_errors(
+        tiny, tmp_path, capsys, channels, flags, expected):
     _, ckpt, _ = tiny
     _write_wav(tmp_path / "in.wav", channels=channels, rate=24000, seconds=0.1)
-    assert codec.main(_encode_args(ckpt, *flags, str(tmp_path / "in.wav"), str(tmp_path / "x.tok"))) == 1
+    assert (codec.main(_encode_args(ckpt, *flags, str(tmp_path / "in.wav"),
+                                    str(tmp_path / "x.tok"))) == 1)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert re.search(expected, err)
@@ -300,14 +315,16 @@ def test_bad_shared_content_options_give_one_line_errors(tiny, tmp_path, capsys,
 
 
 def test_shared_content_needs_a_second_codebook_within_the_bandwidth(cfg_factory, tmp_path, capsys):
-    cfg = cfg_factory(overrides=["model.target_bandwidths=[0.375,0.75]"])   # 0.375 kbps per codebook
+    # 0.375 kbps per codebook
+    cfg = cfg_factory(overrides=["model.target_bandwidths=[0.375,0.75]"])
     ckpt = tmp_path / "tiny.pt"
     save_tiny_checkpoint(cfg, ckpt)
     _write_wav(tmp_path / "in.wav", channels=2, rate=24000, seconds=0.1)
     assert codec.main(_encode_args(ckpt, "--shared-content", "--bandwidth", "0.375",
                                    str(tmp_path / "in.wav"), str(tmp_path / "x.tok"))) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--bandwidth 0.375 keeps 1" in err and "higher --bandwidth" in err
+    assert (err.count("\n") == 1 and "--bandwidth 0.375 keeps 1" in err
+            and "higher --bandwidth" in err)
     assert codec.main(_encode_args(ckpt, "--shared-content", "--bandwidth", "0.75",
                                    str(tmp_path / "in.wav"), str(tmp_path / "x.tok"))) == 0
 
@@ -315,7 +332,8 @@ def test_shared_content_needs_a_second_codebook_within_the_bandwidth(cfg_factory
 def test_encode_prints_the_bitrate_of_the_mode(tiny, tmp_path, capsys):
     _, ckpt, _ = tiny
     _write_wav(tmp_path / "in.wav", channels=4, rate=24000, seconds=0.5)
-    codec.main(_encode_args(ckpt, "--shared-content", str(tmp_path / "in.wav"), str(tmp_path / "s.tok")))
+    codec.main(_encode_args(ckpt, "--shared-content", str(tmp_path / "in.wav"),
+                            str(tmp_path / "s.tok")))
     codec.main(_encode_args(ckpt, str(tmp_path / "in.wav"), str(tmp_path / "i.tok")))
     shared, independent = capsys.readouterr().out.splitlines()
     # 32 codes (5 bits) at 75 Hz: 0.375 kbps per stream; 32-bit scales over 0.5 s.

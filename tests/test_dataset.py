@@ -25,7 +25,8 @@ def write_wav(path: Path, data: np.ndarray, sr: int = 48000, subtype: str = "PCM
 
 
 def noise(frames: int, channels: int, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).standard_normal((frames, channels)) * 0.1).astype(np.float32)
+    return (np.random.default_rng(seed).standard_normal((frames, channels))
+            * 0.1).astype(np.float32)
 
 
 def config(cfg_factory, root: Path, *overrides: str, name: str = "config_paired_nq2"):
@@ -37,9 +38,11 @@ def config(cfg_factory, root: Path, *overrides: str, name: str = "config_paired_
 
 @pytest.mark.parametrize("name, expected", [
     ("Beach-01-Raw.wav", "Beach"), ("BusyStreet-03-Raw.wav", "Busy Street"),
-    ("Beach.1.wav", "Beach"), ("Park.6.wav", "Park"), ("PedestrianZone-08-Raw.wav", "Pedestrian Zone"),
+    ("Beach.1.wav", "Beach"), ("Park.6.wav", "Park"),
+    ("PedestrianZone-08-Raw.wav", "Pedestrian Zone"),
     ("ShoppingCentre-02-Raw.wav", "Shopping Centre"), ("TrainStation.4.wav", "Train Station"),
-    ("Busy Street", "Busy Street"), ("quiet_street", "Quiet Street"), ("Beach-01-Raw_excerpt.wav", "Beach"),
+    ("Busy Street", "Busy Street"), ("quiet_street", "Quiet Street"),
+    ("Beach-01-Raw_excerpt.wav", "Beach"),
     ("Forest-01-Raw.wav", None), ("metadata.csv", None), ("01-Beach.wav", None),
 ])
 def test_class_from_name(name, expected):
@@ -64,41 +67,50 @@ def test_class_folders_with_spaces(tmp_path):
     write_wav(tmp_path / "Woodland" / "w.wav", noise(100, 3))
     files = find_audio_files(tmp_path, TRAIN)
     assert [(f.rel, f.scene_class) for f in files] == [
-        ("Busy Street/take 1.wav", "Busy Street"), ("Shopping Centre/ShoppingCentre-02-Raw.wav", "Shopping Centre")]
+        ("Busy Street/take 1.wav", "Busy Street"),
+        ("Shopping Centre/ShoppingCentre-02-Raw.wav", "Shopping Centre")]
     assert [f.rel for f in find_audio_files(tmp_path, ["Woodland"])] == ["Woodland/w.wav"]
 
 
 def test_real_fixtures_read(fixtures_dir):
     files = find_audio_files(fixtures_dir, ["Beach"], min_channels=2)
-    assert sorted((f.channels, f.sample_rate, f.frames) for f in files) == [(25, 48000, 14400), (32, 48000, 14400)]
+    assert (sorted((f.channels, f.sample_rate, f.frames) for f in files)
+            == [(25, 48000, 14400), (32, 48000, 14400)])
     for f in files:
         last = f.channels - 1
         seg = read_wav_segment(f, [0, last], 2000, 4800, 24000)
         full, _ = sf.read(str(f.path), dtype="float32", always_2d=True)
-        expected = torchaudio.functional.resample(torch.from_numpy(full[:, [0, last]].T), 48000, 24000)
+        expected = torchaudio.functional.resample(torch.from_numpy(full[:, [0, last]].T), 48000,
+                                                  24000)
         assert seg.shape == (2, 4800)
         torch.testing.assert_close(seg, expected[:, 1000:5800], atol=1e-6, rtol=0)
         assert seg.abs().max() > 0
 
 
 def test_real_fixtures_items(fixtures_dir, cfg_factory):
-    cfg = config(cfg_factory, fixtures_dir, "datasets.train_classes=[Beach]", "datasets.fixed_length=40")
+    cfg = config(cfg_factory, fixtures_dir, "datasets.train_classes=[Beach]",
+                 "datasets.fixed_length=40")
     with pytest.warns(DataWarning, match="different channel counts"):
         ds = PairedChannelDataset(cfg, "train")
     items = [ds[i] for i in range(len(ds))]
     assert {sf.info(m["path"]).channels for _, m in items} == {25, 32}
-    assert max(max(m["channels"]) for _, m in items) > 24  # the 32-capsule file's upper half is used
+    # the 32-capsule file's upper half is used
+    assert max(max(m["channels"]) for _, m in items) > 24
     for wavs, meta in items[:5]:
-        assert wavs.shape == (2, 1, ds.length) and torch.isfinite(wavs).all() and wavs.abs().max() > 0
+        assert (wavs.shape == (2, 1, ds.length) and torch.isfinite(wavs).all()
+                and wavs.abs().max() > 0)
 
 
 # ----------------------------------------------------------------------------- content
 
 
-def chirp_file(path: Path, seconds: float = 1.6, channels: int = 4, subtype: str = "FLOAT") -> np.ndarray:
-    """Channel c: a linear chirp 100 Hz -> 6 kHz (scaled by c+1) starting at 0.2 s, noise elsewhere."""
+def chirp_file(path: Path, seconds: float = 1.6, channels: int = 4,
+               subtype: str = "FLOAT") -> np.ndarray:
+    """Channel c: a linear chirp 100 Hz -> 6 kHz (scaled by c+1) starting at 0.2 s, noise
+    elsewhere."""
     t = np.arange(int(seconds * 48000)) / 48000
-    chirp = np.where(t >= 0.2, 0.5 * np.sin(2 * np.pi * (100 * (t - 0.2) + 0.5 * 4000 * (t - 0.2) ** 2)), 0.0)
+    chirp = np.where(t >= 0.2,
+                     0.5 * np.sin(2 * np.pi * (100 * (t - 0.2) + 0.5 * 4000 * (t - 0.2) ** 2)), 0.0)
     data = np.stack([chirp * (c + 1) / channels for c in range(channels)], 1).astype(np.float32)
     write_wav(path, data, subtype=subtype)
     return data
@@ -109,13 +121,16 @@ def test_item_is_the_resampled_source_span(tmp_path, cfg_factory, subtype):
     data = chirp_file(tmp_path / "Beach-01-Raw.wav", subtype=subtype)
     cfg = config(cfg_factory, tmp_path, "datasets.tensor_cut=24000", "datasets.fixed_length=6")
     ds = PairedChannelDataset(cfg, "train")
-    full = torchaudio.functional.resample(torch.from_numpy(sf.read(str(tmp_path / "Beach-01-Raw.wav"),
-                                                                   dtype="float32")[0].T), 48000, 24000)
+    full = torchaudio.functional.resample(
+        torch.from_numpy(sf.read(str(tmp_path / "Beach-01-Raw.wav"), dtype="float32")[0].T),
+        48000, 24000)
     for i in range(len(ds)):
         wavs, meta = ds[i]
-        assert wavs.shape == (2, 1, 24000) and wavs.dtype == torch.float32  # a full second, not 0.5 s
+        # a full second, not 0.5 s
+        assert wavs.shape == (2, 1, 24000) and wavs.dtype == torch.float32
         o = meta["start"] // 2
-        torch.testing.assert_close(wavs[:, 0], full[meta["channels"], o:o + 24000], atol=2e-6, rtol=0)
+        torch.testing.assert_close(wavs[:, 0], full[meta["channels"], o:o + 24000], atol=2e-6,
+                                   rtol=0)
         # and it is the chirp itself at that position (within the resampler's passband)
         src = data[meta["start"]:meta["start"] + 48000:2, meta["channels"]].T
         assert np.abs(wavs[:, 0].numpy() - src).max() < 5e-3
@@ -141,7 +156,8 @@ def test_all_channels_reachable_never_equal(synth_root, cfg_factory):
     assert all(a != b for a, b in pairs)
     assert set(np.ravel(pairs)) == set(range(32))  # the reference only ever drew 0-15
     assert len({f for f, _, _ in (ds.draw(i) for i in range(60))}) == len(ds.files) == 6
-    restricted = PairedChannelDataset(config(cfg_factory, synth_root, "datasets.channels=[3,7,30]"), "train")
+    restricted = PairedChannelDataset(config(cfg_factory, synth_root, "datasets.channels=[3,7,30]"),
+                                      "train")
     assert set(np.ravel([restricted.draw(i)[1] for i in range(50)])) == {3, 7, 30}
     three = PairedChannelDataset(config(cfg_factory, synth_root, "datasets.views=3"), "train")
     wavs, meta = three[0]
@@ -159,7 +175,8 @@ def test_train_items_pure_in_seed_epoch_index_rank(synth_root, cfg_factory):
         wb, mb = b[i]
         assert ma == mb and torch.equal(wa, wb)
     epoch0 = [a.draw(i) for i in range(4)]
-    assert [m for _, m in DataLoader(a, batch_size=2, num_workers=0, collate_fn=collate_fn)][0][0]["start"] \
+    assert [m for _, m in DataLoader(a, batch_size=2, num_workers=0,
+                                     collate_fn=collate_fn)][0][0]["start"] \
         == epoch0[0][2]
     a.set_epoch(3)
     assert [a.draw(i) for i in range(4)] != epoch0
@@ -181,12 +198,14 @@ def test_the_rank_is_given_not_read_from_torch_distributed(synth_root, cfg_facto
 
 def test_set_epoch_reaches_persistent_workers(synth_root, cfg_factory):
     ds = PairedChannelDataset(config(cfg_factory, synth_root, "datasets.fixed_length=4"), "train")
-    loader = DataLoader(ds, batch_size=2, num_workers=1, persistent_workers=True, collate_fn=collate_fn)
+    loader = DataLoader(ds, batch_size=2, num_workers=1, persistent_workers=True,
+                        collate_fn=collate_fn)
     for epoch in (0, 1, 2):
         ds.set_epoch(epoch)
         starts = [m["start"] for _, metas in loader for m in metas]
         assert starts == [ds.draw(i)[2] for i in range(4)]
-        assert [m["channels"] for _, metas in loader for m in metas] == [list(ds.draw(i)[1]) for i in range(4)]
+        assert ([m["channels"] for _, metas in loader for m in metas]
+                == [list(ds.draw(i)[1]) for i in range(4)])
 
 
 def test_validation_pairs_fixed_and_spread(synth_root, cfg_factory):
@@ -317,7 +336,8 @@ def test_monitor_and_held_out_validation_files_are_disjoint_and_cover_each_class
     # Every 4th file of each class in name order, from the first: 01 and 05.
     assert sorted(f.rel for f in monitor) == ["Train Station-01.wav", "Train Station-05.wav",
                                               "Woodland-01.wav", "Woodland-05.wav"]
-    with pytest.raises(ValueError, match="at least 2 files of each validation class, Woodland has 1"):
+    with pytest.raises(ValueError,
+                       match="at least 2 files of each validation class, Woodland has 1"):
         validation_files(files[:1], "held_out")
     with pytest.raises(ValueError, match="datasets.val_files must be one of"):
         validation_files(files, "odd")

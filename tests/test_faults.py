@@ -222,7 +222,8 @@ def test_save_onto_a_real_full_tmpfs(tmp_path):
     try:
         older = ckpt_io.atomic_save({"model": {"w": torch.ones(10)}, "config": {}}, mount / "a.pt")
         with pytest.raises(ckpt_io.CheckpointSaveError, match="no space left.*needs about 4.0 MB"):
-            ckpt_io.atomic_save({"model": {"w": torch.zeros(1_000_000)}, "config": {}}, mount / "b.pt")
+            ckpt_io.atomic_save({"model": {"w": torch.zeros(1_000_000)}, "config": {}},
+                                mount / "b.pt")
         assert [p.name for p in mount.iterdir()] == [older.name]
         assert torch.equal(ckpt_io.load_checkpoint(older)["model"]["w"], torch.ones(10))
     finally:
@@ -235,7 +236,8 @@ def test_disk_full_during_training_stops_with_one_line_and_non_zero_exit(tmp_pat
     res = harness("oserror:2:ENOSPC", save, synth_root, "common.val_interval=2", cwd=tmp_path)
     assert res.returncode != 0, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: could not save checkpoint best.pt in " + str(save)), res.stderr[-3000:]
+    assert (last.startswith("error: could not save checkpoint best.pt in "
+                            + str(save))), res.stderr[-3000:]
     assert "no space left" in last and "needs about" in last and "free there" in last
     assert "Traceback" not in res.stderr
     assert sorted(p.name for p in save.iterdir()) == ["audio", "ckpt_epoch0001_step00000002.pt"]
@@ -268,7 +270,8 @@ def test_save_folder_through_a_file_from_the_entry_point(tmp_path):
                          env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode != 0
-    assert res.stderr.startswith("config error: checkpoint.save_folder=") and "Traceback" not in res.stderr
+    assert (res.stderr.startswith("config error: checkpoint.save_folder=")
+            and "Traceback" not in res.stderr)
     assert len(res.stderr.strip().splitlines()) == 1 and "is a file, not a folder" in res.stderr
 
 
@@ -288,7 +291,8 @@ def test_save_folder_unwritable_or_short_of_space(tmp_path, monkeypatch):
     with pytest.warns(UserWarning) as record:
         ckpt_io.prepare_save_folder(folder)
     messages = [str(w.message) for w in record]
-    assert any("1.5 MB free, less than two checkpoints need (about 1.0 MB each)" in m for m in messages)
+    assert any("1.5 MB free, less than two checkpoints need (about 1.0 MB each)" in m
+               for m in messages)
     assert any("removed 1 unfinished checkpoint" in m for m in messages)
     assert temporaries(folder) == []
 
@@ -361,7 +365,8 @@ def linked_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_data_file_deleted_mid_epoch_is_redrawn_counted_and_logged(tmp_path, synth_root, monkeypatch):
+def test_data_file_deleted_mid_epoch_is_redrawn_counted_and_logged(
+        tmp_path, synth_root, monkeypatch):
     data = linked_copy(synth_root, tmp_path / "data")
     cfg = tiny(tmp_path / "ckpt", data, "datasets.fixed_length=6", "common.max_epoch=1")
     probe = pcd.PairedChannelDataset(prepare_config(cfg), "train")
@@ -477,8 +482,8 @@ print("training went on")
 """
     # Its own wandb service: WANDB_SERVICE would connect it to this process's one.
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         env=env)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, env=env)
     assert res.returncode == 0 and "training went on" in res.stdout, res.stderr[-3000:]
     assert res.stderr.count("UserWarning: wandb failed at step") == 1, res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]

@@ -100,12 +100,15 @@ def low_band_in_codebook_1(latent):
     return [low, latent - low]
 
 
-def pair_batches(x_a: torch.Tensor, x_b: torch.Tensor, channels=SEPARATED, files: int = 4, batch: int = 4):
-    """Batches `(wavs [B, 2, 1, T], metas)` of the pairs (x_a[i], x_b[i]), item i from file i % files."""
+def pair_batches(x_a: torch.Tensor, x_b: torch.Tensor, channels=SEPARATED, files: int = 4,
+                 batch: int = 4):
+    """Batches `(wavs [B, 2, 1, T], metas)` of the pairs (x_a[i], x_b[i]), item i from file i %
+    files."""
     wavs = torch.stack([x_a, x_b], dim=1)
     out = []
     for start in range(0, len(wavs), batch):
-        metas = [{"path": f"file{i % files}.wav", "class": "Woodland", "channels": list(channels), "start": i}
+        metas = [{"path": f"file{i % files}.wav", "class": "Woodland", "channels": list(channels),
+                  "start": i}
                  for i in range(start, min(start + batch, len(wavs)))]
         out.append((wavs[start:start + batch], metas))
     return out
@@ -117,7 +120,8 @@ def noise(n: int, seed: int, length: int = LENGTH) -> torch.Tensor:
 
 def measure(model, batches, **kwargs) -> dict:
     results, _ = evaluate_model(model, model.bins if hasattr(model, "bins") else 32, batches,
-                                content_codebook=0, keep_examples=0, capsules=eigenscape.CAPSULES, **kwargs)
+                                content_codebook=0, keep_examples=0, capsules=eigenscape.CAPSULES,
+                                **kwargs)
     return results
 
 
@@ -132,10 +136,12 @@ def test_swap_gain_is_one_when_codebook_1_is_shared_and_codebook_2_holds_the_cha
     x_b = low + 2.0 * ((0.6 * high_a + 0.8 * high_b) - lowpass(0.6 * high_a + 0.8 * high_b))
     results = measure(FramedCodec(low_band_in_codebook_1), pair_batches(x_a, x_b))
     assert results["codebook_agreement"][0] == 1.0 and results["codebook_agreement"][1] < 0.3
-    assert results["swap_n_used"] == 12 and results["swap_n_degenerate"] == 0 and results["swap_n_groups"] == 4
+    assert (results["swap_n_used"] == 12 and results["swap_n_degenerate"] == 0
+            and results["swap_n_groups"] == 4)
     assert results["swap_gain"] == pytest.approx(1.0, abs=1e-4)
     assert results["swap_gain_ci"] == pytest.approx([1.0, 1.0], abs=1e-4)
-    assert results["swap_separation_db"] > 1.0 and results["swap_separation_ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert (results["swap_separation_db"] > 1.0
+            and results["swap_separation_ratio"] == pytest.approx(1.0, abs=1e-4))
     assert results["swap_mel_to_b"] == pytest.approx(0.0, abs=1e-3)
     assert results["swap_mel_to_a"] > 0.1
     assert results["swap_rec_b_mel_to_b"] == pytest.approx(0.0, abs=1e-3)
@@ -214,7 +220,8 @@ def test_a_split_that_learned_nothing_scores_zero_once_normalised():
     """Half of each frame from B moves the swap part of the way to B by dimension counting
     alone; against the null of an unsplit latent swapped at the same split, nothing is left."""
     x_a, x_b = noise(8, 30), 0.4 * lowpass(noise(8, 31), 3000.0) + 0.1 * noise(8, 32)
-    results = measure(SplitFramedCodec(HOP // 2), pair_batches(x_a, x_b), null_model=UnsplitLatent())
+    results = measure(SplitFramedCodec(HOP // 2), pair_batches(x_a, x_b),
+                      null_model=UnsplitLatent())
     assert results["swap_gain"] > 0.1                       # the raw gain counts dimensions
     assert results["swap_gain_null"] == pytest.approx(results["swap_gain"], abs=1e-6)
     assert results["swap_gain_normalized"] == pytest.approx(0.0, abs=1e-5)
@@ -281,13 +288,15 @@ def test_swap_gain_uses_only_well_separated_capsules():
     x_a, x_b = low + (high - lowpass(high)), low + 3 * (high - lowpass(high))
     model = FramedCodec(low_band_in_codebook_1)
     close = measure(model, pair_batches(x_a, x_b, channels=CLOSE))
-    assert close["swap_n_pairs"] == 0 and close["swap_n_used"] == 0 and math.isnan(close["swap_gain"])
+    assert (close["swap_n_pairs"] == 0 and close["swap_n_used"] == 0
+            and math.isnan(close["swap_gain"]))
     assert "90 deg" in close["swap_pairs"]
     assert close["ild_fidelity"]["n_pairs"] == 8  # the cue fidelity still uses every pair
-    anywhere, _ = evaluate_model(model, model.bins, pair_batches(x_a, x_b, channels=CLOSE), content_codebook=0,
-                                 keep_examples=0, capsules=None)
+    anywhere, _ = evaluate_model(model, model.bins, pair_batches(x_a, x_b, channels=CLOSE),
+                                 content_codebook=0, keep_examples=0, capsules=None)
     assert anywhere["swap_n_used"] == 8 and anywhere["swap_pairs"].startswith("all pairs")
-    pairs = torch.tensor([SEPARATED, CLOSE, [0, 8], [0, 14], [0, 18]])  # 138, 38, 79, 101, 180 degrees
+    pairs = torch.tensor([SEPARATED, CLOSE, [0, 8], [0, 14],
+                          [0, 18]])  # 138, 38, 79, 101, 180 degrees
     mask, _ = pair_cues.separated_pairs(pairs, eigenscape.CAPSULES)
     assert mask.tolist() == [True, False, False, True, True]
     caps = torch.as_tensor(eigenscape.CAPSULES)
@@ -314,7 +323,8 @@ def test_a_pass_through_codec_keeps_the_ild_and_itd_exactly():
     ild, itd = results["ild_fidelity"], results["itd_fidelity"]
     assert ild["zero_error_db"] > 3.0  # the input pair differs
     assert ild["correlation"] == pytest.approx(1.0, abs=1e-6)
-    assert ild["error_db"] == pytest.approx(0.0, abs=1e-3) and ild["slope"] == pytest.approx(1.0, abs=1e-4)
+    assert (ild["error_db"] == pytest.approx(0.0, abs=1e-3)
+            and ild["slope"] == pytest.approx(1.0, abs=1e-4))
     assert itd["zero_error_us"] > 100 and itd["error_us"] == pytest.approx(0.0, abs=1e-3)
     assert results["si_snr"] > 60 and results["mel_distance"] < 1e-3
 
@@ -329,12 +339,14 @@ def test_a_codec_that_decodes_both_channels_alike_scores_the_zero_prediction_err
         return fixed.expand(latent.shape[0], 1, LENGTH)
 
     x_a, x_b = level_different_pair(8, 14)
-    results = measure(FramedCodec(everything_in_codebook_1, decoder=same_audio), pair_batches(x_a, x_b))
+    results = measure(FramedCodec(everything_in_codebook_1, decoder=same_audio),
+                      pair_batches(x_a, x_b))
     ild, itd = results["ild_fidelity"], results["itd_fidelity"]
     assert ild["mean_abs_ild_dec_db"] == pytest.approx(0.0, abs=1e-6) and ild["zero_error_db"] > 3.0
     assert ild["error_db"] == pytest.approx(ild["zero_error_db"], rel=1e-6)
     assert itd["error_us"] == pytest.approx(itd["zero_error_us"], rel=1e-6)
-    assert results["swap_n_used"] == 0 and results["swap_n_degenerate"] == 8  # nothing to project on
+    # nothing to project on
+    assert results["swap_n_used"] == 0 and results["swap_n_degenerate"] == 8
 
 
 # -- agreement ceiling ----------------------------------------------------------------------
@@ -356,7 +368,8 @@ def test_ceiling_agreement_compares_each_channel_with_its_shifted_louder_copy_at
     # are normalised away and the pair's level difference is not, something else.
     assert all(0.2 < c < 0.8 for c in results["ceiling_agreement"])
     copy = metrics.ceiling_copy(x_a)
-    assert torch.equal(copy[..., 1:], x_a[..., :-1] * 10 ** (0.5 / 20)) and torch.all(copy[..., 0] == 0)
+    assert (torch.equal(copy[..., 1:], x_a[..., :-1] * 10 ** (0.5 / 20))
+            and torch.all(copy[..., 0] == 0))
 
 
 # -- probes ------------------------------------------------------------------------------
@@ -389,8 +402,8 @@ def probe_results(files, channels, embeddings, cues, settings=None) -> dict:
     n = len(files)
     acc = MetricAccumulator(n_q=2, bins=4, sample_rate=RATE, frame_rate=75, settings=settings)
     wavs = torch.zeros(n, 2, 1, 1100)
-    acc.update(wavs, wavs, torch.zeros(n, 2, 2, 3, dtype=torch.long), embeddings, channels, groups=files,
-               cues=cues)
+    acc.update(wavs, wavs, torch.zeros(n, 2, 2, 3, dtype=torch.long), embeddings, channels,
+               groups=files, cues=cues)
     return acc.compute()
 
 
@@ -400,7 +413,8 @@ def probe_results(files, channels, embeddings, cues, settings=None) -> dict:
                          ids=["per-epoch", "evaluate"])
 def test_probes_find_the_ild_in_codebook_2_and_score_chance_on_shuffled_labels(settings):
     results = probe_results(*probe_stream(), settings=settings)
-    assert results["probe_folds"] == 5 and results["probe_groups"] == 8 and results["probe_note"] is None
+    assert (results["probe_folds"] == 5 and results["probe_groups"] == 8
+            and results["probe_note"] is None)
     r2, shuffled = results["ild_probe_r2"], results["ild_probe_r2_shuffled"]
     assert r2[1] > 0.8 and r2[0] < 0.1            # the level difference is in codebook 2 only
     assert shuffled[1] < 0.1 and results["ild_probe_r2_std"][1] < 0.2
@@ -453,10 +467,11 @@ def test_flattened_results_carry_the_logged_names():
     x_a, x_b = level_different_pair(8, 18)
     results = measure(FramedCodec(low_band_in_codebook_1), pair_batches(x_a, x_b))
     flat = flatten_metrics(results)
-    for name in ("swap_gain", "swap_gain_ci_low", "swap_gain_ci_high", "swap_separation_db", "swap_mel_to_a",
-                 "swap_mel_to_b", "ild_corr", "ild_error_db", "ild_zero_error_db", "ild_slope", "itd_error_us",
-                 "itd_zero_error_us", "si_snr", "mel_distance", "si_snr_own_scale", "mel_distance_own_scale",
-                 "agreement_cb1", "chance_agreement_cb2", "ceiling_agreement_cb1", "ceiling_agreement_cb2",
+    for name in ("swap_gain", "swap_gain_ci_low", "swap_gain_ci_high", "swap_separation_db",
+                 "swap_mel_to_a", "swap_mel_to_b", "ild_corr", "ild_error_db",
+                 "ild_zero_error_db", "ild_slope", "itd_error_us", "itd_zero_error_us", "si_snr",
+                 "mel_distance", "si_snr_own_scale", "mel_distance_own_scale", "agreement_cb1",
+                 "chance_agreement_cb2", "ceiling_agreement_cb1", "ceiling_agreement_cb2",
                  "ild_probe_r2_cb1", "ild_probe_r2_shuffled_cb2", "channel_probe_accuracy_cb2",
                  "channel_probe_chance", "perplexity_cb1", "dead_codes_cb2"):
         assert name in flat, name
@@ -513,7 +528,8 @@ def test_per_epoch_validation_logs_the_instrument(cfg_factory, synth_root, caplo
     from training.runtime import setup_runtime
     from training.validation import VAL_SUMMARY, validate, validation_dataset
 
-    cfg = cfg_factory("config_paired_nq2", [f"datasets.data_root={synth_root}", "datasets.val_pairs=8",
+    cfg = cfg_factory("config_paired_nq2",
+                      [f"datasets.data_root={synth_root}", "datasets.val_pairs=8",
                                             "model.kmeans_buffer=0"])
     runtime = setup_runtime(cfg)
     torch.manual_seed(0)
@@ -531,7 +547,8 @@ def test_per_epoch_validation_logs_the_instrument(cfg_factory, synth_root, caplo
             logged.update(data)
 
     with caplog.at_level("INFO", logger="encodec"):
-        scalars = validate(parts, runtime, cfg, make_loader(dataset, cfg, runtime.device, range(len(dataset))),
+        scalars = validate(parts, runtime, cfg,
+                           make_loader(dataset, cfg, runtime.device, range(len(dataset))),
                            epoch=1, step=1, tracker=Tracker(), audio_dir=None)
     assert logged["epoch"] == 1 and all(logged[k] == v for k, v in scalars.items() if v == v)
     # An untrained codec barely separates the channels: its swap gain may be unmeasurable
@@ -541,12 +558,14 @@ def test_per_epoch_validation_logs_the_instrument(cfg_factory, synth_root, caplo
     # undefined and left out, and the slope says that no ILD is carried.
     assert scalars["val/ild_slope"] == 0.0 or "val/ild_corr" in scalars
     for name in ("ild_slope", "ild_error_db", "ild_zero_error_db", "itd_error_us", "si_snr",
-                 "mel_distance_own_scale", "agreement_cb1", "chance_agreement_cb1", "ceiling_agreement_cb1",
-                 "agreement_cb2", "chance_agreement_cb2", "ceiling_agreement_cb2", "ild_probe_r2_cb1",
-                 "ild_probe_r2_shuffled_cb2", "channel_probe_accuracy_cb1", "channel_probe_chance", "l_f_ch1"):
+                 "mel_distance_own_scale", "agreement_cb1", "chance_agreement_cb1",
+                 "ceiling_agreement_cb1", "agreement_cb2", "chance_agreement_cb2",
+                 "ceiling_agreement_cb2", "ild_probe_r2_cb1", "ild_probe_r2_shuffled_cb2",
+                 "channel_probe_accuracy_cb1", "channel_probe_chance", "l_f_ch1"):
         assert f"val/{name}" in scalars, name
     summary = caplog.records[-1].getMessage()
-    assert summary.startswith("validation epoch 1:") and "swap_separation_db=" in summary and "ild_error_db=" in summary
+    assert (summary.startswith("validation epoch 1:") and "swap_separation_db=" in summary
+            and "ild_error_db=" in summary)
     assert all(name.startswith("val/") for name in VAL_SUMMARY)
 
 
@@ -554,7 +573,8 @@ def test_a_single_codebook_model_gets_cue_fidelity_but_no_swap():
     model = FramedCodec(lambda latent: [latent])
     model.n_q = 1
     x_a, x_b = level_different_pair(4, 20)
-    results, _ = evaluate_model(model, model.bins, pair_batches(x_a, x_b), content_codebook=0, keep_examples=1)
+    results, _ = evaluate_model(model, model.bins, pair_batches(x_a, x_b), content_codebook=0,
+                                keep_examples=1)
     assert results["swap_gain"] is None and results["swap_n_pairs"] is None
     assert results["ild_fidelity"]["error_db"] == pytest.approx(0.0, abs=1e-3)
     assert len(results["ceiling_agreement"]) == 1
@@ -564,7 +584,8 @@ def test_flattened_results_leave_out_what_could_not_be_measured():
     """Close capsules only: no swap gain; the logged scalars hold no NaN (resumed and
     distributed validations compare them for equality)."""
     low, high = lowpass(noise(4, 21)), noise(4, 22)
-    results = measure(FramedCodec(low_band_in_codebook_1), pair_batches(low + high, low - high, channels=CLOSE))
+    results = measure(FramedCodec(low_band_in_codebook_1),
+                      pair_batches(low + high, low - high, channels=CLOSE))
     assert math.isnan(results["swap_gain"])
     flat = flatten_metrics(results)
     assert "swap_gain" not in flat and "swap_gain_ci_low" not in flat and "ild_corr" in flat

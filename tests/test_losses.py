@@ -103,7 +103,8 @@ def test_mel_loss_is_normalised_stft_l1_plus_log10_mse_with_floor_inside():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # empty filterbanks at the small windows
         for i in range(5, 12):
-            mel = torchaudio.transforms.MelSpectrogram(SR, n_fft=2 ** i, win_length=2 ** i, hop_length=2 ** i // 4,
+            mel = torchaudio.transforms.MelSpectrogram(SR, n_fft=2 ** i, win_length=2 ** i,
+                                                       hop_length=2 ** i // 4,
                                                        n_mels=64, power=1.0, normalized=True)
             mx, my = mel(x), mel(y)
             expected += (mx - my).abs().flatten(1).mean(1)
@@ -127,7 +128,8 @@ def test_mel_loss_too_short_names_tensor_cut(mel_loss):
 
 # ----------------------------------------------------------------------------- adversarial
 
-# Two scales, two items. Scale 1: item 0 -> [0.5, 2.0], item 1 -> [-1.0, 0.0]. Scale 2: [3.0], [0.0].
+# Two scales, two items. Scale 1: item 0 -> [0.5, 2.0], item 1 -> [-1.0, 0.0].
+# Scale 2: [3.0], [0.0].
 LOGITS = [torch.tensor([[[[0.5, 2.0]]], [[[-1.0, 0.0]]]]),
           torch.tensor([[[[3.0]]], [[[0.0]]]])]
 
@@ -186,7 +188,8 @@ def test_fused_hinges_are_the_adversarial_losses():
     per_scale_g = [losses.hinge_real(logit) for logit in LOGITS]
     torch.testing.assert_close(torch.stack(per_scale_g).mean(0), losses.generator_adv_loss(LOGITS))
     per_scale_d = [losses.hinge_real(r) + losses.hinge_fake(f) for r, f in zip(LOGITS, fake)]
-    torch.testing.assert_close(torch.stack(per_scale_d).mean(0), losses.discriminator_loss(LOGITS, fake))
+    torch.testing.assert_close(torch.stack(per_scale_d).mean(0),
+                               losses.discriminator_loss(LOGITS, fake))
     assert losses.hinge_real(LOGITS[0].bfloat16()).dtype == torch.float32  # sums in float32
 
 
@@ -346,7 +349,8 @@ def test_balancer_state_round_trip_weights_only():
 
 def test_balancer_from_config_and_errors(cfg_factory):
     cfg = cfg_factory("config_paired_nq2", ["balancer.ema_decay=0.99", "balancer.total_norm=2.0"])
-    weights = losses.GeneratorLoss.from_config(cfg.losses, sample_rate=cfg.model.sample_rate).weights
+    weights = losses.GeneratorLoss.from_config(cfg.losses,
+                                               sample_rate=cfg.model.sample_rate).weights
     balancer = Balancer.from_config(cfg.balancer, weights)
     assert balancer.weights == {'l_t': 0.1, 'l_f': 1.0, 'l_g': 3.0, 'l_feat': 3.0}
     assert (balancer.ema_decay, balancer.total_norm) == (0.99, 2.0)

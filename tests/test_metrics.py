@@ -74,7 +74,8 @@ def test_histogram_entropy_gives_perplexity_and_dead_codes():
     assert hist[0].tolist() == [16] + [0] * 7
     assert hist[1].tolist() == [4, 4, 4, 4, 0, 0, 0, 0]
     results = accumulate_codes(torch.stack([half, half], dim=1), bins)  # the accumulator agrees
-    assert results["perplexity"] == pytest.approx([bins // 2]) and results["dead_codes"] == [bins // 2]
+    assert (results["perplexity"] == pytest.approx([bins // 2])
+            and results["dead_codes"] == [bins // 2])
 
 
 def test_codes_out_of_range_are_rejected():
@@ -86,7 +87,8 @@ def test_codes_out_of_range_are_rejected():
 
 # -- agreement and cosine ---------------------------------------------------------------
 
-def accumulate_codes(codes: torch.Tensor, bins: int, embeddings: list[torch.Tensor] | None = None) -> dict:
+def accumulate_codes(codes: torch.Tensor, bins: int,
+                     embeddings: list[torch.Tensor] | None = None) -> dict:
     """MetricAccumulator results for codes `[N, V, n_q, F]` (the audio is a stand-in)."""
     n, views, n_q, _ = codes.shape
     wavs = torch.randn(n, views, 1, 2400, generator=torch.Generator().manual_seed(0))
@@ -149,7 +151,8 @@ def test_pair_cues_measure_the_swap_against_both_channels():
     assert cues.levels["in_a"].shape == (2, spatial_cues.CUE_BANDS)
     assert torch.allclose(cues.levels["in_a"] - cues.levels["in_b"],
                           torch.full((2, spatial_cues.CUE_BANDS), 6.0), atol=0.3)
-    assert torch.allclose(cues.delays["in"] * 24000, torch.full((2,), 2.0, dtype=torch.float64), atol=0.1)
+    assert torch.allclose(cues.delays["in"] * 24000, torch.full((2,), 2.0, dtype=torch.float64),
+                          atol=0.1)
     assert torch.equal(cues.delays["in"], cues.delays["rec"])
     assert pair_cues.pair_cues(x_a[..., :1000], x_b[..., :1000], x_a[..., :1000], x_b[..., :1000],
                                x_b[..., :1000], 24000) is None  # too short for the cues
@@ -185,9 +188,11 @@ def _accumulate(stream, batch_size, flatten=False, n_q=2, bins=16):
         batch = [audio[part], codes[part], [e[part] for e in embeddings]]
         ceiling = codes[part].roll(1, dims=-1)
         if flatten:
-            batch = [batch[0].flatten(0, 1), batch[1].flatten(0, 1), [e.flatten(0, 1) for e in batch[2]]]
+            batch = [batch[0].flatten(0, 1), batch[1].flatten(0, 1),
+                     [e.flatten(0, 1) for e in batch[2]]]
             ceiling = ceiling.flatten(0, 1)
-        acc.update(wavs[part], *batch, channels=channels[part], groups=files[part], ceiling_codes=ceiling)
+        acc.update(wavs[part], *batch, channels=channels[part], groups=files[part],
+                   ceiling_codes=ceiling)
     return acc.compute()
 
 
@@ -195,30 +200,36 @@ def test_accumulator_matches_direct_computations_and_ignores_batch_size():
     stream = _stream()
     wavs, audio, codes, embeddings, _ = stream
     whole = _accumulate(stream, batch_size=7)
-    following = lambda t: t.roll(-1, dims=0)  # item n meets item n + 1, the last the first  # noqa: E731
+    # item n meets item n + 1, the last the first
+    following = lambda t: t.roll(-1, dims=0)  # noqa: E731
     agreement = lambda a, b: (a == b).float().mean(dim=(0, 2)).tolist()  # noqa: E731
-    cosine = lambda a, b: [torch.nn.functional.cosine_similarity(x, y, dim=1).mean().item()  # noqa: E731
-                           for x, y in zip(a, b)]
+    cosine = lambda a, b: [  # noqa: E731
+        torch.nn.functional.cosine_similarity(x, y, dim=1).mean().item() for x, y in zip(a, b)]
     emb_a, emb_b = [e[:, 0] for e in embeddings], [e[:, 1] for e in embeddings]
     assert whole["num_items"] == 7
     assert whole["codebook_agreement"][0] == 1.0
     assert whole["codebook_agreement"] == pytest.approx(agreement(codes[:, 0], codes[:, 1]))
-    assert whole["chance_agreement"] == pytest.approx(agreement(codes[:, 0], following(codes[:, 1])))
+    assert whole["chance_agreement"] == pytest.approx(agreement(codes[:, 0],
+                                                                following(codes[:, 1])))
     assert whole["embedding_cosine"] == pytest.approx(cosine(emb_a, emb_b), abs=1e-6)
-    assert whole["chance_cosine"] == pytest.approx(cosine(emb_a, [following(e) for e in emb_b]), abs=1e-6)
+    assert whole["chance_cosine"] == pytest.approx(cosine(emb_a, [following(e) for e in emb_b]),
+                                                   abs=1e-6)
     pooled = torch.stack([e.mean(dim=-1) for e in embeddings], dim=2)
     same, chance = metrics.centered_pooled_cosine(pooled)
     assert whole["centered_cosine"] == pytest.approx(same.tolist(), abs=1e-6)
     assert whole["chance_centered_cosine"] == pytest.approx(chance.tolist(), abs=1e-6)
-    assert whole["si_snr"] == pytest.approx(metrics.si_snr(wavs.flatten(0, 1), audio.flatten(0, 1)).mean().item(), rel=1e-5)
+    assert whole["si_snr"] == pytest.approx(
+        metrics.si_snr(wavs.flatten(0, 1), audio.flatten(0, 1)).mean().item(), rel=1e-5)
     hist = metrics.codebook_histogram(codes.flatten(0, 1), 16)
     assert whole["perplexity"] == pytest.approx(metrics.histogram_entropy(hist).exp().tolist())
     assert whole["dead_codes"] == (hist == 0).sum(dim=1).tolist()
-    assert whole["ceiling_agreement"] == pytest.approx(agreement(codes.flatten(0, 1), codes.flatten(0, 1).roll(1, -1)))
+    assert whole["ceiling_agreement"] == pytest.approx(
+        agreement(codes.flatten(0, 1), codes.flatten(0, 1).roll(1, -1)))
 
     for batch_size, flatten in ((1, False), (3, True)):
         other = _accumulate(stream, batch_size, flatten)
-        for key in ("codebook_agreement", "chance_agreement", "chance_cosine", "centered_cosine", "perplexity",
+        for key in ("codebook_agreement", "chance_agreement", "chance_cosine", "centered_cosine",
+                    "perplexity",
                     "si_snr", "mel_distance", "ceiling_agreement", "channel_probe_accuracy"):
             assert other[key] == pytest.approx(whole[key], abs=1e-6), key
 
@@ -230,7 +241,8 @@ def test_accumulator_probe_finds_the_codebook_that_carries_the_channel():
     n_items, dim, frames, n_channels = 80, 8, 4, 4
     channels = torch.stack([torch.randperm(n_channels, generator=gen)[:2] for _ in range(n_items)])
     directions = 3 * torch.randn(n_channels, dim, generator=gen)
-    channel_emb = directions[channels][..., None] + 0.3 * torch.randn(n_items, 2, dim, frames, generator=gen)
+    channel_emb = (directions[channels][..., None]
+                   + 0.3 * torch.randn(n_items, 2, dim, frames, generator=gen))
     noise_emb = torch.randn(n_items, 2, dim, frames, generator=gen)
     wavs = torch.randn(n_items, 2, 1, 2400, generator=gen)
     codes = torch.zeros(n_items, 2, 2, frames, dtype=torch.long)
@@ -238,8 +250,8 @@ def test_accumulator_probe_finds_the_codebook_that_carries_the_channel():
     acc = MetricAccumulator(n_q=2, bins=4, sample_rate=24000, frame_rate=75)
     for start in range(0, n_items, 16):
         part = slice(start, start + 16)
-        acc.update(wavs[part], wavs[part], codes[part], [noise_emb[part], channel_emb[part]], channels[part],
-                   groups=files[part])
+        acc.update(wavs[part], wavs[part], codes[part], [noise_emb[part], channel_emb[part]],
+                   channels[part], groups=files[part])
     results = acc.compute()
     assert results["probe_groups"] == 8 and results["probe_folds"] == 5
     assert results["channel_probe_chance"] < 0.5
@@ -285,7 +297,8 @@ def test_accumulator_pools_pair_cues_over_batches_in_item_order():
             part = slice(s, s + batch)
             cues = pair_cues.pair_cues(x_a[part], x_b[part], rec_a[part], rec_b[part], swap[part],
                                        24000)
-            acc.update(wavs[part], audio[part], codes[part], channels=channels[part], groups=files[part], cues=cues)
+            acc.update(wavs[part], audio[part], codes[part], channels=channels[part],
+                       groups=files[part], cues=cues)
         results.append(acc.compute())
     whole, batched = results
     level = lambda w: pair_cues.segment_band_levels(w, 24000)  # noqa: E731

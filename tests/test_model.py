@@ -176,7 +176,8 @@ def test_target_bandwidths_select_the_codebooks_that_fit_as_in_encodec():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the design document's list with n_q=2 is not a mistake
         model = make_tiny(bins=1024, target_bandwidths=[1.5, 3.0, 6.0, 12.0, 24.0])
-    assert model.target_bandwidths == [1.5, 3.0, 6.0, 12.0, 24.0] and model.bandwidth == pytest.approx(1.5)
+    assert (model.target_bandwidths == [1.5, 3.0, 6.0, 12.0, 24.0]
+            and model.bandwidth == pytest.approx(1.5))
     assert [model.codebooks_for_bandwidth(bw) for bw in model.target_bandwidths] == [2, 2, 2, 2, 2]
     # EnCodec 24 kHz: 32 codebooks of 1024 at 75 Hz, 0.75 kbps each.
     full = make_tiny(bins=1024, n_q=32, target_bandwidths=[24.0, 1.5, 3.0, 6.0, 12.0])

@@ -154,8 +154,8 @@ def test_clear_errors_for_bad_views():
 def test_split_views_follows_view_major_order():
     batch, views, n_q = 2, 3, 2
     # Item b, view v sits at row b * V + v; fill each row with its own index.
-    flat = [torch.arange(batch * views, dtype=torch.float32).view(-1, 1, 1).expand(-1, 4, 5) + 100 * k
-            for k in range(n_q)]
+    flat = [torch.arange(batch * views, dtype=torch.float32).view(-1, 1, 1).expand(-1, 4, 5)
+            + 100 * k for k in range(n_q)]
     split = split_views(flat, views)
     assert len(split) == views and all(len(view) == n_q for view in split)
     for v in range(views):
@@ -171,8 +171,8 @@ def test_split_views_follows_view_major_order():
 def test_from_config_seed_recipe_is_the_design_documents_function(cfg_factory):
     cfg = cfg_factory("config_paired_nq2", ["pairwise=seed"])
     loss = PairwiseLoss.from_config(cfg.pairwise, dimension=cfg.model.dimension)
-    assert (loss.weights['l_sim'], loss.weights['l_div'], loss.sim_kind, loss.div_kind) == (0.5, 0.5, 'mse',
-                                                                                 'neg_mse')
+    assert ((loss.weights['l_sim'], loss.weights['l_div'], loss.sim_kind, loss.div_kind)
+            == (0.5, 0.5, 'mse', 'neg_mse'))
     assert loss.classifier is None and list(loss.parameters()) == []
     torch.manual_seed(0)
     views = random_views(2, requires_grad=True)
@@ -190,7 +190,8 @@ def test_class_weights_scale_per_item_similarity():
     views = random_views(2, batch=3)
     loss = PairwiseLoss(sim_weight=1.0, class_weights={'Beach': 3.0, 'Park': 0.0})
     per_item = similarity_loss(views[0][0], views[1][0], reduction='none')
-    out = loss.embedding_terms(views, step=0, classes=['Beach', 'Park', 'Woodland'])  # Woodland: unknown -> 1
+    out = loss.embedding_terms(views, step=0,
+                               classes=['Beach', 'Park', 'Woodland'])  # Woodland: unknown -> 1
     expected = torch.stack([3.0 * per_item[0], 0.0 * per_item[1], per_item[2]]).mean()
     torch.testing.assert_close(out['l_sim'], expected)
     torch.testing.assert_close(out['sim'], per_item.mean())  # logged value stays unweighted
@@ -208,7 +209,8 @@ def test_linear_schedule_ramps():
     torch.testing.assert_close(ramp.embedding_terms(views, step=5)['l_div'], 0.5 * full['l_div'])
     torch.testing.assert_close(ramp.embedding_terms(views, step=10)['l_div'], full['l_div'])
     torch.testing.assert_close(ramp.embedding_terms(views, step=1000)['l_sim'], full['l_sim'])
-    torch.testing.assert_close(ramp.embedding_terms(views, step=5)['sim'], full['sim'])  # logging unscaled
+    torch.testing.assert_close(ramp.embedding_terms(views, step=5)['sim'],
+                               full['sim'])  # logging unscaled
     assert "pairwise.ramp_steps" in config_error("pairwise.schedule=linear",
                                                  "pairwise.ramp_steps=0")
     assert "pairwise.schedule" in config_error("pairwise.schedule=cosine")
@@ -596,11 +598,13 @@ def test_ild_targets_shapes_and_missing_targets():
     two = random_views(2, dim=4)
     difference = torch.randn(3, 3)
     expected = level_difference_loss(loss.ild_head(two[0][1], two[1][1]), difference)
-    torch.testing.assert_close(loss.embedding_terms(two, step=0, ild_targets=difference)['ild'], expected)
+    torch.testing.assert_close(loss.embedding_terms(two, step=0, ild_targets=difference)['ild'],
+                               expected)
     with pytest.raises(ValueError, match="ild_targets"):
         loss.embedding_terms(views, step=0)  # training without targets
     with pytest.raises(ValueError, match=r"\[B, 3\]"):
-        loss.embedding_terms(views, step=0, ild_targets=torch.randn(3, 3))  # a difference for 3 views
+        loss.embedding_terms(views, step=0,
+                             ild_targets=torch.randn(3, 3))  # a difference for 3 views
     with torch.no_grad():
         assert 'l_ild' not in loss.embedding_terms(views, step=0)  # validation
 
@@ -635,7 +639,8 @@ def group_file(name: str) -> dict:
 
 
 def test_paired_default_is_contrastive_and_seed_is_the_design_documents_recipe(cfg_factory):
-    assert OmegaConf.to_container(cfg_factory("config_paired_nq2").pairwise) == group_file("contrastive")
+    assert (OmegaConf.to_container(cfg_factory("config_paired_nq2").pairwise)
+            == group_file("contrastive"))
     assert OmegaConf.to_container(cfg_factory("config_mono_nq2").pairwise) == group_file("seed")
     cfg = cfg_factory("config_paired_nq2", ["pairwise=seed"])  # the document, one override away
     assert OmegaConf.to_container(cfg.pairwise) == group_file("seed")
@@ -658,8 +663,8 @@ def test_contrastive_group_composes_from_the_command_line(cfg_factory):
     assert cfg.pairwise.sim_weight == 1.0 and cfg.pairwise.ild_head.enabled
     loss = PairwiseLoss.from_config(cfg.pairwise, dimension=cfg.model.dimension)
     contrastive = group_file("contrastive")
-    assert (loss.sim_kind, loss.div_kind, loss.temperature, loss.nce_pooling, loss.weights['l_xrec'],
-            loss.start_step, loss.max_cosine) == (
+    assert (loss.sim_kind, loss.div_kind, loss.temperature, loss.nce_pooling,
+            loss.weights['l_xrec'], loss.start_step, loss.max_cosine) == (
         'infonce', 'cos_hinge', contrastive['temperature'], contrastive['nce_pooling'],
         contrastive['xrec_weight'], contrastive['start_step'], contrastive['max_cosine'])
     assert loss.ild_head is not None and loss.ild_twin is not None
@@ -706,7 +711,8 @@ def test_from_config_reads_every_key(cfg_factory):
             "ild_head.enabled": loss.ild_head is not None,
             "ild_head.n_bands": loss.ild_twin.n_bands,
             "ild_head.hidden": loss.ild_head.mlp[0].out_features,
-            "ild_head.weight": loss.weights['l_ild'], "ild_head.adv_weight": loss.weights['l_ild_adv'],
+            "ild_head.weight": loss.weights['l_ild'],
+            "ild_head.adv_weight": loss.weights['l_ild_adv'],
             "ild_head.reversal": loss.ild_reversal, "ild_head.floor_db": loss.ild_floor_db,
             "wait_for_kmeans": loss.wait_for_kmeans, "shared_scale": loss.shared_scale,
             "cue_weight": loss.weights['l_cue'], "consensus_weight": loss.weights['l_consensus'],

@@ -29,7 +29,8 @@ def small_root(tmp_path):
                                       ("Woodland-01-Raw.wav", 48000, 20000, "PCM_24")]:
         path = tmp_path / name
         path.parent.mkdir(exist_ok=True)
-        sf.write(str(path), (rng.standard_normal((frames, 6)) * 0.2).clip(-0.9, 0.9), sr, subtype=subtype)
+        sf.write(str(path), (rng.standard_normal((frames, 6)) * 0.2).clip(-0.9, 0.9), sr,
+                 subtype=subtype)
     return tmp_path
 
 
@@ -39,7 +40,8 @@ def test_arrays_equal_whole_file_resampled(small_root, monkeypatch):
     monkeypatch.setattr(audio_read, "read_frames",
                         lambda f, lo, hi, ch: (reads.append(hi - lo), original(f, lo, hi, ch))[1])
     index_path = prepare_dataset.prepare(small_root, chunk_seconds=0.05)  # many chunks per file
-    assert len(reads) > 4 * 8 and max(reads) < 3000  # chunks of 0.05 s + margins; files are 20000+ frames
+    # chunks of 0.05 s + margins; files are 20000+ frames
+    assert len(reads) > 4 * 8 and max(reads) < 3000
     index = json.loads(index_path.read_text())
     assert index_path == small_root / ".prepared" / "index.json" and index["sample_rate"] == 24000
     assert [e["source"] for e in index["files"]] == ["Beach-01-Raw.wav", "Busy Street/take.wav",
@@ -53,10 +55,13 @@ def test_arrays_equal_whole_file_resampled(small_root, monkeypatch):
 
 
 def test_same_items_wav_or_prepared(small_root, cfg_factory):
-    overrides = [f"datasets.data_root={small_root}", "datasets.fixed_length=20", "datasets.val_pairs=6"]
-    wav = {m: PairedChannelDataset(cfg_factory("config_paired_nq2", [*overrides, "datasets.format=wav"]), m)
+    overrides = [f"datasets.data_root={small_root}", "datasets.fixed_length=20",
+                 "datasets.val_pairs=6"]
+    wav = {m: PairedChannelDataset(cfg_factory("config_paired_nq2",
+                                               [*overrides, "datasets.format=wav"]), m)
            for m in ("train", "val")}
-    prepare_dataset.main(["--data-root", str(small_root), "--workers", "2", "--chunk-seconds", "0.1"])
+    prepare_dataset.main(["--data-root", str(small_root), "--workers", "2", "--chunk-seconds",
+                          "0.1"])
     for fmt in ("prepared", "auto"):
         cfg = cfg_factory("config_paired_nq2", [*overrides, f"datasets.format={fmt}"])
         for mode in ("train", "val"):
@@ -81,7 +86,8 @@ def test_auto_falls_back_to_wav_when_sources_changed(small_root, cfg_factory):
 
 
 def test_prepared_without_index_is_a_clear_error(small_root, cfg_factory):
-    cfg = cfg_factory("config_paired_nq2", [f"datasets.data_root={small_root}", "datasets.format=prepared"])
+    cfg = cfg_factory("config_paired_nq2",
+                      [f"datasets.data_root={small_root}", "datasets.format=prepared"])
     with pytest.raises(FileNotFoundError, match="prepare_dataset.py --data-root"):
         PairedChannelDataset(cfg, "train")
 
@@ -97,13 +103,15 @@ def test_index_at_another_rate(small_root, cfg_factory):
     with pytest.warns(DataWarning, match="model.sample_rate=24000"):
         assert PairedChannelDataset(cfg_factory("config_paired_nq2", base), "train").format == "wav"
     with pytest.raises(ValueError, match="prepared at 16000 Hz"):
-        PairedChannelDataset(cfg_factory("config_paired_nq2", [*base, "datasets.format=prepared"]), "train")
+        PairedChannelDataset(cfg_factory("config_paired_nq2", [*base, "datasets.format=prepared"]),
+                             "train")
 
 
 def test_prepared_elsewhere(small_root, tmp_path_factory, cfg_factory):
     out = tmp_path_factory.mktemp("arrays")
     prepare_dataset.main(["--data-root", str(small_root), "--out", str(out)])
     assert (out / "index.json").is_file() and not (small_root / ".prepared").exists()
-    cfg = cfg_factory("config_paired_nq2", [f"datasets.data_root={small_root}", f"datasets.prepared_root={out}"])
+    cfg = cfg_factory("config_paired_nq2",
+                      [f"datasets.data_root={small_root}", f"datasets.prepared_root={out}"])
     ds = PairedChannelDataset(cfg, "train")
     assert ds.format == "prepared" and ds.files[0].array.parent == out

@@ -15,12 +15,15 @@ def grouped_data(groups: int = 20, per_group: int = 8, dim: int = 16, seed: int 
 
 def test_separable_regression_scores_high_and_its_shuffled_baseline_does_not():
     rng, groups, x = grouped_data()
-    y = x @ rng.normal(size=(16, 3)) + 0.1 * rng.normal(size=(len(x), 3))   # multi-output (e.g. per band)
-    result = probes.cross_validated_probe(torch.as_tensor(x), torch.as_tensor(y), groups, shuffles=2)
+    # multi-output (e.g. per band)
+    y = x @ rng.normal(size=(16, 3)) + 0.1 * rng.normal(size=(len(x), 3))
+    result = probes.cross_validated_probe(torch.as_tensor(x), torch.as_tensor(y), groups,
+                                          shuffles=2)
     assert result["metric"] == "r2" and result["folds"] == 5 and result["n_groups"] == 20
     assert result["mean"] > 0.95 and result["std"] < 0.05
     assert result["shuffled_mean"] < 0.05
-    assert len(result["regularization"]) == 5 and np.array(result["shuffled_scores"]).shape == (2, 5)
+    assert (len(result["regularization"]) == 5
+            and np.array(result["shuffled_scores"]).shape == (2, 5))
 
 
 def test_multi_output_r2_is_the_mean_over_outputs():

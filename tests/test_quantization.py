@@ -425,7 +425,8 @@ def test_the_halves_of_a_split_gather_for_k_means_together_and_a_third_codebook_
     x = latent_batch(1)
     split(x)
     gathered = split.codebooks[1].kmeans_samples[16:]
-    torch.testing.assert_close(gathered, (x * split.codebooks[1].dims[:, None]).transpose(1, 2).reshape(-1, 8))
+    torch.testing.assert_close(
+        gathered, (x * split.codebooks[1].dims[:, None]).transpose(1, 2).reshape(-1, 8))
     step = 2
     while not split.codebooks[0].initialized:
         split(latent_batch(step))

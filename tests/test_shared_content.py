@@ -57,16 +57,19 @@ class AgreeingContentEncoder(nn.Module):
         embed = torch.randn(bins, dim, generator=generator)
         self.embed, self.hop = embed, hop
         self.sequence = torch.randint(bins, (1000,), generator=generator)
-        margin = 0.4 * torch.cdist(embed, embed).masked_fill(torch.eye(bins, dtype=torch.bool), math.inf).min()
+        margin = 0.4 * torch.cdist(embed, embed).masked_fill(torch.eye(bins, dtype=torch.bool),
+                                                             math.inf).min()
         directions = torch.randn(2, dim, generator=generator)
         self.directions = 0.5 * margin * directions / directions.norm(dim=1, keepdim=True)
         self.detail_codebook = torch.linspace(-1, 1, bins)[:, None] * self.directions[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frames = math.ceil(x.shape[-1] / self.hop)
-        framed = nn.functional.pad(x[:, 0], (0, frames * self.hop - x.shape[-1])).view(x.shape[0], frames, self.hop)
+        framed = nn.functional.pad(x[:, 0], (0, frames * self.hop - x.shape[-1])).view(
+            x.shape[0], frames, self.hop)
         features = torch.stack([torch.tanh(framed.pow(2).mean(-1).sqrt()),
-                                torch.tanh(10 * framed.mean(-1))], dim=-1)       # [B, F, 2], |.| < 1
+                                torch.tanh(10 * framed.mean(-1))],
+                               dim=-1)       # [B, F, 2], |.| < 1
         latent = self.embed[self.sequence[:frames]][None] + features @ self.directions
         return latent.transpose(1, 2)
 
@@ -115,7 +118,8 @@ def test_codec_files_decode_like_independent_coding_when_codebook_1_agrees(tiny,
     sf.write(tmp_path / "in.wav", x[:, 0].T.numpy(), 24000, subtype="FLOAT")
     (tmp_path / "ckpt.pt").write_bytes(b"hashed only")
     assert codec.main(["encode", "--checkpoint", str(tmp_path / "ckpt.pt"), "--shared-content",
-                       "--reference-channel", "3", str(tmp_path / "in.wav"), str(tmp_path / "s.tok")]) == 0
+                       "--reference-channel", "3", str(tmp_path / "in.wav"),
+                       str(tmp_path / "s.tok")]) == 0
     assert codec.main(["decode", "--checkpoint", str(tmp_path / "ckpt.pt"),
                        str(tmp_path / "s.tok"), str(tmp_path / "s.wav")]) == 0
     decoded, _ = sf.read(tmp_path / "s.wav", dtype="float32", always_2d=True)
@@ -134,7 +138,8 @@ def test_sharing_a_disagreeing_codebook_1_changes_the_decode(tiny):
     assert result["shared_content"]["mel_distance"] != result["independent"]["mel_distance"]
     # The reference channel keeps its own codes in every coding.
     for coding in comparison.CODINGS:
-        assert result[coding]["mel_distance_per_channel"][0] == result["independent"]["mel_distance_per_channel"][0]
+        assert (result[coding]["mel_distance_per_channel"][0]
+                == result["independent"]["mel_distance_per_channel"][0])
     # Both codings decode at the one common scale of the segment.
     scale = x.pow(2).mean().sqrt().expand(4, 1, 1)
     with torch.no_grad():
@@ -142,13 +147,15 @@ def test_sharing_a_disagreeing_codebook_1_changes_the_decode(tiny):
                  "shared_content": sc.encode_shared_content(tiny, x, reference=0).codes}
         for coding, coding_codes in codes.items():
             expected = mel_distance(x, tiny.decode(coding_codes, scale, T), 24000)
-            assert result[coding]["mel_distance_per_channel"] == pytest.approx(expected.tolist(), rel=1e-4)
+            assert result[coding]["mel_distance_per_channel"] == pytest.approx(expected.tolist(),
+                                                                               rel=1e-4)
 
 
 def test_comparison_measures_the_codings_asked_for(tiny):
     x = channels_at_levels()[None]
     result = comparison.shared_content_comparison(tiny, x, codings=("shared_content",))
-    assert {"independent", "shared_content"} <= set(result) and "shared_content_own_residual" not in result
+    assert ({"independent", "shared_content"} <= set(result)
+            and "shared_content_own_residual" not in result)
     with pytest.raises(ValueError, match="unknown codings"):
         comparison.shared_content_comparison(tiny, x, codings=("joint",))
 
@@ -168,7 +175,8 @@ def test_shared_content_codes_carry_the_references_codebook_1_and_each_channels_
 
 def test_codebook_2_coding_the_references_residual_is_never_worse_in_the_latent(cfg_factory,
                                                                                 tmp_path, tiny):
-    rvq = save_tiny_checkpoint(cfg_factory(overrides=["model.content_share=0"]), tmp_path / "rvq.pt")
+    rvq = save_tiny_checkpoint(cfg_factory(overrides=["model.content_share=0"]),
+                               tmp_path / "rvq.pt")
     x = channels_at_levels()
     latent = sc.encode_latents(rvq, x, sc.common_scale(rvq, x))
     closed = sc.encode_shared_content(rvq, x, reference=0, residual="reference").codes
@@ -250,7 +258,8 @@ def test_comparison_reads_tensors_files_and_loader_batches_alike(tiny, tmp_path)
     x = torch.from_numpy(audio.T.copy())[None, :, None]                # [1, 3, 1, T]
     from_tensor = comparison.shared_content_comparison(tiny, x, reference=1)
     from_file = comparison.shared_content_comparison(tiny, [tmp_path / "a.wav"], reference=1)
-    from_loader = comparison.shared_content_comparison(tiny, [(x, [{"path": "a.wav"}])], reference=1)
+    from_loader = comparison.shared_content_comparison(tiny, [(x, [{"path": "a.wav"}])],
+                                                       reference=1)
     assert from_tensor == from_file == from_loader
     assert from_tensor["channels"] == 3 and from_tensor["independent"]["n_pairs"] == 2
     assert len(from_tensor["shared_content"]["si_snr_per_channel"]) == 3
@@ -301,4 +310,5 @@ def test_equal_bitrate_coding_is_the_one_codebook_models_own_and_uses_the_bits_i
     assert stream == pytest.approx(math.log2(tiny.quantizer.bins) * tiny.frame_rate / 1000)
     assert equal["streams"] == 4 and equal["codes_kbps_per_channel"] == pytest.approx(stream)
     shared = result["shared_content"]
-    assert shared["streams"] == 5 and shared["codes_kbps_per_channel"] == pytest.approx(5 * stream / 4)
+    assert (shared["streams"] == 5
+            and shared["codes_kbps_per_channel"] == pytest.approx(5 * stream / 4))

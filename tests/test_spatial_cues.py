@@ -15,7 +15,8 @@ def noise(n: int, length: int = SR, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, length, generator=torch.Generator().manual_seed(seed))
 
 
-def delayed_pair(delay: float, n: int = 3, length: int = SR, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def delayed_pair(delay: float, n: int = 3, length: int = SR,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """White noise and a copy delayed by `delay` samples (b lags a for delay > 0).
 
     Fractional delays are exact linear phase on a longer circular signal, cropped in the
@@ -24,7 +25,8 @@ def delayed_pair(delay: float, n: int = 3, length: int = SR, seed: int = 0) -> t
     pad = 64
     base = noise(n, length + 2 * pad, seed).double()
     freqs = torch.fft.rfftfreq(base.shape[-1]).double()
-    shifted = torch.fft.irfft(torch.fft.rfft(base) * torch.exp(-2j * math.pi * freqs * delay), n=base.shape[-1])
+    shifted = torch.fft.irfft(torch.fft.rfft(base) * torch.exp(-2j * math.pi * freqs * delay),
+                              n=base.shape[-1])
     return base[:, pad:pad + length].float(), shifted[:, pad:pad + length].float()
 
 
@@ -90,13 +92,15 @@ def test_swap_gain_is_one_at_b_zero_at_a_and_half_way_in_between():
     rec_a, rec_b = random_levels()
     assert torch.allclose(sc.swap_gain(rec_b, rec_a, rec_b), torch.ones(50, dtype=torch.float64))
     assert torch.allclose(sc.swap_gain(rec_a, rec_a, rec_b), torch.zeros(50, dtype=torch.float64))
-    assert torch.allclose(sc.swap_gain((rec_a + rec_b) / 2, rec_a, rec_b), torch.full((50,), 0.5, dtype=torch.float64))
+    assert torch.allclose(sc.swap_gain((rec_a + rec_b) / 2, rec_a, rec_b),
+                          torch.full((50,), 0.5, dtype=torch.float64))
     # Only the component along A -> B counts: a move orthogonal to it leaves the gain at 0.
     direction = rec_b - rec_a
     orthogonal = torch.randn(50, 8)
-    orthogonal -= (orthogonal * direction).sum(1, keepdim=True) / direction.pow(2).sum(1, keepdim=True) * direction
-    assert torch.allclose(sc.swap_gain(rec_a + orthogonal, rec_a, rec_b), torch.zeros(50, dtype=torch.float64),
-                          atol=1e-5)
+    orthogonal -= ((orthogonal * direction).sum(1, keepdim=True)
+                   / direction.pow(2).sum(1, keepdim=True) * direction)
+    assert torch.allclose(sc.swap_gain(rec_a + orthogonal, rec_a, rec_b),
+                          torch.zeros(50, dtype=torch.float64), atol=1e-5)
 
 
 def test_swap_gain_cannot_be_faked_by_a_bias_common_to_all_decodes():
@@ -113,12 +117,15 @@ def test_swap_gain_flags_degenerate_pairs_and_the_summary_counts_them():
     swap = rec_a + 0.25 * (rec_b - rec_a)
     swap[:3] += 5.0                            # whatever the swap does there must not count
     gain = sc.swap_gain(swap, rec_a, rec_b)
-    assert torch.isnan(gain[:3]).all() and torch.allclose(gain[3:], torch.full((47,), 0.25, dtype=torch.float64))
+    assert (torch.isnan(gain[:3]).all()
+            and torch.allclose(gain[3:], torch.full((47,), 0.25, dtype=torch.float64)))
     summary = sc.swap_gain_summary(swap, rec_a, rec_b)
     assert (summary["n_degenerate"], summary["n_used"], summary["n_pairs"]) == (3, 47, 50)
-    assert summary["mean"] == pytest.approx(0.25) and summary["median_per_pair"] == pytest.approx(0.25)
+    assert (summary["mean"] == pytest.approx(0.25)
+            and summary["median_per_pair"] == pytest.approx(0.25))
     assert summary["ci_low"] == pytest.approx(0.25) and summary["ci_high"] == pytest.approx(0.25)
-    assert summary["separation_db"] == pytest.approx(math.sqrt((rec_b - rec_a).pow(2).mean().item()), rel=1e-5)
+    assert summary["separation_db"] == pytest.approx(
+        math.sqrt((rec_b - rec_a).pow(2).mean().item()), rel=1e-5)
 
 
 def test_swap_gain_summary_is_the_ratio_of_sums_not_the_mean_of_ratios():
@@ -142,12 +149,14 @@ def test_a_loudness_only_swap_scores_its_broadband_share_and_zero_on_the_shape()
     shape = sc.band_shape(torch.randn(64, 8, generator=rng, dtype=torch.float64))
     rec_b = rec_a + broadband + shape
     fake = sc.loudness_only_swap(rec_a, rec_b)
-    share = (8 * broadband.pow(2)).sum() / (8 * broadband.pow(2) + shape.pow(2).sum(1, keepdim=True)).sum()
+    share = ((8 * broadband.pow(2)).sum()
+             / (8 * broadband.pow(2) + shape.pow(2).sum(1, keepdim=True)).sum())
     assert sc.swap_gain_summary(fake, rec_a, rec_b)["mean"] == pytest.approx(share.item())
     shaped = [sc.band_shape(v) for v in (fake, rec_a, rec_b)]
     assert sc.swap_gain_summary(*shaped)["mean"] == pytest.approx(0.0, abs=1e-12)
     # ...while a swap that moves the shape to B's scores 1 on it, whatever its loudness.
-    assert sc.swap_gain_summary(sc.band_shape(rec_a + shape + 5.0), *shaped[1:])["mean"] == pytest.approx(1.0)
+    assert (sc.swap_gain_summary(sc.band_shape(rec_a + shape + 5.0),
+                                 *shaped[1:])["mean"] == pytest.approx(1.0))
 
 
 def test_band_shape_does_not_see_a_gain():
@@ -178,7 +187,8 @@ def test_bootstrap_ci_resamples_whole_groups_when_given():
     groups = torch.arange(files).repeat_interleave(per_file)
     covered = {"pairs": 0, "files": 0}
     for trial in range(60):
-        values = (torch.randn(files, generator=g)[groups] + 0.1 * torch.randn(files * per_file, generator=g))
+        values = (torch.randn(files, generator=g)[groups]
+                  + 0.1 * torch.randn(files * per_file, generator=g))
         for unit, grouping in (("pairs", None), ("files", [f"file{int(k)}.wav" for k in groups])):
             _, lo, hi = sc.bootstrap_ci(values, n_boot=300, seed=trial, groups=grouping)
             covered[unit] += lo <= 0.0 <= hi
@@ -319,4 +329,5 @@ def test_itd_fidelity_against_predicting_zero_delay():
     assert aligned["mean_abs_delay_dec_us"] == pytest.approx(0.0, abs=1e-3)
     partial = sc.delay_error(torch.tensor([1e-4, -2e-4, math.nan]), torch.tensor([1e-4, 0.0, 0.0]))
     assert partial["n_valid"] == 2 and partial["n_pairs"] == 3
-    assert partial["error_us"] == pytest.approx(100.0) and partial["zero_error_us"] == pytest.approx(150.0)
+    assert (partial["error_us"] == pytest.approx(100.0)
+            and partial["zero_error_us"] == pytest.approx(150.0))

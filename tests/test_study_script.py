@@ -43,7 +43,8 @@ def option(call: list[str], key: str) -> str | None:
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluated(tmp_path, jobs):
     result, calls = run_study(tmp_path, SEEDS="2", FIRST_SEED="7", STEPS="250", JOBS=jobs,
-                              VARIANTS="mono seed paired head:pairwise.ild_head.enabled=true,pairwise.cue_weight=0 "
+                              VARIANTS="mono seed paired "
+                                       "head:pairwise.ild_head.enabled=true,pairwise.cue_weight=0 "
                                        "msplit:mono,model.content_share=0.25 mono_split rvq xrec0")
     assert result.returncode == 0, result.stderr
     trains = [c for c in calls if c[0].endswith(("train_single_gpu.py", "train_paired_gpu.py"))]
@@ -83,7 +84,8 @@ def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluate
     assert option(evals[1], "labels") == "[mono,seed,paired,head,msplit,mono_split,rvq,xrec0]"
     assert "/head/seed8/" in option(evals[1], "checkpoints")
     table = [c for c in calls if c[0].endswith("study_table.py")]
-    assert table[0][1:] == [str(tmp_path / "out" / "eval" / f"seed{s}" / "metrics.json") for s in (7, 8)]
+    assert (table[0][1:] == [str(tmp_path / "out" / "eval" / f"seed{s}" / "metrics.json")
+                             for s in (7, 8)])
 
 
 def test_finished_runs_are_reused_and_train_only_skips_the_evaluation(tmp_path):

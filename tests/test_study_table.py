@@ -31,7 +31,8 @@ def seed_metrics(swap_mono: float, swap_paired: float, ild_corr: float) -> dict:
 
 def write_seeds(tmp_path: Path) -> list[Path]:
     paths = []
-    for seed, (mono, paired, corr) in enumerate([(0.1, 0.5, 0.6), (0.3, 0.7, 0.8), (0.2, 0.9, None)]):
+    for seed, (mono, paired, corr) in enumerate([(0.1, 0.5, 0.6), (0.3, 0.7, 0.8),
+                                                  (0.2, 0.9, None)]):
         path = tmp_path / f"seed{seed}" / "metrics.json"
         path.parent.mkdir()
         path.write_text(json.dumps(seed_metrics(mono, paired, corr)))

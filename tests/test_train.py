@@ -44,7 +44,8 @@ def model_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("script,views", [("train_paired_gpu.py", 2), ("train_single_gpu.py", 1)])
-def test_scripts_train_through_hydra_and_write_checkpoint_and_audio(tmp_path, synth_root, script, views):
+def test_scripts_train_through_hydra_and_write_checkpoint_and_audio(
+        tmp_path, synth_root, script, views):
     save = tmp_path / "ckpt"
     res = run_script(script, ["+preset=tiny", f"datasets.data_root={synth_root}",
                               "checkpoint.save_folder=ckpt", "common.max_epoch=1",
@@ -74,7 +75,8 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
 
 def test_data_root_without_recordings_is_a_one_line_config_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    res = run_script("train_single_gpu.py", ["+preset=tiny", "datasets.data_root=empty"], cwd=tmp_path)
+    res = run_script("train_single_gpu.py", ["+preset=tiny", "datasets.data_root=empty"],
+                     cwd=tmp_path)
     assert res.returncode != 0
     assert res.stderr.startswith("config error:") and "Traceback" not in res.stderr
     assert str(tmp_path / "empty") in res.stderr
@@ -126,7 +128,9 @@ def test_adversarial_terms_start_at_the_discriminator_start_epoch_without_schedu
         warnings.simplefilter("always")
         engine.train(tiny(tmp_path, synth_root, extra=extra), run_dir=tmp_path / "run")
     assert not [w for w in caught if "lr_scheduler" in str(w.message)]
-    lines = [line for line in (tmp_path / "run" / "train.log").read_text().splitlines() if " step " in line]
+    lines = [line
+             for line in (tmp_path / "run" / "train.log").read_text().splitlines()
+             if " step " in line]
     epoch1 = [line for line in lines if " epoch 1 batch" in line]
     epoch2 = [line for line in lines if " epoch 2 batch" in line]
     assert epoch1 and epoch2
@@ -180,7 +184,8 @@ def test_checkpoint_loading_refuses_code(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_training_stops_with_a_checkpoint(tmp_path, synth_root):
-    cfg = tiny(tmp_path, synth_root, extra=["datasets.fixed_length=10", "common.max_nonfinite_steps=3"])
+    cfg = tiny(tmp_path, synth_root,
+               extra=["datasets.fixed_length=10", "common.max_nonfinite_steps=3"])
     # The first step is fine, every later one is NaN.
     with nan_time_loss(from_call=2), pytest.raises(engine.TrainingDiverged,
                                                    match="3 consecutive non-finite steps"):
@@ -211,12 +216,14 @@ def test_an_fp16_overflow_does_not_count_as_a_step(tmp_path, synth_root, monkeyp
 
     monkeypatch.setattr(engine, "build_parts", with_fp16_scalers)
     monkeypatch.setattr(engine, "train_step", overflow_in_the_second_batch)
-    summary = engine.train(tiny(tmp_path, synth_root, extra=["common.max_epoch=2"]), run_dir=tmp_path)
+    summary = engine.train(tiny(tmp_path, synth_root, extra=["common.max_epoch=2"]),
+                           run_dir=tmp_path)
     assert steps == [0, 1, 1, 2]  # the batch after the overflow gets step 1 (and its learning rate)
     state = ckpt_io.load_checkpoint(summary["checkpoint"])
     assert state["step"] == 3 and state["skipped_total"] == 1
     assert state["scaler_g"]["scale"] == 2.0 ** 15
-    assert "gradient overflow at fp16 loss scale 65536 at epoch 1 batch 2" in (tmp_path / "train.log").read_text()
+    assert ("gradient overflow at fp16 loss scale 65536 at epoch 1 batch 2"
+            in (tmp_path / "train.log").read_text())
 
 
 def diverse_signals(count: int = 8, length: int = 1920) -> torch.Tensor:
@@ -225,7 +232,8 @@ def diverse_signals(count: int = 8, length: int = 1920) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     signals = [torch.sin(2 * torch.pi * 100 * t), torch.sin(2 * torch.pi * 1000 * t),
                torch.sin(2 * torch.pi * 6000 * t), torch.randn(length, generator=gen),
-               (torch.arange(length) % 240 == 0).float(), torch.sin(2 * torch.pi * (50 + 5e4 * t) * t),
+               (torch.arange(length) % 240 == 0).float(),
+               torch.sin(2 * torch.pi * (50 + 5e4 * t) * t),
                torch.sign(torch.sin(2 * torch.pi * 300 * t)),
                torch.randn(length, generator=gen) * (torch.sin(2 * torch.pi * 30 * t) > 0)]
     return 0.1 * torch.stack(signals[:count]).unsqueeze(1)
@@ -244,7 +252,8 @@ def test_bf16_on_cpu_trains_resumes_and_its_codes_match_float32(tmp_path, synth_
 
     full = engine.train(tiny(tmp_path / "full", synth_root, extra=extra))
     engine.train(tiny(tmp_path / "part", synth_root, extra=extra), stop_after_step=3)
-    resumed = engine.train(tiny(tmp_path / "part", synth_root, extra=[*extra, "checkpoint.resume=true"]))
+    resumed = engine.train(tiny(tmp_path / "part", synth_root,
+                                extra=[*extra, "checkpoint.resume=true"]))
     assert full["step"] == resumed["step"] == 4
     a, b = model_state(full["checkpoint"]), model_state(resumed["checkpoint"])
     for k in a:
@@ -272,7 +281,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, synth_root):
             "datasets.fixed_length=2000", "common.max_epoch=1", "common.log_interval=1",
             f"hydra.run.dir={tmp_path / 'hydra'}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_paired_gpu.py"), *args], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_paired_gpu.py"), *args],
+                            cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     lines = []

@@ -28,11 +28,14 @@ from step_faults import fp16_scalers, nan_time_loss, overflowing_gradient
 from training.step import discriminate, frozen, normalisation_scale, train_step
 
 BATCH, VIEWS = 2, 2
-SEED_RECIPE = ["pairwise=seed", "model.content_share=0"]  # the design document's (config_paired_nq2: contrastive, split)
+SEED_RECIPE = ["pairwise=seed",
+               # the design document's (config_paired_nq2: contrastive, split)
+               "model.content_share=0"]
 
 
 def tiny_setup(overrides: list[str] | None = None, runtime: Runtime | None = None):
-    cfg = prepare_config(make_config("config_paired_nq2", ["datasets.data_root=unused", *(overrides or [])]))
+    cfg = prepare_config(make_config("config_paired_nq2",
+                                     ["datasets.data_root=unused", *(overrides or [])]))
     runtime = runtime or Runtime(torch.device("cpu"))
     torch.manual_seed(0)
     parts = build_parts(cfg, runtime, steps_per_epoch=10)
@@ -72,7 +75,8 @@ def test_train_step_applies_the_design_documents_loss_and_its_gradients(float64)
     cfg, runtime, parts = tiny_setup(SEED_RECIPE)
     wavs, metas = make_batch(cfg)
     init_codebooks(parts, wavs)
-    model, disc, pairwise = (copy.deepcopy(m) for m in (parts.raw_model, parts.raw_disc, parts.pairwise))
+    model, disc, pairwise = (copy.deepcopy(m)
+                             for m in (parts.raw_model, parts.raw_disc, parts.pairwise))
 
     result = train_step(parts, runtime, wavs, metas, step=3, adversarial=True, update_disc=True,
                         grad_clip=0.0, bins=cfg.model.bins)
@@ -89,7 +93,8 @@ def test_train_step_applies_the_design_documents_loss_and_its_gradients(float64)
     weights = cfg.losses
     total = sum(weights[name] * per_channel(value).sum() for name, value in items.items())
     total = total + weights.commit * per_channel(out.commit_per_item).sum()
-    pair = pairwise.embedding_terms(split_views(out.embeddings, VIEWS), 3, classes=["Beach"] * BATCH,
+    pair = pairwise.embedding_terms(split_views(out.embeddings, VIEWS), 3,
+                                    classes=["Beach"] * BATCH,
                                     channels=torch.tensor([m["channels"] for m in metas]))
     total = total + pair["l_sim"] + pair["l_div"]
     model.zero_grad()
@@ -111,7 +116,8 @@ def test_train_step_applies_the_design_documents_loss_and_its_gradients(float64)
 
     # The update used the learning rate of step 3, and moved the weights.
     assert result.scalars["lr_g"] == pytest.approx(cfg.optimization.lr * parts.schedule(3))
-    assert any(not torch.equal(a, b) for a, b in zip(parts.raw_model.parameters(), model.parameters()))
+    assert any(not torch.equal(a, b)
+               for a, b in zip(parts.raw_model.parameters(), model.parameters()))
 
 
 # Mono and paired, the balancer off and on, the scale-free recipe (cross-reconstruction and
@@ -131,7 +137,8 @@ STEP_KINDS = [(False, False), (True, True), (True, False), (True, True)]
 
 @pytest.mark.parametrize("views, overrides", REFERENCE_CASES)
 def test_train_step_computes_what_the_straightforward_step_computes(views, overrides, float64):
-    cfg, runtime, parts = tiny_setup([f"datasets.views={views}", "model.kmeans_buffer=0", *overrides])
+    cfg, runtime, parts = tiny_setup([f"datasets.views={views}", "model.kmeans_buffer=0",
+                                      *overrides])
     init_codebooks(parts, make_batch(cfg, seed=99, views=views)[0])
     reference = copy.deepcopy(parts)
     for step, (adversarial, update_disc) in enumerate(STEP_KINDS):
@@ -149,7 +156,8 @@ def test_train_step_computes_what_the_straightforward_step_computes(views, overr
         assert ("loss_d" in want) == update_disc
         for name, value in want.items():
             # (The logged scalars are float32.)
-            assert got.scalars[name] == pytest.approx(value, rel=1e-6, abs=1e-12), f"step {step}: {name}"
+            assert (got.scalars[name] == pytest.approx(value, rel=1e-6,
+                                                       abs=1e-12)), f"step {step}: {name}"
         for part in ("raw_model", "raw_disc", "pairwise"):
             if getattr(parts, part) is None:  # mono: no pairwise losses
                 continue
@@ -159,12 +167,15 @@ def test_train_step_computes_what_the_straightforward_step_computes(views, overr
                 if theirs.grad is None or mine.grad is None:
                     assert mine.grad is None and theirs.grad is None, where
                 else:
-                    torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12, msg=where)
+                    torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12,
+                                               msg=where)
                 # Adam divides by sqrt(v) + 1e-8: a gradient that is 0 up to rounding (1e-17)
                 # moves a weight by ~lr * 1e-9 in one and not in the other.
                 torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-10, msg=where)
-        for (name, mine), theirs in zip(parts.raw_model.named_buffers(), reference.raw_model.buffers()):
-            torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12, msg=f"step {step}: {name}")
+        for (name, mine), theirs in zip(parts.raw_model.named_buffers(),
+                                        reference.raw_model.buffers()):
+            torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12,
+                                       msg=f"step {step}: {name}")
 
 
 def test_non_finite_step_changes_nothing_and_restores_the_codebooks():
@@ -305,7 +316,8 @@ def measured_step(overrides: list[str]):
 def test_cue_fidelity_scores_the_decoded_pairs_level_differences():
     cfg, _, model, x, result = measured_step(["pairwise.cue_weight=0.5", "pairwise.xrec_weight=0"])
     out = model.train()(x, return_embeddings=True, scale=model.shared_scale(x, VIEWS))
-    levels = lambda audio: spatial_cues.band_levels(audio, 24000, n_fft=1024).view(BATCH, VIEWS, -1)  # noqa: E731
+    levels = lambda audio: (spatial_cues.band_levels(audio, 24000, n_fft=1024)  # noqa: E731
+                            .view(BATCH, VIEWS, -1))
     decoded, inputs = levels(out.audio), levels(x)
     want = level_difference_loss(decoded[:, 0] - decoded[:, 1], inputs[:, 0] - inputs[:, 1],
                                  cfg.pairwise.ild_head.floor_db)
@@ -348,7 +360,8 @@ def test_invariance_encodes_a_changed_first_view_at_its_scale_without_touching_t
 
 @pytest.mark.parametrize("content_codebook", [0, 1])
 def test_consensus_scores_what_the_content_codebook_quantized(content_codebook):
-    _, _, model, x, result = measured_step(["pairwise.consensus_weight=2.0", "pairwise.xrec_weight=0",
+    _, _, model, x, result = measured_step(["pairwise.consensus_weight=2.0",
+                                            "pairwise.xrec_weight=0",
                                             f"pairwise.content_codebook={content_codebook}",
                                             f"pairwise.channel_codebook={1 - content_codebook}"])
     # Written out: codebook k quantizes the encoder output minus the earlier codebooks'
@@ -431,7 +444,8 @@ def test_gradient_ratios_are_each_terms_pull_on_the_latent_next_to_the_reconstru
     assert doubled["grad_ratio_sim"] == pytest.approx(2 * base["grad_ratio_sim"], rel=1e-4)
     assert doubled["grad_ratio_xrec"] == pytest.approx(base["grad_ratio_xrec"], rel=1e-4)
     heavier_reconstruction = ratios(["losses.l_f=2.0", "losses.l_t=0.2"])
-    assert heavier_reconstruction["grad_ratio_sim"] == pytest.approx(base["grad_ratio_sim"] / 2, rel=1e-4)
+    assert heavier_reconstruction["grad_ratio_sim"] == pytest.approx(base["grad_ratio_sim"] / 2,
+                                                                     rel=1e-4)
 
 
 # ----------------------------------------------------------------------------------------
@@ -452,7 +466,8 @@ def test_each_players_gradient_goes_to_its_own_parameters(float64):
     assert all(p.grad is None for p in parts.raw_disc.parameters())
     fake_logits, fake_fmaps = disc(y)
     real_fmaps = disc(x)[1]
-    per_item = {"l_g": generator_adv_loss(fake_logits), "l_feat": feature_matching_loss(real_fmaps, fake_fmaps)}
+    per_item = {"l_g": generator_adv_loss(fake_logits),
+                "l_feat": feature_matching_loss(real_fmaps, fake_fmaps)}
     for name, values in per_item.items():
         torch.testing.assert_close(adversarial.per_item[name], values.detach(), rtol=1e-9, atol=0)
     weights = parts.generator_loss.weights
@@ -525,7 +540,8 @@ def test_compile_traces_the_encoder_and_the_decoder_whole_and_leaves_the_quantiz
     for stack, x in ((model.encoder, audio), (model.decoder, model.encoder(audio).detach())):
         assert stack._compiled_call_impl is not None
         explained = torch._dynamo.explain(stack.forward)(x)
-        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        assert ((explained.graph_count, explained.graph_break_count)
+                == (1, 0)), explained.break_reasons
 
 
 def test_a_compiled_step_computes_what_the_eager_step_computes(float64, monkeypatch):
@@ -549,7 +565,8 @@ def test_a_compiled_step_computes_what_the_eager_step_computes(float64, monkeypa
     for part in ("raw_model", "raw_disc"):
         for (name, mine), theirs in zip(getattr(compiled, part).named_parameters(),
                                         getattr(eager, part).parameters()):
-            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-7, atol=1e-12, msg=f"{part}.{name}")
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-7, atol=1e-12,
+                                       msg=f"{part}.{name}")
     for (name, mine), theirs in zip(compiled.raw_model.named_buffers(), eager.raw_model.buffers()):
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-9, msg=name)
 
@@ -597,7 +614,8 @@ def free_port() -> int:
 
 
 def build_on_rank(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
     try:
         torch.set_num_threads(1)
         cfg = prepare_config(make_config("config_paired_nq2", [
@@ -628,7 +646,8 @@ def test_gain_jitter_scales_each_item_within_its_range_and_views_alike():
     wavs, _ = level_pair(cfg)
     x = wavs.flatten(0, 1)
     model, shared_scale = parts.raw_model, parts.pairwise.shared_scale
-    assert normalisation_scale(model, x, VIEWS, shared_scale) is None  # the seed recipe: each view its RMS
+    # the seed recipe: each view its RMS
+    assert normalisation_scale(model, x, VIEWS, shared_scale) is None
     own = parts.raw_model.normalize(x)[1]
     torch.manual_seed(1)
     jittered = normalisation_scale(model, x, VIEWS, shared_scale, gain_jitter_db=6.0)
@@ -639,8 +658,9 @@ def test_gain_jitter_scales_each_item_within_its_range_and_views_alike():
     torch.manual_seed(1)
     both = normalisation_scale(shared.raw_model, x, VIEWS, shared.pairwise.shared_scale,
                                gain_jitter_db=6.0)
-    torch.testing.assert_close(20 * torch.log10(shared.raw_model.shared_scale(x, VIEWS) / both).flatten(),
-                               gain_db)  # same draws on top of the pair's common RMS
+    torch.testing.assert_close(
+        20 * torch.log10(shared.raw_model.shared_scale(x, VIEWS) / both).flatten(),
+        gain_db)  # same draws on top of the pair's common RMS
 
 
 def test_a_toolkit_checkpoint_is_a_starting_point_for_generator_and_discriminator(tmp_path):
@@ -669,10 +689,12 @@ def test_an_exported_start_point_holds_the_weights_only_and_starts_the_same_code
                 "config": {}, "opt_g": parts.opt_g.state_dict(), "step": 7}, training)
     start = checkpoints.export_start_point(training, tmp_path / "start.pt")
     saved = torch.load(start, weights_only=True)
-    assert set(saved) == {"model", "discriminator", "config", "source"} and saved["source"]["step"] == 7
+    assert (set(saved) == {"model", "discriminator", "config", "source"}
+            and saved["source"]["step"] == 7)
     _, _, started = tiny_setup([f"model.init_from={start}"])
     x = wavs.flatten(0, 1)
     with torch.no_grad():
         assert torch.equal(started.raw_model.eval().encode(x), parts.raw_model.eval().encode(x))
-    for (name, got), want in zip(started.raw_disc.state_dict().items(), parts.raw_disc.state_dict().values()):
+    for (name, got), want in zip(started.raw_disc.state_dict().items(),
+                                 parts.raw_disc.state_dict().values()):
         assert torch.equal(got, want), name

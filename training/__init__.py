@@ -1,1 +1,2 @@
-"""The training loop and what it needs: step, state, validation, data loaders, runtime, logging, config checks."""
+"""The training loop and what it needs: step, state, validation, data loaders, runtime, logging,
+config checks."""

@@ -21,7 +21,8 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from utils.checks import (AT_LEAST_1, DATA_ROOT, DECAY, DEVICE, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError,
+from utils.checks import (AT_LEAST_1, DATA_ROOT, DECAY, DEVICE, NON_NEGATIVE, POSITIVE, PROBABILITY,
+                          ConfigError,
                     Limit, OneOf, PathRule, Pattern, Rule, setting_error, show)
 from modules.losses import MelLoss
 from modules.seanet import CONV_NORMS

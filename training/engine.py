@@ -32,7 +32,8 @@ from utils import checkpoints as ckpt_io
 from utils import distributed
 from utils.checks import one_line_errors
 from training.configuration import ConfigError, check_mode, prepare_config
-from training.loaders import build_train_dataset, epoch_loader, make_loader, rank_share, steps_in_epoch
+from training.loaders import (build_train_dataset, epoch_loader, make_loader, rank_share,
+                              steps_in_epoch)
 from paired_channel_dataset import ChannelViewsDataset, TooManyReadFailures
 from training.parts import Parts, build_parts, estimate_checkpoint_bytes
 from training.runtime import Runtime, StopFlag, seed_everything, setup_runtime
@@ -120,9 +121,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None,
         with distributed.leave_together(timeout_s, RESUME_ADVICE), StopFlag() as stop:
             while progress.epoch <= cfg.common.max_epoch:
                 if not run_epoch(run, progress, stop):
-                    save_checkpoint(run, progress, ckpt_io.checkpoint_name(progress.epoch, progress.step))
+                    save_checkpoint(run, progress,
+                                    ckpt_io.checkpoint_name(progress.epoch, progress.step))
                     log.info("stopped at epoch %d batch %d (step %d); resume with "
-                             "checkpoint.resume=true", progress.epoch, progress.batch, progress.step)
+                             "checkpoint.resume=true", progress.epoch, progress.batch,
+                             progress.step)
                     break
                 finish_epoch(run, progress)
         exit_code = 0
@@ -262,7 +265,8 @@ def count_step(run: TrainingRun, progress: Progress, result: StepResult) -> None
                 progress.skipped_in_a_row, progress.skipped_total)
     limit = run.cfg.common.max_nonfinite_steps
     if progress.skipped_in_a_row >= limit:
-        path = save_checkpoint(run, progress, ckpt_io.checkpoint_name(progress.epoch, progress.step))
+        path = save_checkpoint(run, progress,
+                               ckpt_io.checkpoint_name(progress.epoch, progress.step))
         raise TrainingDiverged(
             f"{progress.skipped_in_a_row} consecutive non-finite steps "
             f"(common.max_nonfinite_steps={limit}). The last good state is saved in "

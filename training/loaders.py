@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from training.configuration import ConfigError
-from paired_channel_dataset import ChannelViewsDataset, MonoChannelDataset, PairedChannelDataset, collate_fn
+from paired_channel_dataset import (ChannelViewsDataset, MonoChannelDataset, PairedChannelDataset,
+                                    collate_fn)
 
 
 def build_train_dataset(cfg: DictConfig, rank: int) -> ChannelViewsDataset:
@@ -45,7 +46,8 @@ def epoch_loader(dataset: ChannelViewsDataset, cfg: DictConfig, device: torch.de
                  first_batch: int, steps_per_epoch: int) -> DataLoader:
     """The training batches `first_batch` .. `steps_per_epoch - 1` of the current epoch."""
     batch_size = cfg.datasets.batch_size
-    return make_loader(dataset, cfg, device, range(first_batch * batch_size, steps_per_epoch * batch_size))
+    return make_loader(dataset, cfg, device,
+                       range(first_batch * batch_size, steps_per_epoch * batch_size))
 
 
 def steps_in_epoch(dataset: ChannelViewsDataset, cfg: DictConfig, world_size: int) -> int:

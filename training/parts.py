@@ -78,8 +78,9 @@ class Parts:
     initial weights are broadcast from rank 0 and its gradients averaged by hand; under
     `common.compile` each scale is compiled in place. State dicts always come from the raw
     modules. `raw_disc`, `opt_d` are None without a discriminator, `pairwise` is None in mono
-    training and `balancer` when it is off. The learning rate of optimizer step `s` is `lr_g * schedule(s)` (`lr_d` for the
-    discriminator), set by `set_learning_rates` before each step.
+    training and `balancer` when it is off. The learning rate of optimizer step `s` is
+    `lr_g * schedule(s)` (`lr_d` for the discriminator), set by `set_learning_rates` before each
+    step.
     """
     raw_model: EncodecModel
     raw_disc: MultiScaleSTFTDiscriminator | None
@@ -115,7 +116,8 @@ def build_parts(cfg: DictConfig, runtime: Runtime, steps_per_epoch: int) -> Part
         distributed.broadcast_module_(raw_disc)  # outside DDP: every rank starts from rank 0's
         if cfg.common.compile:
             compile_discriminator(raw_disc)
-    generator_loss = GeneratorLoss.from_config(cfg.losses, sample_rate=cfg.model.sample_rate).to(device)
+    generator_loss = GeneratorLoss.from_config(cfg.losses,
+                                               sample_rate=cfg.model.sample_rate).to(device)
     pairwise = build_pairwise(cfg, device)
     balancer = (Balancer.from_config(cfg.balancer, generator_loss.weights)
                 if cfg.balancer.enabled else None)
@@ -169,7 +171,8 @@ def build_optimizers(opt_cfg: DictConfig, model: nn.Module, disc: nn.Module | No
     adam = dict(betas=tuple(opt_cfg.betas), weight_decay=opt_cfg.weight_decay)
     gen_params = list(model.parameters()) + (list(pairwise.parameters()) if pairwise else [])
     opt_g = torch.optim.Adam(gen_params, lr=opt_cfg.lr, **adam)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=opt_cfg.disc_lr, **adam) if disc is not None else None
+    opt_d = (torch.optim.Adam(disc.parameters(), lr=opt_cfg.disc_lr, **adam) if disc is not None
+             else None)
     return opt_g, opt_d
 
 

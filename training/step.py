@@ -144,7 +144,8 @@ def discriminate(parts: Parts, runtime: Runtime, x: torch.Tensor, y: torch.Tenso
     for scale in scales:
         with contextlib.ExitStack() as stack:
             if not update_disc:
-                stack.enter_context(frozen(scale))  # the generator's pass: gradient to the audio only
+                # the generator's pass: gradient to the audio only
+                stack.enter_context(frozen(scale))
             with runtime.autocast(), torch.set_grad_enabled(update_disc):
                 real_logit, real_fmaps = scale(x)
             with runtime.autocast():

@@ -45,7 +45,8 @@ VAL_SUMMARY = ("val/l_f_ch1", "val/l_sim", "val/l_div", "val/si_snr", "val/mel_d
                "val/swap_gain", "val/swap_separation_db", "val/ild_corr", "val/ild_error_db",
                "val/ild_zero_error_db", "val/itd_error_us", "val/itd_zero_error_us",
                "val/agreement_cb1", "val/chance_agreement_cb1", "val/ceiling_agreement_cb1",
-               "val/agreement_cb2", "val/chance_agreement_cb2", "val/ild_probe_r2_cb1", "val/ild_probe_r2_cb2", "val/ild_probe_r2_shuffled_cb2")
+               "val/agreement_cb2", "val/chance_agreement_cb2", "val/ild_probe_r2_cb1",
+               "val/ild_probe_r2_cb2", "val/ild_probe_r2_shuffled_cb2")
 
 # The per-epoch validation's statistics: cheap probes (fixed regularisation, one shuffle),
 # so that it stays a few seconds on the CPU; evaluate.py runs the full ones.
@@ -74,7 +75,8 @@ def validation_dataset(cfg: DictConfig) -> PairedChannelDataset:
     dataset = PairedChannelDataset(validation_config(cfg), "val")
     if len(dataset) == 0:
         raise ValueError(f"no validation items for classes {list(cfg.datasets.val_classes)} in "
-                         f"{cfg.datasets.data_root}: raise datasets.val_pairs or check the classes.")
+                         f"{cfg.datasets.data_root}: raise datasets.val_pairs or check the "
+                         "classes.")
     return dataset
 
 
@@ -153,7 +155,8 @@ def pair_scale(model: EncodecModel, x: Tensor, views: int) -> Tensor | None:
     return EncodecModel.shared_scale(x, views) if model.audio_normalize else None
 
 
-def latent_decoder(model: EncodecModel, scale: Tensor | None, length: int) -> Callable[[Tensor], Tensor]:
+def latent_decoder(model: EncodecModel, scale: Tensor | None,
+                   length: int) -> Callable[[Tensor], Tensor]:
     """`decode(latent [B, D, F]) -> [B, C, length]`: the decoder, trimmed, restored at `scale`
     `[B, 1, 1]`, the pair's one scale (None without audio normalisation). Every decode of a
     pair (A, B, the swap) goes through the same scale, so loudness restored from outside the
@@ -185,8 +188,10 @@ def null_swap_decodes(null_model: EncodecModel, x: Tensor, scale: Tensor | None,
 
 
 @torch.no_grad()
-def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]], content_codebook: int,
-                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]],
+                  content_codebook: int,
+                  autocast: Callable[[], contextlib.AbstractContextManager]
+                  = contextlib.nullcontext,
                   null_model: EncodecModel | None = None) -> tuple[MeasuredBatch, EncodecOutput]:
     """Measure the V views of `wavs [B, V, C, T]` (on the model's device, under `autocast`),
     all at ONE scale per item: the views' common RMS (`pair_scale`).
@@ -245,7 +250,8 @@ def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]]
 
 def accumulate(acc: MetricAccumulator, measured: MeasuredBatch) -> None:
     """Feed one measured batch to the accumulator."""
-    acc.update(measured.wavs, measured.audio, measured.codes, measured.embeddings, measured.channels,
+    acc.update(measured.wavs, measured.audio, measured.codes, measured.embeddings,
+               measured.channels,
                groups=measured.groups, ceiling_codes=measured.ceiling_codes, cues=measured.cues,
                audio_own_scale=measured.audio_own_scale)
 
@@ -271,8 +277,8 @@ def evaluate_model(model: EncodecModel, bins: int, batches: Iterable[tuple[Tenso
     """
     device = next(model.parameters()).device
     model.eval()
-    acc = MetricAccumulator(model.n_q, bins, model.sample_rate, model.frame_rate, settings, capsules,
-                            split_quantizer=content_dims(model) > 0)
+    acc = MetricAccumulator(model.n_q, bins, model.sample_rate, model.frame_rate, settings,
+                            capsules, split_quantizer=content_dims(model) > 0)
     if null_model is not None:
         null_model.eval()
     examples: dict[str, list[Tensor]] = {}
@@ -286,7 +292,8 @@ def evaluate_model(model: EncodecModel, bins: int, batches: Iterable[tuple[Tenso
     return acc.compute(), {name: torch.cat(parts) for name, parts in examples.items()}
 
 
-def keep_examples_of(examples: dict[str, list[Tensor]], limit: int, measured: MeasuredBatch) -> None:
+def keep_examples_of(examples: dict[str, list[Tensor]], limit: int,
+                     measured: MeasuredBatch) -> None:
     """Add the batch's first items to `examples` until `limit` items are kept (first audio
     channel of each view: `input_a`, `input_b`, `recon_a`, `recon_b`, `swap`)."""
     kept = sum(len(part) for part in examples.get("input_a", []))
@@ -322,7 +329,8 @@ def validation_losses(parts: Parts, x: Tensor, out: EncodecOutput, measured: Mea
         pair = parts.pairwise.embedding_terms(split_views(out.embeddings, views), step,
                                               classes=[m["class"] for m in measured.metas],
                                               channels=measured.channels)
-        sums.update({k: pair[k] * batch_size for k in ("l_sim", "l_div", "l_cls", "sim", "div") if k in pair})
+        sums.update({k: pair[k] * batch_size
+                     for k in ("l_sim", "l_div", "l_cls", "sim", "div") if k in pair})
     return {name: float(value) for name, value in sums.items()}
 
 
@@ -365,7 +373,8 @@ def validate(parts: Parts, runtime: Runtime, cfg: DictConfig, loader: DataLoader
         f"{k[4:]}={scalars[k]:.4g}" for k in VAL_SUMMARY if k in scalars))
     tracker.log({**scalars, "epoch": epoch}, step)
     to_save = [(measured.wavs[i], measured.audio[i], measured.metas[i])
-               for measured, _ in batches for i in range(len(measured.metas))][:cfg.checkpoint.save_audio]
+               for measured, _ in batches
+               for i in range(len(measured.metas))][:cfg.checkpoint.save_audio]
     if audio_dir is not None and to_save:
         write_validation_audio(to_save, audio_dir / f"epoch{epoch:04d}", cfg.model.sample_rate,
                                tracker, step)
@@ -384,11 +393,13 @@ def write_validation_audio(items: list[tuple[Tensor, Tensor, dict[str, Any]]], f
         for v, channel in enumerate(meta["channels"]):
             for kind, wav in (("input", inp[v]), ("recon", rec[v])):
                 data = wav.squeeze(0).numpy()
-                sf.write(folder / f"item{i}_ch{channel}_{kind}.wav", data, sample_rate, subtype="FLOAT")
+                sf.write(folder / f"item{i}_ch{channel}_{kind}.wav", data, sample_rate,
+                         subtype="FLOAT")
                 audio[f"audio/item{i}_view{v + 1}_{kind}"] = data
                 waves[f"{kind}_{v + 1}"] = wav.squeeze(0)
         rows.append((f"item{i} ch{list(meta['channels'])}", waves))
-    columns = tuple(f"{kind}_{v + 1}" for v in range(len(items[0][0])) for kind in ("input", "recon"))
+    columns = tuple(f"{kind}_{v + 1}" for v in range(len(items[0][0]))
+                    for kind in ("input", "recon"))
     tracker.log_audio(audio, sample_rate, step)
     if tracker.run is not None:
         from measure import plots  # matplotlib only when wandb takes images

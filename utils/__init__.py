@@ -1,1 +1,2 @@
-"""Standard-library-level helpers: checkpoint files, process-group helpers, argument checks, dataset facts."""
+"""Standard-library-level helpers: checkpoint files, process-group helpers, argument checks, dataset
+facts."""

@@ -122,7 +122,8 @@ def _save_error(path: Path, obj: Any, e: BaseException) -> CheckpointSaveError:
     needed, free = state_bytes(obj), free_bytes(folder)
     os_err = _os_error(e)
     code = os_err.errno if os_err is not None else None
-    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < needed):
+    if (code in (errno.ENOSPC, errno.EDQUOT)
+        or (code is None and free is not None and free < needed)):
         why, advice = "no space left on the device (or disk quota exceeded)", (
             f"free at least {_mb(needed)} there, or move the folder to a larger disk and "
             "point checkpoint.save_folder at it")
@@ -144,7 +145,8 @@ def _default_file_mode() -> int:
     shared group folder on a cluster should be as readable as any other file the user writes."""
     try:  # Linux reports the umask without changing it (os.umask would, process-wide)
         status = Path("/proc/self/status").read_text()
-        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+        umask = int(next(line.split()[1]
+                         for line in status.splitlines() if line.startswith("Umask:")), 8)
     except (OSError, StopIteration, ValueError, IndexError):
         umask = os.umask(0o022)
         os.umask(umask)
@@ -241,7 +243,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     if problem is not None:
         raise CheckpointError(
             f"could not load checkpoint {path}: {problem}. It may be truncated or not a "
-            "checkpoint written by this toolkit (only tensors and plain Python types are accepted).")
+            "checkpoint written by this toolkit (only tensors and plain Python types are "
+            "accepted).")
     return ckpt
 
 
@@ -382,7 +385,8 @@ def export_start_point(checkpoint: str | Path, out: str | Path) -> Path:
     RNG or progress state (a third of the size). Returns `out`."""
     ckpt = load_checkpoint(checkpoint, "cpu", required=("model", "config"))
     start = {"model": ckpt["model"], "discriminator": ckpt.get("discriminator") or {},
-             "config": ckpt["config"], "source": {"step": ckpt.get("step"), "epoch": ckpt.get("epoch")}}
+             "config": ckpt["config"],
+             "source": {"step": ckpt.get("step"), "epoch": ckpt.get("epoch")}}
     return atomic_save(start, out)
 
 

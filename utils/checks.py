@@ -117,10 +117,12 @@ class Limit:
                 f"{')' if self.open_high else ']'}")
 
     def problem(self, value: Any) -> str | None:
-        values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        values = (value.values() if isinstance(value, dict) else value if isinstance(value, list)
+                  else [value])
         if all(self.admits(v) for v in values if is_number(v)):
             return None
-        return f"out of range; use {'values' if isinstance(value, (list, dict)) else 'a value'} {self}"
+        return (f"out of range; use {'values' if isinstance(value, (list, dict)) else 'a value'} "
+                f"{self}")
 
 
 AT_LEAST_1 = Limit(1)
@@ -179,7 +181,8 @@ class PathRule:
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
         noun = self.noun or ("folder" if self.kind == "folder" else "file")
         if self.kind in ("file", "folder"):
-            wanted, other = (path.is_file, "a folder") if self.kind == "file" else (path.is_dir, "a file")
+            wanted, other = ((path.is_file, "a folder") if self.kind == "file"
+                             else (path.is_dir, "a file"))
             if wanted():
                 return None
             if path.exists():
@@ -199,13 +202,15 @@ class PathRule:
             for part in (path, *path.parents):
                 if part.exists():
                     on_the_way = "" if part == path else f"{part} "
-                    return None if part.is_dir() else f"{on_the_way}is a file, not a folder; choose another path"
+                    return (None if part.is_dir()
+                            else f"{on_the_way}is a file, not a folder; choose another path")
             return None
         raise ValueError(f"unknown path kind {self.kind!r}")
 
 
 # The recordings' folder (datasets.data_root, prepare_dataset.py --data-root).
-DATA_ROOT = PathRule("folder", hint="point it at the EigenScape recordings, or write a synthetic set "
+DATA_ROOT = PathRule("folder",
+                     hint="point it at the EigenScape recordings, or write a synthetic set "
                                     "with `python synth_eigenscape.py --out DIR`")
 
 
