@@ -400,16 +400,17 @@ def table_rows(reports: list[CheckpointReport]) -> list[tuple[str, list[str]]]:
     for k in range(n_q):
         cb = f"cb{k + 1}"
         at = lambda r, key: per_codebook(r, key, k)  # noqa: E731
+        spread = lambda r, key: _pm(at(r, key), at(r, f"{key}_std"))  # noqa: E731
         rows += [
             (f"{cb} code agreement across channels (chance / ceiling)",
              cells(lambda r: f"{_fmt(at(r, 'codebook_agreement'))} "
                              f"({_fmt(at(r, 'chance_agreement'))} / "
                              f"{_fmt(at(r, 'ceiling_agreement'))})")),
             (f"{cb} ILD probe R² ± std (shuffled labels)",
-             cells(lambda r: f"{_pm(at(r, 'ild_probe_r2'), at(r, 'ild_probe_r2_std'))} "
-                             f"({_pm(at(r, 'ild_probe_r2_shuffled'), at(r, 'ild_probe_r2_shuffled_std'))})")),
+             cells(lambda r: f"{spread(r, 'ild_probe_r2')} "
+                             f"({spread(r, 'ild_probe_r2_shuffled')})")),
             (f"{cb} channel-index probe acc. ± std, capsule fingerprints only (chance / shuffled)",
-             cells(lambda r: f"{_pm(at(r, 'channel_probe_accuracy'), at(r, 'channel_probe_accuracy_std'))} "
+             cells(lambda r: f"{spread(r, 'channel_probe_accuracy')} "
                              f"({_fmt(r.get('channel_probe_chance'))} / "
                              f"{_fmt(at(r, 'channel_probe_accuracy_shuffled'))})")),
             (f"{cb} centred pooled-embedding cosine (chance)",

@@ -25,8 +25,7 @@ sys.path.insert(0, str(ROOT))
 from measure.metrics import log_mel_l1, si_snr  # noqa: E402
 from model import load_model  # noqa: E402
 
-OFFICIAL = {"1.5": "official_encodec_24khz_1.5kbps.wav", "3.0": "official_encodec_24khz_3.0kbps.wav",
-            "6.0": "official_encodec_24khz_6.0kbps.wav"}
+OFFICIAL = {rate: f"official_encodec_24khz_{rate}kbps.wav" for rate in ("1.5", "3.0", "6.0")}
 SEED_SYSTEM = "seed_system_libritts_1.5kbps.wav"
 RATE = 24000
 
@@ -69,7 +68,8 @@ def our_decode(checkpoint: str, clip: torch.Tensor) -> tuple[torch.Tensor, float
     """The checkpoint's decode of `clip` at 1.5 kbps (or less), and that bitrate."""
     model, _ = load_model(checkpoint, "cpu")
     if model.sample_rate != RATE:
-        raise SystemExit(f"error: {checkpoint} codes {model.sample_rate} Hz; the anchor is {RATE} Hz")
+        raise SystemExit(f"error: {checkpoint} codes {model.sample_rate} Hz; "
+                         f"the anchor is {RATE} Hz")
     kept = min(model.n_q, max(1, int(1.5 / model.bandwidth_per_codebook + 1e-9)))
     codes, scale = model.encode(clip[None, None], return_scale=True)
     decoded = model.decode(codes[:, :kept], scale, clip.shape[-1])

@@ -21,7 +21,8 @@ def seed_metrics(swap_mono: float, swap_paired: float, ild_corr: float) -> dict:
                 "codebook_agreement": [0.4, 0.1], "chance_agreement": [0.01, 0.02],
                 "ceiling_agreement": [0.9, 0.8],
                 "shared_content": {"independent": {"mel_distance": 0.3, "kbps_per_channel": 1.5},
-                                   "shared_content": {"mel_distance": 0.4, "kbps_per_channel": 0.77}},
+                                   "shared_content": {"mel_distance": 0.4,
+                                                      "kbps_per_channel": 0.77}},
                 "shared_content_all": {
                     "independent": {"ild_error_db": 0.5},
                     "independent_equal_bitrate": {"ild_error_db": 0.9},

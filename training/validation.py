@@ -243,7 +243,8 @@ def measure_batch(model: EncodecModel, wavs: Tensor, metas: list[dict[str, Any]]
     measured = MeasuredBatch(
         wavs=wavs.cpu(), audio=audio.cpu(), codes=unflatten_views(out.codes, views).cpu(),
         embeddings=[e.cpu() for e in embeddings], metas=list(metas),
-        audio_own_scale=None if own is None else unflatten_views(own.audio.float()[..., :length], views).cpu(),
+        audio_own_scale=(None if own is None
+                         else unflatten_views(own.audio.float()[..., :length], views).cpu()),
         ceiling_codes=unflatten_views(ceiling_codes, views).cpu(), cues=cues, swap_audio=swap_audio)
     return measured, out
 
@@ -352,8 +353,10 @@ def validate(parts: Parts, runtime: Runtime, cfg: DictConfig, loader: DataLoader
     batches: list[tuple[MeasuredBatch, dict[str, float]]] = []
     for wavs, metas in loader:
         wavs = wavs.to(runtime.device)
-        measured, out = measure_batch(model, wavs, metas, cfg.pairwise.content_codebook, runtime.autocast)
-        batches.append((measured, validation_losses(parts, flatten_views(wavs), out, measured, step)))
+        measured, out = measure_batch(model, wavs, metas, cfg.pairwise.content_codebook,
+                                      runtime.autocast)
+        losses = validation_losses(parts, flatten_views(wavs), out, measured, step)
+        batches.append((measured, losses))
     batches = distributed.gather_to_main(batches)
     if not runtime.is_main:
         return {}
