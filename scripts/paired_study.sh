@@ -35,6 +35,8 @@
 #   EVAL_OUT   evaluation folder (default OUT/eval, the table in OUT/study.md; given: reports in
 #              EVAL_OUT/seed<N>/, the table in EVAL_OUT/study.md), so that an evaluation of other
 #              variants in the same OUT keeps the earlier one
+#   EVAL_OVERRIDES space-separated Hydra overrides added to every evaluate.py call (e.g.
+#              "shared_content.segments=8" for a quicker shared-content comparison)
 #   TRAIN_ONLY 1: train (or reuse) the runs and stop before the evaluation
 #   JOBS       training runs at once (default 1; on 2 CPU cores 2 runs of one thread each
 #              finish sooner than one after the other). Each run's console goes to
@@ -132,7 +134,8 @@ for seed in $seed_list; do
   phase "evaluating seed $seed (${labels[*]})"
   "$py" "$here/evaluate.py" "checkpoints=[$(IFS=,; echo "${ckpts[*]}")]" \
     "labels=[$(IFS=,; echo "${labels[*]}")]" "datasets.data_root=$data" \
-    "datasets.val_pairs=${EVAL_PAIRS:-256}" "out_dir=$eval_out/seed$seed" "device=${DEVICE:-cpu}"
+    "datasets.val_pairs=${EVAL_PAIRS:-256}" "out_dir=$eval_out/seed$seed" "device=${DEVICE:-cpu}" \
+    ${EVAL_OVERRIDES:-}
   reports+=("$eval_out/seed$seed/metrics.json")
 done
 phase "table over $seeds seed(s)"

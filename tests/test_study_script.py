@@ -102,9 +102,12 @@ def test_an_unknown_variant_is_one_clear_error(tmp_path):
 
 
 def test_eval_out_keeps_an_earlier_evaluation_of_other_variants(tmp_path):
-    result, calls = run_study(tmp_path, SEEDS="1", VARIANTS="mono", EVAL_OUT=str(tmp_path / "ev2"))
+    result, calls = run_study(tmp_path, SEEDS="1", VARIANTS="mono", EVAL_OUT=str(tmp_path / "ev2"),
+                              EVAL_OVERRIDES="shared_content.segments=8 instrument.bootstrap=10")
     assert result.returncode == 0, result.stderr
     evals = [c for c in calls if c[0].endswith("evaluate.py")]
     assert option(evals[0], "out_dir") == str(tmp_path / "ev2" / "seed1")
+    assert option(evals[0], "shared_content.segments") == "8"      # EVAL_OVERRIDES, each one
+    assert option(evals[0], "instrument.bootstrap") == "10"
     assert (tmp_path / "ev2" / "study.md").exists() and not (tmp_path / "out" / "study.md").exists()
     assert not (tmp_path / "out" / "eval").exists()
