@@ -85,8 +85,8 @@ class PairwiseLoss(nn.Module):
     The training step calls it once per step (`forward`) with the generator pass; validation
     scores the embeddings alone (`embedding_terms`). Switch-on: every term is 0 before
     `start_step` (and, with `wait_for_kmeans`, before every codebook has done its k-means);
-    then 'constant' uses the weights as they are and 'linear' ramps them from 0 at
-    `start_step` to full at `start_step + ramp_steps` (the classifier keeps its own weight,
+    then 'constant' uses the weights as they are and 'linear' ramps them from 0 at the step
+    they switched on to full `ramp_steps` later (the classifier keeps its own weight,
     unscheduled). `class_weights` multiplies the per-item similarity by a factor per scene
     class (classes not listed: 1.0). The heads' parameters belong to this module: the engine
     adds them to the generator optimizer and averages their gradients across ranks.
@@ -162,6 +162,10 @@ class PairwiseLoss(nn.Module):
         self.schedule = schedule
         self.ramp_steps = int(ramp_steps)
         self.start_step = int(start_step)
+        # The step the gate opened (-1: not yet), kept in checkpoints: with `wait_for_kmeans`
+        # the gate can open well after `start_step`, and the ramp starts there, also after a
+        # resume.
+        self.register_buffer('switched_on_at', torch.tensor(-1, dtype=torch.long))
         self.wait_for_kmeans = bool(wait_for_kmeans)
         self.shared_scale = bool(shared_scale)
         self.class_weights = {str(k): float(v) for k, v in (class_weights or {}).items()}
@@ -225,15 +229,27 @@ class PairwiseLoss(nn.Module):
                    consensus_weight=float(cfg.consensus_weight))
 
     # ------------------------------------------------------------------ gate, ramp, weights
+    def gate_open(self, step: int, codebooks_initialized: bool = True) -> bool:
+        """Whether the terms may count at `step`: from `start_step` on, and with
+        `wait_for_kmeans` once every codebook has done its k-means (contrast on provisional
+        codes teaches nothing)."""
+        return step >= self.start_step and (codebooks_initialized or not self.wait_for_kmeans)
+
     def schedule_factor(self, step: int, codebooks_initialized: bool = True) -> float:
-        """Multiplier of the scheduled weights at optimizer step `step` (0 before
-        `start_step`, and with `wait_for_kmeans` while a codebook has not done its k-means:
-        contrast on provisional codes teaches nothing)."""
-        if step < self.start_step or (self.wait_for_kmeans and not codebooks_initialized):
+        """Multiplier of the scheduled weights at optimizer step `step`: 0 while the gate is
+        shut, then 1 ('constant') or a linear ramp from 0 at the step the gate opened
+        (`switched_on_at`, recorded by `forward`; `start_step` until then)."""
+        if not self.gate_open(step, codebooks_initialized):
             return 0.0
         if self.schedule == 'linear':
-            return min(1.0, (step - self.start_step) / self.ramp_steps)
+            origin = int(self.switched_on_at) if self.switched_on_at >= 0 else self.start_step
+            return min(1.0, max(0, step - origin) / self.ramp_steps)
         return 1.0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A checkpoint from before the switch-on step was recorded ramped from start_step.
+        state_dict.setdefault(prefix + 'switched_on_at', torch.tensor(self.start_step))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def is_active(self, step: int, codebooks_initialized: bool = True) -> bool:
         """Whether the scheduled terms count at `step` (the same on every rank: the step is
@@ -285,6 +301,8 @@ class PairwiseLoss(nn.Module):
             difference), 'xrec', 'cue', 'consensus', 'consensus_agreement', 'inv',
             'nce_accuracy_inv'.
         """
+        if self.switched_on_at < 0 and self.gate_open(step, model.codebooks_initialized):
+            self.switched_on_at.fill_(step)  # the same step on every rank: the gate is global
         factor = self.schedule_factor(step, model.codebooks_initialized)
         active = factor > 0
         if not active and self.classifier is None:

@@ -110,7 +110,7 @@ def restore_training_state(parts: Parts, runtime: Runtime, ckpt: dict[str, Any],
         parts.raw_model.load_state_dict(ckpt["model"])
         if parts.raw_disc is not None and ckpt.get("discriminator"):
             parts.raw_disc.load_state_dict(ckpt["discriminator"])
-        if parts.pairwise is not None and ckpt.get("pairwise"):
+        if parts.pairwise is not None and "pairwise" in ckpt:
             parts.pairwise.load_state_dict(ckpt["pairwise"])
     except RuntimeError as e:
         raise ConfigError(f"cannot resume from {path}: {e}") from e
