@@ -23,7 +23,7 @@ test: venv
 # holds it.
 demo: venv
 	OUT=runs/demo SEEDS=1 VARIANTS="mono mono_split paired" STEPS=200 EVAL_PAIRS=64 SYNTH_FILES=2 JOBS=2 \
-	SYNTH_SECONDS=20 WANDB=offline EVAL_OVERRIDES="shared_content.segments=8" bash scripts/paired_study.sh
+	SYNTH_SECONDS=20 WANDB=offline EQUAL_BITRATE=0 EVAL_OVERRIDES="shared_content.segments=8" bash scripts/paired_study.sh
 	$(PY) scripts/anchor_check.py --checkpoint pretrained/start_demo.pt
 
 bench: venv

@@ -279,8 +279,9 @@ class EncodecModel(nn.Module):
 
         If `init_from` is set, the weights at that path are loaded: a checkpoint of this
         toolkit (a training checkpoint or an exported start point such as
-        `pretrained/*.pt`; its generator must fit this config), or the official EnCodec 24 kHz
-        state dict (first `n_q` codebooks kept; the config's other keys still apply).
+        `pretrained/*.pt`; its generator must fit this config, apart from holding more
+        codebooks: the first `n_q` are kept), or the official EnCodec 24 kHz state dict (first
+        `n_q` codebooks kept; the config's other keys still apply).
         """
         kwargs = {key: _plain(value) for key, value in model_cfg.items()}
         init_from = kwargs.pop("init_from", None)
@@ -300,8 +301,10 @@ class EncodecModel(nn.Module):
             return cls.from_official_state_dict(loaded, **kwargs)
         model = cls(**kwargs)
         try:
-            model.load_state_dict(loaded["model"])
-        except RuntimeError as error:
+            # A start point may hold more codebooks than this run codes with: the first n_q
+            # (a one-codebook model fine-tuned from a two-codebook start point).
+            model.load_state_dict(convert_official_state_dict(loaded["model"], model.n_q))
+        except (RuntimeError, ValueError) as error:
             raise ValueError(f"model.init_from={str(init_from)!r}: its generator does not fit the "
                              f"model.* settings of this run ({error}); use the settings it was "
                              "trained with (its 'config' entry).") from error

@@ -37,6 +37,10 @@
 #              variants in the same OUT keeps the earlier one
 #   EVAL_OVERRIDES space-separated Hydra overrides added to every evaluate.py call (e.g.
 #              "shared_content.segments=8" for a quicker shared-content comparison)
+#   EQUAL_BITRATE 1 (default): also train, per seed, `mono_nq1` (config_mono_nq2 with
+#              model.n_q=1: a codec at one codebook's bitrate, trained so) and give it to that
+#              seed's evaluation (shared_content.equal_bitrate_checkpoint): shared-content
+#              coding against independent coding at about its bitrate; 0: skip it
 #   TRAIN_ONLY 1: train (or reuse) the runs and stop before the evaluation
 #   JOBS       training runs at once (default 1; on 2 CPU cores 2 runs of one thread each
 #              finish sooner than one after the other). Each run's console goes to
@@ -97,11 +101,15 @@ train() {  # train VARIANT SEED
   touch "$dir/.complete"
 }
 
+equal_bitrate="${EQUAL_BITRATE:-1}"
+trained="$variants"
+[ "$equal_bitrate" = 1 ] && trained="$trained mono_nq1:mono,model.n_q=1"
+
 jobs="${JOBS:-1}"
 run_all() {  # every (seed, variant) run, at most JOBS at once; stops at the first failure
   local running=0 seed variant log
   for seed in $seed_list; do
-    for variant in $variants; do
+    for variant in $trained; do
       if [ "$jobs" -le 1 ]; then train "$variant" "$seed"; continue; fi
       local log="$out/${variant%%:*}/seed$seed/console.log"
       mkdir -p "$(dirname "$log")"
@@ -131,8 +139,12 @@ for seed in $seed_list; do
     name="${variant%%:*}"
     ckpts+=("'$(latest_checkpoint "$out/$name/seed$seed")'"); labels+=("$name")
   done
+  equal=()
+  if [ "$equal_bitrate" = 1 ]; then
+    equal=("shared_content.equal_bitrate_checkpoint='$(latest_checkpoint "$out/mono_nq1/seed$seed")'")
+  fi
   phase "evaluating seed $seed (${labels[*]})"
-  "$py" "$here/evaluate.py" "checkpoints=[$(IFS=,; echo "${ckpts[*]}")]" \
+  "$py" "$here/evaluate.py" "checkpoints=[$(IFS=,; echo "${ckpts[*]}")]" "${equal[@]}" \
     "labels=[$(IFS=,; echo "${labels[*]}")]" "datasets.data_root=$data" \
     "datasets.val_pairs=${EVAL_PAIRS:-256}" "out_dir=$eval_out/seed$seed" "device=${DEVICE:-cpu}" \
     ${EVAL_OVERRIDES:-}

@@ -391,3 +391,20 @@ def test_a_split_model_fine_tunes_an_unsplit_start_with_fresh_codebooks(cfg_fact
     assert first.embed[:, 4:].abs().max() == 0 and second.embed[:, :4].abs().max() == 0
     with pytest.raises(ValueError, match="content_share"):
         make_tiny(content_share=1.0)
+
+
+def test_a_one_codebook_model_fine_tunes_a_two_codebook_start(cfg_factory, tmp_path):
+    start = ready(make_tiny())
+    path = tmp_path / "start.pt"
+    torch.save({"model": start.state_dict(), "config": {}}, path)
+    tiny = ["model.filters=4", "model.dimension=16", "model.bins=32", "model.lstm=1"]
+    one = EncodecModel.from_config(cfg_factory("config_mono_nq2", [
+        f"model.init_from={path}", "model.n_q=1", *tiny]).model)
+    assert one.n_q == 1 and one.codebooks_initialized
+    torch.testing.assert_close(one.quantizer.codebooks[0].embed, start.quantizer.codebooks[0].embed)
+    x = 0.1 * torch.randn(2, 1, 2400)
+    torch.testing.assert_close(one.eval().decode(one.encode(x)),
+                               start.eval().decode(start.encode(x)[:, :1]))
+    with pytest.raises(ValueError, match="model.init_from=.*holds only 2"):
+        EncodecModel.from_config(cfg_factory("config_mono_nq2", [
+            f"model.init_from={path}", "model.n_q=3", *tiny]).model)

@@ -51,7 +51,11 @@ def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluate
     runs = {(Path(option(c, "checkpoint.save_folder")).parent.name, option(c, "common.seed")): c
             for c in trains}
     assert set(runs) == {(v, s) for v in ("mono", "seed", "paired", "head", "msplit",
-                                          "mono_split", "rvq", "xrec0") for s in ("7", "8")}
+                                          "mono_split", "rvq", "xrec0", "mono_nq1")
+                         for s in ("7", "8")}
+    # The equal-bitrate codec: mono, one codebook, trained so (not in the table's variants).
+    assert "--config-name=config_mono_nq2" in runs["mono_nq1", "8"]
+    assert "model.n_q=1" in runs["mono_nq1", "8"]
     assert runs["mono", "7"][0].endswith("train_single_gpu.py")
     assert "--config-name=config_mono_nq2" in runs["mono", "7"]
     assert {"pairwise=seed", "model.content_share=0"} <= set(runs["seed", "7"])
@@ -83,6 +87,8 @@ def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluate
                                                      for s in (7, 8)]
     assert option(evals[1], "labels") == "[mono,seed,paired,head,msplit,mono_split,rvq,xrec0]"
     assert "/head/seed8/" in option(evals[1], "checkpoints")
+    assert "/mono_nq1/seed8/" in option(evals[1], "shared_content.equal_bitrate_checkpoint")
+    assert "mono_nq1" not in option(evals[1], "checkpoints")
     table = [c for c in calls if c[0].endswith("study_table.py")]
     assert (table[0][1:] == [str(tmp_path / "out" / "eval" / f"seed{s}" / "metrics.json")
                              for s in (7, 8)])
@@ -92,7 +98,7 @@ def test_finished_runs_are_reused_and_train_only_skips_the_evaluation(tmp_path):
     run_study(tmp_path, SEEDS="1", VARIANTS="mono", TRAIN_ONLY="1")
     result, calls = run_study(tmp_path, SEEDS="1", VARIANTS="mono", TRAIN_ONLY="1")
     assert result.returncode == 0 and "reused" in result.stdout
-    assert len(calls) == 1  # the first run's training; no evaluation either time
+    assert len(calls) == 2  # the first run's mono and mono_nq1; no evaluation either time
 
 
 def test_an_unknown_variant_is_one_clear_error(tmp_path):
@@ -111,3 +117,11 @@ def test_eval_out_keeps_an_earlier_evaluation_of_other_variants(tmp_path):
     assert option(evals[0], "instrument.bootstrap") == "10"
     assert (tmp_path / "ev2" / "study.md").exists() and not (tmp_path / "out" / "study.md").exists()
     assert not (tmp_path / "out" / "eval").exists()
+
+
+def test_equal_bitrate_0_trains_and_passes_no_one_codebook_model(tmp_path):
+    result, calls = run_study(tmp_path, SEEDS="1", VARIANTS="mono", EQUAL_BITRATE="0")
+    assert result.returncode == 0, result.stderr
+    assert not any("model.n_q=1" in c for c in calls)
+    evaluation, = [c for c in calls if c[0].endswith("evaluate.py")]
+    assert option(evaluation, "shared_content.equal_bitrate_checkpoint") is None
