@@ -24,6 +24,12 @@ wanders like a walker); a real bed is one looped excerpt played from all 32 diff
 directions at offsets >= MIN_BED_SHIFT_S apart (uncorrelated over a frame). Same sphere,
 capsules and noise; its own generator, so `--real-share 0` writes the procedural set.
 
+`--self-noise-db LO [HI]` moves the capsule self-noise by that many dB (one value: every file;
+two: each file draws its own offset uniformly, from its own generator, so the rest of the file
+is the same bytes). A codec that only ever hears the em32's noise floor learns to put one
+under everything it decodes, audible as hiss on clean material; a pretraining set with the
+floor often far lower teaches it to code the floor that is there.
+
 Everything is computed in the STFT domain in blocks of frames (sqrt-Hann, 50% overlap,
 perfect reconstruction), so memory does not grow with the file length beyond the few mono
 point-source signals. Deterministic from the seed (and --sources). numpy / scipy / soundfile only.
@@ -31,6 +37,7 @@ point-source signals. Deterministic from the seed (and --sources). numpy / scipy
 Usage:
     python synth_eigenscape.py --out data/synth_demo --files-per-class 2 --seconds 20 --seed 0
     python synth_eigenscape.py --out data/synth_real --sources ~/recordings --real-share 0.5
+    python synth_eigenscape.py --out data/synth_clean --self-noise-db -40 0
 """
 from __future__ import annotations
 
@@ -348,8 +355,9 @@ def real_bed_spectra(bed: RealBed, t0: int, t1: int, window: np.ndarray, n_bins:
 
 
 def render(scene: Scene, n: int, rng: np.random.Generator,
-           write: Callable[[np.ndarray], None]) -> None:
-    """Render a scene to `n` x 32 samples, passing finished blocks [m, 32] to `write` in order."""
+           write: Callable[[np.ndarray], None], self_noise_db: float = 0.0) -> None:
+    """Render a scene to `n` x 32 samples, passing finished blocks [m, 32] to `write` in order;
+    the capsule self-noise `self_noise_db` away from its level at the em32 crossover."""
     window = np.sqrt(0.5 - 0.5 * np.cos(2 * np.pi * np.arange(NFFT) / NFFT)).astype(np.float32)
     n_frames = n // HOP + 2  # frame t covers padded samples [t*HOP, t*HOP + NFFT); pad = HOP
     n_bins = NFFT // 2 + 1
@@ -363,7 +371,8 @@ def render(scene: Scene, n: int, rng: np.random.Generator,
     frames_of = [np.lib.stride_tricks.sliding_window_view(x, NFFT)[::HOP] for x in padded]
     real_bed_frames = [np.lib.stride_tricks.sliding_window_view(
         b.signal * 10 ** (b.level_db / 20), NFFT)[::HOP] for b in scene.real_beds]
-    noise_std = capsule_noise_std(bed_psd, frames_of + real_bed_frames, window)
+    noise_std = (capsule_noise_std(bed_psd, frames_of + real_bed_frames, window)
+                 * 10 ** (self_noise_db / 20))
     coloration = capsule_coloration()  # [F, 32]
     carry = np.zeros((HOP, N_CAPSULES), np.float32)
     written, skip = 0, HOP
@@ -411,10 +420,15 @@ def render(scene: Scene, n: int, rng: np.random.Generator,
 
 
 def generate_file(path: Path, scene_class: str, seconds: float, seed: int, number: int,
-                  sources: Sequence[SourceFile] | None = None, real_share: float = 1.0) -> dict:
-    """Write one 32-channel scene file (real material from `sources`); return its metadata row."""
+                  sources: Sequence[SourceFile] | None = None, real_share: float = 1.0,
+                  self_noise_db: tuple[float, float] = (0.0, 0.0)) -> dict:
+    """Write one 32-channel scene file (real material from `sources`, capsule self-noise
+    offset drawn from `self_noise_db` = (low, high) dB); return its metadata row."""
     class_index = SCENE_CLASSES.index(scene_class)
     rng = np.random.default_rng(np.random.SeedSequence([seed, class_index, number]))
+    low, high = self_noise_db
+    noise_db = low if low == high else float(np.random.default_rng(
+        np.random.SeedSequence([seed, class_index, number, 2])).uniform(low, high))
     material = None
     if sources:
         material_rng = np.random.default_rng(np.random.SeedSequence([seed, class_index, number, 1]))
@@ -428,7 +442,7 @@ def generate_file(path: Path, scene_class: str, seconds: float, seed: int, numbe
         def write(block: np.ndarray) -> None:
             peak[0] = max(peak[0], float(np.abs(block).max(initial=0.0)))
             out.write(np.clip(block, -1.0, 1.0))
-        render(scene, n, rng, write)
+        render(scene, n, rng, write, noise_db)
     os.replace(tmp, path)
     if peak[0] > 1.0:
         warnings.warn(f"{path.name}: peak {peak[0]:.2f} clipped to full scale", stacklevel=2)
@@ -439,19 +453,23 @@ def generate_file(path: Path, scene_class: str, seconds: float, seed: int, numbe
 
 def generate(out_dir: str | os.PathLike, files_per_class: int, seconds: float, seed: int,
              class_folders: bool = False, workers: int = 1,
-             sources: Sequence[SourceFile] | None = None, real_share: float = 1.0) -> list[Path]:
+             sources: Sequence[SourceFile] | None = None, real_share: float = 1.0,
+             self_noise_db: tuple[float, float] = (0.0, 0.0)) -> list[Path]:
     """Write `files_per_class` files of `seconds` for each of the 8 classes, plus metadata.csv.
 
     Flat downloaded naming (`Beach-01-Raw.wav`) in `out_dir`, or `out_dir/<Class Name>/...`
     with `class_folders`. `sources` (from `scan_sources`) replace a share `real_share` of
-    the point sources and beds with real recordings. Same seed (and sources), same bytes
-    (independent of `workers`). Returns the paths.
+    the point sources and beds with real recordings. `self_noise_db` = (low, high): each
+    file's capsule self-noise offset in dB, drawn uniformly (fixed when low == high). Same seed
+    (and sources, offsets), same bytes (independent of `workers`). Returns the paths.
     """
     if files_per_class < 1 or seconds <= 0:
         raise ValueError(f"files_per_class must be >= 1 and seconds > 0, got {files_per_class}, "
                          f"{seconds}")
     if not 0.0 <= real_share <= 1.0:
         raise ValueError(f"real_share must be in [0, 1], got {real_share}")
+    if self_noise_db[0] > self_noise_db[1]:
+        raise ValueError(f"self_noise_db must be (low, high) with low <= high, got {self_noise_db}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -464,9 +482,10 @@ def generate(out_dir: str | os.PathLike, files_per_class: int, seconds: float, s
         with ProcessPoolExecutor(workers) as pool:
             infos = list(pool.map(generate_file, [j[0] for j in jobs], [j[1] for j in jobs],
                                   [seconds] * len(jobs), [seed] * len(jobs), [j[2] for j in jobs],
-                                  [sources] * len(jobs), [real_share] * len(jobs)))
+                                  [sources] * len(jobs), [real_share] * len(jobs),
+                                  [self_noise_db] * len(jobs)))
     else:
-        infos = [generate_file(path, c, seconds, seed, number, sources, real_share)
+        infos = [generate_file(path, c, seconds, seed, number, sources, real_share, self_noise_db)
                  for path, c, number in jobs]
     with open(out_dir / "metadata.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -493,6 +512,9 @@ def main() -> None:
                              "for point sources and beds")
     parser.add_argument("--real-share", type=float, default=None,
                         help="share of point sources and beds drawn from --sources (default 1)")
+    parser.add_argument("--self-noise-db", type=float, nargs="+", default=[0.0],
+                        metavar="DB", help="capsule self-noise offset in dB: one value for every "
+                        "file, or LOW HIGH for a uniform draw per file (default 0)")
     args = parser.parse_args()
     check_flags(("--out", args.out, PathRule("output folder")),
                 ("--files-per-class", args.files_per_class, AT_LEAST_1),
@@ -505,6 +527,10 @@ def main() -> None:
     with one_line_errors():
         if args.sources is None and args.real_share is not None:
             raise setting_error("--real-share", args.real_share, "needs --sources DIR; add it")
+        noise = args.self_noise_db
+        if len(noise) > 2 or noise[0] > noise[-1] or not all(np.isfinite(noise)):
+            raise setting_error("--self-noise-db", " ".join(map(str, noise)),
+                                "give one finite offset in dB, or LOW HIGH with LOW <= HIGH")
         try:
             with warnings.catch_warnings(record=True) as skipped:  # shown as one line each
                 warnings.simplefilter("always")
@@ -515,7 +541,7 @@ def main() -> None:
         print(f"warning: {warning.message}", file=sys.stderr)
     share = 1.0 if args.real_share is None else args.real_share
     paths = generate(args.out, args.files_per_class, args.seconds, args.seed, args.class_folders,
-                     args.workers, sources, share)
+                     args.workers, sources, share, (noise[0], noise[-1]))
     print(f"wrote {len(paths)} files ({args.seconds:g} s, 32 ch, 48 kHz, PCM_24) to {args.out}")
     if sources:
         print(f"real material: {len(sources)} file(s) from {args.sources}, share {share:g}")

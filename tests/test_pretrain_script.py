@@ -53,6 +53,8 @@ def test_real_stage_starts_from_the_first_and_hears_the_real_material(tmp_path):
     assert "--sources" not in procedural
     assert real[real.index("--sources") + 1] == str(material)
     assert real[real.index("--real-share") + 1] == "0.25"
+    assert real[real.index("--self-noise-db") + 1:][:2] == ["-40", "0"]  # the default draw
+    assert "--self-noise-db" not in procedural
     first, second = calls_of(calls, "train_single_gpu.py")
     assert option(first, "model.init_from") is None
     assert option(second, "model.init_from").startswith(str(tmp_path / "work" / "mono" / "ckpt_"))

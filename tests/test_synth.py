@@ -226,6 +226,29 @@ def test_real_source_keeps_rigid_sphere_physics(tmp_path):
         assert level_db[by_angle[-8:]].mean() > level_db[by_angle[:8]].mean() + 3
 
 
+def noise_db(path: Path, silent: Path) -> float:
+    """Level in dB of what a file adds to the same scene rendered without capsule self-noise."""
+    x, y = sf.read(str(path))[0], sf.read(str(silent))[0]
+    return float(20 * np.log10(np.std(x - y)))
+
+
+def test_self_noise_offset_moves_the_noise_floor_and_nothing_else(tmp_path):
+    """The offset scales the self-noise alone: the same scene (same random draws) underneath."""
+    silent = se.generate(tmp_path / "silent", 2, 0.25, seed=3, self_noise_db=(-300.0, -300.0))
+    plain = se.generate(tmp_path / "plain", 2, 0.25, seed=3)
+    quiet = se.generate(tmp_path / "quiet", 2, 0.25, seed=3, self_noise_db=(-20.0, -20.0))
+    drawn = se.generate(tmp_path / "drawn", 2, 0.25, seed=3, self_noise_db=(-40.0, 0.0))
+    assert digest(drawn) == digest(se.generate(tmp_path / "again", 2, 0.25, seed=3,
+                                               self_noise_db=(-40.0, 0.0)))
+    offsets = []
+    for s, p, q, d in zip(silent, plain, quiet, drawn):
+        assert noise_db(p, s) - noise_db(q, s) == pytest.approx(20, abs=0.2), p.name
+        offsets.append(noise_db(d, s) - noise_db(p, s))
+    assert all(-40.2 < o < 0.2 for o in offsets) and np.std(offsets) > 3  # one draw per file
+    with pytest.raises(ValueError, match="low <= high"):
+        se.generate(tmp_path / "bad", 1, 0.25, seed=3, self_noise_db=(0.0, -10.0))
+
+
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "synth_eigenscape.py", *args], cwd=ROOT,
                           capture_output=True, text=True)
@@ -237,7 +260,9 @@ def test_cli_sources_errors_are_one_line(tmp_path):
             (["--sources", str(tmp_path / "missing")], "--sources=" + str(tmp_path / "missing")),
             (["--sources", str(tmp_path / "empty")], "no readable audio"),
             (["--real-share", "0.5"], "needs --sources"),
-            (["--sources", str(tmp_path / "empty"), "--real-share", "1.5"], "--real-share=1.5")):
+            (["--sources", str(tmp_path / "empty"), "--real-share", "1.5"], "--real-share=1.5"),
+            (["--self-noise-db", "0", "-10"], "--self-noise-db=0.0 -10.0"),
+            (["--self-noise-db", "-1", "0", "1"], "LOW HIGH")):
         result = run_cli(["--out", str(tmp_path / "out"), *args])
         assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
