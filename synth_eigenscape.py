@@ -24,11 +24,12 @@ wanders like a walker); a real bed is one looped excerpt played from all 32 diff
 directions at offsets >= MIN_BED_SHIFT_S apart (uncorrelated over a frame). Same sphere,
 capsules and noise; its own generator, so `--real-share 0` writes the procedural set.
 
-`--self-noise-db LO [HI]` moves the capsule self-noise by that many dB (one value: every file;
-two: each file draws its own offset uniformly, from its own generator, so the rest of the file
-is the same bytes). A codec that only ever hears the em32's noise floor learns to put one
-under everything it decodes, audible as hiss on clean material; a pretraining set with the
-floor often far lower teaches it to code the floor that is there.
+`--self-noise-db LO [HI]` moves the capsule self-noise by that many dB and `--bed-db LO [HI]`
+the diffuse beds (one value: every file; two: each file draws its own offset uniformly, from
+its own generator, so the rest of the file is the same bytes). A codec that only ever hears
+a bed and the em32's noise floor under every sound learns to put one under everything it
+decodes, audible as hiss and filled-in pauses on clean material; a pretraining set where
+both are often far lower teaches it to code the quiet that is there.
 
 Everything is computed in the STFT domain in blocks of frames (sqrt-Hann, 50% overlap,
 perfect reconstruction), so memory does not grow with the file length beyond the few mono
@@ -37,7 +38,7 @@ point-source signals. Deterministic from the seed (and --sources). numpy / scipy
 Usage:
     python synth_eigenscape.py --out data/synth_demo --files-per-class 2 --seconds 20 --seed 0
     python synth_eigenscape.py --out data/synth_real --sources ~/recordings --real-share 0.5
-    python synth_eigenscape.py --out data/synth_clean --self-noise-db -40 0
+    python synth_eigenscape.py --out data/synth_clean --self-noise-db -40 0 --bed-db -30 0
 """
 from __future__ import annotations
 
@@ -421,20 +422,27 @@ def render(scene: Scene, n: int, rng: np.random.Generator,
 
 def generate_file(path: Path, scene_class: str, seconds: float, seed: int, number: int,
                   sources: Sequence[SourceFile] | None = None, real_share: float = 1.0,
-                  self_noise_db: tuple[float, float] = (0.0, 0.0)) -> dict:
-    """Write one 32-channel scene file (real material from `sources`, capsule self-noise
-    offset drawn from `self_noise_db` = (low, high) dB); return its metadata row."""
+                  self_noise_db: tuple[float, float] = (0.0, 0.0),
+                  bed_db: tuple[float, float] = (0.0, 0.0)) -> dict:
+    """Write one 32-channel scene file (real material from `sources`, capsule self-noise and
+    bed offsets drawn from `self_noise_db` and `bed_db` = (low, high) dB); return its metadata
+    row."""
     class_index = SCENE_CLASSES.index(scene_class)
     rng = np.random.default_rng(np.random.SeedSequence([seed, class_index, number]))
-    low, high = self_noise_db
-    noise_db = low if low == high else float(np.random.default_rng(
-        np.random.SeedSequence([seed, class_index, number, 2])).uniform(low, high))
+
+    def offset(span: tuple[float, float], stream: int) -> float:
+        low, high = span
+        return low if low == high else float(np.random.default_rng(
+            np.random.SeedSequence([seed, class_index, number, stream])).uniform(low, high))
+    noise_db, bed_shift = offset(self_noise_db, 2), offset(bed_db, 3)
     material = None
     if sources:
         material_rng = np.random.default_rng(np.random.SeedSequence([seed, class_index, number, 1]))
         material = Material(sources, real_share, material_rng)
     n = int(round(seconds * SAMPLE_RATE))
     scene = build_scene(scene_class, n, rng, material)
+    for bed in [*scene.beds, *scene.real_beds]:
+        bed.level_db += bed_shift
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     peak = [0.0]
@@ -454,22 +462,25 @@ def generate_file(path: Path, scene_class: str, seconds: float, seed: int, numbe
 def generate(out_dir: str | os.PathLike, files_per_class: int, seconds: float, seed: int,
              class_folders: bool = False, workers: int = 1,
              sources: Sequence[SourceFile] | None = None, real_share: float = 1.0,
-             self_noise_db: tuple[float, float] = (0.0, 0.0)) -> list[Path]:
+             self_noise_db: tuple[float, float] = (0.0, 0.0),
+             bed_db: tuple[float, float] = (0.0, 0.0)) -> list[Path]:
     """Write `files_per_class` files of `seconds` for each of the 8 classes, plus metadata.csv.
 
     Flat downloaded naming (`Beach-01-Raw.wav`) in `out_dir`, or `out_dir/<Class Name>/...`
     with `class_folders`. `sources` (from `scan_sources`) replace a share `real_share` of
-    the point sources and beds with real recordings. `self_noise_db` = (low, high): each
-    file's capsule self-noise offset in dB, drawn uniformly (fixed when low == high). Same seed
-    (and sources, offsets), same bytes (independent of `workers`). Returns the paths.
+    the point sources and beds with real recordings. `self_noise_db`, `bed_db` = (low, high):
+    each file's capsule self-noise and diffuse-bed offsets in dB, drawn uniformly (fixed when
+    low == high). Same seed (and sources, offsets), same bytes (independent of `workers`).
+    Returns the paths.
     """
     if files_per_class < 1 or seconds <= 0:
         raise ValueError(f"files_per_class must be >= 1 and seconds > 0, got {files_per_class}, "
                          f"{seconds}")
     if not 0.0 <= real_share <= 1.0:
         raise ValueError(f"real_share must be in [0, 1], got {real_share}")
-    if self_noise_db[0] > self_noise_db[1]:
-        raise ValueError(f"self_noise_db must be (low, high) with low <= high, got {self_noise_db}")
+    for name, span in (("self_noise_db", self_noise_db), ("bed_db", bed_db)):
+        if span[0] > span[1]:
+            raise ValueError(f"{name} must be (low, high) with low <= high, got {span}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -483,10 +494,10 @@ def generate(out_dir: str | os.PathLike, files_per_class: int, seconds: float, s
             infos = list(pool.map(generate_file, [j[0] for j in jobs], [j[1] for j in jobs],
                                   [seconds] * len(jobs), [seed] * len(jobs), [j[2] for j in jobs],
                                   [sources] * len(jobs), [real_share] * len(jobs),
-                                  [self_noise_db] * len(jobs)))
+                                  [self_noise_db] * len(jobs), [bed_db] * len(jobs)))
     else:
-        infos = [generate_file(path, c, seconds, seed, number, sources, real_share, self_noise_db)
-                 for path, c, number in jobs]
+        infos = [generate_file(path, c, seconds, seed, number, sources, real_share, self_noise_db,
+                               bed_db) for path, c, number in jobs]
     with open(out_dir / "metadata.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "class", "number", "seconds", "sample_rate", "channels", "subtype",
@@ -515,6 +526,8 @@ def main() -> None:
     parser.add_argument("--self-noise-db", type=float, nargs="+", default=[0.0],
                         metavar="DB", help="capsule self-noise offset in dB: one value for every "
                         "file, or LOW HIGH for a uniform draw per file (default 0)")
+    parser.add_argument("--bed-db", type=float, nargs="+", default=[0.0], metavar="DB",
+                        help="diffuse-bed level offset in dB, as --self-noise-db (default 0)")
     args = parser.parse_args()
     check_flags(("--out", args.out, PathRule("output folder")),
                 ("--files-per-class", args.files_per_class, AT_LEAST_1),
@@ -527,10 +540,10 @@ def main() -> None:
     with one_line_errors():
         if args.sources is None and args.real_share is not None:
             raise setting_error("--real-share", args.real_share, "needs --sources DIR; add it")
-        noise = args.self_noise_db
-        if len(noise) > 2 or noise[0] > noise[-1] or not all(np.isfinite(noise)):
-            raise setting_error("--self-noise-db", " ".join(map(str, noise)),
-                                "give one finite offset in dB, or LOW HIGH with LOW <= HIGH")
+        for flag, span in (("--self-noise-db", args.self_noise_db), ("--bed-db", args.bed_db)):
+            if len(span) > 2 or span[0] > span[-1] or not all(np.isfinite(span)):
+                raise setting_error(flag, " ".join(map(str, span)),
+                                    "give one finite offset in dB, or LOW HIGH with LOW <= HIGH")
         try:
             with warnings.catch_warnings(record=True) as skipped:  # shown as one line each
                 warnings.simplefilter("always")
@@ -541,7 +554,8 @@ def main() -> None:
         print(f"warning: {warning.message}", file=sys.stderr)
     share = 1.0 if args.real_share is None else args.real_share
     paths = generate(args.out, args.files_per_class, args.seconds, args.seed, args.class_folders,
-                     args.workers, sources, share, (noise[0], noise[-1]))
+                     args.workers, sources, share, (args.self_noise_db[0], args.self_noise_db[-1]),
+                     (args.bed_db[0], args.bed_db[-1]))
     print(f"wrote {len(paths)} files ({args.seconds:g} s, 32 ch, 48 kHz, PCM_24) to {args.out}")
     if sources:
         print(f"real material: {len(sources)} file(s) from {args.sources}, share {share:g}")

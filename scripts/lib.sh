@@ -12,17 +12,21 @@ phase() { echo "== [$(( (SECONDS - _start) / 60 ))m$(( (SECONDS - _start) % 60 )
 # The synthetic em32 scene set of the experiments: 8 classes x SYNTH_FILES files x
 # SYNTH_SECONDS s (defaults 4 x 30), seed SYNTH_SEED (default 0), with its 24 kHz int16
 # arrays; with SYNTH_SOURCES=DIR, real recordings replace a share SYNTH_REAL_SHARE (default
-# 0.5) of the point sources and beds; SYNTH_SELF_NOISE_DB="LOW HIGH" (or one value) moves
-# the capsule self-noise per file. The same call gives the same set on every machine;
+# 0.5) of the point sources and beds; SYNTH_SELF_NOISE_DB and SYNTH_BED_DB ("LOW HIGH" or
+# one value) move the capsule self-noise and the beds per file. The same call gives the same set on every machine;
 # re-running reuses it.
 synth_set() {
-  local data="$1" flags=() noise=()
+  local data="$1" flags=() span=()
   if [ -n "${SYNTH_SOURCES:-}" ]; then
     flags=(--sources "$SYNTH_SOURCES" --real-share "${SYNTH_REAL_SHARE:-0.5}")
   fi
   if [ -n "${SYNTH_SELF_NOISE_DB:-}" ]; then
-    read -r -a noise <<< "$SYNTH_SELF_NOISE_DB"
-    flags+=(--self-noise-db "${noise[@]}")
+    read -r -a span <<< "$SYNTH_SELF_NOISE_DB"
+    flags+=(--self-noise-db "${span[@]}")
+  fi
+  if [ -n "${SYNTH_BED_DB:-}" ]; then
+    read -r -a span <<< "$SYNTH_BED_DB"
+    flags+=(--bed-db "${span[@]}")
   fi
   if [ ! -f "$data/.complete" ]; then
     phase "synthetic em32 scene set -> $data"

@@ -7,8 +7,9 @@
 #   2. with REAL=DIR, REAL_STEPS more from stage 1's result on a set whose point sources and
 #      beds are, for a share REAL_SHARE, real recordings from DIR (scripts/real_material.sh
 #      gathers the committed start point's material; docs/study.md says which), and whose
-#      capsule self-noise each file moves by a draw from REAL_SELF_NOISE_DB (default "-40 0"
-#      dB: a codec that only hears the em32's noise floor decodes hiss onto clean sound).
+#      capsule self-noise and beds each file moves by a draw from REAL_SELF_NOISE_DB (default
+#      "-40 0" dB) and REAL_BED_DB (default "-30 0"): a codec that only hears a bed and the
+#      em32's noise floor under every sound decodes hiss and filled pauses onto clean sound.
 #
 #   bash scripts/pretrain_start.sh [WORK_DIR [OVERRIDES...]]   (default: runs/pretrain)
 #
@@ -52,7 +53,8 @@ fi
 final="$start"
 if [ -n "${REAL:-}" ]; then
   SYNTH_SOURCES="$REAL" SYNTH_REAL_SHARE="${REAL_SHARE:-0.5}" \
-    SYNTH_SELF_NOISE_DB="${REAL_SELF_NOISE_DB:--40 0}" synth_set "$work/data_real"
+    SYNTH_SELF_NOISE_DB="${REAL_SELF_NOISE_DB:--40 0}" SYNTH_BED_DB="${REAL_BED_DB:--30 0}" \
+    synth_set "$work/data_real"
   train_stage real "$work/data_real" "${REAL_STEPS:-3000}" "model.init_from=$start" "${@:2}"
   final="$(latest_checkpoint "$work/real")"
 fi

@@ -54,7 +54,8 @@ def test_real_stage_starts_from_the_first_and_hears_the_real_material(tmp_path):
     assert real[real.index("--sources") + 1] == str(material)
     assert real[real.index("--real-share") + 1] == "0.25"
     assert real[real.index("--self-noise-db") + 1:][:2] == ["-40", "0"]  # the default draw
-    assert "--self-noise-db" not in procedural
+    assert real[real.index("--bed-db") + 1:][:2] == ["-30", "0"]
+    assert "--self-noise-db" not in procedural and "--bed-db" not in procedural
     first, second = calls_of(calls, "train_single_gpu.py")
     assert option(first, "model.init_from") is None
     assert option(second, "model.init_from").startswith(str(tmp_path / "work" / "mono" / "ckpt_"))

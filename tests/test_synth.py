@@ -227,7 +227,7 @@ def test_real_source_keeps_rigid_sphere_physics(tmp_path):
 
 
 def noise_db(path: Path, silent: Path) -> float:
-    """Level in dB of what a file adds to the same scene rendered without capsule self-noise."""
+    """Level in dB of what a file adds to the same scene rendered without a part of it."""
     x, y = sf.read(str(path))[0], sf.read(str(silent))[0]
     return float(20 * np.log10(np.std(x - y)))
 
@@ -249,6 +249,20 @@ def test_self_noise_offset_moves_the_noise_floor_and_nothing_else(tmp_path):
         se.generate(tmp_path / "bad", 1, 0.25, seed=3, self_noise_db=(0.0, -10.0))
 
 
+def test_bed_offset_moves_the_beds_and_nothing_else(tmp_path):
+    """Without self-noise: the points alone, the beds at 0 dB and at -20 dB over the same points."""
+    quiet = (-300.0, -300.0)
+    points = se.generate(tmp_path / "points", 1, 0.25, seed=3, self_noise_db=quiet,
+                         bed_db=quiet)
+    beds = se.generate(tmp_path / "beds", 1, 0.25, seed=3, self_noise_db=quiet)
+    lower = se.generate(tmp_path / "lower", 1, 0.25, seed=3, self_noise_db=quiet,
+                        bed_db=(-20.0, -20.0))
+    for o, b, q in zip(points, beds, lower):
+        assert noise_db(b, o) - noise_db(q, o) == pytest.approx(20, abs=0.3), b.name
+    with pytest.raises(ValueError, match="bed_db"):
+        se.generate(tmp_path / "bad", 1, 0.25, seed=3, bed_db=(0.0, -10.0))
+
+
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "synth_eigenscape.py", *args], cwd=ROOT,
                           capture_output=True, text=True)
@@ -262,7 +276,8 @@ def test_cli_sources_errors_are_one_line(tmp_path):
             (["--real-share", "0.5"], "needs --sources"),
             (["--sources", str(tmp_path / "empty"), "--real-share", "1.5"], "--real-share=1.5"),
             (["--self-noise-db", "0", "-10"], "--self-noise-db=0.0 -10.0"),
-            (["--self-noise-db", "-1", "0", "1"], "LOW HIGH")):
+            (["--self-noise-db", "-1", "0", "1"], "LOW HIGH"),
+            (["--bed-db", "nan"], "--bed-db=nan")):
         result = run_cli(["--out", str(tmp_path / "out"), *args])
         assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
