@@ -21,7 +21,7 @@
 # use instead of running stage 1, e.g. an earlier export of it), REAL, REAL_STEPS (default
 # 3000), REAL_SHARE (default 0.5), OUT (default pretrained/start_demo.pt), WANDB (default
 # disabled), SYNTH_FILES / SYNTH_SECONDS (see scripts/lib.sh). One thread on 2 CPU cores:
-# about 1.2 s a step (stage 1 about 2 hours; see docs/study.md).
+# 1-4 steps a second (stage 1 about 1-1.5 hours, stage 2 about 20 minutes; docs/study.md).
 # Every variant of scripts/paired_study.sh and `make demo` fine-tunes from the result for
 # the same number of steps, so none of them starts with an advantage.
 set -euo pipefail
