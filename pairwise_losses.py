@@ -76,7 +76,8 @@ class PairwiseLoss(nn.Module):
     - optional level-difference head on the channel codebook and its gradient-reversed twin
       on the content codebook (`ild_head`), against the input pair's band levels,
     - cue fidelity (`cue_weight`): the decoded pair's per-band level differences against the
-      input pair's,
+      input pair's (with `cue_shape`, each difference's mean over bands removed first: its
+      spectral shape, which the autoencoder smooths away while it keeps the broadband part),
     - code consensus (`consensus_weight`): the views of a pair choose the same content code,
     - invariance (`invariance_weight`): InfoNCE between the content codebook of a view and of
       the same view after a random channel-style change (`channel_change`),
@@ -115,6 +116,8 @@ class PairwiseLoss(nn.Module):
         nce_projection (int): Width of a learned linear projection before InfoNCE (0: none).
         xrec_weight (float): Weight of the cross-reconstruction loss.
         cue_weight (float): Weight of the cue-fidelity loss.
+        cue_shape (bool): The cue-fidelity loss compares the differences' spectral shapes
+            (each difference's mean over bands removed), not the differences themselves.
         invariance_weight (float): Weight of the invariance loss.
         consensus_weight (float): Weight of the code-consensus loss.
         invariance_band_gain_db (float): Per-band gains of the change, uniform in +- this (dB).
@@ -145,7 +148,7 @@ class PairwiseLoss(nn.Module):
                  wait_for_kmeans: bool = False, shared_scale: bool = False,
                  cue_weight: float = 0.0, invariance_weight: float = 0.0,
                  invariance_band_gain_db: float = 3.0, invariance_max_delay: float = 2.0,
-                 consensus_weight: float = 0.0):
+                 consensus_weight: float = 0.0, cue_shape: bool = False):
         super().__init__()
         # The one weight table: every weighted term is factor * weights[name] * its value.
         self.weights = {'l_sim': float(sim_weight), 'l_div': float(div_weight),
@@ -177,6 +180,7 @@ class PairwiseLoss(nn.Module):
         self.invariance_max_delay = float(invariance_max_delay)
         self.ild_reversal = float(ild_reversal)
         self.ild_floor_db = float(ild_floor_db)
+        self.cue_shape = bool(cue_shape)
 
         def need_dimension(what: str) -> int:
             if dimension is None:
@@ -226,7 +230,8 @@ class PairwiseLoss(nn.Module):
                    invariance_weight=float(cfg.invariance.weight),
                    invariance_band_gain_db=float(cfg.invariance.band_gain_db),
                    invariance_max_delay=float(cfg.invariance.max_delay),
-                   consensus_weight=float(cfg.consensus_weight))
+                   consensus_weight=float(cfg.consensus_weight),
+                   cue_shape=bool(cfg.cue_shape))
 
     # ------------------------------------------------------------------ gate, ramp, weights
     def gate_open(self, step: int, codebooks_initialized: bool = True) -> bool:
@@ -493,7 +498,8 @@ class PairwiseLoss(nn.Module):
         direction; only paired training sees both channels and can be asked to keep it.
         Scale-free like the level-difference head: `level_difference_loss` of the decoded
         differences against the input ones (1 = the decode has no difference at all, 0 =
-        exact), over all view pairs.
+        exact), over all view pairs. With `cue_shape` both differences lose their mean over
+        bands first, so a decode that only gets the broadband level right scores 1.
 
         Args:
             decoded_levels, input_levels (torch.Tensor): Band levels `[B, V, n_bands]` dB of the
@@ -503,9 +509,12 @@ class PairwiseLoss(nn.Module):
             Terms: 'l_cue' (unweighted) and its log 'cue'.
         """
         views, bands = decoded_levels.shape[1:]
-        cue = level_difference_loss(level_difference_pairs(decoded_levels, views, bands),
-                                    level_difference_pairs(input_levels, views, bands),
-                                    self.ild_floor_db)
+        decoded = level_difference_pairs(decoded_levels, views, bands)
+        target = level_difference_pairs(input_levels, views, bands)
+        if self.cue_shape:
+            decoded = decoded - decoded.mean(dim=-1, keepdim=True)
+            target = target - target.mean(dim=-1, keepdim=True)
+        cue = level_difference_loss(decoded, target, self.ild_floor_db)
         return {'l_cue': cue}, {'cue': cue.detach()}
 
     def consensus_of_codes(self, model: EncodecModel, out: EncodecOutput, views: int) -> Terms:

@@ -43,7 +43,7 @@
 #              coding against independent coding at about its bitrate; 0: skip it
 #   TRAIN_ONLY 1: train (or reuse) the runs and stop before the evaluation
 #   JOBS       training runs at once (default 1; on 2 CPU cores 2 runs of one thread each
-#              finish sooner than one after the other). Each run's console goes to
+#              finish sooner than one after the other). Each run's console is appended to
 #              OUT/<variant>/seed<N>/console.log.
 # Duration on 2 CPU cores: see docs/study.md.
 set -euo pipefail
@@ -114,7 +114,7 @@ run_all() {  # every (seed, variant) run, at most JOBS at once; stops at the fir
       local log="$out/${variant%%:*}/seed$seed/console.log"
       mkdir -p "$(dirname "$log")"
       phase "started ${variant%%:*}, seed $seed (console: $log)"
-      train "$variant" "$seed" > "$log" 2>&1 &
+      train "$variant" "$seed" >> "$log" 2>&1 &
       running=$(( running + 1 ))
       if [ "$running" -ge "$jobs" ]; then
         wait -n || { echo "a training run failed: see $out/*/seed*/console.log" >&2; exit 1; }

@@ -164,6 +164,9 @@ def reference_pairwise(cfg: Any, parts: Parts, runtime: Runtime, out, x: torch.T
         first, second = (list(side) for side in zip(*pairs))
         difference = decoded[:, first] - decoded[:, second]
         target = (inputs[:, first] - inputs[:, second]).to(difference)
+        if cfg.cue_shape:
+            difference = difference - difference.mean(dim=-1, keepdim=True)
+            target = target - target.mean(dim=-1, keepdim=True)
         normaliser = target.pow(2).mean().clamp_min(cfg.ild_head.floor_db ** 2)
         cue = (difference - target).pow(2).mean() / normaliser
         terms.append(factor * cfg.cue_weight * cue)

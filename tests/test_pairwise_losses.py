@@ -753,3 +753,21 @@ def test_cue_loss_is_zero_for_kept_differences_and_one_for_none():
     assert loss.cue_fidelity(halved, inputs)[1]['cue'].item() == pytest.approx(0.25, rel=1e-5)
     late = PairwiseLoss(cue_weight=1.0, start_step=5)
     assert scheduled(late, late.cue_fidelity(none, inputs), step=4)['l_cue'] == 0
+
+
+def test_cue_shape_scores_the_spectral_shape_of_the_differences_and_not_their_broadband_part():
+    torch.manual_seed(0)
+    inputs = torch.randn(6, 2, 8) * 3.0
+    shape = PairwiseLoss(cue_weight=1.0, cue_shape=True)
+    full = PairwiseLoss(cue_weight=1.0)
+    # The decode keeps each band's difference up to a broadband offset per item: the shape is
+    # exact, the full difference is not.
+    shifted = inputs.clone()
+    shifted[:, 1] += torch.randn(6, 1) * 4.0
+    assert shape.cue_fidelity(shifted, inputs)[1]['cue'].item() == pytest.approx(0.0, abs=1e-6)
+    assert full.cue_fidelity(shifted, inputs)[1]['cue'].item() > 0.5
+    # The decode keeps only each difference's broadband part: no shape at all.
+    broadband = inputs.clone()
+    broadband[:, 1] = inputs[:, 0] - (inputs[:, 0] - inputs[:, 1]).mean(-1, keepdim=True)
+    assert shape.cue_fidelity(broadband, inputs)[1]['cue'].item() == pytest.approx(1.0, rel=1e-5)
+    assert full.cue_fidelity(broadband, inputs)[1]['cue'].item() < 1.0

@@ -130,6 +130,8 @@ REFERENCE_CASES = [
     pytest.param(2, ["balancer.enabled=true"], id="paired-balancer"),
     pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
                      "pairwise.cue_weight=0.5"], id="paired-contrastive"),
+    pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
+                     "pairwise.cue_weight=0.5", "pairwise.cue_shape=true"], id="paired-cue-shape"),
 ]
 # (adversarial, update_disc) of four steps in a row: before the discriminator starts, then
 # steps with and without its update.
