@@ -43,8 +43,9 @@ class EncodecOutput:
             vectors before this step's EMA update, i.e. the ones that were decoded).
         commit_per_item: `[B]` commitment loss of each item (its mean is `commit_loss`), so
             that a batch of several channel views can report one value per channel.
-        latent: `[B, D, F]` the encoder output before quantization (with its graph): where
-            the training step compares the gradients of its loss terms.
+        latent: `[B, D, F]` what the quantizer coded (with its graph): the encoder output,
+            its content part shared across views with `content_views`; where the training
+            step compares the gradients of its loss terms.
     """
     audio: torch.Tensor
     commit_loss: torch.Tensor
@@ -165,7 +166,7 @@ class EncodecModel(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, return_embeddings: bool = False,
-                scale: torch.Tensor | None = None) -> EncodecOutput:
+                scale: torch.Tensor | None = None, content_views: int = 1) -> EncodecOutput:
         """Encode, quantize (updating the codebooks once in training mode) and decode.
 
         Args:
@@ -174,10 +175,16 @@ class EncodecModel(nn.Module):
             scale: `[B, 1, 1]` normalisation scale to use instead of each item's RMS, e.g.
                 `shared_scale(x, views)` for the channels of a pair; the output is restored
                 with it. Only with audio normalisation.
+            content_views: V > 1: the rows are V views of each segment (`flatten_views`)
+                and codebook 1 codes their mean content latent once per segment, each view
+                decoding it with its own codebook 2 (`ResidualVectorQuantizer.share_content`;
+                split quantizer only).
         """
         self._check_audio(x)
         x_normalized, scale = self.normalize(x, scale)
         latent = self.encoder(x_normalized)
+        if content_views > 1:
+            latent = self.quantizer.share_content(latent, content_views)
         q = self.quantizer(latent, return_embeddings=return_embeddings)
         audio = self._restore(self.decoder(q.quantized), scale, x.shape[-1])
         return EncodecOutput(audio=audio, commit_loss=q.commit_loss, codes=q.codes,

@@ -118,6 +118,9 @@ class PairwiseLoss(nn.Module):
         cue_weight (float): Weight of the cue-fidelity loss.
         cue_shape (bool): The cue-fidelity loss compares the differences' spectral shapes
             (each difference's mean over bands removed), not the differences themselves.
+        shared_content_code (bool): The step codes the views' mean content latent once per
+            segment with the content codebook (`EncodecModel.forward`'s `content_views`), each
+            view decoding it with its own channel codebook; read by the training step.
         invariance_weight (float): Weight of the invariance loss.
         consensus_weight (float): Weight of the code-consensus loss.
         invariance_band_gain_db (float): Per-band gains of the change, uniform in +- this (dB).
@@ -148,7 +151,8 @@ class PairwiseLoss(nn.Module):
                  wait_for_kmeans: bool = False, shared_scale: bool = False,
                  cue_weight: float = 0.0, invariance_weight: float = 0.0,
                  invariance_band_gain_db: float = 3.0, invariance_max_delay: float = 2.0,
-                 consensus_weight: float = 0.0, cue_shape: bool = False):
+                 consensus_weight: float = 0.0, cue_shape: bool = False,
+                 shared_content_code: bool = False):
         super().__init__()
         # The one weight table: every weighted term is factor * weights[name] * its value.
         self.weights = {'l_sim': float(sim_weight), 'l_div': float(div_weight),
@@ -181,6 +185,7 @@ class PairwiseLoss(nn.Module):
         self.ild_reversal = float(ild_reversal)
         self.ild_floor_db = float(ild_floor_db)
         self.cue_shape = bool(cue_shape)
+        self.shared_content_code = bool(shared_content_code)
 
         def need_dimension(what: str) -> int:
             if dimension is None:
@@ -231,7 +236,8 @@ class PairwiseLoss(nn.Module):
                    invariance_band_gain_db=float(cfg.invariance.band_gain_db),
                    invariance_max_delay=float(cfg.invariance.max_delay),
                    consensus_weight=float(cfg.consensus_weight),
-                   cue_shape=bool(cfg.cue_shape))
+                   cue_shape=bool(cfg.cue_shape),
+                   shared_content_code=bool(cfg.shared_content_code))
 
     # ------------------------------------------------------------------ gate, ramp, weights
     def gate_open(self, step: int, codebooks_initialized: bool = True) -> bool:

@@ -501,6 +501,28 @@ class ResidualVectorQuantizer(nn.Module):
                                embeddings=embeddings if return_embeddings else None,
                                commit_per_item=commit_per_item)
 
+    def share_content(self, x: torch.Tensor, views: int) -> torch.Tensor:
+        """`x` `[B*V, D, F]` (V views of each item, view-minor rows) with the content part of
+        each item's views replaced by its mean over the views.
+
+        Quantizing the result codes codebook 1 once per item, from a content latent that is no
+        one view's, while each view keeps its own channel part for codebook 2: the
+        shared-content use (one codebook-1 stream for several channels) built into training.
+        Only a split quantizer has a content part that codebook 2 never sees.
+        """
+        if not self.content_dims:
+            raise ValueError("a shared content code needs the split quantizer: set "
+                             "model.content_share > 0 (codebook 1 of EnCodec's residual "
+                             "quantizer codes every dimension)")
+        if views < 2 or x.shape[0] % views:
+            raise ValueError(f"share_content needs >= 2 views dividing the batch, got "
+                             f"{views} views of {x.shape[0]} rows")
+        grouped = x.unflatten(0, (-1, views))
+        content = grouped[:, :, :self.content_dims].mean(dim=1, keepdim=True)
+        shared = torch.cat([content.expand(-1, views, -1, -1),
+                            grouped[:, :, self.content_dims:]], dim=2)
+        return shared.flatten(0, 1)
+
     def embeddings(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per-codebook embeddings `[B, D, F]` of `x` `[B, D, F]`, as `forward` returns them
         (each the chosen vectors with the straight-through gradient of its residual), but

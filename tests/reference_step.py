@@ -187,8 +187,11 @@ def reference_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: li
     paired = pairwise_cfg is not None
     scale = reference_scale(parts.raw_model, x, views, paired and pairwise_cfg.shared_scale,
                             gain_jitter_db)
+    # The mean content latent is the model's own (`share_content` has its own test).
+    content_views = views if paired and pairwise_cfg.shared_content_code else 1
     with runtime.autocast():
-        out = parts.raw_model(x, return_embeddings=paired, scale=scale)
+        out = parts.raw_model(x, return_embeddings=paired, scale=scale,
+                              content_views=content_views)
     y = out.audio
 
     # The generator's losses: each per item, reduced to per-channel means, summed over channels.

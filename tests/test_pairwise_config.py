@@ -64,7 +64,8 @@ def test_from_config_reads_every_key(cfg_factory):
               "ild_head.enabled": True, "ild_head.n_bands": 5, "ild_head.hidden": 11,
               "ild_head.weight": 0.6, "ild_head.adv_weight": 0.9, "ild_head.reversal": 0.5,
               "ild_head.floor_db": 2.0, "wait_for_kmeans": True, "shared_scale": True,
-              "cue_weight": 0.8, "cue_shape": True, "consensus_weight": 1.5,
+              "cue_weight": 0.8, "cue_shape": True, "shared_content_code": True,
+              "consensus_weight": 1.5,
               "invariance.weight": 0.7,
               "invariance.band_gain_db": 4.0, "invariance.max_delay": 1.5}
     heads = ("channel_classifier", "ild_head", "invariance")
@@ -94,6 +95,7 @@ def test_from_config_reads_every_key(cfg_factory):
             "ild_head.reversal": loss.ild_reversal, "ild_head.floor_db": loss.ild_floor_db,
             "wait_for_kmeans": loss.wait_for_kmeans, "shared_scale": loss.shared_scale,
             "cue_weight": loss.weights['l_cue'], "cue_shape": loss.cue_shape,
+            "shared_content_code": loss.shared_content_code,
             "consensus_weight": loss.weights['l_consensus'],
             "invariance.weight": loss.weights['l_inv'],
             "invariance.band_gain_db": loss.invariance_band_gain_db,

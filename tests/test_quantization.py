@@ -251,6 +251,31 @@ def test_a_split_quantizer_codes_the_content_dims_in_codebook_1_and_the_rest_in_
         ResidualVectorQuantizer(dimension=DIM, n_q=1, bins=BINS, content_dims=2)
 
 
+def test_a_shared_content_code_is_the_views_mean_content_with_each_views_own_channel_part():
+    torch.manual_seed(0)
+    rvq = split_rvq(content_dims=2)
+    views = 2
+    x = torch.randn(3 * views, DIM, 5, requires_grad=True)  # rows b * V + v
+    shared = rvq.share_content(x, views)
+    grouped, original = shared.view(3, views, DIM, 5), x.detach().view(3, views, DIM, 5)
+    for v in range(views):
+        torch.testing.assert_close(grouped[:, v, :2], original[:, :, :2].mean(dim=1))
+        torch.testing.assert_close(grouped[:, v, 2:], original[:, v, 2:])
+    # Codebook 1 then codes each item once: its views cannot disagree.
+    codes = rvq(shared).codes.view(3, views, 2, 5)
+    assert torch.equal(codes[:, 0, 0], codes[:, 1, 0])
+    # The content gradient reaches every view's encoder output, 1 / V each; the channel
+    # part's only its own.
+    (grad,) = torch.autograd.grad(shared[0, 0].sum() + shared[0, 2].sum(), x)
+    assert grad[0, 0].eq(0.5).all() and grad[1, 0].eq(0.5).all() and grad[2:].eq(0).all()
+    (grad,) = torch.autograd.grad(shared[1, 3].sum(), x)
+    assert grad[1, 3].eq(1).all() and grad.sum() == grad[1, 3].numel()
+    with pytest.raises(ValueError, match="split quantizer"):
+        split_rvq(content_dims=0).share_content(x, views)
+    with pytest.raises(ValueError, match="views"):
+        rvq.share_content(x[:5], views)
+
+
 def test_a_split_quantizer_reinitialises_codes_loaded_from_an_unsplit_one():
     torch.manual_seed(0)
     unsplit = inited_rvq(n_q=2)

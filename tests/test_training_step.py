@@ -18,6 +18,7 @@ from conftest import make_config
 from pairwise_losses import PairwiseLoss
 from reference_step import reference_step
 from training.configuration import prepare_config
+from utils.checks import ConfigError
 from modules.losses import discriminator_loss, feature_matching_loss, generator_adv_loss
 from modules import spatial_cues
 from modules.pairwise_heads import level_difference_loss
@@ -132,6 +133,9 @@ REFERENCE_CASES = [
                      "pairwise.cue_weight=0.5"], id="paired-contrastive"),
     pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
                      "pairwise.cue_weight=0.5", "pairwise.cue_shape=true"], id="paired-cue-shape"),
+    pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
+                     "pairwise.shared_content_code=true", "model.content_share=0.5"],
+                 id="paired-shared-content-code"),
 ]
 # (adversarial, update_disc) of four steps in a row: before the discriminator starts, then
 # steps with and without its update.
@@ -327,6 +331,21 @@ def test_cue_fidelity_scores_the_decoded_pairs_level_differences():
     assert result.scalars["cue"] == pytest.approx(want.item(), rel=1e-4)
     assert result.scalars["l_cue"] == pytest.approx(0.5 * want.item(), rel=1e-4)
     assert result.scalars["grad_ratio_cue"] > 0
+
+
+def test_a_shared_content_code_gives_every_view_of_an_item_one_codebook_1_stream():
+    cfg, parts, model, x, result = measured_step(["pairwise.shared_content_code=true"])
+    assert result.ok
+    scale = model.shared_scale(x, VIEWS)
+    shared = model.train()(x, return_embeddings=True, scale=scale, content_views=VIEWS)
+    own = copy.deepcopy(model)(x, scale=scale)
+    codes = shared.codes.view(BATCH, VIEWS, *shared.codes.shape[1:])
+    assert torch.equal(codes[:, 0, 0], codes[:, 1, 0])
+    assert not torch.equal(own.codes[::VIEWS, 0], own.codes[1::VIEWS, 0])  # alone they differ
+    with pytest.raises(ConfigError, match="model.content_share"):
+        prepare_config(make_config("config_paired_nq2", [
+            "datasets.data_root=unused", "pairwise.shared_content_code=true",
+            "model.content_share=0"]))
 
 
 def test_invariance_encodes_a_changed_first_view_at_its_scale_without_touching_the_codebooks(

@@ -234,6 +234,10 @@ def check_settings(cfg: DictConfig) -> None:
             raise ConfigError(f"pairwise.channel_codebook={cfg.pairwise.channel_codebook} is also "
                               "the content codebook; use another one "
                               "(pairwise.channel_codebook=1).")
+        if cfg.pairwise.shared_content_code and not cfg.model.content_share:
+            raise ConfigError("pairwise.shared_content_code=true codes the views' mean content "
+                              "part with codebook 1, which needs the split quantizer; set "
+                              "model.content_share>0 (e.g. 0.5).")
         if cfg.pairwise.schedule == "linear" and cfg.pairwise.ramp_steps < 1:
             raise ConfigError(f"pairwise.ramp_steps={cfg.pairwise.ramp_steps}: "
                               "pairwise.schedule=linear ramps over them; "

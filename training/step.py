@@ -369,8 +369,9 @@ def train_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[d
     paired = parts.pairwise is not None
     scale = normalisation_scale(parts.raw_model, x, views, paired and parts.pairwise.shared_scale,
                                 gain_jitter_db)
+    content_views = views if paired and parts.pairwise.shared_content_code else 1
     with runtime.autocast():
-        out = parts.model(x, return_embeddings=paired, scale=scale)
+        out = parts.model(x, return_embeddings=paired, scale=scale, content_views=content_views)
     adversarial_terms = (discriminate(parts, runtime, x, out.audio, batch_size, views,
                                       update_disc) if adversarial else Adversarial())
     losses = generator_losses(parts, runtime, out, x, scale, adversarial_terms, metas, step,
