@@ -132,6 +132,13 @@ def shared_content_loader(data_cfg: DictConfig, cfg: DictConfig, sample_rate: in
     return validation_loader(multi, device)
 
 
+def shared_content_codings(cfg: DictConfig) -> tuple[str, ...]:
+    """The codings compared: independent and shared from the reference channel, and with
+    `shared_content.mean_stream` also the channels' mean content stream (`mean_content`)."""
+    mean = ("shared_content_mean",) if cfg.shared_content.get("mean_stream") else ()
+    return ("independent", "shared_content", *mean)
+
+
 def shared_content_channel_sets(cfg: DictConfig, dataset: Any) -> dict[str, list[int]]:
     """Result key -> channels coded together: `shared_content.channels` (`shared_content`)
     and, with `shared_content.all_channels`, every channel the files have
@@ -262,7 +269,7 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
                 results[key] = shared_content_comparison(
                     model, shared_content_loader(data_cfg, cfg, model.sample_rate, device,
                                                  channels),
-                    reference=0, codings=("independent", "shared_content"),
+                    reference=0, codings=shared_content_codings(cfg),
                     equal_bitrate_model=equal_model)
         reports.append(CheckpointReport(label, path, mode, results, examples))
         del model
@@ -455,7 +462,20 @@ def shared_content_rows(cells, key: str = "shared_content") -> list[tuple[str, l
             (f"shared-content SI-SNR dB {what}", cells(all_three("si_snr"))),
             (f"shared-content ILD error dB ↓ vs the reference {what} [predicting none]",
              cells(ild)),
-            (f"shared-content ITD error µs ↓ {what}", cells(all_three("itd_error_us")))]
+            (f"shared-content ITD error µs ↓ {what}", cells(all_three("itd_error_us"))),
+            *mean_stream_rows(cells, key)]
+
+
+def mean_stream_rows(cells, key: str) -> list[tuple[str, list[str]]]:
+    """Rows of shared-content coding with the channels' mean content stream, when measured
+    (`shared_content.mean_stream`)."""
+    def mean(name: str) -> Callable[[dict], str]:
+        return lambda r: _fmt(((r.get(key) or {}).get("shared_content_mean") or {}).get(name))
+
+    if not any((r.get(key) or {}).get("shared_content_mean") for r in cells(lambda r: r)):
+        return []
+    return [(f"mean-stream shared-content ({key}) mel distance ↓", cells(mean("mel_distance"))),
+            (f"mean-stream shared-content ({key}) ILD error dB ↓", cells(mean("ild_error_db")))]
 
 
 def markdown_table(reports: list[CheckpointReport]) -> str:

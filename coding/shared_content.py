@@ -185,6 +185,14 @@ def encode_with_content(quantizer: ResidualVectorQuantizer, latent: Tensor,
     return torch.stack(codes, dim=1)
 
 
+@torch.no_grad()
+def mean_content(quantizer: ResidualVectorQuantizer, latent: Tensor) -> Tensor:
+    """`[F]` codebook-1 codes of the channels' mean latent (latents `[N, D, F]`): a content
+    stream that is no one channel's, the stream a model trained with
+    `pairwise.shared_content_code` decodes (its codebook 1 coded the views' mean content)."""
+    return quantizer.encode(latent.mean(dim=0, keepdim=True))[0, 0]
+
+
 def with_reference_content(codes: Tensor, reference: int) -> Tensor:
     """Per-channel codes `[N, K, F]` with codebook 1 replaced by the reference channel's (the
     other codebooks untouched: `residual="own"`)."""

@@ -21,12 +21,13 @@ import torchaudio
 from torch import Tensor
 
 from coding.shared_content import (check_reference, coding_bitrate, common_scale, decode_channels,
-                                   encode_latents, encode_with_content, with_reference_content)
+                                   encode_latents, encode_with_content, mean_content,
+                                   with_reference_content)
 from measure.metrics import mel_distance, si_snr
 from model import EncodecModel
 from modules.spatial_cues import band_levels, delay_error, gcc_phat_delay, ild_fidelity
 
-CODINGS = ("independent", "shared_content", "shared_content_own_residual")
+CODINGS = ("independent", "shared_content", "shared_content_own_residual", "shared_content_mean")
 # Independent coding by another model at about shared-content coding's bitrate (a mono model
 # trained with one codebook: not codebook 1 of this one, whose decoder never lacked the rest).
 EQUAL_BITRATE = "independent_equal_bitrate"
@@ -121,6 +122,8 @@ def _coding_codes(model: EncodecModel, latent: Tensor, reference: int,
         "shared_content": lambda: encode_with_content(model.quantizer, latent,
                                                       independent[reference, 0]),
         "shared_content_own_residual": lambda: with_reference_content(independent, reference),
+        "shared_content_mean": lambda: encode_with_content(model.quantizer, latent,
+                                                           mean_content(model.quantizer, latent)),
     }
     return {"independent": independent,
             **{coding: make[coding]() for coding in codings if coding != "independent"}}
@@ -220,8 +223,9 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
         codebook-1 code equals the reference's: 1 means sharing changes nothing), and one
         entry per coding of `codings`: 'independent', 'shared_content' (what
         `codec.py encode --shared-content` writes: codebooks 2.. code what the reference's
-        codebook 1 leaves of each channel) and 'shared_content_own_residual' (codebooks 2..
-        of each channel's own residual, as the swap test decodes), each with the
+        codebook 1 leaves of each channel), 'shared_content_own_residual' (codebooks 2..
+        of each channel's own residual, as the swap test decodes) and 'shared_content_mean'
+        (codebook 1 of the channels' mean latent, `mean_content`, for all), each with the
         `coding_bitrate` keys (one scale per segment for both) and
         `mel_distance`, `si_snr` (means over segments and channels; `*_per_channel` lists),
         `ild_error_db` (mean |decoded - true| per-band level difference of each pair, dB)

@@ -60,6 +60,11 @@ ROWS = [
      "all_shared_mel_distance", ["all_independent_mel_distance", "all_equal_mel_distance"]),
     ("all capsules, shared-content: ILD error dB (independent; equal bitrate)",
      "all_shared_ild_error_db", ["all_independent_ild_error_db", "all_equal_ild_error_db"]),
+    ("all capsules, mean-stream shared-content: mel distance (independent; equal bitrate)",
+     "all_mean_shared_mel_distance", ["all_independent_mel_distance", "all_equal_mel_distance"]),
+    ("all capsules, mean-stream shared-content: ILD error dB (independent; equal bitrate)",
+     "all_mean_shared_ild_error_db",
+     ["all_independent_ild_error_db", "all_equal_ild_error_db"]),
     ("all capsules, shared-content: kbps per channel (independent; equal bitrate)",
      "all_shared_kbps_per_channel",
      ["all_independent_kbps_per_channel", "all_equal_kbps_per_channel"]),
@@ -79,7 +84,8 @@ def shared_content_scalars(entry: dict) -> dict[str, float]:
     for result, head in (("shared_content", ""), ("shared_content_all", "all_")):
         comparison = entry.get(result) or {}
         for coding, prefix in (("shared_content", "shared"), ("independent", "independent"),
-                               ("independent_equal_bitrate", "equal")):
+                               ("independent_equal_bitrate", "equal"),
+                               ("shared_content_mean", "mean_shared")):
             for key in ("mel_distance", "ild_error_db", "kbps_per_channel"):
                 value = (comparison.get(coding) or {}).get(key)
                 if value is not None:

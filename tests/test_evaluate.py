@@ -204,7 +204,7 @@ def test_command_line_compares_mono_and_paired_checkpoints(cfg_factory, synth_ro
         [sys.executable, str(ROOT / "evaluate.py"), "checkpoints=[mono.pt,paired.pt]",
          f"datasets.data_root={synth_root}", "datasets.val_pairs=6", "datasets.batch_size=4",
          "instrument.probe_shuffles=1", "shared_content.segments=3", "out_dir=report",
-         "device=cpu"],
+         "shared_content.mean_stream=true", "device=cpu"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "report" / "metrics.json").read_text(), parse_constant=_no_nan)
@@ -232,8 +232,12 @@ def test_command_line_compares_mono_and_paired_checkpoints(cfg_factory, synth_ro
         every = entry["shared_content_all"]  # all 32 capsules of the files together
         assert every["channels"] == 32 and every["shared_content"]["n_pairs"] == 3 * 31
         assert every["shared_content"]["streams"] == 1 + 32 * 1
+        mean = every["shared_content_mean"]  # codebook 1 of the capsules' mean latent
+        assert mean["kbps_per_channel"] == every["shared_content"]["kbps_per_channel"]
+        assert mean["n_pairs"] == 3 * 31
     assert "| metric (reference) | mono (mono) | paired (paired) |" in proc.stdout
     assert "shared-content kbps per channel" in proc.stdout
+    assert "mean-stream shared-content (shared_content_all) ILD error dB" in proc.stdout
     for name in ("report.md", "code_agreement.png", "swap_gain.png", "ild_scatter.png",
                  "spectrograms.png"):
         assert (tmp_path / "report" / name).is_file()

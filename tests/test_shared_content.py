@@ -136,8 +136,9 @@ def test_sharing_a_disagreeing_codebook_1_changes_the_decode(tiny):
     result = comparison.shared_content_comparison(tiny, x[None], reference=0)
     assert result["codebook1_agreement"] < 1.0
     assert result["shared_content"]["mel_distance"] != result["independent"]["mel_distance"]
-    # The reference channel keeps its own codes in every coding.
-    for coding in comparison.CODINGS:
+    # The reference channel keeps its own codes in every coding around it (the mean stream is
+    # no channel's).
+    for coding in (c for c in comparison.CODINGS if c != "shared_content_mean"):
         assert (result[coding]["mel_distance_per_channel"][0]
                 == result["independent"]["mel_distance_per_channel"][0])
     # Both codings decode at the one common scale of the segment.
@@ -289,10 +290,28 @@ def test_cue_errors_are_measured_against_the_reference_channel(tiny):
 def test_identical_channels_code_alike_shared_or_independent(tiny):
     # Every channel's codebook 1 is the reference's own: sharing it changes nothing.
     x = channels_at_levels(gains_db=(0.0, 0.0, 0.0, 0.0))[:1].expand(4, 1, -1)[None]
-    result = comparison.shared_content_comparison(tiny, x, codings=("shared_content",))
+    result = comparison.shared_content_comparison(
+        tiny, x, codings=("shared_content", "shared_content_mean"))
     assert result["codebook1_agreement"] == 1.0
     for key in ("mel_distance", "si_snr", "ild_error_db"):
         assert result["shared_content"][key] == result["independent"][key], key
+        assert result["shared_content_mean"][key] == result["independent"][key], key
+
+
+def test_the_mean_stream_is_the_code_of_the_channels_mean_latent_and_no_one_channels(tiny):
+    x = channels_at_levels()
+    latent = sc.encode_latents(tiny, x, sc.common_scale(tiny, x))
+    own = tiny.quantizer.encode(latent)
+    stream = sc.mean_content(tiny.quantizer, latent)
+    centre = latent.mean(dim=0, keepdim=True)
+    nearest = torch.cdist(centre[0].T, tiny.quantizer.codebooks[0].embed).argmin(dim=1)
+    assert torch.equal(stream, nearest)
+    assert all(not torch.equal(stream, own[c, 0]) for c in range(4))
+    result = comparison.shared_content_comparison(tiny, x[None],
+                                                  codings=("shared_content_mean",))
+    mean, independent = result["shared_content_mean"], result["independent"]
+    assert mean["streams"] == 1 + 4 * (tiny.n_q - 1) < independent["streams"]
+    assert mean["mel_distance"] != independent["mel_distance"]
 
 
 def test_equal_bitrate_coding_is_the_one_codebook_models_own_and_uses_the_bits_it_claims(
