@@ -22,8 +22,9 @@ test: venv
 # the official EnCodec model on a real speech clip, when ENCODEC_ANCHOR (or the shared fixtures)
 # holds it.
 demo: venv
-	OUT=runs/demo SEEDS=1 VARIANTS="mono mono_split paired" STEPS=200 EVAL_PAIRS=64 SYNTH_FILES=2 JOBS=2 \
-	SYNTH_SECONDS=20 WANDB=offline EQUAL_BITRATE=0 EVAL_OVERRIDES="shared_content.segments=8" bash scripts/paired_study.sh
+	OUT=runs/demo SEEDS=1 VARIANTS="mono mono_split paired" STEPS=200 EVAL_PAIRS=64 \
+	SYNTH_FILES=2 JOBS=2 SYNTH_SECONDS=20 WANDB=offline EQUAL_BITRATE=0 \
+	EVAL_OVERRIDES="shared_content.segments=8" bash scripts/paired_study.sh
 	$(PY) scripts/anchor_check.py --checkpoint pretrained/start_demo.pt
 
 bench: venv

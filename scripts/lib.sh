@@ -13,8 +13,8 @@ phase() { echo "== [$(( (SECONDS - _start) / 60 ))m$(( (SECONDS - _start) % 60 )
 # SYNTH_SECONDS s (defaults 4 x 30), seed SYNTH_SEED (default 0), with its 24 kHz int16
 # arrays; with SYNTH_SOURCES=DIR, real recordings replace a share SYNTH_REAL_SHARE (default
 # 0.5) of the point sources and beds; SYNTH_SELF_NOISE_DB and SYNTH_BED_DB ("LOW HIGH" or
-# one value) move the capsule self-noise and the beds per file. The same call gives the same set on every machine;
-# re-running reuses it.
+# one value) move the capsule self-noise and the beds per file. The same call gives the same
+# set on every machine; re-running reuses it.
 synth_set() {
   local data="$1" flags=() span=()
   if [ -n "${SYNTH_SOURCES:-}" ]; then

