@@ -23,10 +23,11 @@
 #   OUT        work folder (default runs/paired_study); checkpoints in OUT/<variant>/seed<N>/
 #   SEEDS      seeds per variant (default 3: training seeds FIRST_SEED..FIRST_SEED+SEEDS-1)
 #   FIRST_SEED first training seed (default 1)
-#   VARIANTS   space-separated subset of "mono mono_split seed rvq xrec0 paired" (default all six);
-#              a variant NAME:OVERRIDES is the paired config with comma-separated Hydra
-#              overrides, e.g. "paired nocue:pairwise.cue_weight=0 head:pairwise.ild_head.enabled=true",
-#              and NAME:mono,OVERRIDES the mono config with them ("m4:mono,model.content_share=0.25")
+#   VARIANTS   space-separated subset of "mono mono_split seed rvq xrec0 paired" (default all
+#              six); a variant NAME:OVERRIDES is the paired config with comma-separated Hydra
+#              overrides, e.g. "paired nocue:pairwise.cue_weight=0
+#              head:pairwise.ild_head.enabled=true", and NAME:mono,OVERRIDES the mono config
+#              with them ("m4:mono,model.content_share=0.25")
 #   WANDB      disabled | offline | online (default disabled)
 #   STEPS      fine-tuning steps per run (default 800; raise it on a GPU)
 #   DEVICE     cpu | cuda (default cpu)
@@ -55,7 +56,10 @@ seed_list="$(seq "$first_seed" $(( first_seed + seeds - 1 )))"
 variants="${VARIANTS:-mono mono_split seed rvq xrec0 paired}"
 steps="${STEPS:-800}"
 start="${START:-$here/pretrained/start_demo.pt}"
-[ -f "$start" ] || { echo "no starting point at $start: run scripts/pretrain_start.sh" >&2; exit 1; }
+[ -f "$start" ] || {
+  echo "no starting point at $start: run scripts/pretrain_start.sh" >&2
+  exit 1
+}
 export SYNTH_FILES="${SYNTH_FILES:-12}"
 if [ -n "${DATA_ROOT:-}" ]; then data="$DATA_ROOT"; else data="$out/data"; synth_set "$data"; fi
 per_epoch=100
@@ -77,11 +81,14 @@ train() {  # train VARIANT SEED
     rvq) recipe=(model.content_share=0) ;;
     xrec0) recipe=(pairwise.xrec_weight=0) ;;
     paired) ;;
-    *:*) IFS=, read -r -a recipe <<< "${variant#*:}"; variant="${variant%%:*}"; dir="$out/$variant/seed$seed"
+    *:*) IFS=, read -r -a recipe <<< "${variant#*:}"; variant="${variant%%:*}"
+         dir="$out/$variant/seed$seed"
          if [ "${recipe[0]:-}" = mono ]; then
            script=train_single_gpu.py; config=config_mono_nq2; recipe=("${recipe[@]:1}")
          fi ;;
-    *) echo "unknown variant '$variant' in VARIANTS (use mono, mono_split, seed, rvq, xrec0, paired or NAME:OVERRIDES)" >&2; exit 2 ;;
+    *) echo "unknown variant '$variant' in VARIANTS (use mono, mono_split, seed, rvq, xrec0," \
+            "paired or NAME:OVERRIDES)" >&2
+       exit 2 ;;
   esac
   # Equal segments per step: a mono item is one segment, a paired item two.
   local items=$batch
@@ -141,7 +148,8 @@ for seed in $seed_list; do
   done
   equal=()
   if [ "$equal_bitrate" = 1 ]; then
-    equal=("shared_content.equal_bitrate_checkpoint='$(latest_checkpoint "$out/mono_nq1/seed$seed")'")
+    equal_ckpt="$(latest_checkpoint "$out/mono_nq1/seed$seed")"
+    equal=("shared_content.equal_bitrate_checkpoint='$equal_ckpt'")
   fi
   phase "evaluating seed $seed (${labels[*]})"
   "$py" "$here/evaluate.py" "checkpoints=[$(IFS=,; echo "${ckpts[*]}")]" "${equal[@]}" \
