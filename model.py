@@ -43,9 +43,10 @@ class EncodecOutput:
             vectors before this step's EMA update, i.e. the ones that were decoded).
         commit_per_item: `[B]` commitment loss of each item (its mean is `commit_loss`), so
             that a batch of several channel views can report one value per channel.
-        latent: `[B, D, F]` what the quantizer coded (with its graph): the encoder output,
-            its content part shared across views with `content_views`; where the training
-            step compares the gradients of its loss terms.
+        latent: `[B, D, F]` the encoder output (with its graph), before `content_views`
+            shares its content part across views: what each view's own codebook 1 would code
+            alone (the code consensus term's input), and where the training step compares the
+            gradients of its loss terms.
     """
     audio: torch.Tensor
     commit_loss: torch.Tensor
@@ -183,9 +184,9 @@ class EncodecModel(nn.Module):
         self._check_audio(x)
         x_normalized, scale = self.normalize(x, scale)
         latent = self.encoder(x_normalized)
-        if content_views > 1:
-            latent = self.quantizer.share_content(latent, content_views)
-        q = self.quantizer(latent, return_embeddings=return_embeddings)
+        coded = (self.quantizer.share_content(latent, content_views) if content_views > 1
+                 else latent)
+        q = self.quantizer(coded, return_embeddings=return_embeddings)
         audio = self._restore(self.decoder(q.quantized), scale, x.shape[-1])
         return EncodecOutput(audio=audio, commit_loss=q.commit_loss, codes=q.codes,
                              embeddings=q.embeddings, commit_per_item=q.commit_per_item,

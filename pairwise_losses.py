@@ -78,7 +78,10 @@ class PairwiseLoss(nn.Module):
     - cue fidelity (`cue_weight`): the decoded pair's per-band level differences against the
       input pair's (with `cue_shape`, each difference's mean over bands removed first: its
       spectral shape, which the autoencoder smooths away while it keeps the broadband part),
-    - code consensus (`consensus_weight`): the views of a pair choose the same content code,
+    - code consensus (`consensus_weight`): the views of a pair choose the same content code
+      (with `shared_content_code`, each view's own content latent is pulled into the cell of
+      the code the step decoded, the one its mean chose: codebook 1 coded on one channel
+      alone then agrees with the shared code, and a level it carried would serve no decode),
     - invariance (`invariance_weight`): InfoNCE between the content codebook of a view and of
       the same view after a random channel-style change (`channel_change`),
     - optional channel-index classifier on the channel codebook (`channel_classifier`).
@@ -524,8 +527,9 @@ class PairwiseLoss(nn.Module):
         return {'l_cue': cue}, {'cue': cue.detach()}
 
     def consensus_of_codes(self, model: EncodecModel, out: EncodecOutput, views: int) -> Terms:
-        """`code_consensus` on what the content codebook quantized: the encoder output minus
-        the earlier codebooks' vectors, split into views."""
+        """`code_consensus` on what the content codebook quantizes of each view on its own:
+        the encoder output (before a shared content code replaced it by the views' mean)
+        minus the earlier codebooks' vectors, split into views."""
         k = self.content_codebook
         codebook = model.quantizer.codebooks[k]
         residual = out.latent.float()

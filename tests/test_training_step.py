@@ -402,6 +402,26 @@ def test_consensus_scores_what_the_content_codebook_quantized(content_codebook):
     assert result.scalars["consensus"] > 0 and result.scalars["grad_ratio_consensus"] > 0
 
 
+def test_consensus_under_a_shared_content_code_scores_each_views_own_content():
+    _, _, model, x, result = measured_step(["pairwise.consensus_weight=1.0",
+                                            "pairwise.shared_content_code=true",
+                                            "pairwise.xrec_weight=0"])
+    # Written out: each view's own encoder output (not the views' mean, which the step
+    # decoded and on which both views trivially agree), content dimensions only.
+    # The codes are those of the codebook after the step's update, which this forward repeats.
+    scale = model.shared_scale(x, VIEWS)
+    out = model.train()(x, scale=scale, content_views=VIEWS)
+    codebook = model.quantizer.codebooks[0]
+    own = model.encoder(x / scale)
+    assert torch.allclose(out.latent, own)
+    own = own * codebook.dims[:, None]
+    a, b = (view[0] for view in split_views([own], VIEWS))
+    want = code_consensus(a, b, codebook.embed * codebook.dims)
+    assert result.scalars["consensus"] == pytest.approx(want.loss.mean().item(), rel=1e-4)
+    assert result.scalars["consensus_agreement"] == pytest.approx(want.agreement.item())
+    assert result.scalars["consensus"] > 0 and result.scalars["grad_ratio_consensus"] > 0
+
+
 def test_the_design_documents_recipe_keeps_a_scale_per_channel():
     cfg, runtime, parts = tiny_setup(SEED_RECIPE)
     wavs, metas = level_pair(cfg)
