@@ -2,6 +2,7 @@
 
     python codec.py encode --checkpoint CKPT [--bandwidth KBPS] in.wav out.tok
     python codec.py encode --checkpoint CKPT --shared-content [--reference-channel K] in.wav out.tok
+    python codec.py encode --checkpoint CKPT --shared-content --content-stream mean in.wav out.tok
     python codec.py decode --checkpoint CKPT [--max-seconds S] out.tok out.wav
 
 Any sample rate and channel count: each channel is resampled to the model rate and encoded
@@ -9,7 +10,9 @@ separately; decoding restores the original rate, channel count and length. `--ba
 (one of the checkpoint's `model.target_bandwidths`) keeps the first codebooks that fit in
 it, as EnCodec does; the default keeps all `n_q`. `--shared-content` (N >= 2 channels)
 sends ONE codebook-1 stream, the reference channel's (`--reference-channel`, default 0),
-plus codebooks 2.. of every channel, all at one common scale.
+plus codebooks 2.. of every channel, all at one common scale; `--content-stream mean` sends
+the codebook-1 codes of the channels' mean latent instead, the stream a model trained with
+`pairwise.shared_content_code` learned to decode (the file says which; decode needs no flag).
 
 Hostile input is refused in one line (`error: ...`, exit 1): a token file with any header
 field out of type or range, inconsistent with its payload, or decoding to more than
@@ -27,7 +30,8 @@ import soundfile as sf
 
 from coding import shared_content
 from coding.file_codec import CheckpointMismatchError, decode_file, encode_file
-from coding.token_file import DEFAULT_MAX_SECONDS, SHARED_CONTENT, TokenFileError, token_mode
+from coding.token_file import (CONTENT_STREAMS, DEFAULT_MAX_SECONDS, MEAN_STREAM, SHARED_CONTENT,
+                               TokenFileError, content_stream, token_mode)
 from training.runtime import resolve_device
 from utils.checks import DEVICE, POSITIVE, PathRule, check_flags
 
@@ -43,10 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="kbps, one of the checkpoint's model.target_bandwidths (default: all "
                           "codebooks)")
     enc.add_argument("--shared-content", action="store_true",
-                     help="one codebook-1 stream (the reference channel's) for all channels, "
+                     help="one codebook-1 stream (see --content-stream) for all channels, "
                           "codebooks 2.. per channel, one common scale (files of >= 2 channels)")
     enc.add_argument("--reference-channel", type=int, default=None, metavar="K",
                      help="with --shared-content: the channel whose codebook 1 is sent (default 0)")
+    enc.add_argument("--content-stream", choices=CONTENT_STREAMS, default=None,
+                     help="with --shared-content: 'reference' (default) sends the reference "
+                          "channel's codebook 1, 'mean' that of the channels' mean latent (for "
+                          "models trained with pairwise.shared_content_code)")
     dec = commands.add_parser("decode", help="token file -> WAV file")
     dec.add_argument("input", help="token file written by `codec.py encode`")
     dec.add_argument("output", help="WAV file to write")
@@ -67,8 +75,11 @@ def encode_summary(metadata: dict[str, Any], wav_path: str, token_path: str) -> 
     for a shared-content file also what independent coding of its channels would cost."""
     shared = token_mode(metadata) == SHARED_CONTENT
     channels, n_q = metadata["channels"], metadata["n_q"]
-    layout = (f"1 codebook-1 stream (channel {metadata['reference_channel']}) + {channels} x "
-              f"{n_q - 1} codebook(s)" if shared else f"{channels} x {n_q} codebook(s)")
+    layout = f"{channels} x {n_q} codebook(s)"
+    if shared:
+        stream = (f"mean of {channels} channels" if content_stream(metadata) == MEAN_STREAM
+                  else f"channel {metadata['reference_channel']}")
+        layout = f"1 codebook-1 stream ({stream}) + {channels} x {n_q - 1} codebook(s)"
     summary = (f"{wav_path}: {channels} channel(s), {metadata['original_length']} samples at "
                f"{metadata['original_sample_rate']} Hz -> {layout} x {metadata['frames']} frames, "
                f"{_bitrate_text(metadata, shared)}")
@@ -102,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "encode":
             meta = encode_file(args.checkpoint, args.input, args.output, device, args.bandwidth,
-                               args.shared_content, args.reference_channel)
+                               args.shared_content, args.reference_channel,
+                               args.content_stream)
             print(encode_summary(meta, args.input, args.output))
         else:
             decode_file(args.checkpoint, args.input, args.output, device, args.ignore_hash,

@@ -9,12 +9,13 @@ that fit in it, as EnCodec does; the default keeps all `n_q`.
 Modes (`metadata["mode"]`, see `coding/token_file.py` for the file):
 - 'independent' (default): every channel coded on its own, with its own scale (its RMS over
   the whole file).
-- 'shared_content' (N >= 2 channels): ONE codebook-1 stream, the reference channel's, plus
+- 'shared_content' (N >= 2 channels): ONE codebook-1 stream, the reference channel's or
+  the codebook-1 codes of the channels' mean latent (the 'mean' content stream), plus
   codebooks 2.. of every channel, all channels at ONE scale (their common RMS over the whole
   file, `EncodecModel.shared_scale`), so the level differences between channels stay in the
-  codes; codebooks 2.. of each channel code what the reference's codebook 1 leaves of its
-  latent (`shared_content.encode_shared_content`). Decoding runs the ordinary decoder on
-  each channel's codes with codebook 1 replaced by the shared stream.
+  codes; codebooks 2.. of each channel code what the shared codebook 1 leaves of its latent
+  (`shared_content.encode_shared_content`). Decoding runs the ordinary decoder on each
+  channel's codes with codebook 1 replaced by the shared stream, whichever it is.
 
 What encoding does with awkward audio: NaN or infinite samples are refused (ValueError naming
 the file and channel); silence encodes (the RMS scale has a floor, `normalize_eps`) and
@@ -37,9 +38,10 @@ import torch
 import torchaudio
 
 from coding import shared_content
-from coding.token_file import (DEFAULT_MAX_SECONDS, INDEPENDENT, MAX_SAMPLE_RATE,
-                               SHARED_CONTENT, TokenFileError, channel_scale, is_scale,
-                               read_tokens, token_metadata, write_tokens)
+from coding.token_file import (CONTENT_STREAMS, DEFAULT_MAX_SECONDS, INDEPENDENT,
+                               MAX_SAMPLE_RATE, MEAN_STREAM, SHARED_CONTENT, TokenFileError,
+                               channel_scale, is_scale, read_tokens, token_metadata,
+                               write_tokens)
 from model import EncodecModel, load_model
 
 # torchaudio.functional.resample's defaults (lowpass_filter_width, rolloff): its filter size.
@@ -141,11 +143,13 @@ def encode_audio(model: EncodecModel, audio: torch.Tensor, sample_rate: int
 
 @torch.no_grad()
 def encode_audio_shared(model: EncodecModel, audio: torch.Tensor, sample_rate: int,
-                        reference: int = 0) -> tuple[torch.Tensor, list[float] | None, int]:
+                        reference: int | None = 0
+                        ) -> tuple[torch.Tensor, list[float] | None, int]:
     """Shared-content codes of `audio` `[channels, T]` (channels >= 2) at the model rate.
 
     Returns `(codes [channels, n_q, frames], [the common scale] or None, model-rate length)`;
-    codebook 1 of every channel is the reference channel's (see
+    codebook 1 of every channel is the reference channel's, or with `reference` None the
+    codebook-1 codes of the channels' mean latent (see
     `shared_content.encode_shared_content`; channels go through the encoder together only
     as far as `shared_content.MAX_SAMPLES_PER_PASS` allows).
     """
@@ -217,14 +221,15 @@ def check_decodable(token_path: str | Path, model: EncodecModel, metadata: dict[
 
 def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | Path,
                 device: str | torch.device = "cpu", bandwidth: float | None = None,
-                shared_content_coding: bool = False,
-                reference_channel: int | None = None) -> dict[str, Any]:
+                shared_content_coding: bool = False, reference_channel: int | None = None,
+                content_stream: str | None = None) -> dict[str, Any]:
     """WAV file -> token file; returns the metadata written.
 
     `bandwidth` (kbps, one of the model's `target_bandwidths`) keeps the first
     `model.codebooks_for_bandwidth(bandwidth)` codebooks; None keeps all of them.
-    `shared_content_coding` writes one codebook-1 stream, channel `reference_channel`'s
-    (default 0), for all channels (see the module docstring); without it every channel is
+    `shared_content_coding` writes one codebook-1 stream for all channels (see the module
+    docstring): with `content_stream` 'reference' (the default) channel `reference_channel`'s
+    (default 0), with 'mean' that of the channels' mean latent; without it every channel is
     coded independently. Errors name the command-line flag to change (ValueError).
     """
     audio, rate = sf.read(str(wav_path), dtype="float32", always_2d=True)  # [T, channels]
@@ -235,7 +240,7 @@ def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | 
                          "token file holds; resample it first.")
     check_finite(wav_path, audio)
     reference = check_shared_options(wav_path, audio.shape[1], shared_content_coding,
-                                     reference_channel)
+                                     reference_channel, content_stream)
     model, cfg = load_model(checkpoint, device)
     problem = resampling_problem(rate, model.sample_rate)
     if problem:
@@ -262,17 +267,32 @@ def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | 
 
 
 def check_shared_options(wav_path: str | Path, channels: int, shared_content_coding: bool,
-                         reference_channel: int | None) -> int | None:
-    """The reference channel to use (None without shared-content coding); a ValueError that
-    names the flag and the fix when the options do not fit a `channels`-channel file."""
+                         reference_channel: int | None,
+                         content_stream: str | None = None) -> int | None:
+    """The reference channel to use (None without shared-content coding or with the mean
+    content stream); a ValueError that names the flag and the fix when the options do not fit
+    a `channels`-channel file."""
     if not shared_content_coding:
         if reference_channel is not None:
             raise ValueError("--reference-channel only applies to --shared-content: add "
                              "--shared-content or drop --reference-channel.")
+        if content_stream is not None:
+            raise ValueError("--content-stream only applies to --shared-content: add "
+                             "--shared-content or drop --content-stream.")
         return None
+    if content_stream not in (None, *CONTENT_STREAMS):
+        raise ValueError(f"--content-stream {content_stream!r}: choose one of "
+                         f"{', '.join(CONTENT_STREAMS)}.")
+    mean = content_stream == MEAN_STREAM
+    if mean and reference_channel is not None:
+        raise ValueError("--reference-channel does not apply to --content-stream mean (the "
+                         "mean stream is no one channel's): drop --reference-channel or use "
+                         "--content-stream reference.")
     if channels < 2:
         raise ValueError(f"--shared-content needs a file with at least 2 channels, but "
                          f"{wav_path} has {channels}: encode it without --shared-content.")
+    if mean:
+        return None
     reference = 0 if reference_channel is None else reference_channel
     if not 0 <= reference < channels:
         raise ValueError(f"--reference-channel {reference} is out of range for {wav_path}, "

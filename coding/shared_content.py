@@ -2,27 +2,33 @@
 
 The paired training mode aims to put what the channels of a microphone array share (the
 content) in codebook 1 and what tells them apart in codebook 2. Where it succeeds, an
-N-channel recording need not send N codebook-1 streams: one, from a reference channel, plus
-codebooks 2.. of every channel reconstruct every channel. This module holds that coding
-(what `codec.py encode --shared-content` writes); coding/shared_content_comparison.py
-measures what it costs in quality against independent per-channel coding.
+N-channel recording need not send N codebook-1 streams: one, from a reference channel or
+of the channels' mean content, plus codebooks 2.. of every channel reconstruct every
+channel. This module holds that coding (what `codec.py encode --shared-content` writes);
+coding/shared_content_comparison.py measures what it costs in quality against independent
+per-channel coding.
 
-Shared-content coding of channels `x_1 .. x_N` (each `[1, T]`) with reference channel r:
+Shared-content coding of channels `x_1 .. x_N` (each `[1, T]`) with reference channel r
+(or none):
 
 1. one normalisation scale for all channels, their common RMS
    (`EncodecModel.shared_scale(x, views=N)`), so that the level differences between the
    channels stay in the latents (a per-channel scale would erase them and would have to be
    sent per channel);
-2. latents `z_c = encoder(x_c / scale)`, and the reference's codebook-1 codes `q_1(z_r)`;
-3. codebooks 2.. of channel c quantize what the decoder will lack: `z_c - e_1(q_1(z_r))`
+2. latents `z_c = encoder(x_c / scale)`, and the content stream `s`: the reference's
+   codebook-1 codes `q_1(z_r)` or, with no reference (`reference=None`), the codebook-1 codes
+   of the channels' mean latent `q_1(mean_c z_c)` (`mean_content`: the stream a model trained
+   with `pairwise.shared_content_code` learned to decode);
+3. codebooks 2.. of channel c quantize what the decoder will lack: `z_c - e_1(s)`
    (`residual="reference"`, the default: analysis by synthesis, never worse in the latent than
    the alternative for two codebooks) or, as the swap test and the cross-reconstruction loss
    do, the channel's own residual `z_c - e_1(q_1(z_c))` (`residual="own"`);
-4. decoding channel c: `decoder(e_1(q_1(z_r)) + sum_k e_k(q_k(c))) * scale`, i.e. the model's
-   ordinary decoder on per-channel codes whose codebook 1 is the reference's.
+4. decoding channel c: `decoder(e_1(s) + sum_k e_k(q_k(c))) * scale`, i.e. the model's
+   ordinary decoder on per-channel codes whose codebook 1 is the shared stream.
 
 When every channel's own codebook-1 codes equal the reference's, both residual choices give
-exactly the codes (and the audio) of independent coding at the same scale.
+exactly the codes (and the audio) of independent coding at the same scale; so does the mean
+stream when the channels are identical.
 
 Bitrate (nominal, log2(bins) bits per code): `(1 + N (n_q - 1)) x bits x frame_rate` for
 the file against `N n_q x bits x frame_rate` for independent coding, plus the scale side
@@ -55,19 +61,20 @@ class SharedContentCodes:
 
     Attributes:
         codes: `[N, K, F]` long, per-channel codes ready for `EncodecModel.decode`; codebook
-            1 (`codes[:, 0]`) is the reference's in every row, so it is sent once.
+            1 (`codes[:, 0]`) is the same stream in every row, so it is sent once.
         scale: `[1, 1, 1]` the one normalisation scale of all channels (None when the model
             does not normalise audio).
-        reference: index of the channel whose codebook 1 is shared.
+        reference: index of the channel whose codebook 1 is shared, or None when the shared
+            stream is the channels' mean content (`mean_content`), no one channel's.
     """
     codes: Tensor
     scale: Tensor | None
-    reference: int
+    reference: int | None
 
     @property
     def content(self) -> Tensor:
-        """`[F]` the one codebook-1 stream (the reference channel's)."""
-        return self.codes[self.reference, 0]
+        """`[F]` the one codebook-1 stream (the reference channel's or the mean one)."""
+        return self.codes[0, 0]
 
     @property
     def detail(self) -> Tensor:
@@ -169,7 +176,7 @@ def encode_with_content(quantizer: ResidualVectorQuantizer, latent: Tensor,
 
     Codebooks 2.. quantize, stage by stage as `ResidualVectorQuantizer.encode` does, what
     remains of each channel's latent after the shared codebook-1 vectors: the decoder adds
-    the reference's vectors, so that is what the other codebooks have to make up for.
+    those vectors, not the channel's own, so that is what the other codebooks make up for.
     """
     codebooks = quantizer.codebooks
     with float32_region(latent):
@@ -193,49 +200,67 @@ def mean_content(quantizer: ResidualVectorQuantizer, latent: Tensor) -> Tensor:
     return quantizer.encode(latent.mean(dim=0, keepdim=True))[0, 0]
 
 
-def with_reference_content(codes: Tensor, reference: int) -> Tensor:
-    """Per-channel codes `[N, K, F]` with codebook 1 replaced by the reference channel's (the
-    other codebooks untouched: `residual="own"`)."""
-    shared = codes.clone()
-    shared[:, 0] = codes[reference, 0]
-    return shared
-
-
-def check_reference(reference: int, channels: int) -> None:
+def check_reference(reference: int | None, channels: int) -> None:
     """Raise ValueError unless shared-content coding of `channels` channels around channel
-    `reference` is possible."""
+    `reference` (None: around their mean content) is possible."""
     if channels < 2:
         raise ValueError(f"shared-content coding needs at least 2 channels, got {channels}")
-    if not 0 <= reference < channels:
+    if reference is not None and not 0 <= reference < channels:
         raise ValueError(f"reference channel {reference} is out of range for {channels} "
                          f"channels (0 .. {channels - 1})")
 
 
 @torch.no_grad()
-def encode_shared_content(model: EncodecModel, audio: Tensor, reference: int = 0,
+def share_content(quantizer: ResidualVectorQuantizer, latent: Tensor, reference: int | None,
+                  residual: str = "reference", own: Tensor | None = None) -> Tensor:
+    """Per-channel codes `[N, n_q, F]` of latents `[N, D, F]` with one codebook-1 stream for
+    all channels.
+
+    Args:
+        quantizer (ResidualVectorQuantizer): the model's quantizer.
+        latent (Tensor): the channels' latents at one scale (`encode_latents`).
+        reference (int or None): channel whose codebook-1 codes are the stream; None for the
+            codebook-1 codes of the channels' mean latent (`mean_content`).
+        residual (str): what codebooks 2.. of each channel quantize: 'reference' (the
+            channel's latent minus the shared codebook-1 vectors, what the decoder will hold)
+            or 'own' (minus its own codebook-1 vectors, as in independent coding).
+        own (Tensor or None): `quantizer.encode(latent)` when the caller already has it.
+    Returns:
+        Tensor: long codes whose codebook 1 is the shared stream in every row.
+    """
+    if residual not in RESIDUALS:
+        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+    check_reference(reference, latent.shape[0])
+    if own is None and (reference is not None or residual == "own"):
+        own = quantizer.encode(latent)
+    content = mean_content(quantizer, latent) if reference is None else own[reference, 0]
+    if residual == "reference":
+        return encode_with_content(quantizer, latent, content)
+    shared = own.clone()
+    shared[:, 0] = content
+    return shared
+
+
+@torch.no_grad()
+def encode_shared_content(model: EncodecModel, audio: Tensor, reference: int | None = 0,
                           residual: str = "reference") -> SharedContentCodes:
     """Shared-content codes of the channels `audio` `[N, 1, T]` (model rate).
 
     Args:
         model (EncodecModel): the codec, in eval mode.
         audio (Tensor): one file or segment, one row per channel.
-        reference (int): channel whose codebook-1 stream is sent for all.
-        residual (str): what codebooks 2.. of each channel quantize: 'reference' (the
-            channel's latent minus the reference's codebook-1 vectors, what the decoder will
-            hold) or 'own' (minus its own codebook-1 vectors, as in independent coding).
+        reference (int or None): channel whose codebook-1 stream is sent for all; None sends
+            the codebook-1 stream of the channels' mean latent instead (`mean_content`).
+        residual (str): what codebooks 2.. of each channel quantize (see `share_content`).
     Returns:
         SharedContentCodes at one common scale (`common_scale`).
     """
-    if residual not in RESIDUALS:
+    if residual not in RESIDUALS:  # before the encoder runs, not after
         raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
     check_reference(reference, audio.shape[0])
     scale = common_scale(model, audio)
     latent = encode_latents(model, audio, scale)
-    codes = model.quantizer.encode(latent)
-    if residual == "reference":
-        codes = encode_with_content(model.quantizer, latent, codes[reference, 0])
-    else:
-        codes = with_reference_content(codes, reference)
+    codes = share_content(model.quantizer, latent, reference, residual)
     return SharedContentCodes(codes=codes, scale=scale, reference=reference)
 
 

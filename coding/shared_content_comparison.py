@@ -21,8 +21,7 @@ import torchaudio
 from torch import Tensor
 
 from coding.shared_content import (check_reference, coding_bitrate, common_scale, decode_channels,
-                                   encode_latents, encode_with_content, mean_content,
-                                   with_reference_content)
+                                   encode_latents, share_content)
 from measure.metrics import mel_distance, si_snr
 from model import EncodecModel
 from modules.spatial_cues import band_levels, delay_error, gcc_phat_delay, ild_fidelity
@@ -118,15 +117,12 @@ def _coding_codes(model: EncodecModel, latent: Tensor, reference: int,
     """Per-channel codes of 'independent' and of each of `codings`, from the same latents
     (one scale)."""
     independent = model.quantizer.encode(latent)
-    make = {
-        "shared_content": lambda: encode_with_content(model.quantizer, latent,
-                                                      independent[reference, 0]),
-        "shared_content_own_residual": lambda: with_reference_content(independent, reference),
-        "shared_content_mean": lambda: encode_with_content(model.quantizer, latent,
-                                                           mean_content(model.quantizer, latent)),
-    }
+    shared = {"shared_content": (reference, "reference"),        # (reference, residual)
+              "shared_content_own_residual": (reference, "own"),
+              "shared_content_mean": (None, "reference")}
     return {"independent": independent,
-            **{coding: make[coding]() for coding in codings if coding != "independent"}}
+            **{coding: share_content(model.quantizer, latent, *shared[coding], own=independent)
+               for coding in codings if coding != "independent"}}
 
 
 def _decode_changed(model: EncodecModel, codes: Tensor, baseline_codes: Tensor,
@@ -225,14 +221,14 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
         `codec.py encode --shared-content` writes: codebooks 2.. code what the reference's
         codebook 1 leaves of each channel), 'shared_content_own_residual' (codebooks 2..
         of each channel's own residual, as the swap test decodes) and 'shared_content_mean'
-        (codebook 1 of the channels' mean latent, `mean_content`, for all), each with the
-        `coding_bitrate` keys (one scale per segment for both) and
-        `mel_distance`, `si_snr` (means over segments and channels; `*_per_channel` lists),
-        `ild_error_db` (mean |decoded - true| per-band level difference of each pair, dB)
-        beside `ild_zero_error_db` (the error of predicting no difference), `ild_correlation`,
-        `ild_slope`, `itd_error_us` (GCC-PHAT delay below 1.5 kHz, |decoded - true|,
-        microseconds) beside `itd_zero_error_us`, `n_pairs`, `n_delays` (pairs with a defined
-        delay).
+        (codebook 1 of the channels' mean latent, `mean_content`, for all: what
+        `--content-stream mean` writes), each with the `coding_bitrate` keys (one scale per
+        segment for both) and `mel_distance`, `si_snr` (means over segments and channels;
+        `*_per_channel` lists), `ild_error_db` (mean |decoded - true| per-band level
+        difference of each pair, dB) beside `ild_zero_error_db` (the error of predicting no
+        difference), `ild_correlation`, `ild_slope`, `itd_error_us` (GCC-PHAT delay below
+        1.5 kHz, |decoded - true|, microseconds) beside `itd_zero_error_us`, `n_pairs`,
+        `n_delays` (pairs with a defined delay).
     """
     device = next(model.parameters()).device
     rate = model.sample_rate

@@ -6,15 +6,18 @@ unpickled).
     H bytes   UTF-8 JSON metadata (see `token_metadata`)
     rest      codes as little-endian uint16, C-order:
               'independent':    `[channels, n_q, frames]`
-              'shared_content': `[frames]` (codebook 1 of the reference channel), then
+              'shared_content': `[frames]` (the shared codebook-1 stream), then
                                 `[channels, n_q - 1, frames]` (codebooks 2.. of every channel)
-Version 2 adds `mode` and `frame_rate` to the header ('shared_content' files also
-`reference_channel`, and `scales` holds the one common scale). Version 1 files (no `mode`)
-are 'independent' and still decode.
+Version 2 adds `mode` and `frame_rate` to the header ('shared_content' files also say which
+codebook-1 stream they carry, and `scales` holds the one common scale): the reference
+channel's (`reference_channel`, no `content_stream`, as before the mean stream existed) or
+the channels' mean content (`content_stream: "mean"`, no reference channel). Version 1
+files (no `mode`) are 'independent' and still decode.
 
 A token file is input from anywhere: `read_tokens` checks every header field (`check_header`:
-types, ranges, the lengths against the frames and rates, scales, the reference channel)
-before it uses one, and raises TokenFileError, one line naming the field and its value.
+types, ranges, the lengths against the frames and rates, scales, the content stream and
+reference channel) before it uses one, and raises TokenFileError, one line naming the field
+and its value.
 """
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)          # version 1: before modes, always 'independent'
 INDEPENDENT, SHARED_CONTENT = "independent", "shared_content"
 MODES = (INDEPENDENT, SHARED_CONTENT)
+# The codebook-1 stream of a 'shared_content' file: one channel's, or the channels' mean content.
+REFERENCE_STREAM, MEAN_STREAM = "reference", "mean"
+CONTENT_STREAMS = (REFERENCE_STREAM, MEAN_STREAM)
 _LENGTH = struct.Struct("<I")
 MAX_SAMPLE_RATE = 768_000          # Hz, the highest rate a header may give
 MAX_BINS = 1 << 16                 # codes are stored as uint16
@@ -59,7 +65,8 @@ def token_metadata(model: EncodecModel, bins: int, codes: torch.Tensor, scales: 
 
     `codes` `[channels, n_q, frames]`; `scales`: one per channel ('independent'), the one
     common scale ('shared_content') or None (no audio normalisation); `reference_channel`
-    only with 'shared_content'.
+    only with 'shared_content': the channel whose codebook 1 is shared, or None for the
+    channels' mean content stream.
     """
     metadata = {
         "version": FORMAT_VERSION,
@@ -76,7 +83,12 @@ def token_metadata(model: EncodecModel, bins: int, codes: torch.Tensor, scales: 
         "checkpoint_sha256": checkpoint_sha256,
         "scales": scales,
     }
-    if mode == SHARED_CONTENT:
+    # A reference-stream header gets no `content_stream`: its files stay byte for byte what
+    # earlier versions wrote, and those versions refuse a mean-stream file (no reference
+    # channel) instead of decoding it as one channel's stream.
+    if mode == SHARED_CONTENT and reference_channel is None:
+        metadata["content_stream"] = MEAN_STREAM
+    elif mode == SHARED_CONTENT:
         metadata["reference_channel"] = int(reference_channel)
     return metadata
 
@@ -84,6 +96,12 @@ def token_metadata(model: EncodecModel, bins: int, codes: torch.Tensor, scales: 
 def token_mode(metadata: dict[str, Any]) -> str:
     """'independent' or 'shared_content' (version 1 files, which predate modes, are the former)."""
     return metadata.get("mode", INDEPENDENT)
+
+
+def content_stream(metadata: dict[str, Any]) -> str:
+    """Which codebook-1 stream a 'shared_content' file carries: 'reference' (one channel's,
+    also every file written before the mean stream) or 'mean' (the channels' mean content)."""
+    return metadata.get("content_stream", REFERENCE_STREAM)
 
 
 def code_streams(metadata: dict[str, Any]) -> int:
@@ -96,10 +114,12 @@ def _payload_codes(codes: torch.Tensor, metadata: dict[str, Any]) -> torch.Tenso
     """The codes as stored: all of them, or the shared codebook-1 stream once then the rest."""
     if token_mode(metadata) != SHARED_CONTENT:
         return codes.flatten()
-    content = codes[metadata["reference_channel"], 0]
+    mean = content_stream(metadata) == MEAN_STREAM
+    content = codes[0 if mean else metadata["reference_channel"], 0]
     if not bool((codes[:, 0] == content).all()):
-        raise ValueError("shared-content codes must carry the reference channel's codebook 1 in "
-                         "every channel (use shared_content.encode_shared_content).")
+        which = "one codebook-1 stream" if mean else "the reference channel's codebook 1"
+        raise ValueError(f"shared-content codes must carry {which} in every channel (use "
+                         "shared_content.encode_shared_content).")
     return torch.cat([content.flatten(), codes[:, 1:].flatten()])
 
 
@@ -116,8 +136,8 @@ def _codes_from_payload(values: np.ndarray, metadata: dict[str, Any]) -> torch.T
 
 def write_tokens(path: str | Path, codes: torch.Tensor, metadata: dict[str, Any]) -> None:
     """Write codes `[channels, n_q, frames]` and their metadata as a token file (in
-    'shared_content' mode codebook 1 must be the reference's in every channel; it is
-    stored once)."""
+    'shared_content' mode codebook 1 must be the same stream in every channel, the reference
+    channel's if the metadata names one; it is stored once)."""
     if codes.numel() and (codes.min() < 0 or codes.max() > np.iinfo(np.uint16).max):
         raise ValueError("codes do not fit in uint16 (codebooks larger than 65536 entries?)")
     header = json.dumps(metadata, sort_keys=True).encode("utf-8")
@@ -250,13 +270,7 @@ def check_header(path: str | Path, metadata: Any, max_seconds: float = DEFAULT_M
         raise _field_error(path, "checkpoint_sha256", sha, "not a SHA-256 in hex")
 
     shared = token_mode(metadata) == SHARED_CONTENT
-    reference = metadata.get("reference_channel")
-    if shared and not (n_q >= 2 and channels >= 2 and _is_int(reference)
-                       and 0 <= reference < channels):
-        raise TokenFileError(f"{path}: a shared-content file needs >= 2 channels, >= 2 "
-                             f"codebooks and a reference_channel among them (corrupt header: "
-                             f"channels={channels}, n_q={n_q}, "
-                             f"reference_channel={_shown(reference)}).")
+    _check_content_stream(path, metadata, shared, channels, n_q)
     scales = metadata["scales"]
     if scales is not None:
         if not isinstance(scales, list):
@@ -292,6 +306,37 @@ def check_header(path: str | Path, metadata: Any, max_seconds: float = DEFAULT_M
             f"{path}: header field original_length={original_length} at original_sample_rate="
             f"{original_rate} Hz is {seconds:.0f} s of audio, more than the {max_seconds:g} s "
             "allowed (raise --max-seconds if the file is genuine).")
+
+
+def _check_content_stream(path: str | Path, metadata: dict[str, Any], shared: bool,
+                          channels: int, n_q: int) -> None:
+    """Raise TokenFileError unless the header's content stream and reference channel fit its
+    mode: none in an 'independent' file; in a 'shared_content' one, >= 2 channels and
+    codebooks and either the reference stream with a reference_channel among the channels
+    or the mean stream without one."""
+    if not shared:
+        if "content_stream" in metadata:
+            raise _field_error(path, "content_stream", metadata["content_stream"],
+                               f"only a {SHARED_CONTENT!r} file has a content stream, this one "
+                               f"is {token_mode(metadata)!r}")
+        return
+    stream = content_stream(metadata)
+    if not (isinstance(stream, str) and stream in CONTENT_STREAMS):
+        raise _field_error(path, "content_stream", stream,
+                           f"not one of {list(CONTENT_STREAMS)}")
+    reference = metadata.get("reference_channel")
+    if stream == MEAN_STREAM and reference is not None:
+        raise _field_error(path, "reference_channel", reference,
+                           "a content_stream=\"mean\" file shares no one channel's stream")
+    if stream == MEAN_STREAM and not (n_q >= 2 and channels >= 2):
+        raise TokenFileError(f"{path}: a shared-content file needs >= 2 channels and >= 2 "
+                             f"codebooks (corrupt header: channels={channels}, n_q={n_q}).")
+    if stream == REFERENCE_STREAM and not (n_q >= 2 and channels >= 2 and _is_int(reference)
+                                           and 0 <= reference < channels):
+        raise TokenFileError(f"{path}: a shared-content file needs >= 2 channels, >= 2 "
+                             f"codebooks and a reference_channel among them (corrupt header: "
+                             f"channels={channels}, n_q={n_q}, "
+                             f"reference_channel={_shown(reference)}).")
 
 
 def channel_scale(metadata: dict[str, Any], channel: int) -> float | None:

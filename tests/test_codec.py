@@ -301,6 +301,12 @@ def test_unknown_token_versions_and_modes_are_rejected(tiny, tmp_path):
     (4, ["--shared-content", "--reference-channel", "-1"],
      r"--reference-channel -1 is out of range"),
     (4, ["--reference-channel", "1"], r"--reference-channel only applies to --shared-content"),
+    (4, ["--content-stream", "mean"], r"--content-stream only applies to --shared-content"),
+    (4, ["--content-stream", "reference"], r"--content-stream only applies to --shared-content"),
+    (4, ["--shared-content", "--content-stream", "mean", "--reference-channel", "0"],
+     r"--reference-channel does not apply to --content-stream mean.*drop --reference-channel"),
+    (1, ["--shared-content", "--content-stream", "mean"],
+     r"--shared-content needs a file with at least 2 channels"),
 ])
 def test_bad_shared_content_options_give_one_line_errors(
         tiny, tmp_path, capsys, channels, flags, expected):
@@ -340,3 +346,82 @@ def test_encode_prints_the_bitrate_of_the_mode(tiny, tmp_path, capsys):
     assert ("1.875 kbps (0.469 per channel) + scales 0.0640 kbps (independent coding: "
             "3.000 kbps (0.750 per channel) + scales 0.2560 kbps)") in shared
     assert "3.000 kbps (0.750 per channel) + scales 0.2560 kbps" in independent
+
+
+# ----------------------------------------------------------------------------------------
+# The mean content stream (--content-stream mean)
+
+
+def test_mean_content_stream_sends_the_code_of_the_channels_mean_latent(tiny, tmp_path, capsys):
+    model, ckpt, _ = tiny
+    audio = _write_wav(tmp_path / "in.wav", channels=4, rate=24000, seconds=0.25)
+    assert codec.main(_encode_args(ckpt, "--shared-content", "--content-stream", "mean",
+                                   str(tmp_path / "in.wav"), str(tmp_path / "m.tok"))) == 0
+    assert "1 codebook-1 stream (mean of 4 channels) + 4 x 1 codebook(s)" in capsys.readouterr().out
+    codes, meta = token_file.read_tokens(tmp_path / "m.tok")
+    assert meta["content_stream"] == "mean" and "reference_channel" not in meta
+    assert token_file.code_streams(meta) == 1 + 4 * (model.n_q - 1)
+
+    x = torch.from_numpy(audio.T.copy())[:, None]
+    scale = shared_content.common_scale(model, x)
+    assert meta["scales"] == [pytest.approx(float(scale))]
+    with torch.no_grad():
+        latent = shared_content.encode_latents(model, x, scale)
+        stream = shared_content.mean_content(model.quantizer, latent)
+        own = model.quantizer.encode(latent)
+        assert not torch.equal(stream, own[0, 0])     # else channel 0's stream would pass
+        assert (codes[:, 0] == stream).all()
+        assert torch.equal(codes, shared_content.encode_with_content(model.quantizer, latent,
+                                                                     stream))
+        expected = shared_content.decode_channels(model, codes, scale, audio.shape[0])
+    assert codec.main(["decode", "--checkpoint", str(ckpt), "--device", "cpu",
+                       str(tmp_path / "m.tok"), str(tmp_path / "m.wav")]) == 0
+    decoded, _ = sf.read(tmp_path / "m.wav", dtype="float32", always_2d=True)
+    np.testing.assert_allclose(decoded.T, expected[:, 0].numpy(), atol=1e-5)
+
+
+def test_identical_channels_code_alike_with_the_mean_or_the_reference_stream(tiny, tmp_path):
+    _, ckpt, _ = tiny
+    one = _write_wav(tmp_path / "one.wav", channels=1, rate=24000, seconds=0.25)
+    sf.write(tmp_path / "in.wav", np.repeat(one, 3, axis=1), 24000, subtype="FLOAT")
+    for stream in ("reference", "mean"):
+        file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / f"{stream}.tok",
+                               device="cpu", shared_content_coding=True, content_stream=stream)
+    reference, _ = token_file.read_tokens(tmp_path / "reference.tok")
+    mean, meta = token_file.read_tokens(tmp_path / "mean.tok")
+    assert meta["content_stream"] == "mean"
+    assert torch.equal(mean, reference)
+
+
+def test_reference_stream_files_are_unchanged_and_old_headers_read_as_reference(tiny, tmp_path):
+    model, ckpt, _ = tiny
+    audio = _write_wav(tmp_path / "in.wav", channels=4, rate=24000, seconds=0.25)
+    for name, flags in (("plain", []), ("named", ["--content-stream", "reference"]),
+                        ("mean", ["--content-stream", "mean"])):
+        assert codec.main(_encode_args(ckpt, "--shared-content", *flags, str(tmp_path / "in.wav"),
+                                       str(tmp_path / f"{name}.tok"))) == 0
+    # Today's usage writes the header (and file) it always did: no content_stream field.
+    raw = (tmp_path / "plain.tok").read_bytes()
+    assert raw == (tmp_path / "named.tok").read_bytes()
+    header = json.loads(raw[12:12 + int.from_bytes(raw[8:12], "little")])
+    assert "content_stream" not in header and header["reference_channel"] == 0
+    codes, meta = token_file.read_tokens(tmp_path / "plain.tok")
+    assert token_file.content_stream(meta) == "reference"
+    with torch.no_grad():
+        coded = shared_content.encode_shared_content(
+            model, torch.from_numpy(audio.T.copy())[:, None], reference=0)
+    assert torch.equal(codes, coded.codes)
+    mean_codes, _ = token_file.read_tokens(tmp_path / "mean.tok")
+    assert not torch.equal(codes, mean_codes)          # else the field would not matter
+    # A header that names the stream reads the same codes as one that does not.
+    payload = raw[12 + int.from_bytes(raw[8:12], "little"):]
+    named = json.dumps(header | {"content_stream": "reference"}).encode("utf-8")
+    (tmp_path / "explicit.tok").write_bytes(token_file.MAGIC + len(named).to_bytes(4, "little")
+                                            + named + payload)
+    assert torch.equal(token_file.read_tokens(tmp_path / "explicit.tok")[0], codes)
+    assert codec.main(["decode", "--checkpoint", str(ckpt), "--device", "cpu",
+                       str(tmp_path / "plain.tok"), str(tmp_path / "plain.wav")]) == 0
+    decoded, _ = sf.read(tmp_path / "plain.wav", dtype="float32", always_2d=True)
+    with torch.no_grad():
+        expected = shared_content.decode_channels(model, coded.codes, coded.scale, meta["length"])
+    np.testing.assert_allclose(decoded.T, expected[:, 0].numpy(), atol=1e-5)

@@ -314,6 +314,33 @@ def test_the_mean_stream_is_the_code_of_the_channels_mean_latent_and_no_one_chan
     assert mean["mel_distance"] != independent["mel_distance"]
 
 
+def test_the_mean_stream_coding_is_one_function_for_files_and_the_comparison(tiny):
+    x = channels_at_levels()
+    latent = sc.encode_latents(tiny, x, sc.common_scale(tiny, x))
+    stream = sc.mean_content(tiny.quantizer, latent)
+    own = tiny.quantizer.encode(latent)
+    coded = sc.encode_shared_content(tiny, x, reference=None)
+    assert coded.reference is None and torch.equal(coded.content, stream)
+    assert torch.equal(coded.codes, sc.encode_with_content(tiny.quantizer, latent, stream))
+    assert not torch.equal(coded.content, own[0, 0])
+    own_residual = sc.encode_shared_content(tiny, x, reference=None, residual="own").codes
+    assert (own_residual[:, 0] == stream).all() and torch.equal(own_residual[:, 1:], own[:, 1:])
+    # What the evaluation measures as 'shared_content_mean' is what the file codec writes.
+    result = comparison.shared_content_comparison(tiny, x[None], codings=("shared_content_mean",))
+    expected = mel_distance(x, sc.decode_channels(tiny, coded.codes, coded.scale, T), 24000)
+    assert result["shared_content_mean"]["mel_distance_per_channel"] == pytest.approx(
+        expected.tolist(), rel=1e-4)
+
+
+def test_identical_channels_give_the_same_codes_with_the_mean_or_a_reference_stream(tiny):
+    x = channels_at_levels()[:1].expand(4, 1, -1)
+    for residual in sc.RESIDUALS:
+        mean = sc.encode_shared_content(tiny, x, reference=None, residual=residual)
+        for reference in (0, 3):
+            assert torch.equal(mean.codes, sc.encode_shared_content(
+                tiny, x, reference=reference, residual=residual).codes)
+
+
 def test_equal_bitrate_coding_is_the_one_codebook_models_own_and_uses_the_bits_it_claims(
         tiny, cfg_factory, tmp_path):
     one = save_tiny_checkpoint(cfg_factory("config_mono_nq2", ["model.n_q=1"]), tmp_path / "one.pt")

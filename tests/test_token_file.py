@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A tiny checkpoint and two small token files of it: independent and shared-content."""
+    """A tiny checkpoint and three small token files of it: independent, shared-content
+    with the reference stream and with the mean stream."""
     from conftest import make_config
 
     tmp = tmp_path_factory.mktemp("tokens")
@@ -31,6 +32,8 @@ def files(tmp_path_factory):
     file_codec.encode_file(tmp / "tiny.pt", tmp / "in.wav", tmp / "i.tok")
     file_codec.encode_file(tmp / "tiny.pt", tmp / "in.wav", tmp / "s.tok",
                            shared_content_coding=True)
+    file_codec.encode_file(tmp / "tiny.pt", tmp / "in.wav", tmp / "m.tok",
+                           shared_content_coding=True, content_stream="mean")
     return tmp
 
 
@@ -103,6 +106,59 @@ def test_a_bad_shared_content_header_field_is_one_line_naming_it(files, tmp_path
     with pytest.raises(TokenFileError) as error:
         read_tokens(tmp_path / "bad.tok")
     _check_names_field(error, key if key in ("reference_channel", "scales") else "channels")
+
+
+# (file, header change, the field the one-line refusal names)
+CONTENT_STREAM_CASES = [
+    ("s.tok", {"content_stream": "joint"}, "content_stream"),
+    ("s.tok", {"content_stream": None}, "content_stream"),
+    ("s.tok", {"content_stream": 1}, "content_stream"),
+    ("s.tok", {"content_stream": ["mean"]}, "content_stream"),
+    ("m.tok", {"content_stream": "Mean"}, "content_stream"),
+    ("i.tok", {"content_stream": "reference"}, "content_stream"),
+    ("i.tok", {"content_stream": "mean"}, "content_stream"),
+    ("m.tok", {"reference_channel": 0}, "reference_channel"),
+    ("m.tok", {"reference_channel": "x"}, "reference_channel"),
+    ("m.tok", {"content_stream": "reference"}, "reference_channel"),
+    ("s.tok", {"content_stream": "reference", "reference_channel": 2}, "reference_channel"),
+    ("m.tok", {"channels": 1}, "channels"),
+    ("m.tok", {"n_q": 1}, "n_q"),
+]
+
+
+@pytest.mark.parametrize("name,change,field", CONTENT_STREAM_CASES)
+def test_a_content_stream_that_does_not_fit_the_header_is_one_line_naming_it(
+        files, tmp_path, name, change, field):
+    header, payload = split(files / name)
+    # A payload the changed header would describe: the header check alone must refuse it.
+    payload = payload[:token_file.code_streams(header | change) * header["frames"] * 2]
+    (tmp_path / "bad.tok").write_bytes(join(header | change, payload))
+    with pytest.raises(TokenFileError) as error:
+        read_tokens(tmp_path / "bad.tok")
+    _check_names_field(error, field)
+    assert f"{field}={json.dumps(change.get(field, header.get(field)))}" in str(error.value)
+
+
+def test_a_mean_stream_file_holds_one_stream_and_reads_without_a_reference(files, tmp_path):
+    header, payload = split(files / "m.tok")
+    assert header["content_stream"] == "mean" and "reference_channel" not in header
+    assert len(payload) == len(split(files / "s.tok")[1])     # the reference mode's streams
+    codes, meta = read_tokens(files / "m.tok")
+    assert (codes[:, 0] == codes[0, 0]).all() and meta == header
+    (tmp_path / "null.tok").write_bytes(join(header | {"reference_channel": None}, payload))
+    assert (read_tokens(tmp_path / "null.tok")[0] == codes).all()
+
+
+def test_the_header_is_refused_before_the_payload_is_allocated(files, tmp_path, monkeypatch):
+    header, payload = split(files / "m.tok")
+    (tmp_path / "bad.tok").write_bytes(join(header | {"reference_channel": 0}, payload))
+
+    def no_payload(*args, **kwargs):
+        raise AssertionError("the payload was decoded before the header was checked")
+
+    monkeypatch.setattr(token_file, "_codes_from_payload", no_payload)
+    with pytest.raises(TokenFileError, match="reference_channel"):
+        read_tokens(tmp_path / "bad.tok")
 
 
 @pytest.mark.parametrize("key", token_file._REQUIRED_KEYS)
@@ -178,9 +234,9 @@ FUZZ_CHILD = textwrap.dedent('''
     EXTREMES = [None, "", "x", True, -1, 0, 1, 2, 3, 7, 2 ** 31, 2 ** 63, 10 ** 12, 10 ** 400,
                 -10 ** 9, 0.5, 1e308, -1e308, float("nan"), float("inf"), [], {}, [1.0] * 3,
                 [float("nan")], 767999, 768000, 768001, 24000, 16000, "independent",
-                "shared_content", "0" * 64]
+                "shared_content", "reference", "mean", "0" * 64]
     rng = random.Random(seed)
-    sources = [(work / name).read_bytes() for name in ("i.tok", "s.tok")]
+    sources = [(work / name).read_bytes() for name in ("i.tok", "s.tok", "m.tok")]
 
     def mutate(raw):
         length = int.from_bytes(raw[8:12], "little")
@@ -198,7 +254,7 @@ FUZZ_CHILD = textwrap.dedent('''
             lie = rng.choice([0, 1, length - 1, length + 1, len(raw), 2 ** 32 - 1,
                               rng.randrange(2 ** 32)])
             return kind, raw[:8] + lie.to_bytes(4, "little") + raw[12:]
-        keys = sorted(header) + ["reference_channel", "frame_rate", "mode"]
+        keys = sorted(header) + ["reference_channel", "frame_rate", "mode", "content_stream"]
         key = rng.choice(keys)
         if kind == "drop":
             header.pop(key, None)
@@ -210,7 +266,7 @@ FUZZ_CHILD = textwrap.dedent('''
 
     outcome = {"decoded": 0, "refused": 0, "failures": []}
     for case in range(count):
-        kind, data = mutate(sources[case % 2])
+        kind, data = mutate(sources[case % len(sources)])
         (work / "case.tok").write_bytes(data)
         signal.alarm(20)
         try:
