@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -43,3 +44,13 @@ def synth_root(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     synth_eigenscape.generate(out, files_per_class=1, seconds=2.0, seed=0)
     return out
+
+
+@pytest.fixture
+def float64():
+    """Build and run in float64 (the quantizer stays float32), so that two ways of computing
+    the same step agree to ~1e-12 and any larger difference is a difference in the maths."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

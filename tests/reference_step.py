@@ -104,12 +104,12 @@ def reference_pairwise(cfg: Any, parts: Parts, runtime: Runtime, out, x: torch.T
         return []
     unsupported = (cfg.schedule != 'constant' or cfg.channel_classifier.enabled
                    or cfg.ild_head.enabled or cfg.class_weights
-                   or cfg.consensus_weight or cfg.invariance.weight or cfg.nce_projection
+                   or cfg.invariance.weight or cfg.nce_projection
                    or cfg.nce_pooling != 'frame' or not cfg.nce_center
                    or cfg.nce_same_segment_negatives)
     if unsupported:
         # The linear ramp counts from the step the gate opened, which this stateless reference
-        # cannot know; test_training_step checks the ramp against the trainer's own record.
+        # cannot know; test_pairwise_step checks the ramp against the trainer's own record.
         raise NotImplementedError("the reference step writes out the recipes' default terms "
                                   "with the constant schedule only")
     factor = 1.0
@@ -170,6 +170,27 @@ def reference_pairwise(cfg: Any, parts: Parts, runtime: Runtime, out, x: torch.T
         normaliser = target.pow(2).mean().clamp_min(cfg.ild_head.floor_db ** 2)
         cue = (difference - target).pow(2).mean() / normaliser
         terms.append(factor * cfg.cue_weight * cue)
+
+    if cfg.consensus_weight > 0:
+        # Each view's own content latent (the encoder output, before a shared content code)
+        # pays, in every frame its nearest code is not the pair's (the code nearest the views'
+        # mean), its distance to the pair's code less that to its own, over the two codes'.
+        codebook = model.quantizer.codebooks[content]
+        codes = (codebook.embed * codebook.dims).detach().float()
+        own_latent = out.latent.float() - sum(e.detach().float() for e in out.embeddings[:content])
+        own_latent = (own_latent * codebook.dims[:, None]).transpose(1, 2)  # [B*V, F, D]
+        per_item = own_latent.reshape(batch_size, views, *own_latent.shape[1:])
+        nearest = lambda v: ((v[..., None, :] - codes) ** 2).sum(-1).argmin(-1)  # noqa: E731
+        margins = []
+        for i, j in pairs:
+            pair_code = nearest(((per_item[:, i] + per_item[:, j]) / 2).detach())
+            for v in (per_item[:, i], per_item[:, j]):
+                own = nearest(v.detach())
+                margin = (((v - codes[pair_code]) ** 2).sum(-1) - ((v - codes[own]) ** 2).sum(-1))
+                spread = ((codes[own] - codes[pair_code]) ** 2).sum(-1)
+                margins.append(torch.where(own == pair_code, torch.zeros_like(margin),
+                                           margin.clamp_min(0) / spread))
+        terms.append(factor * cfg.consensus_weight * torch.stack(margins).mean())
     return terms
 
 
