@@ -19,7 +19,7 @@ import soundfile as sf
 
 from utils.audio_read import span_for
 from utils.eigenscape import CAPSULES, unit_vectors
-from utils.eigenscape_files import AudioFile, DataWarning, usable_channels, walk_audio
+from utils.eigenscape_files import AudioFile, DataWarning, unusable_reason, walk_audio
 
 ARRAY_EXTENSIONS = {".wav", ".flac", ".ogg"}
 ARRAY_CLASS = "array"  # the scene class of every array-set file: there are none
@@ -71,13 +71,9 @@ def find_array_files(root: str | Path, min_channels: int, channels: Sequence[int
 def _unusable(n_channels: int, frames: int, rate: int, min_channels: int,
               channels: Sequence[int] | None, segment: int, model_rate: int) -> str | None:
     """Why a file cannot give an item of an array set, or None."""
-    if n_channels < min_channels:
-        return (f"{n_channels} channel(s), need at least {min_channels}"
-                + (": a one-channel file has no pair" if n_channels == 1 else ""))
-    usable = usable_channels(n_channels, channels)
-    if len(usable) < min_channels:
-        return (f"only {len(usable)} of datasets.channels={list(channels)} exist in this "
-                f"{n_channels}-channel file, need {min_channels}")
+    why = unusable_reason(n_channels, frames, min_channels, channels)
+    if why:
+        return why
     needed = span_for(rate, model_rate, segment).frames
     if frames < needed:
         return (f"{frames / rate:.3g} s, shorter than one segment "

@@ -97,14 +97,15 @@ def usable_channels(n_channels: int, channels: Sequence[int] | None) -> list[int
             else list(range(n_channels)))
 
 
-def _check_file(info_channels: int, info_frames: int, min_channels: int,
-                channels: Sequence[int] | None) -> str | None:
-    """Why a file cannot be used, or None."""
+def unusable_reason(info_channels: int, info_frames: int, min_channels: int,
+                    channels: Sequence[int] | None) -> str | None:
+    """Why a file cannot give an item of `min_channels` distinct channels (of `channels`,
+    None: all), or None."""
     if info_frames <= 0:
         return "empty (0 frames)"
     if info_channels < min_channels:
         return (f"{info_channels} channel(s), need at least {min_channels} distinct channels "
-                f"per item")
+                f"per item" + (": a one-channel file has no pair" if info_channels == 1 else ""))
     usable = usable_channels(info_channels, channels)
     if len(usable) < min_channels:
         return (f"only {len(usable)} of datasets.channels={list(channels)} exist in this "
@@ -167,7 +168,7 @@ def find_audio_files(data_root: str | os.PathLike, classes: Sequence[str], min_c
         except Exception as err:  # soundfile raises several types for non-audio content
             skipped.append((rel, f"unreadable or not audio ({type(err).__name__}: {err})"))
             continue
-        why = _check_file(info.channels, info.frames, min_channels, channels)
+        why = unusable_reason(info.channels, info.frames, min_channels, channels)
         if why:
             skipped.append((rel, why))
             continue
@@ -198,7 +199,7 @@ def prepared_files(data_root: Path, prepared_root: Path, classes: Sequence[str],
     for entry in sorted(index["files"], key=lambda e: e["source"]):
         if entry["class"] not in classes:
             continue
-        why = _check_file(entry["channels"], entry["source_frames"], min_channels, channels)
+        why = unusable_reason(entry["channels"], entry["source_frames"], min_channels, channels)
         if why:
             skipped.append((entry["source"], why))
             continue
