@@ -42,8 +42,13 @@ def init_codebooks(parts, wavs) -> None:
         parts.raw_model.train()(wavs.flatten(0, 1))
 
 
+# The contrastive terms from the first step, each view coding its own codebook 1 (no shared
+# content code, no consensus) with cross-reconstruction on, so that each term can be written
+# out on its own; the tests of the default's shared code and consensus switch them back on.
 CONTRASTIVE = ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
-               "pairwise.cue_weight=0", "model.kmeans_buffer=0"]
+               "pairwise.cue_weight=0", "model.kmeans_buffer=0",
+               "pairwise.shared_content_code=false", "pairwise.consensus_weight=0",
+               "pairwise.xrec_weight=1.0"]
 
 
 def level_pair(cfg, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:

@@ -28,6 +28,11 @@ def test_paired_default_is_contrastive_and_seed_is_the_design_documents_recipe(c
     assert not seed['shared_scale'] and not seed['wait_for_kmeans']
     assert not seed['ild_head']['enabled'] and not seed['channel_classifier']['enabled']
     assert seed['consensus_weight'] == 0 and seed['invariance']['weight'] == 0
+    # The default codes the views' mean content once, pulls each view's own code to it, and
+    # needs no cross-reconstruction (with one shared code it is the reconstruction).
+    contrastive = group_file("contrastive")
+    assert contrastive['shared_content_code'] and contrastive['consensus_weight'] > 0
+    assert contrastive['xrec_weight'] == 0
     # The document's quantizer is EnCodec's RVQ; the paired default splits it, mono does not.
     assert cfg_factory("config_paired_nq2").model.content_share == 0.5
     assert cfg_factory("config_mono_nq2").model.content_share == 0

@@ -45,13 +45,15 @@ def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluate
     result, calls = run_study(tmp_path, SEEDS="2", FIRST_SEED="7", STEPS="250", JOBS=jobs,
                               VARIANTS="mono seed paired "
                                        "head:pairwise.ild_head.enabled=true,pairwise.cue_weight=0 "
-                                       "msplit:mono,model.content_share=0.25 mono_split rvq xrec0")
+                                       "msplit:mono,model.content_share=0.25 mono_split rvq "
+                                       "xrec xrec0 scc")
     assert result.returncode == 0, result.stderr
     trains = [c for c in calls if c[0].endswith(("train_single_gpu.py", "train_paired_gpu.py"))]
     runs = {(Path(option(c, "checkpoint.save_folder")).parent.name, option(c, "common.seed")): c
             for c in trains}
     assert set(runs) == {(v, s) for v in ("mono", "seed", "paired", "head", "msplit",
-                                          "mono_split", "rvq", "xrec0", "mono_nq1")
+                                          "mono_split", "rvq", "xrec", "xrec0", "scc",
+                                          "mono_nq1")
                          for s in ("7", "8")}
     # The equal-bitrate codec: mono, one codebook, trained so (not in the table's variants).
     assert "--config-name=config_mono_nq2" in runs["mono_nq1", "8"]
@@ -66,11 +68,17 @@ def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluate
     assert "--config-name=config_mono_nq2" in runs["mono_split", "7"]
     assert "model.content_share=0.5" in runs["mono_split", "7"]
     assert "--config-name=config_paired_nq2" in runs["rvq", "7"]
-    assert "model.content_share=0" in runs["rvq", "7"]
+    assert {"model.content_share=0", "pairwise.shared_content_code=false"} <= set(runs["rvq", "7"])
     assert not any(a.startswith("pairwise") for a in runs["paired", "7"])  # the config as it is
     assert {"pairwise.ild_head.enabled=true", "pairwise.cue_weight=0"} <= set(runs["head", "8"])
-    assert "--config-name=config_paired_nq2" in runs["xrec0", "7"]
-    assert "pairwise.xrec_weight=0" in runs["xrec0", "7"]
+    # The previous default (cross-reconstruction, no shared content code, no consensus), with
+    # and without cross-reconstruction, and the default without consensus.
+    previous = {"pairwise.shared_content_code=false", "pairwise.consensus_weight=0"}
+    assert "--config-name=config_paired_nq2" in runs["xrec", "7"]
+    assert previous | {"pairwise.xrec_weight=1"} <= set(runs["xrec", "7"])
+    assert previous | {"pairwise.xrec_weight=0"} <= set(runs["xrec0", "7"])
+    assert [a for a in runs["scc", "7"] if a.startswith("pairwise")] == [
+        "pairwise.consensus_weight=0"]
     # Equal segments per step: mono runs take twice the paired runs' items (the demo's 4).
     for (name, seed), call in runs.items():
         items = 8 if call[0].endswith("train_single_gpu.py") else 4
@@ -85,7 +93,8 @@ def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluate
     evals = [c for c in calls if c[0].endswith("evaluate.py")]
     assert [option(c, "out_dir") for c in evals] == [str(tmp_path / "out" / "eval" / f"seed{s}")
                                                      for s in (7, 8)]
-    assert option(evals[1], "labels") == "[mono,seed,paired,head,msplit,mono_split,rvq,xrec0]"
+    assert (option(evals[1], "labels")
+            == "[mono,seed,paired,head,msplit,mono_split,rvq,xrec,xrec0,scc]")
     assert "/head/seed8/" in option(evals[1], "checkpoints")
     assert "/mono_nq1/seed8/" in option(evals[1], "shared_content.equal_bitrate_checkpoint")
     assert "mono_nq1" not in option(evals[1], "checkpoints")

@@ -79,24 +79,25 @@ def test_train_step_applies_the_design_documents_loss_and_its_gradients(float64)
                for a, b in zip(parts.raw_model.parameters(), model.parameters()))
 
 
-# Mono and paired, the balancer off and on, the scale-free recipe (cross-reconstruction and
-# cue fidelity); all with the configured gain jitter (the same draws in both steps).
+# Mono and paired, the balancer off and on, the default recipe and the previous one (its parts
+# on and off); all with the configured gain jitter (the same draws in both steps).
 REFERENCE_CASES = [
     pytest.param(1, [], id="mono"),
     pytest.param(2, [], id="paired"),
     pytest.param(1, ["balancer.enabled=true"], id="mono-balancer"),
     pytest.param(2, ["balancer.enabled=true"], id="paired-balancer"),
+    # The default recipe (a shared content code, code consensus) with the cue term on.
     pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
                      "pairwise.cue_weight=0.5"], id="paired-contrastive"),
     pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
+                     "pairwise.consensus_weight=0"], id="paired-shared-content-code"),
+    # The previous default: each view's own codebook 1, cross-reconstruction.
+    pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
+                     "pairwise.shared_content_code=false", "pairwise.consensus_weight=0",
+                     "pairwise.xrec_weight=1.0", "pairwise.cue_weight=0.5"], id="paired-xrec"),
+    pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
+                     "pairwise.shared_content_code=false", "pairwise.xrec_weight=1.0",
                      "pairwise.cue_weight=0.5", "pairwise.cue_shape=true"], id="paired-cue-shape"),
-    pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
-                     "pairwise.shared_content_code=true", "model.content_share=0.5"],
-                 id="paired-shared-content-code"),
-    pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
-                     "pairwise.shared_content_code=true", "model.content_share=0.5",
-                     "pairwise.consensus_weight=2.0", "pairwise.xrec_weight=0"],
-                 id="paired-shared-content-code-consensus"),
 ]
 # (adversarial, update_disc) of four steps in a row: before the discriminator starts, then
 # steps with and without its update.
