@@ -235,9 +235,11 @@ def check_settings(cfg: DictConfig) -> None:
                               "the content codebook; use another one "
                               "(pairwise.channel_codebook=1).")
         if cfg.pairwise.shared_content_code and not cfg.model.content_share:
-            raise ConfigError("pairwise.shared_content_code=true codes the views' mean content "
-                              "part with codebook 1, which needs the split quantizer; set "
-                              "model.content_share>0 (e.g. 0.5).")
+            raise ConfigError("pairwise.shared_content_code=true (the paired default) codes the "
+                              "views' mean content part with codebook 1, which needs the split "
+                              "quantizer: set model.content_share>0 (e.g. 0.5), or add "
+                              "pairwise.shared_content_code=false to train on EnCodec's "
+                              "residual quantizer.")
         if cfg.pairwise.schedule == "linear" and cfg.pairwise.ramp_steps < 1:
             raise ConfigError(f"pairwise.ramp_steps={cfg.pairwise.ramp_steps}: "
                               "pairwise.schedule=linear ramps over them; "
