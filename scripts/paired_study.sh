@@ -14,11 +14,10 @@
 # cross-reconstruction). Each is fine-tuned from the same starting point
 # (pretrained/start_demo.pt, made by scripts/pretrain_start.sh) for the same optimizer steps
 # on the same segments per step: a paired step codes 2 channels of B items, so the mono
-# variants take 2B items per step. For
-# SEEDS seeds; every run's per-epoch validation (which picks best.pt) sees the `monitor`
-# files of the validation classes, and evaluate.py scores every seed's variants side by side
-# on the `held_out` others (datasets.val_files); prints the table of mean +- std over seeds
-# (scripts/study_table.py).
+# variants take 2B items per step. For SEEDS seeds; every run's per-epoch validation (which
+# picks best.pt) sees the `monitor` files of the validation classes, and evaluate.py scores
+# every seed's variants side by side on the `held_out` others (datasets.val_files); prints
+# the table of mean +- std over seeds (scripts/study_table.py).
 #
 # Environment:
 #   DATA_ROOT  data (default: the synthetic em32 set of scripts/lib.sh, generated in OUT/data,
