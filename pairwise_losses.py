@@ -334,9 +334,12 @@ class PairwiseLoss(nn.Module):
         ild_targets = None
         if active and self.ild_head is not None:
             ild_targets = measured_levels(self.ild_head.n_bands)
+        own_content = None
+        if ild_targets is not None and self.shared_content_code:
+            own_content = self.own_content(model, out, views)
         channels = torch.tensor([m['channels'] for m in metas])  # CPU: range-checked there
         losses, logs = self.view_terms(embeddings, [m['class'] for m in metas], channels,
-                                       ild_targets)
+                                       ild_targets, own_content)
 
         def add(terms: Terms) -> None:
             losses.update(terms[0])
@@ -388,8 +391,10 @@ class PairwiseLoss(nn.Module):
 
     # ------------------------------------------------------------------ the terms
     def view_terms(self, views: tp.Sequence[View], classes: tp.Sequence[str] | None,
-                   channels: torch.Tensor | None, ild_targets: torch.Tensor | None) -> Terms:
-        """Similarity and diversity, and each head whose input is given."""
+                   channels: torch.Tensor | None, ild_targets: torch.Tensor | None,
+                   own_content: tp.Sequence[torch.Tensor] | None = None) -> Terms:
+        """Similarity and diversity, and each head whose input is given (`own_content`: see
+        `level_difference_terms`)."""
         check_views(views, self.content_codebook, self.channel_codebook)
         sim, sim_logs = self.similarity_terms(views)
         div, div_logs = self.diversity_terms(views)
@@ -404,7 +409,8 @@ class PairwiseLoss(nn.Module):
             losses['l_cls'] = self.classifier_loss(views, channels)
             logs['cls'] = losses['l_cls'].detach()
         if self.ild_head is not None and ild_targets is not None:
-            losses['l_ild'], losses['l_ild_adv'] = self.level_difference_terms(views, ild_targets)
+            losses['l_ild'], losses['l_ild_adv'] = self.level_difference_terms(
+                views, ild_targets, own_content)
             logs['ild'], logs['ild_adv'] = losses['l_ild'].detach(), losses['l_ild_adv'].detach()
         return losses, logs
 
@@ -463,20 +469,28 @@ class PairwiseLoss(nn.Module):
                                                     for i, j in pairs]).mean()
         return div, extras
 
-    def level_difference_terms(self, views: tp.Sequence[View],
-                               ild_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def level_difference_terms(self, views: tp.Sequence[View], ild_targets: torch.Tensor,
+                               own_content: tp.Sequence[torch.Tensor] | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unweighted losses of the head on the channel codebook and of its twin behind a
-        gradient reversal on the content codebook, averaged over view pairs."""
+        gradient reversal on the content codebook, averaged over view pairs.
+
+        `own_content` (per view, `[B, D, F]`): what the twin reads instead of the content
+        codebook's embeddings. Under a shared content code those are one code for every view,
+        in which no level difference can be read; the content each view's encoder output
+        would send on its own (`own_content`) is what must lose the level difference."""
         assert self.ild_head is not None and self.ild_twin is not None
         targets = level_difference_pairs(ild_targets, len(views), self.ild_head.n_bands)
+        content = (list(own_content) if own_content is not None
+                   else [view[self.content_codebook] for view in views])
         plain, adversarial = [], []
         for p, (i, j) in enumerate(view_pairs(views)):
             target = targets[:, p]
             channel_i, channel_j = views[i][self.channel_codebook], views[j][self.channel_codebook]
             plain.append(level_difference_loss(self.ild_head(channel_i, channel_j), target,
                                                self.ild_floor_db))
-            content_i = reverse_gradient(views[i][self.content_codebook], self.ild_reversal)
-            content_j = reverse_gradient(views[j][self.content_codebook], self.ild_reversal)
+            content_i = reverse_gradient(content[i], self.ild_reversal)
+            content_j = reverse_gradient(content[j], self.ild_reversal)
             adversarial.append(level_difference_loss(self.ild_twin(content_i, content_j), target,
                                                      self.ild_floor_db))
         return torch.stack(plain).mean(), torch.stack(adversarial).mean()
@@ -526,18 +540,25 @@ class PairwiseLoss(nn.Module):
         cue = level_difference_loss(decoded, target, self.ild_floor_db)
         return {'l_cue': cue}, {'cue': cue.detach()}
 
-    def consensus_of_codes(self, model: EncodecModel, out: EncodecOutput, views: int) -> Terms:
-        """`code_consensus` on what the content codebook quantizes of each view on its own:
+    def own_content(self, model: EncodecModel, out: EncodecOutput,
+                    views: int) -> tuple[torch.Tensor, ...]:
+        """What the content codebook quantizes of each view on its own, per view `[B, D, F]`:
         the encoder output (before a shared content code replaced it by the views' mean)
-        minus the earlier codebooks' vectors, split into views."""
+        minus the earlier codebooks' vectors, on the dimensions the codebook codes
+        (`model.content_share`), with its graph."""
         k = self.content_codebook
         codebook = model.quantizer.codebooks[k]
         residual = out.latent.float()
         for earlier in out.embeddings[:k]:
             residual = residual - earlier.detach()
-        # Only the dimensions it codes (model.content_share).
         residual = residual * codebook.dims[:, None]
-        return self.code_consensus_terms(unflatten_views(residual, views).unbind(1),
+        return unflatten_views(residual, views).unbind(1)
+
+    def consensus_of_codes(self, model: EncodecModel, out: EncodecOutput, views: int) -> Terms:
+        """`code_consensus` on what the content codebook quantizes of each view on its own
+        (`own_content`)."""
+        codebook = model.quantizer.codebooks[self.content_codebook]
+        return self.code_consensus_terms(self.own_content(model, out, views),
                                          codebook.embed * codebook.dims)
 
     def code_consensus_terms(self, residuals: tp.Sequence[torch.Tensor],

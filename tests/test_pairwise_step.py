@@ -14,7 +14,7 @@ from modules import channel_change, spatial_cues
 from modules.pairwise_heads import level_difference_loss
 from modules.pairwise_terms import code_consensus, info_nce, swap_latents
 from modules.views import split_views
-from pairwise_losses import PairwiseLoss
+from pairwise_losses import PairwiseLoss, view_band_levels
 from step_setup import (BATCH, CONTRASTIVE, SEED_RECIPE, VIEWS, init_codebooks, level_pair,
                         measured_step, per_view_of, tiny_setup)
 from training.configuration import prepare_config
@@ -160,6 +160,28 @@ def test_consensus_under_a_shared_content_code_scores_each_views_own_content():
     assert result.scalars["consensus"] == pytest.approx(want.loss.mean().item(), rel=1e-4)
     assert result.scalars["consensus_agreement"] == pytest.approx(want.agreement.item())
     assert result.scalars["consensus"] > 0 and result.scalars["grad_ratio_consensus"] > 0
+
+
+def test_the_reversed_level_twin_under_a_shared_content_code_reads_each_views_own_content():
+    cfg, runtime, parts = tiny_setup([*CONTRASTIVE, "pairwise.shared_content_code=true",
+                                      "pairwise.xrec_weight=0", "pairwise.ild_head.enabled=true"])
+    wavs, metas = level_pair(cfg)
+    init_codebooks(parts, wavs)
+    model, pairwise = copy.deepcopy(parts.raw_model), copy.deepcopy(parts.pairwise)
+    result = train_step(parts, runtime, wavs, metas, step=3, adversarial=False, update_disc=False,
+                        grad_clip=0.0, bins=cfg.model.bins, measure_gradients=True)
+    # Written out: the twin reads each view's own encoder output on the content dimensions
+    # (the shared code the step decoded is one code for both views: from it the antisymmetric
+    # twin predicts exactly no difference, and its reversed gradient is 0).
+    x = wavs.flatten(0, 1)
+    scale = model.shared_scale(x, VIEWS)
+    own = model.encoder(x / scale) * model.quantizer.codebooks[0].dims[:, None]
+    a, b = (view[0] for view in split_views([own], VIEWS))
+    levels = view_band_levels(x, 24000, VIEWS, cfg.pairwise.ild_head.n_bands)
+    targets = levels[:, 0] - levels[:, 1]
+    want = level_difference_loss(pairwise.ild_twin(a, b), targets, cfg.pairwise.ild_head.floor_db)
+    assert result.scalars["ild_adv"] == pytest.approx(want.item(), rel=1e-4)
+    assert result.scalars["grad_ratio_ild_adv"] > 0
 
 
 def test_the_design_documents_recipe_keeps_a_scale_per_channel():
