@@ -74,7 +74,8 @@ class PairwiseLoss(nn.Module):
     - cross-reconstruction (`xrec_weight`): `swap_latents(views)` decoded and scored against
       the other view's waveform in the reconstruction loss's units,
     - optional level-difference head on the channel codebook and its gradient-reversed twin
-      on the content codebook (`ild_head`), against the input pair's band levels,
+      on the content codebook (`ild_head`; under a shared content code the twin reads each
+      view's own content latent), against the input pair's band levels,
     - cue fidelity (`cue_weight`): the decoded pair's per-band level differences against the
       input pair's (with `cue_shape`, each difference's mean over bands removed first: its
       spectral shape, which the autoencoder smooths away while it keeps the broadband part),
