@@ -56,8 +56,9 @@ class LevelDifferenceHead(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Level of `a` minus level of `b`, `[B, n_bands]` dB, from embeddings `[B, D, F]`."""
+        dtype = self.mlp[0].weight.dtype  # the head's own precision, whatever the autocast
         with torch.autocast(a.device.type, enabled=False):
-            features = torch.cat([self.pool(a.float()), self.pool(b.float())], dim=1)
+            features = torch.cat([self.pool(a.to(dtype)), self.pool(b.to(dtype))], dim=1)
             features = features * torch.rsqrt(features.pow(2).mean(dim=1, keepdim=True) + 1e-20)
             swapped = features.roll(features.shape[1] // 2, dims=1)  # (b, a)
             return (self.mlp(features) - self.mlp(swapped)) / 2

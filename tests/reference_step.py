@@ -103,7 +103,7 @@ def reference_pairwise(cfg: Any, parts: Parts, runtime: Runtime, out, x: torch.T
     if step < cfg.start_step or (cfg.wait_for_kmeans and not model.codebooks_initialized):
         return []
     unsupported = (cfg.schedule != 'constant' or cfg.channel_classifier.enabled
-                   or cfg.ild_head.enabled or cfg.class_weights
+                   or cfg.class_weights
                    or cfg.invariance.weight or cfg.nce_projection
                    or cfg.nce_pooling != 'frame' or not cfg.nce_center
                    or cfg.nce_same_segment_negatives)
@@ -137,6 +137,54 @@ def reference_pairwise(cfg: Any, parts: Parts, runtime: Runtime, out, x: torch.T
     else:
         raise NotImplementedError(cfg.div_kind)
     terms = [factor * cfg.sim_weight * sim.mean(), factor * cfg.div_weight * div.mean()]
+
+    def own_content() -> list[torch.Tensor]:
+        """Each view's own content latent `[B, D, F]`: the encoder output (before a shared
+        content code) less the earlier codebooks' vectors, on the codebook's dimensions."""
+        codebook = model.quantizer.codebooks[content]
+        own = out.latent.float() - sum(e.detach().float() for e in out.embeddings[:content])
+        own = (own * codebook.dims[:, None]).view(batch_size, views, *own.shape[1:])
+        return [own[:, v] for v in range(views)]
+
+    if cfg.ild_head.enabled:
+        # A head predicts the pair's band-level difference from the channel codebook, its twin
+        # from the content (each view's own under a shared content code) through a reversed
+        # gradient; each pools a view over time into mean and mean absolute deviation, both
+        # views' features scaled by their joint RMS, antisymmetric in the two views.
+        def predict(mlp: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            pooled = [torch.cat([e.mean(-1), (e - e.mean(-1, keepdim=True)).abs().mean(-1)], 1)
+                      for e in (a.to(mlp[0].weight.dtype), b.to(mlp[0].weight.dtype))]
+            ab, ba = torch.cat(pooled, 1), torch.cat(pooled[::-1], 1)
+            norm = torch.rsqrt(ab.pow(2).mean(dim=1, keepdim=True) + 1e-20)
+            return (mlp(ab * norm) - mlp(ba * norm)) / 2
+
+        def reversed_gradient(e: torch.Tensor) -> torch.Tensor:  # value e, gradient -reversal
+            e = e.to(parts.pairwise.ild_twin.mlp[0].weight.dtype)  # exact there: e is float32
+            return (1 + cfg.ild_head.reversal) * e.detach() - cfg.ild_head.reversal * e
+
+        def relative_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            target = target.to(prediction)
+            normaliser = target.pow(2).mean().clamp_min(cfg.ild_head.floor_db ** 2)
+            return (prediction - target).pow(2).mean() / normaliser
+
+        with torch.no_grad():
+            levels = spatial_cues.band_levels(x.float(), model.sample_rate,
+                                              n_bands=cfg.ild_head.n_bands,
+                                              n_fft=2048 if x.shape[-1] >= 2048 else 1024)
+            levels = levels.view(batch_size, views, -1)
+        contents = (own_content() if cfg.shared_content_code
+                    else [view(content, v) for v in range(views)])
+        head, twin = parts.pairwise.ild_head.mlp, parts.pairwise.ild_twin.mlp
+        plain, adversarial = [], []
+        for i, j in pairs:
+            target = levels[:, i] - levels[:, j]
+            plain.append(relative_error(predict(head, view(channel, i), view(channel, j)),
+                                        target))
+            adversarial.append(relative_error(
+                predict(twin, reversed_gradient(contents[i]), reversed_gradient(contents[j])),
+                target))
+        terms.append(factor * cfg.ild_head.weight * torch.stack(plain).mean())
+        terms.append(factor * cfg.ild_head.adv_weight * torch.stack(adversarial).mean())
 
     if cfg.xrec_weight > 0:
         # Content codebook of view i + the other codebooks of view j, decoded, against x_j.
@@ -177,9 +225,7 @@ def reference_pairwise(cfg: Any, parts: Parts, runtime: Runtime, out, x: torch.T
         # mean), its distance to the pair's code less that to its own, over the two codes'.
         codebook = model.quantizer.codebooks[content]
         codes = (codebook.embed * codebook.dims).detach().float()
-        own_latent = out.latent.float() - sum(e.detach().float() for e in out.embeddings[:content])
-        own_latent = (own_latent * codebook.dims[:, None]).transpose(1, 2)  # [B*V, F, D]
-        per_item = own_latent.reshape(batch_size, views, *own_latent.shape[1:])
+        per_item = torch.stack(own_content(), dim=1).transpose(2, 3)  # [B, V, F, D]
         nearest = lambda v: ((v[..., None, :] - codes) ** 2).sum(-1).argmin(-1)  # noqa: E731
         margins = []
         for i, j in pairs:

@@ -91,6 +91,14 @@ REFERENCE_CASES = [
                      "pairwise.cue_weight=0.5"], id="paired-contrastive"),
     pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
                      "pairwise.consensus_weight=0"], id="paired-shared-content-code"),
+    # The level head and its reversed twin, on each view's own content (a shared content code)
+    # and on codebook 1 (each view's own code).
+    pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
+                     "pairwise.ild_head.enabled=true", "pairwise.ild_head.reversal=0.5"],
+                 id="paired-level-twin"),
+    pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
+                     "pairwise.shared_content_code=false", "pairwise.consensus_weight=0",
+                     "pairwise.ild_head.enabled=true"], id="paired-level-twin-own-codes"),
     # The previous default: each view's own codebook 1, cross-reconstruction.
     pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
                      "pairwise.shared_content_code=false", "pairwise.consensus_weight=0",
