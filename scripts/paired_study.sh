@@ -8,10 +8,11 @@
 # default's split quantizer: the mono baseline of the same architecture), `seed`
 # (config_paired_nq2 with pairwise=seed model.content_share=0, the design document's recipe),
 # `rvq` (the default pairwise recipe on EnCodec's unsplit quantizer, so without the shared
-# content code), `xrec` (the previous default: cross-reconstruction instead of the shared
-# content code and code consensus), `scc` (the default without code consensus) and `paired`
-# (config_paired_nq2 as it is, the default recipe); on request also `xrec0` (`xrec` without
-# cross-reconstruction). Each is fine-tuned from the same starting point
+# content code), `xrec` (an earlier default: cross-reconstruction instead of the shared
+# content code, code consensus and the level twin), `scc` (the shared content code alone),
+# `cons` (the previous default: `scc` with code consensus) and `paired` (config_paired_nq2 as
+# it is, the default recipe: `cons` with the level twin); on request also `xrec0` (`xrec`
+# without cross-reconstruction). Each is fine-tuned from the same starting point
 # (pretrained/start_demo.pt, made by scripts/pretrain_start.sh) for the same optimizer steps
 # on the same segments per step: a paired step codes 2 channels of B items, so the mono
 # variants take 2B items per step. For SEEDS seeds; every run's per-epoch validation (which
@@ -25,7 +26,7 @@
 #   OUT        work folder (default runs/paired_study); checkpoints in OUT/<variant>/seed<N>/
 #   SEEDS      seeds per variant (default 3: training seeds FIRST_SEED..FIRST_SEED+SEEDS-1)
 #   FIRST_SEED first training seed (default 1)
-#   VARIANTS   space-separated subset of "mono mono_split seed rvq xrec xrec0 scc paired"
+#   VARIANTS   space-separated subset of "mono mono_split seed rvq xrec xrec0 scc cons paired"
 #              (default all but xrec0); a variant NAME:OVERRIDES is the paired config with
 #              comma-separated Hydra overrides, e.g. "paired nocue:pairwise.cue_weight=0
 #              head:pairwise.ild_head.enabled=true", and NAME:mono,OVERRIDES the mono config
@@ -55,7 +56,7 @@ out="$(mkdir -p "${OUT:-$here/runs/paired_study}" && cd "${OUT:-$here/runs/paire
 seeds="${SEEDS:-3}"
 first_seed="${FIRST_SEED:-1}"
 seed_list="$(seq "$first_seed" $(( first_seed + seeds - 1 )))"
-variants="${VARIANTS:-mono mono_split seed rvq xrec scc paired}"
+variants="${VARIANTS:-mono mono_split seed rvq xrec scc cons paired}"
 steps="${STEPS:-800}"
 start="${START:-$here/pretrained/start_demo.pt}"
 [ -f "$start" ] || {
@@ -82,10 +83,11 @@ train() {  # train VARIANT SEED
     seed) recipe=(pairwise=seed model.content_share=0) ;;
     rvq) recipe=(model.content_share=0 pairwise.shared_content_code=false) ;;
     xrec) recipe=(pairwise.shared_content_code=false pairwise.consensus_weight=0
-                  pairwise.xrec_weight=1) ;;
+                  pairwise.xrec_weight=1 pairwise.ild_head.enabled=false) ;;
     xrec0) recipe=(pairwise.shared_content_code=false pairwise.consensus_weight=0
-                   pairwise.xrec_weight=0) ;;
-    scc) recipe=(pairwise.consensus_weight=0) ;;
+                   pairwise.xrec_weight=0 pairwise.ild_head.enabled=false) ;;
+    scc) recipe=(pairwise.consensus_weight=0 pairwise.ild_head.enabled=false) ;;
+    cons) recipe=(pairwise.ild_head.enabled=false) ;;
     paired) ;;
     *:*) IFS=, read -r -a recipe <<< "${variant#*:}"; variant="${variant%%:*}"
          dir="$out/$variant/seed$seed"
@@ -93,7 +95,7 @@ train() {  # train VARIANT SEED
            script=train_single_gpu.py; config=config_mono_nq2; recipe=("${recipe[@]:1}")
          fi ;;
     *) echo "unknown variant '$variant' in VARIANTS (use mono, mono_split, seed, rvq, xrec," \
-            "xrec0, scc, paired or NAME:OVERRIDES)" >&2
+            "xrec0, scc, cons, paired or NAME:OVERRIDES)" >&2
        exit 2 ;;
   esac
   # Equal segments per step: a mono item is one segment, a paired item two.

@@ -48,7 +48,7 @@ def init_codebooks(parts, wavs) -> None:
 CONTRASTIVE = ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
                "pairwise.cue_weight=0", "model.kmeans_buffer=0",
                "pairwise.shared_content_code=false", "pairwise.consensus_weight=0",
-               "pairwise.xrec_weight=1.0"]
+               "pairwise.xrec_weight=1.0", "pairwise.ild_head.enabled=false"]
 
 
 def level_pair(cfg, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:

@@ -46,13 +46,13 @@ def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluate
                               VARIANTS="mono seed paired "
                                        "head:pairwise.ild_head.enabled=true,pairwise.cue_weight=0 "
                                        "msplit:mono,model.content_share=0.25 mono_split rvq "
-                                       "xrec xrec0 scc")
+                                       "xrec xrec0 scc cons")
     assert result.returncode == 0, result.stderr
     trains = [c for c in calls if c[0].endswith(("train_single_gpu.py", "train_paired_gpu.py"))]
     runs = {(Path(option(c, "checkpoint.save_folder")).parent.name, option(c, "common.seed")): c
             for c in trains}
     assert set(runs) == {(v, s) for v in ("mono", "seed", "paired", "head", "msplit",
-                                          "mono_split", "rvq", "xrec", "xrec0", "scc",
+                                          "mono_split", "rvq", "xrec", "xrec0", "scc", "cons",
                                           "mono_nq1")
                          for s in ("7", "8")}
     # The equal-bitrate codec: mono, one codebook, trained so (not in the table's variants).
@@ -71,14 +71,18 @@ def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluate
     assert {"model.content_share=0", "pairwise.shared_content_code=false"} <= set(runs["rvq", "7"])
     assert not any(a.startswith("pairwise") for a in runs["paired", "7"])  # the config as it is
     assert {"pairwise.ild_head.enabled=true", "pairwise.cue_weight=0"} <= set(runs["head", "8"])
-    # The previous default (cross-reconstruction, no shared content code, no consensus), with
-    # and without cross-reconstruction, and the default without consensus.
-    previous = {"pairwise.shared_content_code=false", "pairwise.consensus_weight=0"}
+    # An earlier default (cross-reconstruction, no shared content code, no consensus, no level
+    # twin), with and without cross-reconstruction; the shared content code alone; the previous
+    # default (without the level twin).
+    previous = {"pairwise.shared_content_code=false", "pairwise.consensus_weight=0",
+                "pairwise.ild_head.enabled=false"}
     assert "--config-name=config_paired_nq2" in runs["xrec", "7"]
     assert previous | {"pairwise.xrec_weight=1"} <= set(runs["xrec", "7"])
     assert previous | {"pairwise.xrec_weight=0"} <= set(runs["xrec0", "7"])
     assert [a for a in runs["scc", "7"] if a.startswith("pairwise")] == [
-        "pairwise.consensus_weight=0"]
+        "pairwise.consensus_weight=0", "pairwise.ild_head.enabled=false"]
+    assert [a for a in runs["cons", "7"] if a.startswith("pairwise")] == [
+        "pairwise.ild_head.enabled=false"]
     # Equal segments per step: mono runs take twice the paired runs' items (the demo's 4).
     for (name, seed), call in runs.items():
         items = 8 if call[0].endswith("train_single_gpu.py") else 4
@@ -94,7 +98,7 @@ def test_every_variant_and_seed_trains_from_one_start_then_each_seed_is_evaluate
     assert [option(c, "out_dir") for c in evals] == [str(tmp_path / "out" / "eval" / f"seed{s}")
                                                      for s in (7, 8)]
     assert (option(evals[1], "labels")
-            == "[mono,seed,paired,head,msplit,mono_split,rvq,xrec,xrec0,scc]")
+            == "[mono,seed,paired,head,msplit,mono_split,rvq,xrec,xrec0,scc,cons]")
     assert "/head/seed8/" in option(evals[1], "checkpoints")
     assert "/mono_nq1/seed8/" in option(evals[1], "shared_content.equal_bitrate_checkpoint")
     assert "mono_nq1" not in option(evals[1], "checkpoints")

@@ -86,23 +86,24 @@ REFERENCE_CASES = [
     pytest.param(2, [], id="paired"),
     pytest.param(1, ["balancer.enabled=true"], id="mono-balancer"),
     pytest.param(2, ["balancer.enabled=true"], id="paired-balancer"),
-    # The default recipe (a shared content code, code consensus) with the cue term on.
+    # The default recipe (a shared content code, code consensus, the level twin on each view's
+    # own content) with the cue term on.
     pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
                      "pairwise.cue_weight=0.5"], id="paired-contrastive"),
     pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
-                     "pairwise.consensus_weight=0"], id="paired-shared-content-code"),
-    # The level head and its reversed twin, on each view's own content (a shared content code)
-    # and on codebook 1 (each view's own code).
+                     "pairwise.consensus_weight=0", "pairwise.ild_head.enabled=false"],
+                 id="paired-shared-content-code"),
     pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
-                     "pairwise.ild_head.enabled=true", "pairwise.ild_head.reversal=0.5"],
-                 id="paired-level-twin"),
+                     "pairwise.ild_head.reversal=0.5"], id="paired-level-twin-reversal"),
+    # The level twin on codebook 1 (each view's own code).
     pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
-                     "pairwise.shared_content_code=false", "pairwise.consensus_weight=0",
-                     "pairwise.ild_head.enabled=true"], id="paired-level-twin-own-codes"),
+                     "pairwise.shared_content_code=false", "pairwise.consensus_weight=0"],
+                 id="paired-level-twin-own-codes"),
     # The previous default: each view's own codebook 1, cross-reconstruction.
     pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
                      "pairwise.shared_content_code=false", "pairwise.consensus_weight=0",
-                     "pairwise.xrec_weight=1.0", "pairwise.cue_weight=0.5"], id="paired-xrec"),
+                     "pairwise.xrec_weight=1.0", "pairwise.cue_weight=0.5",
+                     "pairwise.ild_head.enabled=false"], id="paired-xrec"),
     pytest.param(2, ["pairwise=contrastive", "pairwise.start_step=0", "pairwise.schedule=constant",
                      "pairwise.shared_content_code=false", "pairwise.xrec_weight=1.0",
                      "pairwise.cue_weight=0.5", "pairwise.cue_shape=true"], id="paired-cue-shape"),
