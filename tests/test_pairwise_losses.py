@@ -224,6 +224,7 @@ def test_channel_classifier_learns_separable_channels(cfg_factory):
     with open_dict(cfg):
         cfg.pairwise.channel_classifier.enabled = True
         cfg.pairwise.channel_classifier.num_channels = 4
+        cfg.pairwise.ild_head.enabled = False  # its targets are not given here
     torch.manual_seed(0)
     loss = PairwiseLoss.from_config(cfg.pairwise, dimension=8)
     assert loss.classifier is not None
