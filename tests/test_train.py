@@ -156,6 +156,18 @@ def test_resume_with_another_quantizer_split_is_refused(cfg_factory, tmp_path):
     check_compatible({"config": OmegaConf.to_container(split)}, split, tmp_path / "ckpt.pt")
 
 
+def test_resume_with_the_level_head_switched_is_refused_by_name(cfg_factory, tmp_path):
+    # A run of a default without the level head has no head parameters to restore.
+    without = OmegaConf.to_container(cfg_factory("config_paired_nq2",
+                                                 ["pairwise.ild_head.enabled=false"]))
+    with pytest.raises(ConfigError, match=r"pairwise\.ild_head\.enabled: checkpoint False vs now "
+                                          r"True"):
+        check_compatible({"config": without}, cfg_factory("config_paired_nq2"), tmp_path / "c.pt")
+    # Its weights are no shape: a resume may change them.
+    check_compatible({"config": without}, cfg_factory("config_paired_nq2", [
+        "pairwise.ild_head.enabled=false", "pairwise.ild_head.weight=0.9"]), tmp_path / "c.pt")
+
+
 def test_atomic_save_keeps_previous_checkpoint_loadable(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     ckpt_io.atomic_save({"model": {"w": torch.ones(3)}, "config": {}}, path)

@@ -23,12 +23,14 @@ from training.configuration import ConfigError
 from training.parts import Parts
 from training.runtime import Runtime
 
-# Settings that change the shape of a saved tensor, or (content_share) what its codes mean.
+# Settings that change the shape of a saved tensor, or (content_share) what its codes mean;
+# a dotted key is a setting inside a sub-group.
 SHAPE_KEYS = ([("model", k) for k in ("n_q", "bins", "dimension", "filters", "ratios",
                                       "residual_layers", "lstm", "norm", "channels",
                                       "content_share")]
               + [("discriminator", k) for k in ("filters", "n_ffts", "enabled")]
-              + [("pairwise", "channel_classifier")])
+              + [("pairwise", "channel_classifier")]
+              + [("pairwise", f"ild_head.{k}") for k in ("enabled", "n_bands", "hidden")])
 
 
 @dataclass
@@ -88,9 +90,14 @@ def check_compatible(ckpt: dict[str, Any], cfg: DictConfig, path: Path) -> None:
     """Name the settings that change shapes, instead of a wall of size mismatches."""
     old = ckpt.get("config", {})
     diffs = []
+    def setting(config: dict[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            config = config.get(part) if isinstance(config, dict) else None
+        return config
+
     for group, key in SHAPE_KEYS:
-        saved = old.get(group, {}).get(key)
-        now = OmegaConf.to_container(cfg[group], resolve=True)[key]
+        saved = setting(old.get(group, {}), key)
+        now = setting(OmegaConf.to_container(cfg[group], resolve=True), key)
         if saved is not None and saved != now:
             diffs.append(f"{group}.{key}: checkpoint {saved} vs now {now}")
     if (old.get("datasets", {}).get("views", 1) >= 2) != (cfg.datasets.views >= 2):
