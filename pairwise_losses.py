@@ -335,12 +335,15 @@ class PairwiseLoss(nn.Module):
         ild_targets = None
         if active and self.ild_head is not None:
             ild_targets = measured_levels(self.ild_head.n_bands)
+        # Each view's own content: one graph for code consensus and (under a shared content
+        # code) the level twin.
+        twin_reads_own = ild_targets is not None and self.shared_content_code
         own_content = None
-        if ild_targets is not None and self.shared_content_code:
+        if active and (self.uses('l_consensus') or twin_reads_own):
             own_content = self.own_content(model, out, views)
         channels = torch.tensor([m['channels'] for m in metas])  # CPU: range-checked there
         losses, logs = self.view_terms(embeddings, [m['class'] for m in metas], channels,
-                                       ild_targets, own_content)
+                                       ild_targets, own_content if twin_reads_own else None)
 
         def add(terms: Terms) -> None:
             losses.update(terms[0])
@@ -353,7 +356,7 @@ class PairwiseLoss(nn.Module):
             decoded = view_band_levels(out.audio, model.sample_rate, views)
             add(self.cue_fidelity(decoded, measured_levels(spatial_cues.CUE_BANDS)))
         if active and self.uses('l_consensus'):
-            add(self.consensus_of_codes(model, out, views))
+            add(self.consensus_of_codes(model, own_content))
         if active and self.uses('l_inv'):
             add(self.invariance(model, embeddings, x, scale, views, autocast))
         return self.weigh((losses, logs), factor)
@@ -482,7 +485,7 @@ class PairwiseLoss(nn.Module):
         would send on its own (`own_content`) is what must lose the level difference."""
         assert self.ild_head is not None and self.ild_twin is not None
         targets = level_difference_pairs(ild_targets, len(views), self.ild_head.n_bands)
-        content = (list(own_content) if own_content is not None
+        content = (own_content if own_content is not None
                    else [view[self.content_codebook] for view in views])
         plain, adversarial = [], []
         for p, (i, j) in enumerate(view_pairs(views)):
@@ -555,12 +558,12 @@ class PairwiseLoss(nn.Module):
         residual = residual * codebook.dims[:, None]
         return unflatten_views(residual, views).unbind(1)
 
-    def consensus_of_codes(self, model: EncodecModel, out: EncodecOutput, views: int) -> Terms:
+    def consensus_of_codes(self, model: EncodecModel,
+                           own_content: tp.Sequence[torch.Tensor]) -> Terms:
         """`code_consensus` on what the content codebook quantizes of each view on its own
         (`own_content`)."""
         codebook = model.quantizer.codebooks[self.content_codebook]
-        return self.code_consensus_terms(self.own_content(model, out, views),
-                                         codebook.embed * codebook.dims)
+        return self.code_consensus_terms(own_content, codebook.embed * codebook.dims)
 
     def code_consensus_terms(self, residuals: tp.Sequence[torch.Tensor],
                              embed: torch.Tensor) -> Terms:

@@ -88,10 +88,11 @@ def reference_cos_hinge(a: torch.Tensor, b: torch.Tensor, max_cosine: float) -> 
     return F.relu(cosine - max_cosine).mean(dim=1)
 
 
-def reference_levels(audio: torch.Tensor, sample_rate: int, views: int) -> torch.Tensor:
-    """Per-view band levels `[B, V, 8]` dB (float32)."""
+def reference_levels(audio: torch.Tensor, sample_rate: int, views: int,
+                     n_bands: int = 8) -> torch.Tensor:
+    """Per-view band levels `[B, V, n_bands]` dB (float32)."""
     n_fft = 2048 if audio.shape[-1] >= 2048 else 1024
-    levels = spatial_cues.band_levels(audio.float(), sample_rate, n_bands=8, n_fft=n_fft)
+    levels = spatial_cues.band_levels(audio.float(), sample_rate, n_bands=n_bands, n_fft=n_fft)
     return levels.view(-1, views, levels.shape[-1])
 
 
@@ -138,13 +139,11 @@ def reference_pairwise(cfg: Any, parts: Parts, runtime: Runtime, out, x: torch.T
         raise NotImplementedError(cfg.div_kind)
     terms = [factor * cfg.sim_weight * sim.mean(), factor * cfg.div_weight * div.mean()]
 
-    def own_content() -> list[torch.Tensor]:
-        """Each view's own content latent `[B, D, F]`: the encoder output (before a shared
-        content code) less the earlier codebooks' vectors, on the codebook's dimensions."""
-        codebook = model.quantizer.codebooks[content]
-        own = out.latent.float() - sum(e.detach().float() for e in out.embeddings[:content])
-        own = (own * codebook.dims[:, None]).view(batch_size, views, *own.shape[1:])
-        return [own[:, v] for v in range(views)]
+    # Each view's own content latent `[B, D, F]`: the encoder output (before a shared content
+    # code) less the earlier codebooks' vectors, on the codebook's dimensions.
+    own = out.latent.float() - sum(e.detach().float() for e in out.embeddings[:content])
+    own = own * model.quantizer.codebooks[content].dims[:, None]
+    own_content = list(own.view(batch_size, views, *own.shape[1:]).unbind(1))
 
     if cfg.ild_head.enabled:
         # A head predicts the pair's band-level difference from the channel codebook, its twin
@@ -168,11 +167,8 @@ def reference_pairwise(cfg: Any, parts: Parts, runtime: Runtime, out, x: torch.T
             return (prediction - target).pow(2).mean() / normaliser
 
         with torch.no_grad():
-            levels = spatial_cues.band_levels(x.float(), model.sample_rate,
-                                              n_bands=cfg.ild_head.n_bands,
-                                              n_fft=2048 if x.shape[-1] >= 2048 else 1024)
-            levels = levels.view(batch_size, views, -1)
-        contents = (own_content() if cfg.shared_content_code
+            levels = reference_levels(x, model.sample_rate, views, cfg.ild_head.n_bands)
+        contents = (own_content if cfg.shared_content_code
                     else [view(content, v) for v in range(views)])
         head, twin = parts.pairwise.ild_head.mlp, parts.pairwise.ild_twin.mlp
         plain, adversarial = [], []
@@ -225,7 +221,7 @@ def reference_pairwise(cfg: Any, parts: Parts, runtime: Runtime, out, x: torch.T
         # mean), its distance to the pair's code less that to its own, over the two codes'.
         codebook = model.quantizer.codebooks[content]
         codes = (codebook.embed * codebook.dims).detach().float()
-        per_item = torch.stack(own_content(), dim=1).transpose(2, 3)  # [B, V, F, D]
+        per_item = torch.stack(own_content, dim=1).transpose(2, 3)  # [B, V, F, D]
         nearest = lambda v: ((v[..., None, :] - codes) ** 2).sum(-1).argmin(-1)  # noqa: E731
         margins = []
         for i, j in pairs:

@@ -90,6 +90,7 @@ def check_compatible(ckpt: dict[str, Any], cfg: DictConfig, path: Path) -> None:
     """Name the settings that change shapes, instead of a wall of size mismatches."""
     old = ckpt.get("config", {})
     diffs = []
+
     def setting(config: dict[str, Any], key: str) -> Any:
         for part in key.split("."):
             config = config.get(part) if isinstance(config, dict) else None
