@@ -21,7 +21,7 @@ from model import load_model
 from training.configuration import ConfigError, prepare_config
 from conftest import ROOT, make_config
 from training.runtime import setup_runtime
-from training.state import check_compatible
+from training.state import check_compatible, grouped_like
 from step_faults import fp16_scalers, nan_time_loss, overflowing_gradient
 from training.step import codebook_usage
 
@@ -166,6 +166,25 @@ def test_resume_with_the_level_head_switched_is_refused_by_name(cfg_factory, tmp
     # Its weights are no shape: a resume may change them.
     check_compatible({"config": without}, cfg_factory("config_paired_nq2", [
         "pairwise.ild_head.enabled=false", "pairwise.ild_head.weight=0.9"]), tmp_path / "c.pt")
+
+
+def test_resume_splits_a_one_group_optimizer_state_into_model_and_heads():
+    # Checkpoints from before the heads had a parameter group of their own hold one group.
+    from step_setup import tiny_setup
+    _, _, parts = tiny_setup(["pairwise.ild_head.enabled=true"])
+    model, heads = list(parts.raw_model.parameters()), list(parts.pairwise.parameters())
+    old = torch.optim.Adam(model + heads, lr=1e-3, betas=(0.5, 0.9))
+    for param in model + heads:
+        param.grad = torch.randn_like(param)
+    old.step()
+    saved = old.state_dict()
+    with pytest.raises(ValueError, match="parameter groups"):
+        parts.opt_g.load_state_dict(saved)
+    parts.opt_g.load_state_dict(grouped_like(saved, parts.opt_g))
+    assert [len(g["params"]) for g in parts.opt_g.param_groups] == [len(model), len(heads)]
+    for param in (model[0], heads[0], heads[-1]):
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(parts.opt_g.state[param][moment], old.state[param][moment])
 
 
 def test_atomic_save_keeps_previous_checkpoint_loadable(tmp_path, monkeypatch):

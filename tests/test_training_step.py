@@ -19,7 +19,7 @@ from reference_step import reference_step
 from training.configuration import prepare_config
 from modules.losses import discriminator_loss, feature_matching_loss, generator_adv_loss
 from modules.views import split_views
-from training.parts import WarmupCosine, build_parts
+from training.parts import WarmupCosine, build_parts, set_learning_rates
 from training.runtime import Runtime, seed_everything
 from step_faults import fp16_scalers, nan_time_loss, overflowing_gradient
 from training.step import discriminate, frozen, normalisation_scale, train_step
@@ -375,6 +375,22 @@ def test_warmup_cosine_schedule():
     after = [schedule(s) for s in range(4, 13)]
     assert all(a >= b for a, b in zip(after, after[1:]))
     assert WarmupCosine(warmup_steps=0, total_steps=10)(0) == pytest.approx(1.0)
+
+
+def test_the_pairwise_heads_learn_at_head_lr_while_the_model_follows_the_schedule():
+    cfg, _, parts = tiny_setup(["pairwise.ild_head.enabled=true", "pairwise.head_lr=0.002"])
+    model_group, head_group = parts.opt_g.param_groups
+    assert ({id(p) for p in head_group["params"]} == {id(p) for p in parts.pairwise.parameters()}
+            and len(model_group["params"]) == len(list(parts.raw_model.parameters())))
+    total = parts.schedule.total_steps
+    for step in (0, 1, total // 2, total - 1):
+        set_learning_rates(parts, step)
+        assert model_group["lr"] == pytest.approx(cfg.optimization.lr * parts.schedule(step))
+        assert head_group["lr"] == 0.002
+    _, _, scheduled = tiny_setup(["pairwise.ild_head.enabled=true"])  # head_lr: null
+    set_learning_rates(scheduled, 1)
+    assert ([g["lr"] for g in scheduled.opt_g.param_groups]
+            == pytest.approx([cfg.optimization.lr * scheduled.schedule(1)] * 2))
 
 
 def test_discriminator_starts_after_warmup_unless_told_otherwise():

@@ -80,7 +80,8 @@ class Parts:
     modules. `raw_disc`, `opt_d` are None without a discriminator, `pairwise` is None in mono
     training and `balancer` when it is off. The learning rate of optimizer step `s` is
     `lr_g * schedule(s)` (`lr_d` for the discriminator), set by `set_learning_rates` before each
-    step.
+    step. The pairwise heads (`pairwise`'s parameters) are the generator optimizer's second
+    parameter group; with `lr_heads` (`pairwise.head_lr`) they learn at that constant rate.
     """
     raw_model: EncodecModel
     raw_disc: MultiScaleSTFTDiscriminator | None
@@ -95,6 +96,7 @@ class Parts:
     schedule: WarmupCosine
     lr_g: float
     lr_d: float
+    lr_heads: float | None = None
 
     def generator_params(self) -> list[nn.Parameter]:
         """Everything the generator optimizer updates (model and channel-classifier head)."""
@@ -132,7 +134,8 @@ def build_parts(cfg: DictConfig, runtime: Runtime, steps_per_epoch: int) -> Part
         opt_g=opt_g, opt_d=opt_d,
         scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
         scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
-        schedule=schedule, lr_g=cfg.optimization.lr, lr_d=cfg.optimization.disc_lr)
+        schedule=schedule, lr_g=cfg.optimization.lr, lr_d=cfg.optimization.disc_lr,
+        lr_heads=head_learning_rate(cfg))
 
 
 def load_start_discriminator(raw_disc: MultiScaleSTFTDiscriminator, init_from: str) -> None:
@@ -166,11 +169,13 @@ def build_pairwise(cfg: DictConfig, device: torch.device) -> PairwiseLoss | None
 def build_optimizers(opt_cfg: DictConfig, model: nn.Module, disc: nn.Module | None,
                      pairwise: nn.Module | None
                      ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
-    """Adam for the generator (model + pairwise head) and for the discriminator, from the
-    `optimization` group; their learning rates are set step by step (`set_learning_rates`)."""
+    """Adam for the generator and for the discriminator, from the `optimization` group; their
+    learning rates are set step by step (`set_learning_rates`). The generator optimizer's first
+    parameter group is the model, a second one the pairwise heads when there are any."""
     adam = dict(betas=tuple(opt_cfg.betas), weight_decay=opt_cfg.weight_decay)
-    gen_params = list(model.parameters()) + (list(pairwise.parameters()) if pairwise else [])
-    opt_g = torch.optim.Adam(gen_params, lr=opt_cfg.lr, **adam)
+    heads = list(pairwise.parameters()) if pairwise is not None else []
+    groups = [{"params": list(model.parameters())}] + ([{"params": heads}] if heads else [])
+    opt_g = torch.optim.Adam(groups, lr=opt_cfg.lr, **adam)
     opt_d = (torch.optim.Adam(disc.parameters(), lr=opt_cfg.disc_lr, **adam) if disc is not None
              else None)
     return opt_g, opt_d
@@ -224,10 +229,22 @@ def compile_discriminator(disc: MultiScaleSTFTDiscriminator) -> None:
         scale.compile()
 
 
+def head_learning_rate(cfg: DictConfig) -> float | None:
+    """`pairwise.head_lr` of a paired run, or None: the heads follow the generator's schedule."""
+    if cfg.datasets.views < 2 or cfg.pairwise.get("head_lr") is None:
+        return None
+    return float(cfg.pairwise.head_lr)
+
+
 def set_learning_rates(parts: Parts, step: int) -> None:
-    """The learning rates of optimizer step `step` (generator and discriminator alike)."""
+    """The learning rates of optimizer step `step` (generator and discriminator alike); the
+    pairwise heads at `lr_heads` when it is set. An adversary behind a gradient reversal
+    must keep up with the encoder it reads: warmed up and decayed with it, it lags behind
+    what the encoder moves and reads nothing, while the level stays readable."""
     factor = parts.schedule(step)
     for optimizer, base in ((parts.opt_g, parts.lr_g), (parts.opt_d, parts.lr_d)):
         if optimizer is not None:
             for group in optimizer.param_groups:
                 group["lr"] = base * factor
+    if parts.lr_heads is not None and len(parts.opt_g.param_groups) > 1:
+        parts.opt_g.param_groups[1]["lr"] = parts.lr_heads

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from utils import checkpoints as ckpt_io
@@ -110,6 +111,24 @@ def check_compatible(ckpt: dict[str, Any], cfg: DictConfig, path: Path) -> None:
             "checkpoint.save_folder.")
 
 
+def grouped_like(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`saved` (an optimizer state dict) in the parameter groups of `optimizer`.
+
+    Checkpoints written before the pairwise heads had a group of their own hold the model
+    and the heads in one group, in the same order: that group is split at the model's size,
+    each part keeping the saved hyperparameters and the per-parameter moments. Anything else
+    is returned as is (a mismatch is then `load_state_dict`'s error)."""
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) != 1 or len(groups) != 2:
+        return saved
+    (old,) = saved["param_groups"]
+    if len(old["params"]) != sum(len(g["params"]) for g in groups):
+        return saved
+    cut = len(groups[0]["params"])
+    split = [{**old, "params": old["params"][:cut]}, {**old, "params": old["params"][cut:]}]
+    return {**saved, "param_groups": split}
+
+
 def restore_training_state(parts: Parts, runtime: Runtime, ckpt: dict[str, Any], cfg: DictConfig,
                            path: Path) -> Progress:
     """Load `ckpt` into `parts` and the random generators; returns where training continues."""
@@ -122,7 +141,7 @@ def restore_training_state(parts: Parts, runtime: Runtime, ckpt: dict[str, Any],
             parts.pairwise.load_state_dict(ckpt["pairwise"])
     except RuntimeError as e:
         raise ConfigError(f"cannot resume from {path}: {e}") from e
-    parts.opt_g.load_state_dict(ckpt["opt_g"])
+    parts.opt_g.load_state_dict(grouped_like(ckpt["opt_g"], parts.opt_g))
     if parts.opt_d is not None and ckpt.get("opt_d"):
         parts.opt_d.load_state_dict(ckpt["opt_d"])
     parts.scaler_g.load_state_dict(ckpt["scaler_g"])
