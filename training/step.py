@@ -397,6 +397,8 @@ def train_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[d
         return StepResult(False, scalars, reason or "non-finite loss or gradient on another rank")
     apply_updates(parts, step, updated_disc)
     scalars["lr_g"] = parts.opt_g.param_groups[0]["lr"]
+    if len(parts.opt_g.param_groups) > 1:
+        scalars["lr_heads"] = parts.opt_g.param_groups[1]["lr"]
     if parts.opt_d is not None:
         scalars["lr_d"] = parts.opt_d.param_groups[0]["lr"]
     return StepResult(True, scalars)
