@@ -51,6 +51,7 @@ DECLARED_TYPES: dict[str, Any] = {
     "wandb.name": str,
     "wandb.dir": str,
     "pairwise.class_weights": dict[str, float],
+    "pairwise.head_lr": float,
     # config/evaluate.yaml
     "checkpoints": list[str] | str,
     "null_model": str,
@@ -122,6 +123,7 @@ LIMITS: dict[str, Rule] = {
     "balancer.ema_decay": DECAY,
     "balancer.total_norm": POSITIVE,
     "optimization.lr": POSITIVE,
+    "pairwise.head_lr": POSITIVE,
     "optimization.disc_lr": POSITIVE,
     "optimization.betas": DECAY,
     "optimization.weight_decay": NON_NEGATIVE,
