@@ -99,7 +99,7 @@ class Parts:
     lr_heads: float | None = None
 
     def generator_params(self) -> list[nn.Parameter]:
-        """Everything the generator optimizer updates (model and channel-classifier head)."""
+        """Everything the generator optimizer updates (the model, then the pairwise heads)."""
         return [param for group in self.opt_g.param_groups for param in group["params"]]
 
 
