@@ -287,8 +287,9 @@ class EncodecModel(nn.Module):
 
         If `init_from` is set, the weights at that path are loaded: a checkpoint of this
         toolkit (a training checkpoint or an exported start point such as
-        `pretrained/*.pt`; its generator must fit this config, apart from holding more
-        codebooks: the first `n_q` are kept), or the official EnCodec 24 kHz state dict (first
+        `pretrained/*.pt`; its generator must fit this config, apart from its number of
+        codebooks: the first `n_q` are kept, and codebooks it lacks start empty, to be fitted by
+        k-means in the first training steps), or the official EnCodec 24 kHz state dict (first
         `n_q` codebooks kept; the config's other keys still apply).
         """
         kwargs = {key: _plain(value) for key, value in model_cfg.items()}
@@ -310,8 +311,14 @@ class EncodecModel(nn.Module):
         model = cls(**kwargs)
         try:
             # A start point may hold more codebooks than this run codes with: the first n_q
-            # (a one-codebook model fine-tuned from a two-codebook start point).
-            model.load_state_dict(convert_official_state_dict(loaded["model"], model.n_q))
+            # (a one-codebook model fine-tuned from a two-codebook start point). It may hold
+            # fewer: the codebooks it lacks start empty and run their own k-means on the
+            # residual the start point's codebooks leave (a third codebook for the channel).
+            start = convert_official_state_dict(loaded["model"], model.n_q, allow_fewer=True)
+            fresh = model.state_dict()
+            start.update({key: fresh[key] for key in fresh
+                          if _OFFICIAL_CODEBOOK.match(key) and key not in start})
+            model.load_state_dict(start)
         except (RuntimeError, ValueError) as error:
             raise ValueError(f"model.init_from={str(init_from)!r}: its generator does not fit the "
                              f"model.* settings of this run ({error}); use the settings it was "
@@ -358,10 +365,11 @@ def is_toolkit_checkpoint(loaded: Any) -> bool:
     return isinstance(loaded, Mapping) and "model" in loaded and "config" in loaded
 
 
-def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor],
-                                n_q: int) -> dict[str, torch.Tensor]:
+def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor], n_q: int,
+                                allow_fewer: bool = False) -> dict[str, torch.Tensor]:
     """Map official keys onto this model's: legacy weight norm -> parametrizations, and keep
-    codebooks `0 .. n_q - 1` only. Raises if the checkpoint has fewer than `n_q` codebooks."""
+    codebooks `0 .. n_q - 1` only. Raises if the checkpoint has fewer than `n_q` codebooks,
+    unless `allow_fewer` (the caller then supplies the missing ones)."""
     converted: dict[str, torch.Tensor] = {}
     available = set()
     for key, value in state_dict.items():
@@ -375,7 +383,7 @@ def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor],
             original = "original0" if legacy.group(2) == "g" else "original1"
             key = f"{legacy.group(1)}.parametrizations.weight.{original}"
         converted[key] = value
-    if available and len(available) < n_q:
+    if available and len(available) < n_q and not allow_fewer:
         raise ValueError(f"n_q={n_q} codebooks requested but the checkpoint holds only "
                          f"{len(available)}.")
     return converted

@@ -44,7 +44,10 @@
 #   EQUAL_BITRATE 1 (default): also train, per seed, `mono_nq1` (config_mono_nq2 with
 #              model.n_q=1: a codec at one codebook's bitrate, trained so) and give it to that
 #              seed's evaluation (shared_content.equal_bitrate_checkpoint): shared-content
-#              coding against independent coding at about its bitrate; 0: skip it
+#              coding against independent coding at about its bitrate; 0: skip it; a variant
+#              NAME: that variant's checkpoint of each seed instead (trained too if it is not
+#              in VARIANTS), e.g. `mono` for three-codebook recipes, whose shared-content
+#              coding of 32 channels sends 65 streams where `mono` codes them with 64
 #   TRAIN_ONLY 1: train (or reuse) the runs and stop before the evaluation
 #   JOBS       training runs at once (default 1; on 2 CPU cores 2 runs of one thread each
 #              finish sooner than one after the other). Each run's console is appended to
@@ -116,9 +119,13 @@ train() {  # train VARIANT SEED
   touch "$dir/.complete"
 }
 
-equal_bitrate="${EQUAL_BITRATE:-1}"
 trained="$variants"
-[ "$equal_bitrate" = 1 ] && trained="$trained mono_nq1:mono,model.n_q=1"
+case "${EQUAL_BITRATE:-1}" in
+  0) equal_variant= ;;
+  1) equal_variant=mono_nq1; trained="$trained mono_nq1:mono,model.n_q=1" ;;
+  *) equal_variant="$EQUAL_BITRATE"
+     [[ " $trained " == *" $equal_variant "* ]] || trained="$trained $equal_variant" ;;
+esac
 
 jobs="${JOBS:-1}"
 run_all() {  # every (seed, variant) run, at most JOBS at once; stops at the first failure
@@ -155,8 +162,8 @@ for seed in $seed_list; do
     ckpts+=("'$(latest_checkpoint "$out/$name/seed$seed")'"); labels+=("$name")
   done
   equal=()
-  if [ "$equal_bitrate" = 1 ]; then
-    equal_ckpt="$(latest_checkpoint "$out/mono_nq1/seed$seed")"
+  if [ -n "$equal_variant" ]; then
+    equal_ckpt="$(latest_checkpoint "$out/$equal_variant/seed$seed")"
     equal=("shared_content.equal_bitrate_checkpoint='$equal_ckpt'")
   fi
   phase "evaluating seed $seed (${labels[*]})"

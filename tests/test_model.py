@@ -405,6 +405,30 @@ def test_a_one_codebook_model_fine_tunes_a_two_codebook_start(cfg_factory, tmp_p
     x = 0.1 * torch.randn(2, 1, 2400)
     torch.testing.assert_close(one.eval().decode(one.encode(x)),
                                start.eval().decode(start.encode(x)[:, :1]))
-    with pytest.raises(ValueError, match="model.init_from=.*holds only 2"):
-        EncodecModel.from_config(cfg_factory("config_mono_nq2", [
-            f"model.init_from={path}", "model.n_q=3", *tiny]).model)
+
+
+
+def test_a_three_codebook_model_fine_tunes_a_two_codebook_start(cfg_factory, tmp_path):
+    start = ready(make_tiny())
+    path = tmp_path / "start.pt"
+    torch.save({"model": start.state_dict(), "config": {}}, path)
+    tiny = ["model.filters=4", "model.dimension=16", "model.bins=32", "model.lstm=1"]
+    three = EncodecModel.from_config(cfg_factory("config_mono_nq2", [
+        f"model.init_from={path}", "model.n_q=3", *tiny]).model)
+    first, second, third = three.quantizer.codebooks
+    # The start point's codes are kept; the codebook it lacks is fitted by its own k-means
+    # on what the first two leave, from the first training forwards.
+    torch.testing.assert_close(first.embed, start.quantizer.codebooks[0].embed)
+    torch.testing.assert_close(second.embed, start.quantizer.codebooks[1].embed)
+    assert first.initialized and second.initialized and not third.initialized
+    x = 0.1 * torch.randn(8, 1, 2400)
+    torch.testing.assert_close(three.eval().decode(three.encode(x)[:, :2]),
+                               start.eval().decode(start.encode(x)))
+    three.train()
+    while not third.initialized:
+        three(x)
+    residual = three.encoder(x) - three.quantizer.decode(three.quantizer.encode(
+        three.encoder(x))[:, :2])
+    coded = three.quantizer.decode(three.quantizer.encode(three.encoder(x)))
+    assert (three.encoder(x) - coded).pow(2).mean() < 0.9 * residual.pow(2).mean()
+

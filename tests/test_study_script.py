@@ -138,3 +138,16 @@ def test_equal_bitrate_0_trains_and_passes_no_one_codebook_model(tmp_path):
     assert not any("model.n_q=1" in c for c in calls)
     evaluation, = [c for c in calls if c[0].endswith("evaluate.py")]
     assert option(evaluation, "shared_content.equal_bitrate_checkpoint") is None
+
+
+def test_equal_bitrate_names_the_variant_whose_checkpoint_codes_at_the_shared_bitrate(tmp_path):
+    result, calls = run_study(tmp_path, SEEDS="1", VARIANTS="nq3:model.n_q=3",
+                              EQUAL_BITRATE="mono")
+    assert result.returncode == 0, result.stderr
+    trains = {Path(option(c, "checkpoint.save_folder")).parent.name: c for c in calls
+              if c[0].endswith(("train_single_gpu.py", "train_paired_gpu.py"))}
+    assert set(trains) == {"nq3", "mono"}           # mono trained although not in VARIANTS
+    assert "model.n_q=3" in trains["nq3"] and "--config-name=config_mono_nq2" in trains["mono"]
+    evaluation, = [c for c in calls if c[0].endswith("evaluate.py")]
+    assert "/mono/seed1/" in option(evaluation, "shared_content.equal_bitrate_checkpoint")
+    assert option(evaluation, "labels") == "[nq3]"
