@@ -45,7 +45,9 @@ from measure.pair_cues import MIN_RESOLVED_SEPARATION
 from measure.results import CheckpointReport, flatten_metrics, per_codebook
 from model import EncodecModel, load_model
 from training.runtime import resolve_device
-from coding.shared_content_comparison import EQUAL_BITRATE, shared_content_comparison
+from coding.level_side_info import LevelSideInfo
+from coding.shared_content_comparison import (EQUAL_BITRATE, LEVEL_SIDE,
+                                              shared_content_comparison)
 from training.validation import array_geometry, evaluate_model, validation_dataset
 from utils.array_files import EM32
 
@@ -137,6 +139,18 @@ def shared_content_codings(cfg: DictConfig) -> tuple[str, ...]:
     `shared_content.mean_stream` also the channels' mean content stream (`mean_content`)."""
     mean = ("shared_content_mean",) if cfg.shared_content.get("mean_stream") else ()
     return ("independent", "shared_content", *mean)
+
+
+def level_side_info(cfg: DictConfig) -> LevelSideInfo | None:
+    """The band-level side information of `shared_content.level_side_info`, or None (off)."""
+    side = cfg.shared_content.get("level_side_info")
+    if not side or not side.bands:
+        return None
+    try:
+        return LevelSideInfo(bands=int(side.bands), bits=int(side.bits),
+                             step_db=float(side.step_db), block_ms=float(side.block_ms))
+    except ValueError as error:
+        raise ValueError(f"shared_content.level_side_info: {error}") from error
 
 
 def shared_content_channel_sets(cfg: DictConfig, dataset: Any) -> dict[str, list[int]]:
@@ -270,7 +284,7 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
                     model, shared_content_loader(data_cfg, cfg, model.sample_rate, device,
                                                  channels),
                     reference=0, codings=shared_content_codings(cfg),
-                    equal_bitrate_model=equal_model)
+                    equal_bitrate_model=equal_model, level_side=level_side_info(cfg))
         reports.append(CheckpointReport(label, path, mode, results, examples))
         del model
     return reports
@@ -463,7 +477,7 @@ def shared_content_rows(cells, key: str = "shared_content") -> list[tuple[str, l
             (f"shared-content ILD error dB ↓ vs the reference {what} [predicting none]",
              cells(ild)),
             (f"shared-content ITD error µs ↓ {what}", cells(all_three("itd_error_us"))),
-            *mean_stream_rows(cells, key)]
+            *mean_stream_rows(cells, key), *level_side_rows(cells, key)]
 
 
 def mean_stream_rows(cells, key: str) -> list[tuple[str, list[str]]]:
@@ -476,6 +490,24 @@ def mean_stream_rows(cells, key: str) -> list[tuple[str, list[str]]]:
         return []
     return [(f"mean-stream shared-content ({key}) mel distance ↓", cells(mean("mel_distance"))),
             (f"mean-stream shared-content ({key}) ILD error dB ↓", cells(mean("ild_error_db")))]
+
+
+def level_side_rows(cells, key: str) -> list[tuple[str, list[str]]]:
+    """Rows of shared-content coding with band-level side information, when measured
+    (`shared_content.level_side_info`)."""
+    def level(name: str) -> Callable[[dict], str]:
+        return lambda r: _fmt(((r.get(key) or {}).get(LEVEL_SIDE) or {}).get(name))
+
+    if not any((r.get(key) or {}).get(LEVEL_SIDE) for r in cells(lambda r: r)):
+        return []
+    what = f"shared-content + level side information ({key})"
+    return [(f"{what}: kbps per channel (of which side information)",
+             cells(lambda r: f"{level('kbps_per_channel')(r)} "
+                             f"({level('side_kbps_per_channel')(r)})")),
+            (f"{what}: mel distance ↓", cells(level("mel_distance"))),
+            (f"{what}: SI-SNR dB", cells(level("si_snr"))),
+            (f"{what}: ILD error dB ↓ (the bands it sends: by construction)",
+             cells(level("ild_error_db")))]
 
 
 def markdown_table(reports: list[CheckpointReport]) -> str:

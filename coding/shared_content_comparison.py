@@ -20,6 +20,7 @@ import torch
 import torchaudio
 from torch import Tensor
 
+from coding.level_side_info import LevelSideInfo, apply_level_side, encode_level_side
 from coding.shared_content import (check_reference, coding_bitrate, common_scale, decode_channels,
                                    encode_latents, share_content)
 from measure.metrics import mel_distance, si_snr
@@ -30,6 +31,8 @@ CODINGS = ("independent", "shared_content", "shared_content_own_residual", "shar
 # Independent coding by another model at about shared-content coding's bitrate (a mono model
 # trained with one codebook: not codebook 1 of this one, whose decoder never lacked the rest).
 EQUAL_BITRATE = "independent_equal_bitrate"
+# Shared-content coding with each channel's band levels sent beside it (level_side_info.py).
+LEVEL_SIDE = "shared_content_level"
 
 
 def read_channels(path: str | Path, sample_rate: int) -> Tensor:
@@ -140,13 +143,14 @@ def _decode_changed(model: EncodecModel, codes: Tensor, baseline_codes: Tensor,
 
 def _compare_segment(model: EncodecModel, x: Tensor, reference: int, inputs: _Collected,
                      coded: dict[str, _Collected],
-                     equal_bitrate_model: EncodecModel | None = None) -> Tensor:
+                     equal_bitrate_model: EncodecModel | None = None,
+                     level_side: LevelSideInfo | None = None) -> Tensor:
     """Code segment `x` `[N, 1, T]` in every way of `coded` at its common scale, add the
     measurements of the input and of each decode; returns `_content_matches`."""
     rate = model.sample_rate
     scale = common_scale(model, x)
     codes = _coding_codes(model, encode_latents(model, x, scale), reference,
-                          [c for c in coded if c != EQUAL_BITRATE])
+                          [c for c in coded if c not in (EQUAL_BITRATE, LEVEL_SIDE)])
     inputs.add(_measure(x, reference, rate))
     independent = decode_channels(model, codes["independent"], scale, x.shape[-1])
     decodes = {coding: _decode_changed(model, codes[coding], codes["independent"], independent,
@@ -157,6 +161,10 @@ def _compare_segment(model: EncodecModel, x: Tensor, reference: int, inputs: _Co
             encode_latents(equal_bitrate_model, x, other_scale))
         decodes[EQUAL_BITRATE] = decode_channels(equal_bitrate_model, other_codes, other_scale,
                                                  x.shape[-1])
+    if level_side is not None:
+        shared = decodes["shared_content"]
+        steps = encode_level_side(x, shared, rate, level_side)
+        decodes[LEVEL_SIDE] = apply_level_side(shared, steps, rate, level_side)
     for coding, decoded in decodes.items():
         coded[coding].add({**_measure(decoded, reference, rate),
                            "mel": mel_distance(x, decoded, rate).cpu(),
@@ -186,7 +194,8 @@ def _summary(coded: _Collected, inputs: _Collected, reference: int) -> dict[str,
 def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0,
                               sample_rate: int | None = None,
                               codings: Sequence[str] = CODINGS,
-                              equal_bitrate_model: EncodecModel | None = None) -> dict[str, Any]:
+                              equal_bitrate_model: EncodecModel | None = None,
+                              level_side: LevelSideInfo | None = None) -> dict[str, Any]:
     """Quality of shared-content coding against independent per-channel coding.
 
     Both codings are measured at ONE scale convention: every segment's channels are divided
@@ -212,6 +221,10 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
             channel on its own at about the bitrate of shared-content coding (e.g. a mono
             model trained with `model.n_q=1`): measured as `independent_equal_bitrate`, with
             its own bitrate, at its own common scale per segment.
+        level_side (LevelSideInfo or None): also measure 'shared_content_level':
+            shared-content coding with each channel's band levels sent beside its codes
+            (`coding/level_side_info.py`), its bitrate the codes' plus `side_kbps_per_channel`.
+            Sent at the cue bands, it corrects what the ILD rows read (by construction).
     Returns:
         dict: `channels` (N), `reference`, `segments`, `seconds` (total duration of one
         channel), `sample_rate` (the model's), `scale` (the convention, in words),
@@ -242,6 +255,11 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
             raise ValueError(f"the equal-bitrate model codes {equal_bitrate_model.sample_rate} Hz, "
                              f"the compared model {rate} Hz: they must share a rate")
         coded[EQUAL_BITRATE] = _Collected()
+    if level_side is not None:
+        if "shared_content" not in coded:
+            raise ValueError("level side information is sent beside shared-content coding: "
+                             "keep 'shared_content' in codings")
+        coded[LEVEL_SIDE] = _Collected()
     agreeing, compared, seconds = 0, 0, 0.0
     for item in _items(wavs, sample_rate or rate, rate):
         channels = inputs.levels[0].shape[0] if inputs.levels else item.shape[0]
@@ -250,7 +268,7 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
                              f"after {channels}")
         check_reference(reference, channels)
         matches = _compare_segment(model, item.float().to(device), reference, inputs, coded,
-                                   equal_bitrate_model)
+                                   equal_bitrate_model, level_side)
         agreeing, compared = agreeing + int(matches.sum()), compared + matches.numel()
         seconds += item.shape[-1] / rate
     if not inputs.levels:
@@ -267,5 +285,10 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
         bitrate = coding_bitrate(coder.n_q, coder.quantizer.bins, coder.frame_rate, channels,
                                  shared_content=coding not in ("independent", EQUAL_BITRATE),
                                  seconds=seconds, scales=segments)
+        if coding == LEVEL_SIDE:
+            side_kbps = level_side.kbps_per_channel
+            bitrate = {**bitrate, "side_kbps_per_channel": side_kbps,
+                       "kbps_per_channel": bitrate["kbps_per_channel"] + side_kbps,
+                       "kbps_total": bitrate["kbps_total"] + side_kbps * channels}
         result[coding] = {**bitrate, **_summary(coded[coding], inputs, reference)}
     return result

@@ -73,7 +73,7 @@ def band_edges(n_bands: int = CUE_BANDS, f_min: float = CUE_BAND_RANGE_HZ[0],
     return torch.logspace(math.log10(f_min), math.log10(f_max), n_bands + 1, dtype=torch.float64)
 
 
-def _band_matrix(sample_rate: int, n_fft: int, edges: Tensor) -> Tensor:
+def band_matrix(sample_rate: int, n_fft: int, edges: Tensor) -> Tensor:
     """0/1 membership of each STFT bin in each band, `[n_fft // 2 + 1, n_bands]` (float64).
 
     A bin belongs to band b when edges[b] <= f < edges[b + 1] (the last band includes its
@@ -127,7 +127,7 @@ def band_levels(wav: Tensor, sample_rate: int, n_bands: int = CUE_BANDS,
     # One-sided spectrum: every bin but DC and Nyquist stands for two bins of the full one.
     power[:, 1:n_fft // 2] *= 2
     window_energy = spec.window.double().pow(2).sum()
-    member = _band_matrix(int(sample_rate), n_fft, band_edges(n_bands, f_min, f_max)).to(x.device)
+    member = band_matrix(int(sample_rate), n_fft, band_edges(n_bands, f_min, f_max)).to(x.device)
     band_power = power @ member / (n_fft * window_energy)     # [N, n_bands]
     return (10 * torch.log10(band_power + LEVEL_FLOOR)).to(
         x.dtype if x.dtype == torch.float64 else torch.float32)

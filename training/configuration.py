@@ -174,6 +174,10 @@ LIMITS: dict[str, Rule] = {
     "instrument.seed": NON_NEGATIVE,
     "shared_content.channels": NON_NEGATIVE,
     "shared_content.segments": NON_NEGATIVE,
+    "shared_content.level_side_info.bands": NON_NEGATIVE,
+    "shared_content.level_side_info.bits": AT_LEAST_1,
+    "shared_content.level_side_info.step_db": POSITIVE,
+    "shared_content.level_side_info.block_ms": POSITIVE,
     "spectrogram_items": NON_NEGATIVE,
 }
 
