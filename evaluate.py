@@ -476,6 +476,8 @@ def shared_content_rows(cells, key: str = "shared_content") -> list[tuple[str, l
             (f"shared-content SI-SNR dB {what}", cells(all_three("si_snr"))),
             (f"shared-content ILD error dB ↓ vs the reference {what} [predicting none]",
              cells(ild)),
+            (f"shared-content ILD shape correlation, band mean removed {what}",
+             cells(all_three("ild_shape_correlation"))),
             (f"shared-content ITD error µs ↓ {what}", cells(all_three("itd_error_us"))),
             *mean_stream_rows(cells, key), *level_side_rows(cells, key)]
 
@@ -507,7 +509,9 @@ def level_side_rows(cells, key: str) -> list[tuple[str, list[str]]]:
             (f"{what}: mel distance ↓", cells(level("mel_distance"))),
             (f"{what}: SI-SNR dB", cells(level("si_snr"))),
             (f"{what}: ILD error dB ↓ (the bands it sends: by construction)",
-             cells(level("ild_error_db")))]
+             cells(level("ild_error_db"))),
+            (f"{what}: ILD shape correlation (band mean removed)",
+             cells(level("ild_shape_correlation")))]
 
 
 def markdown_table(reports: list[CheckpointReport]) -> str:

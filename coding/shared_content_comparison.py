@@ -25,7 +25,8 @@ from coding.shared_content import (check_reference, coding_bitrate, common_scale
                                    encode_latents, share_content)
 from measure.metrics import mel_distance, si_snr
 from model import EncodecModel
-from modules.spatial_cues import band_levels, delay_error, gcc_phat_delay, ild_fidelity
+from modules.spatial_cues import (band_levels, band_shape, delay_error, gcc_phat_delay,
+                                  ild_fidelity)
 
 CODINGS = ("independent", "shared_content", "shared_content_own_residual", "shared_content_mean")
 # Independent coding by another model at about shared-content coding's bitrate (a mono model
@@ -176,8 +177,10 @@ def _summary(coded: _Collected, inputs: _Collected, reference: int) -> dict[str,
     """Quality and cue errors of one coding against the inputs, averaged over segments,
     channels and pairs."""
     mel, snr = torch.stack(coded.mel), torch.stack(coded.si_snr)              # [B, N]
-    ild = ild_fidelity(*_pair_rows(torch.stack(inputs.levels), reference),
-                       *_pair_rows(torch.stack(coded.levels), reference))
+    levels = (*_pair_rows(torch.stack(inputs.levels), reference),
+              *_pair_rows(torch.stack(coded.levels), reference))
+    ild = ild_fidelity(*levels)
+    shape = ild_fidelity(*(band_shape(value) for value in levels))
     itd = delay_error(torch.cat(inputs.delays), torch.cat(coded.delays))
     return {
         "mel_distance": mel.mean().item(), "si_snr": snr.mean().item(),
@@ -185,6 +188,8 @@ def _summary(coded: _Collected, inputs: _Collected, reference: int) -> dict[str,
         "si_snr_per_channel": snr.mean(dim=0).tolist(),
         "ild_error_db": ild["error_db"], "ild_zero_error_db": ild["zero_error_db"],
         "ild_correlation": ild["correlation"], "ild_slope": ild["slope"],
+        "ild_shape_error_db": shape["error_db"], "ild_shape_zero_error_db": shape["zero_error_db"],
+        "ild_shape_correlation": shape["correlation"],
         "itd_error_us": itd["error_us"], "itd_zero_error_us": itd["zero_error_us"],
         "n_pairs": ild["n_pairs"], "n_delays": itd["n_valid"],
     }
@@ -239,7 +244,9 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
         segment for both) and `mel_distance`, `si_snr` (means over segments and channels;
         `*_per_channel` lists), `ild_error_db` (mean |decoded - true| per-band level
         difference of each pair, dB) beside `ild_zero_error_db` (the error of predicting no
-        difference), `ild_correlation`, `ild_slope`, `itd_error_us` (GCC-PHAT delay below
+        difference), `ild_correlation`, `ild_slope`, the same for each difference's band
+        mean removed (its spectral shape: `ild_shape_error_db` beside
+        `ild_shape_zero_error_db`, `ild_shape_correlation`), `itd_error_us` (GCC-PHAT delay below
         1.5 kHz, |decoded - true|, microseconds) beside `itd_zero_error_us`, `n_pairs`,
         `n_delays` (pairs with a defined delay).
     """

@@ -71,6 +71,12 @@ ROWS = [
     ("all capsules, shared-content + level side information: ILD error dB, read at the bands "
      "it sends (independent; equal bitrate)", "all_level_shared_ild_error_db",
      ["all_independent_ild_error_db", "all_equal_ild_error_db"]),
+    ("all capsules, shared-content: ILD shape correlation, band mean removed (independent; "
+     "equal bitrate)", "all_shared_ild_shape_correlation",
+     ["all_independent_ild_shape_correlation", "all_equal_ild_shape_correlation"]),
+    ("all capsules, shared-content + level side information: ILD shape correlation "
+     "(independent; equal bitrate)", "all_level_shared_ild_shape_correlation",
+     ["all_independent_ild_shape_correlation", "all_equal_ild_shape_correlation"]),
     ("all capsules, shared-content + level side information: kbps per channel (independent; "
      "equal bitrate)", "all_level_shared_kbps_per_channel",
      ["all_independent_kbps_per_channel", "all_equal_kbps_per_channel"]),
@@ -96,7 +102,8 @@ def shared_content_scalars(entry: dict) -> dict[str, float]:
                                ("independent_equal_bitrate", "equal"),
                                ("shared_content_mean", "mean_shared"),
                                ("shared_content_level", "level_shared")):
-            for key in ("mel_distance", "ild_error_db", "kbps_per_channel"):
+            for key in ("mel_distance", "ild_error_db", "ild_shape_correlation",
+                        "kbps_per_channel"):
                 value = (comparison.get(coding) or {}).get(key)
                 if value is not None:
                     flat[f"{head}{prefix}_{key}"] = float(value)

@@ -358,3 +358,12 @@ def test_equal_bitrate_coding_is_the_one_codebook_models_own_and_uses_the_bits_i
     shared = result["shared_content"]
     assert (shared["streams"] == 5
             and shared["codes_kbps_per_channel"] == pytest.approx(5 * stream / 4))
+
+
+def test_the_shape_of_a_broadband_level_difference_is_none(tiny):
+    one = channels_at_levels()[:1]
+    x = torch.cat([one * 10 ** (g / 20) for g in (0.0, -6.0, 3.0, -12.0)])[None]
+    independent = comparison.shared_content_comparison(tiny, x, codings=())["independent"]
+    # The inputs differ by broadband gains only: 6, 3 and 12 dB, and no spectral shape.
+    assert independent["ild_zero_error_db"] == pytest.approx(7.0, abs=0.01)
+    assert independent["ild_shape_zero_error_db"] < 0.01
