@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -371,13 +372,22 @@ def test_codebooks_initialise_in_order_after_enough_training_forwards():
     assert progress == [[0.75, 0.0], [1.0, 0.75], [1.0, 1.0]]
 
 
-def test_a_split_model_fine_tunes_an_unsplit_start_with_fresh_codebooks(cfg_factory, tmp_path):
+# The tiny architecture of make_tiny() as config overrides, for models built from a start.
+TINY_MODEL = ["model.filters=4", "model.dimension=16", "model.bins=32", "model.lstm=1"]
+
+
+def saved_start(tmp_path) -> tuple[EncodecModel, Path]:
+    """A tiny model with initialised codebooks, saved as a start point (`model.init_from`)."""
     start = ready(make_tiny())
     path = tmp_path / "start.pt"
     torch.save({"model": start.state_dict(), "config": {}}, path)
-    cfg = cfg_factory("config_paired_nq2", [f"model.init_from={path}", "model.filters=4",
-                                            "model.dimension=16", "model.bins=32",
-                                            "model.lstm=1", "model.content_share=0.25"])
+    return start, path
+
+
+def test_a_split_model_fine_tunes_an_unsplit_start_with_fresh_codebooks(cfg_factory, tmp_path):
+    start, path = saved_start(tmp_path)
+    cfg = cfg_factory("config_paired_nq2", [f"model.init_from={path}", *TINY_MODEL,
+                                            "model.content_share=0.25"])
     model = EncodecModel.from_config(cfg.model)
     assert model.quantizer.content_dims == 4
     torch.testing.assert_close(model.encoder.model[0].conv.conv.weight,
@@ -394,12 +404,9 @@ def test_a_split_model_fine_tunes_an_unsplit_start_with_fresh_codebooks(cfg_fact
 
 
 def test_a_one_codebook_model_fine_tunes_a_two_codebook_start(cfg_factory, tmp_path):
-    start = ready(make_tiny())
-    path = tmp_path / "start.pt"
-    torch.save({"model": start.state_dict(), "config": {}}, path)
-    tiny = ["model.filters=4", "model.dimension=16", "model.bins=32", "model.lstm=1"]
+    start, path = saved_start(tmp_path)
     one = EncodecModel.from_config(cfg_factory("config_mono_nq2", [
-        f"model.init_from={path}", "model.n_q=1", *tiny]).model)
+        f"model.init_from={path}", "model.n_q=1", *TINY_MODEL]).model)
     assert one.n_q == 1 and one.codebooks_initialized
     torch.testing.assert_close(one.quantizer.codebooks[0].embed, start.quantizer.codebooks[0].embed)
     x = 0.1 * torch.randn(2, 1, 2400)
@@ -407,14 +414,10 @@ def test_a_one_codebook_model_fine_tunes_a_two_codebook_start(cfg_factory, tmp_p
                                start.eval().decode(start.encode(x)[:, :1]))
 
 
-
 def test_a_three_codebook_model_fine_tunes_a_two_codebook_start(cfg_factory, tmp_path):
-    start = ready(make_tiny())
-    path = tmp_path / "start.pt"
-    torch.save({"model": start.state_dict(), "config": {}}, path)
-    tiny = ["model.filters=4", "model.dimension=16", "model.bins=32", "model.lstm=1"]
+    start, path = saved_start(tmp_path)
     three = EncodecModel.from_config(cfg_factory("config_mono_nq2", [
-        f"model.init_from={path}", "model.n_q=3", *tiny]).model)
+        f"model.init_from={path}", "model.n_q=3", *TINY_MODEL]).model)
     first, second, third = three.quantizer.codebooks
     # The start point's codes are kept; the codebook it lacks is fitted by its own k-means
     # on what the first two leave, from the first training forwards.
@@ -427,8 +430,7 @@ def test_a_three_codebook_model_fine_tunes_a_two_codebook_start(cfg_factory, tmp
     three.train()
     while not third.initialized:
         three(x)
-    residual = three.encoder(x) - three.quantizer.decode(three.quantizer.encode(
-        three.encoder(x))[:, :2])
-    coded = three.quantizer.decode(three.quantizer.encode(three.encoder(x)))
-    assert (three.encoder(x) - coded).pow(2).mean() < 0.9 * residual.pow(2).mean()
-
+    latent = three.encoder(x)
+    codes = three.quantizer.encode(latent)
+    two_codebooks = (latent - three.quantizer.decode(codes[:, :2])).pow(2).mean()
+    assert (latent - three.quantizer.decode(codes)).pow(2).mean() < 0.9 * two_codebooks
