@@ -255,6 +255,7 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
     loaders: dict[int, DataLoader] = {}
     data_cfg = None
     reports = []
+    level_side = level_side_info(cfg)
     equal_model = equal_bitrate_model(cfg, device)
     for path, label in zip(paths, labels):
         model, train_cfg = load_model(path, device)
@@ -284,7 +285,7 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
                     model, shared_content_loader(data_cfg, cfg, model.sample_rate, device,
                                                  channels),
                     reference=0, codings=shared_content_codings(cfg),
-                    equal_bitrate_model=equal_model, level_side=level_side_info(cfg))
+                    equal_bitrate_model=equal_model, level_side=level_side)
         reports.append(CheckpointReport(label, path, mode, results, examples))
         del model
     return reports

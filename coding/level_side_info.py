@@ -16,6 +16,7 @@ worth.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -54,18 +55,19 @@ class LevelSideInfo:
 
     @property
     def kbps_per_channel(self) -> float:
-        """Nominal side-information bitrate of one channel."""
-        return self.bands * self.bits * 1000.0 / self.block_ms / 1000.0
+        """Nominal side-information bitrate of one channel (bits per millisecond = kbit/s)."""
+        return self.bands * self.bits / self.block_ms
 
     @property
     def hops_per_block(self) -> int:
         return round(self.block_ms / (1000 * HOP_SECONDS))
 
 
+@functools.lru_cache(maxsize=16)
 def _stft_setup(sample_rate: int, bands: int, device: torch.device
                 ) -> tuple[int, Tensor, Tensor]:
     """Hop, Hann window and each bin's band index `[bins]` (bins outside the range take the
-    nearest band) at `sample_rate`."""
+    nearest band) at `sample_rate`; built once per (rate, bands, device), read only."""
     hop = round(sample_rate * HOP_SECONDS)
     n_fft = WINDOW_HOPS * hop
     member = band_matrix(sample_rate, n_fft, band_edges(bands, *CUE_BAND_RANGE_HZ))
@@ -109,8 +111,9 @@ def encode_level_side(inputs: Tensor, decodes: Tensor, sample_rate: int,
     target = block_levels(inputs, sample_rate, side)
     top = 2 ** (side.bits - 1)
     steps = torch.zeros_like(target)
-    for _ in range(passes):
-        shaped = apply_level_side(decodes, steps, sample_rate, side)
+    for done in range(passes):
+        # No gains yet on the first pass: the decode itself.
+        shaped = apply_level_side(decodes, steps, sample_rate, side) if done else decodes
         missing = target - block_levels(shaped, sample_rate, side)
         steps = (steps + torch.round(missing / side.step_db)).clamp(-top, top - 1)
     return steps.to(torch.int8)
