@@ -46,7 +46,7 @@ from measure.results import CheckpointReport, flatten_metrics, per_codebook
 from model import EncodecModel, load_model
 from training.runtime import resolve_device
 from coding.level_side_info import LevelSideInfo
-from coding.shared_content_comparison import (EQUAL_BITRATE, LEVEL_SIDE,
+from coding.shared_content_comparison import (EQUAL_BITRATE, INDEPENDENT_LEVEL, LEVEL_SIDE,
                                               shared_content_comparison)
 from training.validation import array_geometry, evaluate_model, validation_dataset
 from utils.array_files import EM32
@@ -496,22 +496,28 @@ def mean_stream_rows(cells, key: str) -> list[tuple[str, list[str]]]:
 
 
 def level_side_rows(cells, key: str) -> list[tuple[str, list[str]]]:
-    """Rows of shared-content coding with band-level side information, when measured
-    (`shared_content.level_side_info`)."""
+    """Rows of shared-content coding with band-level side information, beside independent
+    coding with the same side information, when measured (`shared_content.level_side_info`)."""
     def level(name: str) -> Callable[[dict], str]:
-        return lambda r: _fmt(((r.get(key) or {}).get(LEVEL_SIDE) or {}).get(name))
+        def cell(r: dict) -> str:
+            comparison = r.get(key) or {}
+            shared, independent = (comparison.get(c) or {} for c in (LEVEL_SIDE, INDEPENDENT_LEVEL))
+            return f"{_fmt(shared.get(name))} ({_fmt(independent.get(name))})"
+        return cell
 
     if not any((r.get(key) or {}).get(LEVEL_SIDE) for r in cells(lambda r: r)):
         return []
     what = f"shared-content + level side information ({key})"
-    return [(f"{what}: kbps per channel (of which side information)",
-             cells(lambda r: f"{level('kbps_per_channel')(r)} "
-                             f"({level('side_kbps_per_channel')(r)})")),
-            (f"{what}: mel distance ↓", cells(level("mel_distance"))),
-            (f"{what}: SI-SNR dB", cells(level("si_snr"))),
-            (f"{what}: ILD error dB ↓ (the bands it sends: by construction)",
+    also = "(independent + level side information)"
+    return [(f"{what}: kbps per channel {also}", cells(level("kbps_per_channel"))),
+            (f"{what}: side information kbps per channel", cells(
+                lambda r: _fmt(((r.get(key) or {}).get(LEVEL_SIDE) or {})
+                               .get("side_kbps_per_channel")))),
+            (f"{what}: mel distance ↓ {also}", cells(level("mel_distance"))),
+            (f"{what}: SI-SNR dB {also}", cells(level("si_snr"))),
+            (f"{what}: ILD error dB ↓ {also} (the bands it sends: by construction)",
              cells(level("ild_error_db"))),
-            (f"{what}: ILD shape correlation (band mean removed)",
+            (f"{what}: ILD shape correlation (band mean removed) {also}",
              cells(level("ild_shape_correlation")))]
 
 

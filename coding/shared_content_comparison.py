@@ -32,8 +32,12 @@ CODINGS = ("independent", "shared_content", "shared_content_own_residual", "shar
 # Independent coding by another model at about shared-content coding's bitrate (a mono model
 # trained with one codebook: not codebook 1 of this one, whose decoder never lacked the rest).
 EQUAL_BITRATE = "independent_equal_bitrate"
-# Shared-content coding with each channel's band levels sent beside it (level_side_info.py).
+# Shared-content coding with each channel's band levels sent beside it (level_side_info.py),
+# and independent coding with the same side information (its ceiling, at a higher bitrate).
 LEVEL_SIDE = "shared_content_level"
+INDEPENDENT_LEVEL = "independent_level"
+# Each coding with side information, and the coding it is sent beside.
+LEVEL_SIDE_OF = {LEVEL_SIDE: "shared_content", INDEPENDENT_LEVEL: "independent"}
 
 
 def read_channels(path: str | Path, sample_rate: int) -> Tensor:
@@ -151,7 +155,7 @@ def _compare_segment(model: EncodecModel, x: Tensor, reference: int, inputs: _Co
     rate = model.sample_rate
     scale = common_scale(model, x)
     codes = _coding_codes(model, encode_latents(model, x, scale), reference,
-                          [c for c in coded if c not in (EQUAL_BITRATE, LEVEL_SIDE)])
+                          [c for c in coded if c not in (EQUAL_BITRATE, *LEVEL_SIDE_OF)])
     inputs.add(_measure(x, reference, rate))
     independent = decode_channels(model, codes["independent"], scale, x.shape[-1])
     decodes = {coding: _decode_changed(model, codes[coding], codes["independent"], independent,
@@ -163,9 +167,9 @@ def _compare_segment(model: EncodecModel, x: Tensor, reference: int, inputs: _Co
         decodes[EQUAL_BITRATE] = decode_channels(equal_bitrate_model, other_codes, other_scale,
                                                  x.shape[-1])
     if level_side is not None:
-        shared = decodes["shared_content"]
-        steps = encode_level_side(x, shared, rate, level_side)
-        decodes[LEVEL_SIDE] = apply_level_side(shared, steps, rate, level_side)
+        for coding, beside in LEVEL_SIDE_OF.items():
+            steps = encode_level_side(x, decodes[beside], rate, level_side)
+            decodes[coding] = apply_level_side(decodes[beside], steps, rate, level_side)
     for coding, decoded in decodes.items():
         coded[coding].add({**_measure(decoded, reference, rate),
                            "mel": mel_distance(x, decoded, rate).cpu(),
@@ -228,8 +232,10 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
             its own bitrate, at its own common scale per segment.
         level_side (LevelSideInfo or None): also measure 'shared_content_level':
             shared-content coding with each channel's band levels sent beside its codes
-            (`coding/level_side_info.py`), its bitrate the codes' plus `side_kbps_per_channel`.
-            Sent at the cue bands, it corrects what the ILD rows read (by construction).
+            (`coding/level_side_info.py`), and 'independent_level', independent coding with
+            the same side information (the ceiling of sharing with it, at more bits); their
+            bitrate the codes' plus `side_kbps_per_channel`. Sent at the cue bands, it
+            corrects what the ILD rows read (by construction).
     Returns:
         dict: `channels` (N), `reference`, `segments`, `seconds` (total duration of one
         channel), `sample_rate` (the model's), `scale` (the convention, in words),
@@ -266,7 +272,7 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
         if "shared_content" not in coded:
             raise ValueError("level side information is sent beside shared-content coding: "
                              "keep 'shared_content' in codings")
-        coded[LEVEL_SIDE] = _Collected()
+        coded.update({coding: _Collected() for coding in LEVEL_SIDE_OF})
     agreeing, compared, seconds = 0, 0, 0.0
     for item in _items(wavs, sample_rate or rate, rate):
         channels = inputs.levels[0].shape[0] if inputs.levels else item.shape[0]
@@ -290,9 +296,10 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
     for coding in coded:
         coder = equal_bitrate_model if coding == EQUAL_BITRATE else model
         bitrate = coding_bitrate(coder.n_q, coder.quantizer.bins, coder.frame_rate, channels,
-                                 shared_content=coding not in ("independent", EQUAL_BITRATE),
+                                 shared_content=coding not in ("independent", EQUAL_BITRATE,
+                                                               INDEPENDENT_LEVEL),
                                  seconds=seconds, scales=segments)
-        if coding == LEVEL_SIDE:
+        if coding in LEVEL_SIDE_OF:
             side_kbps = level_side.kbps_per_channel
             bitrate = {**bitrate, "side_kbps_per_channel": side_kbps,
                        "kbps_per_channel": bitrate["kbps_per_channel"] + side_kbps,

@@ -65,21 +65,27 @@ ROWS = [
     ("all capsules, mean-stream shared-content: ILD error dB (independent; equal bitrate)",
      "all_mean_shared_ild_error_db",
      ["all_independent_ild_error_db", "all_equal_ild_error_db"]),
-    ("all capsules, shared-content + level side information: mel distance (independent; "
-     "equal bitrate)", "all_level_shared_mel_distance",
-     ["all_independent_mel_distance", "all_equal_mel_distance"]),
+    ("all capsules, shared-content + level side information: mel distance (independent "
+     "+ level side information; independent; equal bitrate)", "all_level_shared_mel_distance",
+     ["all_level_independent_mel_distance", "all_independent_mel_distance",
+      "all_equal_mel_distance"]),
     ("all capsules, shared-content + level side information: ILD error dB, read at the bands "
-     "it sends (independent; equal bitrate)", "all_level_shared_ild_error_db",
-     ["all_independent_ild_error_db", "all_equal_ild_error_db"]),
+     "it sends (independent + level side information; independent; equal bitrate)",
+     "all_level_shared_ild_error_db",
+     ["all_level_independent_ild_error_db", "all_independent_ild_error_db",
+      "all_equal_ild_error_db"]),
     ("all capsules, shared-content: ILD shape correlation, band mean removed (independent; "
      "equal bitrate)", "all_shared_ild_shape_correlation",
      ["all_independent_ild_shape_correlation", "all_equal_ild_shape_correlation"]),
     ("all capsules, shared-content + level side information: ILD shape correlation "
-     "(independent; equal bitrate)", "all_level_shared_ild_shape_correlation",
-     ["all_independent_ild_shape_correlation", "all_equal_ild_shape_correlation"]),
-    ("all capsules, shared-content + level side information: kbps per channel (independent; "
-     "equal bitrate)", "all_level_shared_kbps_per_channel",
-     ["all_independent_kbps_per_channel", "all_equal_kbps_per_channel"]),
+     "(independent + level side information; independent; equal bitrate)",
+     "all_level_shared_ild_shape_correlation",
+     ["all_level_independent_ild_shape_correlation", "all_independent_ild_shape_correlation",
+      "all_equal_ild_shape_correlation"]),
+    ("all capsules, shared-content + level side information: kbps per channel (independent "
+     "+ level side information; independent; equal bitrate)", "all_level_shared_kbps_per_channel",
+     ["all_level_independent_kbps_per_channel", "all_independent_kbps_per_channel",
+      "all_equal_kbps_per_channel"]),
     ("all capsules, shared-content: kbps per channel (independent; equal bitrate)",
      "all_shared_kbps_per_channel",
      ["all_independent_kbps_per_channel", "all_equal_kbps_per_channel"]),
@@ -101,7 +107,8 @@ def shared_content_scalars(entry: dict) -> dict[str, float]:
         for coding, prefix in (("shared_content", "shared"), ("independent", "independent"),
                                ("independent_equal_bitrate", "equal"),
                                ("shared_content_mean", "mean_shared"),
-                               ("shared_content_level", "level_shared")):
+                               ("shared_content_level", "level_shared"),
+                               ("independent_level", "level_independent")):
             for key in ("mel_distance", "ild_error_db", "ild_shape_correlation",
                         "kbps_per_channel"):
                 value = (comparison.get(coding) or {}).get(key)

@@ -88,6 +88,19 @@ def test_the_comparison_sends_it_beside_shared_content_coding_at_its_total_bitra
     assert level["mel_distance_per_channel"] == pytest.approx(
         mel_distance(x, restored, RATE).tolist(), rel=1e-4)
     assert level["mel_distance"] != pytest.approx(shared["mel_distance"], rel=1e-3)
+    # Its ceiling: independent coding with the same side information, at the same side bits.
+    independent, ceiling = result["independent"], result[comparison.INDEPENDENT_LEVEL]
+    assert ceiling["kbps_per_channel"] == pytest.approx(independent["kbps_per_channel"] + 0.6)
+    assert ceiling["codes_kbps_per_channel"] == independent["codes_kbps_per_channel"] \
+        > shared["codes_kbps_per_channel"]
+    own = sc.decode_channels(tiny, tiny.quantizer.encode(sc.encode_latents(tiny, x, coded.scale)),
+                             coded.scale, x.shape[-1])
+    own_restored = apply_level_side(own, encode_level_side(x, own, RATE, SIDE), RATE, SIDE)
+    assert ceiling["mel_distance_per_channel"] == pytest.approx(
+        mel_distance(x, own_restored, RATE).tolist(), rel=2e-5)
+    # (an untrained decoder barely hears its codes: the two decodes differ by ~3e-4)
+    assert ceiling["mel_distance_per_channel"] != pytest.approx(
+        level["mel_distance_per_channel"], rel=2e-5)
     with pytest.raises(ValueError, match="keep 'shared_content'"):
         comparison.shared_content_comparison(tiny, x[None], codings=(), level_side=SIDE)
 
