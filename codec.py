@@ -3,6 +3,7 @@
     python codec.py encode --checkpoint CKPT [--bandwidth KBPS] in.wav out.tok
     python codec.py encode --checkpoint CKPT --shared-content [--reference-channel K] in.wav out.tok
     python codec.py encode --checkpoint CKPT --shared-content --content-stream mean in.wav out.tok
+    python codec.py encode --checkpoint CKPT --shared-content --level-bands 4 in.wav out.tok
     python codec.py decode --checkpoint CKPT [--max-seconds S] out.tok out.wav
 
 Any sample rate and channel count: each channel is resampled to the model rate and encoded
@@ -13,6 +14,9 @@ sends ONE codebook-1 stream, the reference channel's (`--reference-channel`, def
 plus codebooks 2.. of every channel, all at one common scale; `--content-stream mean` sends
 the codebook-1 codes of the channels' mean latent instead, the stream a model trained with
 `pairwise.shared_content_code` learned to decode (the file says which; decode needs no flag).
+`--level-bands N` also sends each channel's level in N bands every 40 ms (3 bits of 1.5 dB
+each: `--level-bits`, `--level-step-db`, `--level-block-ms`), what the decode misses of
+them; decode applies them (`coding/level_side_info.py`; a version 3 token file).
 
 Hostile input is refused in one line (`error: ...`, exit 1): a token file with any header
 field out of type or range, inconsistent with its payload, or decoding to more than
@@ -29,11 +33,15 @@ from typing import Any
 import soundfile as sf
 
 from coding import shared_content
+from coding.level_side_info import LevelSideInfo
 from coding.file_codec import CheckpointMismatchError, decode_file, encode_file
-from coding.token_file import (CONTENT_STREAMS, DEFAULT_MAX_SECONDS, MEAN_STREAM, SHARED_CONTENT,
-                               TokenFileError, content_stream, token_mode)
+from coding.token_file import (CONTENT_STREAMS, DEFAULT_MAX_SECONDS, MAX_LEVEL_BANDS,
+                               MAX_LEVEL_BITS, MAX_LEVEL_BLOCK_S, MAX_LEVEL_STEP_DB, MEAN_STREAM,
+                               SHARED_CONTENT, TokenFileError, content_stream, level_side_of,
+                               token_mode)
 from training.runtime import resolve_device
-from utils.checks import DEVICE, POSITIVE, PathRule, check_flags
+from utils.checks import (DEVICE, POSITIVE, Limit, PathRule, check_flags, one_line_errors,
+                          setting_error)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="with --shared-content: 'reference' (default) sends the reference "
                           "channel's codebook 1, 'mean' that of the channels' mean latent (for "
                           "models trained with pairwise.shared_content_code)")
+    side = LevelSideInfo()
+    enc.add_argument("--level-bands", type=int, default=0, metavar="N",
+                     help="also send each channel's band levels in N log bands of 100 Hz - 11 "
+                          "kHz (0: none; 4 costs 0.3 kbps per channel), applied at decode")
+    enc.add_argument("--level-bits", type=int, default=None,
+                     help=f"with --level-bands: bits per band and block (default {side.bits})")
+    enc.add_argument("--level-step-db", type=float, default=None,
+                     help=f"with --level-bands: dB per step (default {side.step_db:g})")
+    enc.add_argument("--level-block-ms", type=float, default=None,
+                     help=f"with --level-bands: one level per band every so many ms, a "
+                          f"multiple of 10 (default {side.block_ms:g})")
     dec = commands.add_parser("decode", help="token file -> WAV file")
     dec.add_argument("input", help="token file written by `codec.py encode`")
     dec.add_argument("output", help="WAV file to write")
@@ -83,6 +102,11 @@ def encode_summary(metadata: dict[str, Any], wav_path: str, token_path: str) -> 
     summary = (f"{wav_path}: {channels} channel(s), {metadata['original_length']} samples at "
                f"{metadata['original_sample_rate']} Hz -> {layout} x {metadata['frames']} frames, "
                f"{_bitrate_text(metadata, shared)}")
+    side = level_side_of(metadata)
+    if side is not None:
+        summary += (f" + level side information {side.kbps_per_channel * channels:.3f} kbps "
+                    f"({side.kbps_per_channel:.3f} per channel: {side.bands} bands, "
+                    f"{side.bits} bits every {side.block_ms:g} ms)")
     if shared:
         summary += f" (independent coding: {_bitrate_text(metadata, False)})"
     return f"{summary} -> {token_path}"
@@ -100,6 +124,31 @@ def _bitrate_text(metadata: dict[str, Any], shared: bool) -> str:
             f"channel) + scales {rate['scale_kbps_total']:.4f} kbps")
 
 
+def level_side_flags(args: argparse.Namespace) -> LevelSideInfo | None:
+    """The level side information `encode`'s flags ask for, or None; a flag mistake exits
+    with one `config error: ...` line (exit 2)."""
+    check_flags(("--level-bands", args.level_bands, Limit(0, MAX_LEVEL_BANDS)),
+                ("--level-bits", args.level_bits, Limit(1, MAX_LEVEL_BITS)),
+                ("--level-step-db", args.level_step_db,
+                 Limit(0, MAX_LEVEL_STEP_DB, open_low=True)),
+                ("--level-block-ms", args.level_block_ms, Limit(10, 1000 * MAX_LEVEL_BLOCK_S)))
+    given = {name: value for name, value in (("bits", args.level_bits),
+                                             ("step_db", args.level_step_db),
+                                             ("block_ms", args.level_block_ms))
+             if value is not None}
+    with one_line_errors():
+        if args.level_bands == 0:
+            for name, value in given.items():
+                raise setting_error("--level-" + name.replace("_", "-"), value,
+                                    "only applies with --level-bands N (N >= 1): add "
+                                    "--level-bands or drop it")
+            return None
+        try:
+            return LevelSideInfo(bands=args.level_bands, **given)
+        except ValueError as error:  # the one rule a range cannot say: 10 ms steps
+            raise setting_error("--level-block-ms", args.level_block_ms, str(error)) from error
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_flags(("--checkpoint", args.checkpoint,
@@ -109,12 +158,13 @@ def main(argv: list[str] | None = None) -> int:
                 ("--bandwidth", getattr(args, "bandwidth", None), POSITIVE),
                 ("--device", args.device, DEVICE),
                 ("--max-seconds", getattr(args, "max_seconds", None), POSITIVE))
+    level_side = level_side_flags(args) if args.command == "encode" else None
     device = resolve_device(args.device)
     try:
         if args.command == "encode":
             meta = encode_file(args.checkpoint, args.input, args.output, device, args.bandwidth,
                                args.shared_content, args.reference_channel,
-                               args.content_stream)
+                               args.content_stream, level_side)
             print(encode_summary(meta, args.input, args.output))
         else:
             decode_file(args.checkpoint, args.input, args.output, device, args.ignore_hash,

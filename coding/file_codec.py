@@ -38,10 +38,12 @@ import torch
 import torchaudio
 
 from coding import shared_content
+from coding.level_side_info import (LevelSideInfo, apply_level_side, check_level_bands,
+                                    encode_level_side)
 from coding.token_file import (CONTENT_STREAMS, DEFAULT_MAX_SECONDS, INDEPENDENT,
                                MAX_SAMPLE_RATE, MEAN_STREAM, SHARED_CONTENT, TokenFileError,
-                               channel_scale, is_scale, read_tokens, token_metadata,
-                               write_tokens)
+                               channel_scale, is_scale, level_side_of, read_token_file,
+                               token_metadata, write_tokens)
 from model import EncodecModel, load_model
 
 # torchaudio.functional.resample's defaults (lowpass_filter_width, rolloff): its filter size.
@@ -160,17 +162,45 @@ def encode_audio_shared(model: EncodecModel, audio: torch.Tensor, sample_rate: i
     return coded.codes.cpu(), scales, audio.shape[-1]
 
 
-@torch.no_grad()
-def decode_audio(model: EncodecModel, codes: torch.Tensor,
-                 metadata: dict[str, Any]) -> torch.Tensor:
-    """Audio `[channels, original_length]` at the original rate from codes and metadata."""
+def decode_channel(model: EncodecModel, codes: torch.Tensor, metadata: dict[str, Any],
+                   channel: int) -> torch.Tensor:
+    """One channel `[1, 1, length]` at the model rate from its codes `[n_q, frames]`, at the
+    scale the file gives it."""
     device = next(model.parameters()).device
+    scale = channel_scale(metadata, channel)
+    if scale is not None:
+        scale = torch.tensor(scale, dtype=torch.float32, device=device).reshape(1, 1, 1)
+    return model.decode(codes[None].to(device), scale=scale, length=metadata["length"])
+
+
+@torch.no_grad()
+def encode_level_steps(model: EncodecModel, audio: torch.Tensor, codes: torch.Tensor,
+                       metadata: dict[str, Any]) -> torch.Tensor:
+    """Level side information `[channels, bands, blocks]` (int8 steps) that brings each
+    channel's decode of `codes` to the band levels of `audio` `[channels, length]` at the
+    model rate (`level_side_info.encode_level_side`, one channel at a time)."""
+    side = level_side_of(metadata)
+    steps = []
+    for channel, channel_codes in enumerate(codes):
+        decoded = decode_channel(model, channel_codes, metadata, channel)
+        steps.append(encode_level_side(audio[channel].reshape(decoded.shape).to(decoded),
+                                       decoded, model.sample_rate, side)[0].cpu())
+    return torch.stack(steps)
+
+
+@torch.no_grad()
+def decode_audio(model: EncodecModel, codes: torch.Tensor, metadata: dict[str, Any],
+                 level_steps: torch.Tensor | None = None) -> torch.Tensor:
+    """Audio `[channels, original_length]` at the original rate from codes and metadata, with
+    the band gains of `level_steps` `[channels, bands, blocks]` (a version 3 file's level
+    side information) applied to each channel's decode at the model rate."""
+    side = level_side_of(metadata)
     channels = []
     for c, channel_codes in enumerate(codes):
-        scale = channel_scale(metadata, c)
-        if scale is not None:
-            scale = torch.tensor(scale, dtype=torch.float32, device=device).reshape(1, 1, 1)
-        wav = model.decode(channel_codes[None].to(device), scale=scale, length=metadata["length"])
+        wav = decode_channel(model, channel_codes, metadata, c)
+        if level_steps is not None:
+            wav = apply_level_side(wav, level_steps[c:c + 1].to(wav.device), model.sample_rate,
+                                   side)
         channels.append(wav[0, 0].cpu())
     audio = torch.stack(channels)
     if metadata["original_sample_rate"] != metadata["sample_rate"]:
@@ -222,7 +252,8 @@ def check_decodable(token_path: str | Path, model: EncodecModel, metadata: dict[
 def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | Path,
                 device: str | torch.device = "cpu", bandwidth: float | None = None,
                 shared_content_coding: bool = False, reference_channel: int | None = None,
-                content_stream: str | None = None) -> dict[str, Any]:
+                content_stream: str | None = None,
+                level_side: LevelSideInfo | None = None) -> dict[str, Any]:
     """WAV file -> token file; returns the metadata written.
 
     `bandwidth` (kbps, one of the model's `target_bandwidths`) keeps the first
@@ -230,7 +261,9 @@ def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | 
     `shared_content_coding` writes one codebook-1 stream for all channels (see the module
     docstring): with `content_stream` 'reference' (the default) channel `reference_channel`'s
     (default 0), with 'mean' that of the channels' mean latent; without it every channel is
-    coded independently. Errors name the command-line flag to change (ValueError).
+    coded independently. `level_side` also sends each channel's band levels beside its codes
+    (a version 3 file; `coding/level_side_info.py`): what the decode of the codes kept
+    misses of them. Errors name the command-line flag to change (ValueError).
     """
     audio, rate = sf.read(str(wav_path), dtype="float32", always_2d=True)  # [T, channels]
     if audio.shape[0] == 0:
@@ -252,17 +285,24 @@ def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | 
                          f"codebook 2 per channel) but --bandwidth {bandwidth:g} keeps {kept}: "
                          f"choose a higher --bandwidth (model.target_bandwidths "
                          f"{model.target_bandwidths}).")
-    channels = torch.from_numpy(audio.T.copy())
+    if level_side is not None:
+        try:
+            check_level_bands(model.sample_rate, level_side)
+        except ValueError as error:
+            raise ValueError(f"--level-bands {level_side.bands}: {error}") from error
+    channels = at_model_rate(model, torch.from_numpy(audio.T.copy()), rate)
     if shared_content_coding:
-        codes, scales, length = encode_audio_shared(model, channels, rate, reference)
+        codes, scales, length = encode_audio_shared(model, channels, model.sample_rate, reference)
     else:
-        codes, scales, length = encode_audio(model, channels, rate)
+        codes, scales, length = encode_audio(model, channels, model.sample_rate)
     check_scales(wav_path, scales, shared_content_coding)
-    metadata = token_metadata(model, cfg.model.bins, codes[:, :kept], scales, length, rate,
+    codes = codes[:, :kept]
+    metadata = token_metadata(model, cfg.model.bins, codes, scales, length, rate,
                               audio.shape[0], file_sha256(checkpoint),
                               mode=SHARED_CONTENT if shared_content_coding else INDEPENDENT,
-                              reference_channel=reference)
-    write_tokens(token_path, codes[:, :kept], metadata)
+                              reference_channel=reference, level_side=level_side)
+    steps = None if level_side is None else encode_level_steps(model, channels, codes, metadata)
+    write_tokens(token_path, codes, metadata, steps)
     return metadata
 
 
@@ -309,9 +349,10 @@ def decode_file(checkpoint: str | Path, token_path: str | Path, wav_path: str | 
     `check_compatible`, `check_decodable`); one that decodes to more than `max_seconds` of
     audio is refused (TokenFileError).
     """
-    codes, metadata = read_tokens(token_path, max_seconds)
+    tokens = read_token_file(token_path, max_seconds)
     model, cfg = load_model(checkpoint, device)
-    check_compatible(model, cfg.model.bins, metadata, file_sha256(checkpoint), ignore_hash)
-    check_decodable(token_path, model, metadata)
-    audio = decode_audio(model, codes, metadata)
-    sf.write(str(wav_path), audio.T.numpy(), metadata["original_sample_rate"], subtype=subtype)
+    check_compatible(model, cfg.model.bins, tokens.metadata, file_sha256(checkpoint), ignore_hash)
+    check_decodable(token_path, model, tokens.metadata)
+    audio = decode_audio(model, tokens.codes, tokens.metadata, tokens.level_steps)
+    sf.write(str(wav_path), audio.T.numpy(), tokens.metadata["original_sample_rate"],
+             subtype=subtype)

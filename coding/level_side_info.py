@@ -63,6 +63,27 @@ class LevelSideInfo:
         return round(self.block_ms / (1000 * HOP_SECONDS))
 
 
+def side_blocks(samples: int, sample_rate: int, side: LevelSideInfo) -> int:
+    """Blocks of side information per channel of `samples` samples at `sample_rate`: the
+    centred STFT's frames, `block_ms / 10` to a block (the last one partial)."""
+    frames = samples // round(sample_rate * HOP_SECONDS) + 1
+    return math.ceil(frames / side.hops_per_block)
+
+
+def check_level_bands(sample_rate: int, side: LevelSideInfo) -> None:
+    """ValueError unless every band of `side` holds an STFT bin at `sample_rate` (at 24 kHz,
+    10 Hz hops and 25 Hz bins, at most 33 bands; the bands reach 11 kHz, so rates below
+    22 kHz have none up there)."""
+    if round(sample_rate * HOP_SECONDS) < 1:
+        raise ValueError(f"level side information needs a sample rate of at least "
+                         f"{0.5 / HOP_SECONDS:g} Hz, got {sample_rate}")
+    try:
+        _stft_setup(sample_rate, side.bands, torch.device("cpu"))
+    except ValueError as error:
+        raise ValueError(f"level side information of {side.bands} bands at {sample_rate} Hz: "
+                         f"{error}") from error
+
+
 @functools.lru_cache(maxsize=16)
 def _stft_setup(sample_rate: int, bands: int, device: torch.device
                 ) -> tuple[int, Tensor, Tensor]:

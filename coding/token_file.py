@@ -8,11 +8,17 @@ unpickled).
               'independent':    `[channels, n_q, frames]`
               'shared_content': `[frames]` (the shared codebook-1 stream), then
                                 `[channels, n_q - 1, frames]` (codebooks 2.. of every channel)
+              version 3 only, then the level side information: `[channels, bands, blocks]`
+                                steps of `bits` bits each (stored + 2^(bits-1), unsigned),
+                                least significant bit first, packed into bytes, zero-padded
 Version 2 adds `mode` and `frame_rate` to the header ('shared_content' files also say which
 codebook-1 stream they carry, and `scales` holds the one common scale): the reference
 channel's (`reference_channel`, no `content_stream`, as before the mean stream existed) or
 the channels' mean content (`content_stream: "mean"`, no reference channel). Version 1
-files (no `mode`) are 'independent' and still decode.
+files (no `mode`) are 'independent' and still decode. Version 3 is version 2 with each
+channel's band levels sent beside the codes (`level_side`: bands, bits, step_db, block_ms,
+blocks; `coding/level_side_info.py`); a file without them is still written as version 2, so
+older tools read it.
 
 A token file is input from anywhere: `read_tokens` checks every header field (`check_header`:
 types, ranges, the lengths against the frames and rates, scales, the content stream and
@@ -26,17 +32,20 @@ import math
 import os
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from coding.level_side_info import LevelSideInfo, check_level_bands, side_blocks
 from model import EncodecModel
 
 MAGIC = b"PENCTOK1"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)          # version 1: before modes, always 'independent'
+FORMAT_VERSION = 2                  # what a file without level side information is written as
+LEVEL_SIDE_VERSION = 3              # a file with it
+READABLE_VERSIONS = (1, 2, 3)       # version 1: before modes, always 'independent'
 INDEPENDENT, SHARED_CONTENT = "independent", "shared_content"
 MODES = (INDEPENDENT, SHARED_CONTENT)
 # The codebook-1 stream of a 'shared_content' file: one channel's, or the channels' mean content.
@@ -46,6 +55,9 @@ _LENGTH = struct.Struct("<I")
 MAX_SAMPLE_RATE = 768_000          # Hz, the highest rate a header may give
 MAX_BINS = 1 << 16                 # codes are stored as uint16
 DEFAULT_MAX_SECONDS = 24 * 3600.0  # the most audio a token file may decode to, by default
+# A header's level side information: at most this many bands, bits per step, dB per step.
+MAX_LEVEL_BANDS, MAX_LEVEL_BITS, MAX_LEVEL_STEP_DB, MAX_LEVEL_BLOCK_S = 64, 8, 24.0, 10.0
+_LEVEL_SIDE_KEYS = ("bands", "bits", "step_db", "block_ms", "blocks")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 _REQUIRED_KEYS = ("version", "sample_rate", "original_sample_rate", "channels", "n_q", "bins",
@@ -60,16 +72,18 @@ class TokenFileError(ValueError):
 def token_metadata(model: EncodecModel, bins: int, codes: torch.Tensor, scales: list[float] | None,
                    length: int, original_sample_rate: int, original_length: int,
                    checkpoint_sha256: str, mode: str = INDEPENDENT,
-                   reference_channel: int | None = None) -> dict[str, Any]:
+                   reference_channel: int | None = None,
+                   level_side: LevelSideInfo | None = None) -> dict[str, Any]:
     """Everything `decode` needs besides the codes and the checkpoint.
 
     `codes` `[channels, n_q, frames]`; `scales`: one per channel ('independent'), the one
     common scale ('shared_content') or None (no audio normalisation); `reference_channel`
     only with 'shared_content': the channel whose codebook 1 is shared, or None for the
-    channels' mean content stream.
+    channels' mean content stream; `level_side`: how the band levels sent beside the codes
+    are coded (a version 3 file), or None (none sent, version 2).
     """
     metadata = {
-        "version": FORMAT_VERSION,
+        "version": FORMAT_VERSION if level_side is None else LEVEL_SIDE_VERSION,
         "mode": mode,
         "sample_rate": model.sample_rate,
         "frame_rate": model.frame_rate,
@@ -90,7 +104,49 @@ def token_metadata(model: EncodecModel, bins: int, codes: torch.Tensor, scales: 
         metadata["content_stream"] = MEAN_STREAM
     elif mode == SHARED_CONTENT:
         metadata["reference_channel"] = int(reference_channel)
+    if level_side is not None:
+        metadata["level_side"] = {
+            "bands": level_side.bands, "bits": level_side.bits,
+            "step_db": float(level_side.step_db), "block_ms": float(level_side.block_ms),
+            "blocks": side_blocks(int(length), model.sample_rate, level_side)}
     return metadata
+
+
+def level_side_of(metadata: dict[str, Any]) -> LevelSideInfo | None:
+    """How a file's band levels are coded, or None for a file without them."""
+    side = metadata.get("level_side")
+    if side is None:
+        return None
+    return LevelSideInfo(bands=side["bands"], bits=side["bits"], step_db=side["step_db"],
+                         block_ms=side["block_ms"])
+
+
+def level_side_bytes(metadata: dict[str, Any]) -> int:
+    """Bytes of level side information after the codes (0 for a file without it)."""
+    side = metadata.get("level_side")
+    if side is None:
+        return 0
+    return -(-metadata["channels"] * side["bands"] * side["blocks"] * side["bits"] // 8)
+
+
+def _pack_steps(steps: torch.Tensor, bits: int) -> bytes:
+    """Signed steps as `bits`-bit unsigned fields, least significant bit first, in bytes."""
+    values = steps.cpu().numpy().astype(np.int16).ravel() + (1 << (bits - 1))
+    if values.size and (values.min() < 0 or values.max() >= 1 << bits):
+        raise ValueError(f"level side steps do not fit in {bits} bits")
+    fields = (values[:, None] >> np.arange(bits)) & 1
+    return np.packbits(fields.astype(np.uint8).ravel(), bitorder="little").tobytes()
+
+
+def _unpack_steps(data: bytes, metadata: dict[str, Any]) -> torch.Tensor:
+    """Inverse of `_pack_steps`: `[channels, bands, blocks]` int8 steps."""
+    side = metadata["level_side"]
+    shape = (metadata["channels"], side["bands"], side["blocks"])
+    bits, count = side["bits"], math.prod(shape)
+    fields = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits,
+                           bitorder="little").reshape(count, bits).astype(np.int16)
+    values = (fields << np.arange(bits)).sum(axis=1) - (1 << (bits - 1))
+    return torch.from_numpy(values.astype(np.int8)).reshape(shape)
 
 
 def token_mode(metadata: dict[str, Any]) -> str:
@@ -134,28 +190,53 @@ def _codes_from_payload(values: np.ndarray, metadata: dict[str, Any]) -> torch.T
     return torch.cat([content, detail], dim=1)
 
 
-def write_tokens(path: str | Path, codes: torch.Tensor, metadata: dict[str, Any]) -> None:
+def write_tokens(path: str | Path, codes: torch.Tensor, metadata: dict[str, Any],
+                 level_steps: torch.Tensor | None = None) -> None:
     """Write codes `[channels, n_q, frames]` and their metadata as a token file (in
     'shared_content' mode codebook 1 must be the same stream in every channel, the reference
-    channel's if the metadata names one; it is stored once)."""
+    channel's if the metadata names one; it is stored once), with the level side information
+    `level_steps` `[channels, bands, blocks]` when the metadata has `level_side`."""
     if codes.numel() and (codes.min() < 0 or codes.max() > np.iinfo(np.uint16).max):
         raise ValueError("codes do not fit in uint16 (codebooks larger than 65536 entries?)")
+    side = metadata.get("level_side")
+    expected = None if side is None else (metadata["channels"], side["bands"], side["blocks"])
+    if (None if level_steps is None else tuple(level_steps.shape)) != expected:
+        raise ValueError(f"level side information of shape "
+                         f"{None if level_steps is None else tuple(level_steps.shape)} for a "
+                         f"header that asks for {expected}")
     header = json.dumps(metadata, sort_keys=True).encode("utf-8")
     payload = _payload_codes(codes.cpu(), metadata).numpy().astype("<u2", copy=False).tobytes()
+    if side is not None:
+        payload += _pack_steps(level_steps, side["bits"])
     with open(path, "wb") as f:
         f.write(MAGIC + _LENGTH.pack(len(header)) + header + payload)
 
 
+@dataclass(frozen=True)
+class TokenFile:
+    """What a token file holds: codes `[channels, n_q, frames]` (long; in 'shared_content'
+    mode every channel's codebook 1 is the shared stream), the checked header, and the level
+    side information `[channels, bands, blocks]` (int8 steps) of a version 3 file, else None."""
+    codes: torch.Tensor
+    metadata: dict[str, Any]
+    level_steps: torch.Tensor | None = None
+
+
 def read_tokens(path: str | Path, max_seconds: float = DEFAULT_MAX_SECONDS
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Read a token file (any readable version and mode): `(codes [channels, n_q, frames]
-    long, metadata)`; in 'shared_content' mode every channel's codebook 1 is the shared
-    stream.
+    """`(codes, metadata)` of a token file (`read_token_file` without the side information)."""
+    tokens = read_token_file(path, max_seconds)
+    return tokens.codes, tokens.metadata
+
+
+def read_token_file(path: str | Path, max_seconds: float = DEFAULT_MAX_SECONDS) -> TokenFile:
+    """Read a token file of any readable version and mode.
 
     Every header field is checked (`check_header`) before the payload is read, and the
-    payload must hold exactly the codes the header describes, so what is allocated is
-    proportional to the file's size; a file that would decode to more than `max_seconds` of audio
-    is refused. Raises TokenFileError, one line naming the field and its value.
+    payload must hold exactly the codes (and side information) the header describes, so what
+    is allocated is proportional to the file's size; a file that would decode to more than
+    `max_seconds` of audio is refused. Raises TokenFileError, one line naming the field and
+    its value.
     """
     prefix = len(MAGIC) + _LENGTH.size
     with open(path, "rb") as f:
@@ -174,7 +255,8 @@ def read_tokens(path: str | Path, max_seconds: float = DEFAULT_MAX_SECONDS
             raise TokenFileError(f"{path}: corrupt metadata header "
                                  f"({str(error)[:80]}).") from error
         check_header(path, metadata, max_seconds)
-        expected = code_streams(metadata) * metadata["frames"] * 2
+        code_bytes = code_streams(metadata) * metadata["frames"] * 2
+        expected = code_bytes + level_side_bytes(metadata)
         found = size - prefix - header_length
         if found != expected:
             raise TokenFileError(
@@ -184,19 +266,27 @@ def read_tokens(path: str | Path, max_seconds: float = DEFAULT_MAX_SECONDS
     if len(payload) != expected:
         raise TokenFileError(f"{path} changed while it was read: {len(payload)} bytes of codes, "
                              f"expected {expected}.")
-    codes = _codes_from_payload(np.frombuffer(payload, dtype="<u2"), metadata)
+    codes = _codes_from_payload(np.frombuffer(payload[:code_bytes], dtype="<u2"), metadata)
     if codes.numel() and codes.max() >= metadata["bins"]:
         raise TokenFileError(f"{path}: code {int(codes.max())} out of range for "
                              f"{metadata['bins']}-entry codebooks (corrupt file).")
-    return codes, metadata
+    steps = (_unpack_steps(payload[code_bytes:], metadata) if "level_side" in metadata
+             else None)
+    return TokenFile(codes, metadata, steps)
 
 
 def _layout(metadata: dict[str, Any]) -> str:
     channels, n_q, frames = metadata["channels"], metadata["n_q"], metadata["frames"]
     if token_mode(metadata) == SHARED_CONTENT:
-        return (f"1 shared codebook-1 stream + channels={channels} x n_q={n_q} - 1 codebooks, "
-                f"x frames={frames}")
-    return f"channels={channels} x n_q={n_q} codebooks x frames={frames}"
+        layout = (f"1 shared codebook-1 stream + channels={channels} x n_q={n_q} - 1 codebooks, "
+                  f"x frames={frames}")
+    else:
+        layout = f"channels={channels} x n_q={n_q} codebooks x frames={frames}"
+    side = metadata.get("level_side")
+    if side is not None:
+        layout += (f", then {side['bits']}-bit level side information of bands="
+                   f"{side['bands']} x blocks={side['blocks']} per channel")
+    return layout
 
 
 # ----------------------------------------------------------------------------------------
@@ -219,11 +309,13 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_int(path: str | Path, metadata: dict[str, Any], key: str, low: int,
-               high: int | None = None, unit: str = "") -> int:
+               high: int | None = None, unit: str = "", within: str = "") -> int:
+    """`metadata[key]`, an integer in range; `within` prefixes the key in the message (e.g.
+    'level_side.')."""
     value = metadata[key]
     if not _is_int(value) or value < low or (high is not None and value > high):
         wanted = f"{low} .. {high}" if high is not None else f">= {low}"
-        raise _field_error(path, key, value, f"not an integer{unit} in {wanted}")
+        raise _field_error(path, within + key, value, f"not an integer{unit} in {wanted}")
     return value
 
 
@@ -300,12 +392,54 @@ def check_header(path: str | Path, metadata: Any, max_seconds: float = DEFAULT_M
                 f"{path}: header fields frames={frames}, length={length}, frame_rate="
                 f"{frame_rate} and sample_rate={rate} disagree: {length} samples are not "
                 f"{frames} frames at {frame_rate} Hz (corrupt, or not a token file of this tool).")
+    _check_level_side(path, metadata, version, rate, length)
     seconds = original_length / original_rate
     if seconds > max_seconds:
         raise TokenFileError(
             f"{path}: header field original_length={original_length} at original_sample_rate="
             f"{original_rate} Hz is {seconds:.0f} s of audio, more than the {max_seconds:g} s "
             "allowed (raise --max-seconds if the file is genuine).")
+
+
+def _check_level_side(path: str | Path, metadata: dict[str, Any], version: int, rate: int,
+                      length: int) -> None:
+    """Raise TokenFileError unless the header's level side information fits its version
+    (present exactly in version 3) and its audio: bands, bits and step in range, blocks a
+    multiple of 10 ms, every band holding an STFT bin at `rate`, and `blocks` what `length`
+    samples give."""
+    side = metadata.get("level_side")
+    if version != LEVEL_SIDE_VERSION:
+        if "level_side" in metadata:
+            raise _field_error(path, "level_side", side, f"only a version {LEVEL_SIDE_VERSION} "
+                               f"file has level side information, this one is version {version}")
+        return
+    if "level_side" not in metadata:
+        raise _field_error(path, "version", version, "a version 3 file has level side "
+                           "information, but the header has no level_side")
+    if not (isinstance(side, dict) and sorted(side) == sorted(_LEVEL_SIDE_KEYS)):
+        raise _field_error(path, "level_side", side,
+                           f"not an object with exactly the keys {list(_LEVEL_SIDE_KEYS)}")
+    bands = _check_int(path, side, "bands", 1, MAX_LEVEL_BANDS, "", "level_side.")
+    bits = _check_int(path, side, "bits", 1, MAX_LEVEL_BITS, "", "level_side.")
+    blocks = _check_int(path, side, "blocks", 1, None, "", "level_side.")
+    for key, high in (("step_db", MAX_LEVEL_STEP_DB), ("block_ms", 1000 * MAX_LEVEL_BLOCK_S)):
+        value = side[key]
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and 0 < value <= high):
+            raise _field_error(path, f"level_side.{key}", value,
+                               f"not a number in (0, {high:g}]")
+    try:
+        level_side = LevelSideInfo(bands=bands, bits=bits, step_db=side["step_db"],
+                                   block_ms=side["block_ms"])
+        check_level_bands(rate, level_side)
+    except ValueError as error:
+        raise _field_error(path, "level_side", side, str(error)) from error
+    expected = side_blocks(length, rate, level_side)
+    if blocks != expected:
+        raise TokenFileError(
+            f"{path}: header fields level_side.blocks={blocks} and length={length} disagree: "
+            f"{length} samples at {rate} Hz are {expected} blocks of "
+            f"{level_side.block_ms:g} ms (corrupt, or not a token file of this tool).")
 
 
 def _check_content_stream(path: str | Path, metadata: dict[str, Any], shared: bool,

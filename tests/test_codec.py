@@ -281,7 +281,10 @@ def test_unknown_token_versions_and_modes_are_rejected(tiny, tmp_path):
     file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", device="cpu",
                       shared_content_coding=True)
     codes, meta = token_file.read_tokens(tmp_path / "x.tok")
-    cases = {"version 3": {"version": 3}, "unknown token mode": {"mode": "joint"},
+    side = {"bands": 4, "bits": 3, "step_db": 1.5, "block_ms": 40.0, "blocks": 3}
+    cases = {"version 4": {"version": 4}, "unknown token mode": {"mode": "joint"},
+             r"version=3: a version 3 file has level side information": {"version": 3},
+             r"only a version 3 file has level side": {"level_side": side},
              "reference_channel": {"reference_channel": 2}, "scales": {"scales": [1.0, 1.0]}}
     for message, change in cases.items():
         header = json.dumps(meta | change).encode("utf-8")

@@ -14,6 +14,7 @@ import pytest
 
 import codec
 from coding import file_codec, token_file
+from coding.level_side_info import LevelSideInfo
 from coding.token_file import MAGIC, TokenFileError, read_tokens
 from test_codec import _write_wav, save_tiny_checkpoint
 
@@ -22,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A tiny checkpoint and three small token files of it: independent, shared-content
-    with the reference stream and with the mean stream."""
+    """A tiny checkpoint and four small token files of it: independent, shared-content
+    with the reference stream and with the mean stream, and shared-content with level side
+    information (version 3)."""
     from conftest import make_config
 
     tmp = tmp_path_factory.mktemp("tokens")
@@ -34,6 +36,8 @@ def files(tmp_path_factory):
                            shared_content_coding=True)
     file_codec.encode_file(tmp / "tiny.pt", tmp / "in.wav", tmp / "m.tok",
                            shared_content_coding=True, content_stream="mean")
+    file_codec.encode_file(tmp / "tiny.pt", tmp / "in.wav", tmp / "l.tok",
+                           shared_content_coding=True, level_side=LevelSideInfo(bands=4))
     return tmp
 
 
@@ -106,6 +110,41 @@ def test_a_bad_shared_content_header_field_is_one_line_naming_it(files, tmp_path
     with pytest.raises(TokenFileError) as error:
         read_tokens(tmp_path / "bad.tok")
     _check_names_field(error, key if key in ("reference_channel", "scales") else "channels")
+
+
+LEVEL_SIDE_BAD_VALUES = {
+    "level_side": [None, 4, [], {"bands": 4}, "x"],
+    "level_side.bands": [None, 0, -4, 65, 4.0, "4", True, 10**12, 40],
+    "level_side.bits": [None, 0, 9, 3.0, "3", -1],
+    "level_side.step_db": [None, 0, -1.5, 24.5, "1.5", True, float("nan"), float("inf")],
+    "level_side.block_ms": [None, 0, 25, 15.5, -40, 10001, "40", float("nan")],
+    "level_side.blocks": [None, 0, 1, 4, 10**9, 3.0, "3"],
+    "version": [2],
+}
+
+
+@pytest.mark.parametrize("key,value", _cases(LEVEL_SIDE_BAD_VALUES))
+def test_a_bad_level_side_field_is_one_line_naming_it(files, tmp_path, key, value):
+    header, payload = split(files / "l.tok")
+    assert token_file.read_token_file(files / "l.tok").level_steps.shape == (2, 4, 3)
+    if key.startswith("level_side."):
+        header["level_side"] = header["level_side"] | {key.split(".")[1]: value}
+    else:
+        header[key] = value
+    (tmp_path / "bad.tok").write_bytes(join(header, payload))
+    with pytest.raises(TokenFileError) as error:
+        read_tokens(tmp_path / "bad.tok")
+    message = str(error.value)
+    assert "\n" not in message and "level_side" in message, message
+
+
+def test_level_side_bytes_short_or_extra_are_refused(files, tmp_path):
+    header, payload = split(files / "l.tok")
+    for cut, word in ((payload[:-1], "truncated"), (payload + b"\0", "trailing data"),
+                      (split(files / "s.tok")[1], "truncated")):
+        (tmp_path / "bad.tok").write_bytes(join(header, cut))
+        with pytest.raises(TokenFileError, match=f"level side information.*{word}"):
+            read_tokens(tmp_path / "bad.tok")
 
 
 # (file, header change, the field the one-line refusal names)
@@ -236,7 +275,7 @@ FUZZ_CHILD = textwrap.dedent('''
                 [float("nan")], 767999, 768000, 768001, 24000, 16000, "independent",
                 "shared_content", "reference", "mean", "0" * 64]
     rng = random.Random(seed)
-    sources = [(work / name).read_bytes() for name in ("i.tok", "s.tok", "m.tok")]
+    sources = [(work / name).read_bytes() for name in ("i.tok", "s.tok", "m.tok", "l.tok")]
 
     def mutate(raw):
         length = int.from_bytes(raw[8:12], "little")
@@ -254,13 +293,18 @@ FUZZ_CHILD = textwrap.dedent('''
             lie = rng.choice([0, 1, length - 1, length + 1, len(raw), 2 ** 32 - 1,
                               rng.randrange(2 ** 32)])
             return kind, raw[:8] + lie.to_bytes(4, "little") + raw[12:]
-        keys = sorted(header) + ["reference_channel", "frame_rate", "mode", "content_stream"]
+        keys = sorted(header) + ["reference_channel", "frame_rate", "mode", "content_stream",
+                                 "level_side"]
         key = rng.choice(keys)
+        target = header
+        side = header.get("level_side")
+        if isinstance(side, dict) and rng.random() < 0.5:  # a field of the level side information
+            target, key = side, rng.choice(sorted(side))
         if kind == "drop":
-            header.pop(key, None)
+            target.pop(key, None)
         else:
-            header[key] = rng.choice(EXTREMES)
-            kind = f"{key}={json.dumps(header[key])[:30]}"
+            target[key] = rng.choice(EXTREMES)
+            kind = f"{key}={json.dumps(target[key])[:30]}"
         text = json.dumps(header).encode()
         return kind, raw[:8] + len(text).to_bytes(4, "little") + text + payload
 

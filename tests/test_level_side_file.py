@@ -1,0 +1,146 @@
+"""Level side information in token files (version 3): `codec.py encode --level-bands N` sends
+each channel's band levels beside its codes, `decode` applies them; the file costs what its
+bitrate claims, and a file without them is still version 2."""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import codec
+from coding import file_codec, token_file
+from coding.level_side_info import LevelSideInfo, apply_level_side, block_levels
+from test_codec import _write_wav, tiny  # noqa: F401 (fixture)
+from test_token_file import split
+
+RATE = 24000
+
+
+def _encode(ckpt, wav, tok, *flags: str) -> int:
+    return codec.main(["encode", "--checkpoint", str(ckpt), "--device", "cpu", *flags,
+                       str(wav), str(tok)])
+
+
+def _decode(ckpt, tok, wav) -> np.ndarray:
+    assert codec.main(["decode", "--checkpoint", str(ckpt), "--device", "cpu", str(tok),
+                       str(wav)]) == 0
+    return sf.read(wav, dtype="float32", always_2d=True)[0].T
+
+
+@pytest.mark.parametrize("flags", [[], ["--shared-content"],
+                                   ["--shared-content", "--content-stream", "mean"]])
+def test_decode_applies_the_band_levels_the_file_sends(tiny, tmp_path, flags):  # noqa: F811
+    _, ckpt, _ = tiny
+    audio = _write_wav(tmp_path / "in.wav", channels=3, rate=RATE, seconds=0.5)
+    # 6 bits of 1.5 dB: -48 .. +46.5 dB, room for an untrained decoder's level errors.
+    assert _encode(ckpt, tmp_path / "in.wav", tmp_path / "plain.tok", *flags) == 0
+    assert _encode(ckpt, tmp_path / "in.wav", tmp_path / "level.tok", *flags,
+                   "--level-bands", "4", "--level-bits", "6") == 0
+    plain = token_file.read_token_file(tmp_path / "plain.tok")
+    level = token_file.read_token_file(tmp_path / "level.tok")
+    assert plain.level_steps is None and plain.metadata["version"] == 2
+    assert level.metadata["version"] == 3
+    assert torch.equal(level.codes, plain.codes)       # the same codes, and levels beside them
+    side = LevelSideInfo(bands=4, bits=6)
+    assert level.level_steps.shape == (3, 4, level.metadata["level_side"]["blocks"])
+
+    without = torch.from_numpy(_decode(ckpt, tmp_path / "plain.tok", tmp_path / "plain.wav"))
+    with_levels = torch.from_numpy(_decode(ckpt, tmp_path / "level.tok", tmp_path / "level.wav"))
+    expected = apply_level_side(without[:, None], level.level_steps, RATE, side)[:, 0]
+    torch.testing.assert_close(with_levels, expected, atol=1e-5, rtol=0)
+    x = torch.from_numpy(audio.T.copy())[:, None]
+    error = {name: (block_levels(wav[:, None], RATE, side) - block_levels(x, RATE, side))
+             .abs().mean().item() for name, wav in (("without", without), ("with", with_levels))}
+    assert error["without"] > 3 and error["with"] < 0.3 * error["without"], error
+
+
+def test_the_side_information_costs_the_bits_it_claims(tiny, tmp_path):  # noqa: F811
+    _, ckpt, _ = tiny
+    _write_wav(tmp_path / "in.wav", channels=2, rate=RATE, seconds=1.0)
+    _encode(ckpt, tmp_path / "in.wav", tmp_path / "plain.tok")
+    _encode(ckpt, tmp_path / "in.wav", tmp_path / "level.tok", "--level-bands", "5")
+    (_, plain), (header, level) = split(tmp_path / "plain.tok"), split(tmp_path / "level.tok")
+    side = header["level_side"]
+    assert side == {"bands": 5, "bits": 3, "step_db": 1.5, "block_ms": 40.0,
+                    "blocks": math.ceil((RATE // 240 + 1) / 4)}
+    assert level[:len(plain)] == plain                  # codes first, as in version 2
+    sent_bits = 8 * (len(level) - len(plain))
+    assert sent_bits == 8 * math.ceil(2 * 5 * side["blocks"] * 3 / 8)
+    # 1 s of 2 channels at 5 bands x 3 bits / 40 ms; the last block is partial.
+    nominal = 2 * LevelSideInfo(bands=5).kbps_per_channel * 1000
+    assert nominal <= sent_bits <= nominal + 2 * 5 * 3 + 8
+
+
+def test_another_rate_decodes_with_the_levels_applied_at_the_model_rate(tiny, tmp_path):  # noqa: F811
+    _, ckpt, _ = tiny
+    audio = _write_wav(tmp_path / "in.wav", channels=2, rate=48000, seconds=0.3)
+    _encode(ckpt, tmp_path / "in.wav", tmp_path / "level.tok", "--level-bands", "2")
+    meta = token_file.read_tokens(tmp_path / "level.tok")[1]
+    assert meta["level_side"]["blocks"] == math.ceil((meta["length"] // 240 + 1) / 4)
+    decoded = _decode(ckpt, tmp_path / "level.tok", tmp_path / "out.wav")
+    assert decoded.shape == audio.T.shape and np.isfinite(decoded).all()
+
+
+def test_packing_round_trips_every_step_value(tmp_path):
+    for bits in (1, 3, 5, 8):
+        values = torch.arange(-(1 << (bits - 1)), 1 << (bits - 1))     # every value, in turn
+        steps = values.repeat(66)[:66].reshape(3, 2, 11).to(torch.int8)
+        metadata = {"channels": 3, "level_side": {"bands": 2, "blocks": 11, "bits": bits}}
+        packed = token_file._pack_steps(steps, bits)
+        assert len(packed) == token_file.level_side_bytes(metadata) == math.ceil(66 * bits / 8)
+        assert torch.equal(token_file._unpack_steps(packed, metadata), steps)
+    with pytest.raises(ValueError, match="do not fit in 3 bits"):
+        token_file._pack_steps(torch.tensor([4], dtype=torch.int8), 3)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--level-bits", "4"], r"config error: --level-bits=4: only applies with --level-bands"),
+    (["--level-bands", "-1"], r"config error: --level-bands=-1: out of range"),
+    (["--level-bands", "65"], r"config error: --level-bands=65: out of range"),
+    (["--level-bands", "4", "--level-bits", "9"], r"config error: --level-bits=9: out of range"),
+    (["--level-bands", "4", "--level-step-db", "0"], r"config error: --level-step-db=0.0"),
+    (["--level-bands", "4", "--level-block-ms", "25"],
+     r"config error: --level-block-ms=25.0: .*a multiple of 10"),
+])
+def test_flag_mistakes_are_one_config_error_line(tiny, tmp_path, capsys, flags, message):  # noqa: F811
+    _, ckpt, _ = tiny
+    _write_wav(tmp_path / "in.wav", channels=2, rate=RATE, seconds=0.1)
+    with pytest.raises(SystemExit) as stop:
+        _encode(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", *flags)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "x.tok").exists()
+
+
+def test_more_bands_than_the_model_rate_can_hold_name_the_flag(tiny, tmp_path, capsys):  # noqa: F811
+    _, ckpt, _ = tiny
+    _write_wav(tmp_path / "in.wav", channels=2, rate=RATE, seconds=0.1)
+    assert _encode(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", "--level-bands", "40") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --level-bands 40: ") and "contain no STFT bin" in err, err
+    assert not (tmp_path / "x.tok").exists()
+
+
+def test_encode_prints_the_side_information_bitrate(tiny, tmp_path, capsys):  # noqa: F811
+    _, ckpt, _ = tiny
+    _write_wav(tmp_path / "in.wav", channels=4, rate=RATE, seconds=0.2)
+    _encode(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", "--shared-content", "--level-bands", "4")
+    out = capsys.readouterr().out
+    assert "+ level side information 1.200 kbps (0.300 per channel: 4 bands, 3 bits every 40 ms)" \
+        in out, out
+
+
+def test_the_file_holds_the_steps_its_encoder_finds(tiny, tmp_path):  # noqa: F811
+    model, ckpt, _ = tiny
+    audio = _write_wav(tmp_path / "in.wav", channels=2, rate=RATE, seconds=0.3)
+    metadata = file_codec.encode_file(ckpt, tmp_path / "in.wav", tmp_path / "x.tok",
+                                      level_side=LevelSideInfo(bands=3))
+    tokens = token_file.read_token_file(tmp_path / "x.tok")
+    assert tokens.metadata == metadata
+    steps = file_codec.encode_level_steps(model, torch.from_numpy(audio.T.copy()), tokens.codes,
+                                          metadata)
+    assert torch.equal(steps, tokens.level_steps)
