@@ -144,9 +144,11 @@ def _unpack_steps(data: bytes, metadata: dict[str, Any]) -> torch.Tensor:
     shape = (metadata["channels"], side["bands"], side["blocks"])
     bits, count = side["bits"], math.prod(shape)
     fields = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits,
-                           bitorder="little").reshape(count, bits).astype(np.int16)
-    values = (fields << np.arange(bits)).sum(axis=1) - (1 << (bits - 1))
-    return torch.from_numpy(values.astype(np.int8)).reshape(shape)
+                           bitorder="little").reshape(count, bits)
+    # One byte per stored bit at most: bits <= 8, so each field's value fits in a uint8.
+    values = fields @ (1 << np.arange(bits)).astype(np.uint8)
+    return torch.from_numpy((values.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+                            ).reshape(shape)
 
 
 def token_mode(metadata: dict[str, Any]) -> str:
