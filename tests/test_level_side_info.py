@@ -118,3 +118,19 @@ def test_evaluate_turns_it_on_with_bands_and_names_the_setting_it_refuses():
     assert evaluate.level_side_info(settings()) == SIDE
     with pytest.raises(ValueError, match="shared_content.level_side_info: .*block_ms"):
         evaluate.level_side_info(settings(block_ms=25))
+
+
+def test_the_report_puts_each_coding_with_levels_beside_independent_coding_with_them():
+    import evaluate
+
+    results = [{"shared_content_all": {
+        comparison.LEVEL_SIDE: {"mel_distance": 0.16, "kbps_per_channel": 1.07,
+                                "side_kbps_per_channel": 0.3},
+        comparison.INDEPENDENT_LEVEL: {"mel_distance": 0.15, "kbps_per_channel": 1.8,
+                                       "side_kbps_per_channel": 0.3}}}, {}]
+    rows = dict(evaluate.level_side_rows(lambda f: [f(r) for r in results], "shared_content_all"))
+    mel = next(cells for name, cells in rows.items() if "mel distance" in name)
+    kbps = next(cells for name, cells in rows.items() if name.endswith(
+        "kbps per channel (independent + level side information)"))
+    assert mel[0] == "0.16 (0.15)" and kbps[0] == "1.07 (1.8)"
+    assert evaluate.level_side_rows(lambda f: [f(r) for r in [{}]], "shared_content_all") == []

@@ -27,7 +27,9 @@ def seed_metrics(swap_mono: float, swap_paired: float, ild_corr: float) -> dict:
                     "independent": {"ild_error_db": 0.5},
                     "independent_equal_bitrate": {"ild_error_db": 0.9},
                     "shared_content": {"ild_error_db": 0.6},
-                    "shared_content_mean": {"ild_error_db": 0.55}}}
+                    "shared_content_mean": {"ild_error_db": 0.55},
+                    "shared_content_level": {"mel_distance": 0.16},
+                    "independent_level": {"mel_distance": 0.15}}}
     return {"paired": entry(swap_paired), "mono": entry(swap_mono)}
 
 
@@ -58,6 +60,8 @@ def test_table_is_mean_and_sample_std_over_seeds_with_references(tmp_path):
     assert shared[2].strip() == "0.77 ± 0 (1.5)"
     every = next(line for line in lines if "all capsules" in line and "ILD" in line).split("|")
     assert every[2].strip() == "0.6 ± 0 (0.5 / 0.9)"  # beside full and equal bitrate
+    level = next(line for line in lines if "level side information: mel" in line).split("|")
+    assert level[2].strip() == "0.16 ± 0 (0.15)"  # beside independent coding with it
     mean = next(line for line in lines if "mean-stream" in line and "ILD" in line).split("|")
     assert mean[2].strip() == "0.55 ± 0 (0.5 / 0.9)"
     assert not any("mean-stream" in line and "mel" in line for line in lines)
