@@ -41,6 +41,7 @@ import torch
 
 from coding.level_side_info import LevelSideInfo, check_level_bands, side_blocks
 from model import EncodecModel
+from utils.checks import is_number
 
 MAGIC = b"PENCTOK1"
 FORMAT_VERSION = 2                  # what a file without level side information is written as
@@ -202,10 +203,10 @@ def write_tokens(path: str | Path, codes: torch.Tensor, metadata: dict[str, Any]
         raise ValueError("codes do not fit in uint16 (codebooks larger than 65536 entries?)")
     side = metadata.get("level_side")
     expected = None if side is None else (metadata["channels"], side["bands"], side["blocks"])
-    if (None if level_steps is None else tuple(level_steps.shape)) != expected:
-        raise ValueError(f"level side information of shape "
-                         f"{None if level_steps is None else tuple(level_steps.shape)} for a "
-                         f"header that asks for {expected}")
+    given = None if level_steps is None else tuple(level_steps.shape)
+    if given != expected:
+        raise ValueError(f"level side information of shape {given} for a header that asks "
+                         f"for {expected}")
     header = json.dumps(metadata, sort_keys=True).encode("utf-8")
     payload = _payload_codes(codes.cpu(), metadata).numpy().astype("<u2", copy=False).tobytes()
     if side is not None:
@@ -324,8 +325,7 @@ def _check_int(path: str | Path, metadata: dict[str, Any], key: str, low: int,
 def is_scale(value: Any) -> bool:
     """Whether `value` can be a normalisation scale: a finite positive number, in float32 too
     (the precision it is decoded at)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and _FLOAT32_TINY <= value <= _FLOAT32_MAX)
+    return is_number(value) and math.isfinite(value) and _FLOAT32_TINY <= value <= _FLOAT32_MAX
 
 
 def model_rate_length(original_length: int, original_sample_rate: int, sample_rate: int) -> int:
@@ -416,23 +416,21 @@ def _check_level_side(path: str | Path, metadata: dict[str, Any], version: int, 
                                f"file has level side information, this one is version {version}")
         return
     if "level_side" not in metadata:
-        raise _field_error(path, "version", version, "a version 3 file has level side "
-                           "information, but the header has no level_side")
+        raise _field_error(path, "version", version, f"a version {LEVEL_SIDE_VERSION} file has "
+                           "level side information, but the header has no level_side")
     if not (isinstance(side, dict) and sorted(side) == sorted(_LEVEL_SIDE_KEYS)):
         raise _field_error(path, "level_side", side,
                            f"not an object with exactly the keys {list(_LEVEL_SIDE_KEYS)}")
-    bands = _check_int(path, side, "bands", 1, MAX_LEVEL_BANDS, "", "level_side.")
-    bits = _check_int(path, side, "bits", 1, MAX_LEVEL_BITS, "", "level_side.")
+    _check_int(path, side, "bands", 1, MAX_LEVEL_BANDS, "", "level_side.")
+    _check_int(path, side, "bits", 1, MAX_LEVEL_BITS, "", "level_side.")
     blocks = _check_int(path, side, "blocks", 1, None, "", "level_side.")
     for key, high in (("step_db", MAX_LEVEL_STEP_DB), ("block_ms", 1000 * MAX_LEVEL_BLOCK_S)):
         value = side[key]
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value) and 0 < value <= high):
+        if not (is_number(value) and math.isfinite(value) and 0 < value <= high):
             raise _field_error(path, f"level_side.{key}", value,
                                f"not a number in (0, {high:g}]")
     try:
-        level_side = LevelSideInfo(bands=bands, bits=bits, step_db=side["step_db"],
-                                   block_ms=side["block_ms"])
+        level_side = level_side_of(metadata)
         check_level_bands(rate, level_side)
     except ValueError as error:
         raise _field_error(path, "level_side", side, str(error)) from error
