@@ -16,7 +16,9 @@ the codebook-1 codes of the channels' mean latent instead, the stream a model tr
 `pairwise.shared_content_code` learned to decode (the file says which; decode needs no flag).
 `--level-bands N` also sends each channel's level in N bands every 40 ms (3 bits of 1.5 dB
 each: `--level-bits`, `--level-step-db`, `--level-block-ms`), what the decode misses of
-them; decode applies them (`coding/level_side_info.py`; a version 3 token file).
+them; decode applies them (`modules/level_side_info.py`; a version 3 token file). Without
+`--level-bands`, a checkpoint trained to leave band levels to them (`losses.level_side_info`)
+sends those it was trained with; `--level-bands 0` sends none.
 
 Hostile input is refused in one line (`error: ...`, exit 1): a token file with any header
 field out of type or range, inconsistent with its payload, or decoding to more than
@@ -33,8 +35,8 @@ from typing import Any
 import soundfile as sf
 
 from coding import shared_content
-from coding.level_side_info import LevelSideInfo
-from coding.file_codec import CheckpointMismatchError, decode_file, encode_file
+from modules.level_side_info import LevelSideInfo
+from coding.file_codec import AS_TRAINED, CheckpointMismatchError, decode_file, encode_file
 from coding.token_file import (CONTENT_STREAMS, DEFAULT_MAX_SECONDS, MAX_LEVEL_BANDS,
                                MAX_LEVEL_BITS, MAX_LEVEL_BLOCK_S, MAX_LEVEL_STEP_DB, MEAN_STREAM,
                                SHARED_CONTENT, TokenFileError, content_stream, level_side_of,
@@ -64,9 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "channel's codebook 1, 'mean' that of the channels' mean latent (for "
                           "models trained with pairwise.shared_content_code)")
     side = LevelSideInfo()
-    enc.add_argument("--level-bands", type=int, default=0, metavar="N",
+    enc.add_argument("--level-bands", type=int, default=None, metavar="N",
                      help="also send each channel's band levels in N log bands of 100 Hz - 11 "
-                          "kHz (0: none; 4 costs 0.3 kbps per channel), applied at decode")
+                          "kHz (0: none; 4 costs 0.3 kbps per channel), applied at decode "
+                          "(default: those the checkpoint was trained with, "
+                          "losses.level_side_info; most send none)")
     enc.add_argument("--level-bits", type=int, default=None,
                      help=f"with --level-bands: bits per band and block (default {side.bits})")
     enc.add_argument("--level-step-db", type=float, default=None,
@@ -124,9 +128,10 @@ def _bitrate_text(metadata: dict[str, Any], shared: bool) -> str:
             f"channel) + scales {rate['scale_kbps_total']:.4f} kbps")
 
 
-def level_side_flags(args: argparse.Namespace) -> LevelSideInfo | None:
-    """The level side information `encode`'s flags ask for, or None; a flag mistake exits
-    with one `config error: ...` line (exit 2)."""
+def level_side_flags(args: argparse.Namespace) -> LevelSideInfo | str | None:
+    """The level side information `encode`'s flags ask for, None (`--level-bands 0`), or
+    `AS_TRAINED` without `--level-bands`; a flag mistake exits with one `config error: ...`
+    line (exit 2)."""
     check_flags(("--level-bands", args.level_bands, Limit(0, MAX_LEVEL_BANDS)),
                 ("--level-bits", args.level_bits, Limit(1, MAX_LEVEL_BITS)),
                 ("--level-step-db", args.level_step_db,
@@ -137,12 +142,12 @@ def level_side_flags(args: argparse.Namespace) -> LevelSideInfo | None:
                                              ("block_ms", args.level_block_ms))
              if value is not None}
     with one_line_errors():
-        if args.level_bands == 0:
+        if not args.level_bands:
             for name, value in given.items():
                 raise setting_error("--level-" + name.replace("_", "-"), value,
                                     "only applies with --level-bands N (N >= 1): add "
                                     "--level-bands or drop it")
-            return None
+            return AS_TRAINED if args.level_bands is None else None
         try:
             return LevelSideInfo(bands=args.level_bands, **given)
         except ValueError as error:  # the one rule a range cannot say: 10 ms steps

@@ -45,7 +45,7 @@ from measure.pair_cues import MIN_RESOLVED_SEPARATION
 from measure.results import CheckpointReport, flatten_metrics, per_codebook
 from model import EncodecModel, load_model
 from training.runtime import resolve_device
-from coding.level_side_info import LevelSideInfo
+from modules.level_side_info import LevelSideInfo, trained_level_side
 from coding.shared_content_comparison import (EQUAL_BITRATE, INDEPENDENT_LEVEL, LEVEL_SIDE,
                                               shared_content_comparison)
 from training.validation import array_geometry, evaluate_model, validation_dataset
@@ -143,14 +143,22 @@ def shared_content_codings(cfg: DictConfig) -> tuple[str, ...]:
 
 def level_side_info(cfg: DictConfig) -> LevelSideInfo | None:
     """The band-level side information of `shared_content.level_side_info`, or None (off)."""
-    side = cfg.shared_content.get("level_side_info")
-    if not side or not side.bands:
-        return None
-    try:
-        return LevelSideInfo(bands=int(side.bands), bits=int(side.bits),
-                             step_db=float(side.step_db), block_ms=float(side.block_ms))
-    except ValueError as error:
-        raise ValueError(f"shared_content.level_side_info: {error}") from error
+    return LevelSideInfo.from_config(cfg.shared_content.get("level_side_info"),
+                                     "shared_content.level_side_info")
+
+
+def level_side_note(train_cfg: DictConfig, level_side: LevelSideInfo | None) -> str:
+    """Why the figures of a codec trained to leave band levels to side information
+    (`losses.level_side_info`) are not those of its intended decode, or '' when they are: the
+    instrument reads the decode of the codes alone, and the shared-content rows add only the
+    side information of `shared_content.level_side_info`."""
+    trained = trained_level_side(train_cfg)
+    if trained is None or trained == level_side:
+        return ""
+    return (f"trained to be decoded with {trained.bands} band levels sent beside its codes "
+            f"(losses.level_side_info); the metrics read its codes' own decode: add "
+            f"shared_content.level_side_info.bands={trained.bands} (and its bits, step_db, "
+            f"block_ms) for the coding rows it was trained for")
 
 
 def shared_content_channel_sets(cfg: DictConfig, dataset: Any) -> dict[str, list[int]]:
@@ -276,6 +284,10 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[CheckpointReport]:
             null_model=null_model)
         if null_note and results.get("swap_gain") is not None:
             results["swap_null_note"] = null_note
+        note = level_side_note(train_cfg, level_side)
+        if note:
+            results["level_side_note"] = note
+            print(f"note: {label}: {note}", file=sys.stderr)
         mode = "paired" if int(train_cfg.datasets.views) >= 2 else "mono"
         results.update(step=checkpoint_entry(path, "step"), sample_rate=model.sample_rate,
                        segment_samples=loader.dataset.length)
@@ -582,6 +594,8 @@ def write_markdown(reports: list[CheckpointReport], path: Path) -> str:
     selection = "; ".join(selections) or "the well-separated pairs"
     notes = [f"- {r.label}: probes: {r.results['probe_note']}"
              for r in reports if r.results.get("probe_note")]
+    notes += [f"- {r.label}: {r.results['level_side_note']}"
+              for r in reports if r.results.get("level_side_note")]
     path.write_text("# Evaluation: does codebook 1 carry the content and codebook 2 the "
                     "channel?\n\n"
                     + table + "\n\n" + ("\n".join(notes) + "\n\n" if notes else "")

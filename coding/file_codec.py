@@ -38,8 +38,8 @@ import torch
 import torchaudio
 
 from coding import shared_content
-from coding.level_side_info import (LevelSideInfo, apply_level_side, check_level_bands,
-                                    encode_level_side)
+from modules.level_side_info import (LevelSideInfo, apply_level_side, check_level_bands,
+                                    encode_level_side, trained_level_side)
 from coding.token_file import (CONTENT_STREAMS, DEFAULT_MAX_SECONDS, INDEPENDENT,
                                MAX_SAMPLE_RATE, MEAN_STREAM, SHARED_CONTENT, TokenFileError,
                                channel_scale, is_scale, level_side_of, read_token_file,
@@ -49,6 +49,10 @@ from model import EncodecModel, load_model
 # torchaudio.functional.resample's defaults (lowpass_filter_width, rolloff): its filter size.
 RESAMPLING_ZEROS, RESAMPLING_ROLLOFF = 6, 0.99
 # The largest resampling filter a file may ask for; the usual rates need kilobytes.
+# `encode_file(level_side=AS_TRAINED)`: the band levels the checkpoint was trained to be
+# decoded with (`losses.level_side_info`), or none when it was trained without.
+AS_TRAINED = "as_trained"
+
 MAX_RESAMPLING_FILTER_BYTES = 1 << 30
 
 class CheckpointMismatchError(ValueError):
@@ -253,7 +257,7 @@ def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | 
                 device: str | torch.device = "cpu", bandwidth: float | None = None,
                 shared_content_coding: bool = False, reference_channel: int | None = None,
                 content_stream: str | None = None,
-                level_side: LevelSideInfo | None = None) -> dict[str, Any]:
+                level_side: LevelSideInfo | str | None = AS_TRAINED) -> dict[str, Any]:
     """WAV file -> token file; returns the metadata written.
 
     `bandwidth` (kbps, one of the model's `target_bandwidths`) keeps the first
@@ -262,8 +266,10 @@ def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | 
     docstring): with `content_stream` 'reference' (the default) channel `reference_channel`'s
     (default 0), with 'mean' that of the channels' mean latent; without it every channel is
     coded independently. `level_side` also sends each channel's band levels beside its codes
-    (a version 3 file; `coding/level_side_info.py`): what the decode of the codes kept
-    misses of them. Errors name the command-line flag to change (ValueError).
+    (a version 3 file; `modules/level_side_info.py`): what the decode of the codes kept
+    misses of them; `AS_TRAINED` (the default) sends those the checkpoint was trained with
+    (`trained_level_side`), None none. Errors name the command-line flag to change
+    (ValueError).
     """
     audio, rate = sf.read(str(wav_path), dtype="float32", always_2d=True)  # [T, channels]
     if audio.shape[0] == 0:
@@ -285,6 +291,8 @@ def encode_file(checkpoint: str | Path, wav_path: str | Path, token_path: str | 
                          f"codebook 2 per channel) but --bandwidth {bandwidth:g} keeps {kept}: "
                          f"choose a higher --bandwidth (model.target_bandwidths "
                          f"{model.target_bandwidths}).")
+    if level_side == AS_TRAINED:
+        level_side = trained_level_side(cfg)
     if level_side is not None:
         try:
             check_level_bands(model.sample_rate, level_side)

@@ -20,7 +20,7 @@ import torch
 import torchaudio
 from torch import Tensor
 
-from coding.level_side_info import LevelSideInfo, apply_level_side, encode_level_side
+from modules.level_side_info import LevelSideInfo, apply_level_side, encode_level_side
 from coding.shared_content import (check_reference, coding_bitrate, common_scale, decode_channels,
                                    encode_latents, share_content)
 from measure.metrics import mel_distance, si_snr
@@ -232,7 +232,7 @@ def shared_content_comparison(model: EncodecModel, wavs: Any, reference: int = 0
             its own bitrate, at its own common scale per segment.
         level_side (LevelSideInfo or None): also measure 'shared_content_level':
             shared-content coding with each channel's band levels sent beside its codes
-            (`coding/level_side_info.py`), and 'independent_level', independent coding with
+            (`modules/level_side_info.py`), and 'independent_level', independent coding with
             the same side information (the ceiling of sharing with it, at more bits); their
             bitrate the codes' plus `side_kbps_per_channel`. Sent at the cue bands, it
             corrects what the ILD rows read (by construction).

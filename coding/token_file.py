@@ -17,7 +17,7 @@ channel's (`reference_channel`, no `content_stream`, as before the mean stream e
 the channels' mean content (`content_stream: "mean"`, no reference channel). Version 1
 files (no `mode`) are 'independent' and still decode. Version 3 is version 2 with each
 channel's band levels sent beside the codes (`level_side`: bands, bits, step_db, block_ms,
-blocks; `coding/level_side_info.py`); a file without them is still written as version 2, so
+blocks; `modules/level_side_info.py`); a file without them is still written as version 2, so
 older tools read it.
 
 A token file is input from anywhere: `read_tokens` checks every header field (`check_header`:
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from coding.level_side_info import LevelSideInfo, check_level_bands, side_blocks
+from modules.level_side_info import LevelSideInfo, check_level_bands, side_blocks
 from model import EncodecModel
 from utils.checks import is_number
 

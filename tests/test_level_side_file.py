@@ -13,7 +13,7 @@ import torch
 
 import codec
 from coding import file_codec, token_file
-from coding.level_side_info import LevelSideInfo, apply_level_side, block_levels
+from modules.level_side_info import LevelSideInfo, apply_level_side, block_levels
 from test_codec import _write_wav, tiny  # noqa: F401 (fixture)
 from test_token_file import split
 

@@ -8,7 +8,7 @@ import torch
 
 import coding.shared_content as sc
 import coding.shared_content_comparison as comparison
-from coding.level_side_info import (LevelSideInfo, apply_level_side, block_levels,
+from modules.level_side_info import (LevelSideInfo, apply_level_side, block_levels,
                                     encode_level_side)
 from measure.metrics import mel_distance
 from test_shared_content import channels_at_levels, tiny  # noqa: F401 (fixture)

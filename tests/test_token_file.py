@@ -14,7 +14,7 @@ import pytest
 
 import codec
 from coding import file_codec, token_file
-from coding.level_side_info import LevelSideInfo
+from modules.level_side_info import LevelSideInfo
 from coding.token_file import MAGIC, TokenFileError, read_tokens
 from test_codec import _write_wav, save_tiny_checkpoint
 

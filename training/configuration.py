@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from utils.checks import (AT_LEAST_1, DATA_ROOT, DECAY, DEVICE, NON_NEGATIVE, POSITIVE, PROBABILITY,
                           ConfigError,
                     Limit, OneOf, PathRule, Pattern, Rule, setting_error, show)
+from modules.level_side_info import LevelSideInfo, check_level_bands
 from modules.losses import MelLoss
 from modules.seanet import CONV_NORMS
 from modules.pairwise_terms import DIV_KINDS, NCE_POOLINGS, SIM_KINDS
@@ -120,6 +121,10 @@ LIMITS: dict[str, Rule] = {
     "losses.l_g": NON_NEGATIVE,
     "losses.l_feat": NON_NEGATIVE,
     "losses.commit": NON_NEGATIVE,
+    "losses.level_side_info.bands": NON_NEGATIVE,
+    "losses.level_side_info.bits": AT_LEAST_1,
+    "losses.level_side_info.step_db": POSITIVE,
+    "losses.level_side_info.block_ms": POSITIVE,
     "balancer.ema_decay": DECAY,
     "balancer.total_norm": POSITIVE,
     "optimization.lr": POSITIVE,
@@ -253,6 +258,7 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.balancer.enabled and cfg.common.amp == "fp16":
         raise ConfigError("balancer.enabled=true does not combine with common.amp=fp16 (the "
                           "balancer normalises gradients itself); use common.amp=bf16 or off.")
+    level_side_of(cfg)
     if cfg.datasets.fixed_length < cfg.datasets.batch_size:
         raise ConfigError(f"datasets.fixed_length={cfg.datasets.fixed_length} is smaller than "
                           f"datasets.batch_size={cfg.datasets.batch_size}: an epoch has no step.")
@@ -269,6 +275,23 @@ def check_settings(cfg: DictConfig) -> None:
                             f"a window is longer than its FFT ({list(disc.n_ffts)}); "
                             "use win_lengths<=n_ffts")
     check_segment(cfg)
+
+
+def level_side_of(cfg: DictConfig) -> LevelSideInfo | None:
+    """The band-level side information the training losses score the decode with
+    (`losses.level_side_info`), or None (off); ConfigError for settings it cannot send."""
+    group = cfg.losses.get("level_side_info")
+    try:
+        side = LevelSideInfo.from_config(group, "losses.level_side_info")
+    except ValueError as error:
+        raise ConfigError(f"{error}; block_ms must be a multiple of 10") from error
+    if side is not None:
+        try:
+            check_level_bands(int(cfg.model.sample_rate), side)
+        except ValueError as error:
+            raise setting_error("losses.level_side_info.bands", side.bands,
+                                f"{error}; use fewer bands, or 0 for none") from error
+    return side
 
 
 def check_segment(cfg: DictConfig) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from utils import distributed
 from modules.balancer import Balancer
+from modules.level_side_info import LevelSideInfo
 from modules.losses import GeneratorLoss
 from model import EncodecModel, estimate_model_bytes, is_toolkit_checkpoint, module_bytes
 from modules.msstftd import MultiScaleSTFTDiscriminator
@@ -82,6 +83,8 @@ class Parts:
     `lr_g * schedule(s)` (`lr_d` for the discriminator), set by `set_learning_rates` before each
     step. The pairwise heads (`pairwise`'s parameters) are the generator optimizer's second
     parameter group; with `lr_heads` (`pairwise.head_lr`) they learn at that constant rate.
+    `level_side` (`losses.level_side_info`; None when off): the band gains sent beside the
+    codes, after which the reconstruction and adversarial losses score the decode.
     """
     raw_model: EncodecModel
     raw_disc: MultiScaleSTFTDiscriminator | None
@@ -97,6 +100,7 @@ class Parts:
     lr_g: float
     lr_d: float
     lr_heads: float | None = None
+    level_side: LevelSideInfo | None = None
 
     def generator_params(self) -> list[nn.Parameter]:
         """Everything the generator optimizer updates (the model, then the pairwise heads)."""
@@ -135,7 +139,9 @@ def build_parts(cfg: DictConfig, runtime: Runtime, steps_per_epoch: int) -> Part
         scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
         scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
         schedule=schedule, lr_g=cfg.optimization.lr, lr_d=cfg.optimization.disc_lr,
-        lr_heads=head_learning_rate(cfg))
+        lr_heads=head_learning_rate(cfg),
+        level_side=LevelSideInfo.from_config(cfg.losses.get("level_side_info"),
+                                             "losses.level_side_info"))
 
 
 def load_start_discriminator(raw_disc: MultiScaleSTFTDiscriminator, init_from: str) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from measure import metrics
 from model import EncodecModel, EncodecOutput
+from modules.level_side_info import with_level_side
 from modules.losses import hinge_fake, hinge_real, relative_l1
 from modules.views import flatten_views, per_view_means
 from pairwise_losses import LOGGED_TERMS, LOSS_TERMS
@@ -202,12 +203,15 @@ def normalisation_scale(model: EncodecModel, x: torch.Tensor, views: int, shared
     return scale
 
 
-def generator_losses(parts: Parts, runtime: Runtime, out: EncodecOutput, x: torch.Tensor,
-                     scale: torch.Tensor | None, adversarial_terms: Adversarial,
-                     metas: list[dict[str, Any]], step: int, views: int) -> GeneratorLosses:
+def generator_losses(parts: Parts, runtime: Runtime, out: EncodecOutput,
+                     played: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None,
+                     adversarial_terms: Adversarial, metas: list[dict[str, Any]], step: int,
+                     views: int) -> GeneratorLosses:
     """sum over channels of (weighted l_t, l_f, l_g, l_feat, commit) + the pairwise terms
-    (`l_g`, `l_feat`: the values `discriminate` computed)."""
-    items = {**parts.generator_loss(x, out.audio), **adversarial_terms.per_item}
+    (`l_g`, `l_feat`: the values `discriminate` computed). The reconstruction losses score
+    `played`, the decode as played (`out.audio`, or it after the band gains of
+    `parts.level_side`); the pairwise terms take `out`."""
+    items = {**parts.generator_loss(x, played), **adversarial_terms.per_item}
     per_view = per_view_means({**items, "commit": out.commit_per_item}, views)
     per_loss = {name: value.sum() for name, value in per_view.items() if name != "commit"}
     unbalanced = parts.generator_loss.commit_weight * per_view["commit"].sum()
@@ -372,13 +376,17 @@ def train_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[d
     content_views = views if paired and parts.pairwise.shared_content_code else 1
     with runtime.autocast():
         out = parts.model(x, return_embeddings=paired, scale=scale, content_views=content_views)
-    adversarial_terms = (discriminate(parts, runtime, x, out.audio, batch_size, views,
+    # What the receiver plays: the decode, after the band gains sent beside the codes when
+    # there are any. The pairwise terms still judge what the codes alone carry (`out`).
+    played = (out.audio if parts.level_side is None else
+                 with_level_side(x, out.audio, parts.raw_model.sample_rate, parts.level_side))
+    adversarial_terms = (discriminate(parts, runtime, x, played, batch_size, views,
                                       update_disc) if adversarial else Adversarial())
-    losses = generator_losses(parts, runtime, out, x, scale, adversarial_terms, metas, step,
-                              views)
+    losses = generator_losses(parts, runtime, out, played, x, scale, adversarial_terms, metas,
+                              step, views)
     ratios = (gradient_ratios(out.latent, losses, parts.generator_loss.weights)
               if measure_gradients and losses.pairwise else {})
-    grad_norm_g, grad_norm_d = backward(parts, runtime, losses, out.audio, adversarial_terms,
+    grad_norm_g, grad_norm_d = backward(parts, runtime, losses, played, adversarial_terms,
                                         grad_clip)
     scalars = step_scalars(losses, adversarial_terms, grad_norm_g, grad_norm_d, out.codes, bins,
                            ratios)

@@ -32,6 +32,7 @@ from utils.array_files import geometry_channels, read_geometry
 from utils.eigenscape import CAPSULES
 from model import EncodecModel, EncodecOutput
 from paired_channel_dataset import PairedChannelDataset
+from modules.level_side_info import with_level_side
 from modules.views import flatten_views, per_view_means, split_views, unflatten_views
 from training.parts import Parts
 from training.runtime import Runtime
@@ -321,9 +322,15 @@ def validation_losses(parts: Parts, x: Tensor, out: EncodecOutput, measured: Mea
     """The training losses of a validation batch at optimizer step `step`, summed over its
     items: reconstruction losses per channel (`l_t_ch1`, ...) and the pairwise losses (with
     the channel classifier's `l_cls` when it is on), of `out`: the forward at the pair's
-    common scale, like every validation measurement."""
+    common scale, like every validation measurement. As in training, the reconstruction
+    losses score the decode after the band gains of `parts.level_side` when there are any;
+    the metrics (`measure_batch`) read the codes' own decode."""
     batch_size, views = measured.wavs.shape[:2]
-    per_view = per_view_means(parts.generator_loss(x, out.audio.float()), views)
+    played = out.audio.float()
+    if parts.level_side is not None:
+        played = with_level_side(x.float(), played, parts.raw_model.sample_rate,
+                                    parts.level_side)
+    per_view = per_view_means(parts.generator_loss(x, played), views)
     sums = {f"{name}_ch{v + 1}": values[v] * batch_size
             for name, values in per_view.items() for v in range(views)}
     if parts.pairwise is not None:

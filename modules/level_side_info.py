@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,18 @@ class LevelSideInfo:
             raise ValueError(f"level side information needs bands >= 1, bits >= 1, step_db > 0 "
                              f"and block_ms a multiple of {1000 * HOP_SECONDS:g}, got {self}")
 
+    @classmethod
+    def from_config(cls, group: Any, key: str) -> "LevelSideInfo | None":
+        """The settings of config group `group` (`bands`, `bits`, `step_db`, `block_ms`), named
+        `key` in errors; None when it is absent or has 0 bands (off)."""
+        if not group or not group.bands:
+            return None
+        try:
+            return cls(bands=int(group.bands), bits=int(group.bits),
+                       step_db=float(group.step_db), block_ms=float(group.block_ms))
+        except ValueError as error:
+            raise ValueError(f"{key}: {error}") from error
+
     @property
     def kbps_per_channel(self) -> float:
         """Nominal side-information bitrate of one channel (bits per millisecond = kbit/s)."""
@@ -61,6 +74,14 @@ class LevelSideInfo:
     @property
     def hops_per_block(self) -> int:
         return round(self.block_ms / (1000 * HOP_SECONDS))
+
+
+def trained_level_side(cfg: Any) -> LevelSideInfo | None:
+    """The band levels a checkpoint's training losses scored its decode after
+    (`losses.level_side_info` of its config `cfg`): the side information it is meant to be
+    decoded with; None for a codec trained without (every checkpoint before the setting)."""
+    losses = cfg.get("losses") or {}
+    return LevelSideInfo.from_config(losses.get("level_side_info"), "losses.level_side_info")
 
 
 def side_blocks(samples: int, sample_rate: int, side: LevelSideInfo) -> int:
@@ -158,3 +179,15 @@ def apply_level_side(decodes: Tensor, steps: Tensor, sample_rate: int,
     out = torch.istft(shaped, n_fft=window.numel(), hop_length=hop, window=window, center=True,
                       length=decodes.shape[-1])
     return out.reshape(decodes.shape).to(decodes.dtype)
+
+
+def with_level_side(inputs: Tensor, decodes: Tensor, sample_rate: int,
+                    side: LevelSideInfo) -> Tensor:
+    """What a receiver of the codes and of their side information plays: `decodes` `[N, 1, T]`
+    with the band gains that `encode_level_side` sends for `inputs`. The gains are found
+    without a gradient and applied with one, so a loss on the result trains the decode at
+    those gains: the levels they restore cost the codec nothing, what they cannot restore
+    (finer bands and blocks, beyond `bits` steps) still does."""
+    with torch.no_grad():
+        steps = encode_level_side(inputs, decodes.detach(), sample_rate, side)
+    return apply_level_side(decodes, steps, sample_rate, side)
