@@ -49,11 +49,10 @@ from model import EncodecModel, load_model
 # torchaudio.functional.resample's defaults (lowpass_filter_width, rolloff): its filter size.
 RESAMPLING_ZEROS, RESAMPLING_ROLLOFF = 6, 0.99
 # The largest resampling filter a file may ask for; the usual rates need kilobytes.
+MAX_RESAMPLING_FILTER_BYTES = 1 << 30
 # `encode_file(level_side=AS_TRAINED)`: the band levels the checkpoint was trained to be
 # decoded with (`losses.level_side_info`), or none when it was trained without.
 AS_TRAINED = "as_trained"
-
-MAX_RESAMPLING_FILTER_BYTES = 1 << 30
 
 class CheckpointMismatchError(ValueError):
     """The token file was written with a different checkpoint than the one given."""

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from utils.checks import (AT_LEAST_1, DATA_ROOT, DECAY, DEVICE, NON_NEGATIVE, POSITIVE, PROBABILITY,
                           ConfigError,
                     Limit, OneOf, PathRule, Pattern, Rule, setting_error, show)
-from modules.level_side_info import LevelSideInfo, check_level_bands
+from modules.level_side_info import check_level_bands, trained_level_side
 from modules.losses import MelLoss
 from modules.seanet import CONV_NORMS
 from modules.pairwise_terms import DIV_KINDS, NCE_POOLINGS, SIM_KINDS
@@ -258,7 +258,7 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.balancer.enabled and cfg.common.amp == "fp16":
         raise ConfigError("balancer.enabled=true does not combine with common.amp=fp16 (the "
                           "balancer normalises gradients itself); use common.amp=bf16 or off.")
-    level_side_of(cfg)
+    check_level_side(cfg)
     if cfg.datasets.fixed_length < cfg.datasets.batch_size:
         raise ConfigError(f"datasets.fixed_length={cfg.datasets.fixed_length} is smaller than "
                           f"datasets.batch_size={cfg.datasets.batch_size}: an epoch has no step.")
@@ -277,12 +277,11 @@ def check_settings(cfg: DictConfig) -> None:
     check_segment(cfg)
 
 
-def level_side_of(cfg: DictConfig) -> LevelSideInfo | None:
-    """The band-level side information the training losses score the decode with
-    (`losses.level_side_info`), or None (off); ConfigError for settings it cannot send."""
-    group = cfg.losses.get("level_side_info")
+def check_level_side(cfg: DictConfig) -> None:
+    """ConfigError unless the band-level side information the training losses score the decode
+    with (`losses.level_side_info`, `trained_level_side`) can be sent at the model's rate."""
     try:
-        side = LevelSideInfo.from_config(group, "losses.level_side_info")
+        side = trained_level_side(cfg)
     except ValueError as error:
         raise ConfigError(f"{error}; block_ms must be a multiple of 10") from error
     if side is not None:
@@ -291,7 +290,6 @@ def level_side_of(cfg: DictConfig) -> LevelSideInfo | None:
         except ValueError as error:
             raise setting_error("losses.level_side_info.bands", side.bands,
                                 f"{error}; use fewer bands, or 0 for none") from error
-    return side
 
 
 def check_segment(cfg: DictConfig) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from utils import distributed
 from modules.balancer import Balancer
-from modules.level_side_info import LevelSideInfo
+from modules.level_side_info import LevelSideInfo, trained_level_side
 from modules.losses import GeneratorLoss
 from model import EncodecModel, estimate_model_bytes, is_toolkit_checkpoint, module_bytes
 from modules.msstftd import MultiScaleSTFTDiscriminator
@@ -140,8 +140,7 @@ def build_parts(cfg: DictConfig, runtime: Runtime, steps_per_epoch: int) -> Part
         scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
         schedule=schedule, lr_g=cfg.optimization.lr, lr_d=cfg.optimization.disc_lr,
         lr_heads=head_learning_rate(cfg),
-        level_side=LevelSideInfo.from_config(cfg.losses.get("level_side_info"),
-                                             "losses.level_side_info"))
+        level_side=trained_level_side(cfg))
 
 
 def load_start_discriminator(raw_disc: MultiScaleSTFTDiscriminator, init_from: str) -> None:

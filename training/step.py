@@ -379,7 +379,7 @@ def train_step(parts: Parts, runtime: Runtime, wavs: torch.Tensor, metas: list[d
     # What the receiver plays: the decode, after the band gains sent beside the codes when
     # there are any. The pairwise terms still judge what the codes alone carry (`out`).
     played = (out.audio if parts.level_side is None else
-                 with_level_side(x, out.audio, parts.raw_model.sample_rate, parts.level_side))
+              with_level_side(x, out.audio, parts.raw_model.sample_rate, parts.level_side))
     adversarial_terms = (discriminate(parts, runtime, x, played, batch_size, views,
                                       update_disc) if adversarial else Adversarial())
     losses = generator_losses(parts, runtime, out, played, x, scale, adversarial_terms, metas,

@@ -329,7 +329,7 @@ def validation_losses(parts: Parts, x: Tensor, out: EncodecOutput, measured: Mea
     played = out.audio.float()
     if parts.level_side is not None:
         played = with_level_side(x.float(), played, parts.raw_model.sample_rate,
-                                    parts.level_side)
+                                 parts.level_side)
     per_view = per_view_means(parts.generator_loss(x, played), views)
     sums = {f"{name}_ch{v + 1}": values[v] * batch_size
             for name, values in per_view.items() for v in range(views)}
