@@ -15,8 +15,9 @@ plus codebooks 2.. of every channel, all at one common scale; `--content-stream 
 the codebook-1 codes of the channels' mean latent instead, the stream a model trained with
 `pairwise.shared_content_code` learned to decode (the file says which; decode needs no flag).
 `--level-bands N` also sends each channel's level in N bands every 40 ms (3 bits of 1.5 dB
-each: `--level-bits`, `--level-step-db`, `--level-block-ms`), what the decode misses of
-them; decode applies them (`modules/level_side_info.py`; a version 3 token file). Without
+each, -6 .. +4.5 dB: `--level-bits`, `--level-step-db`, `--level-block-ms`; more bits buy
+deeper cuts below `--level-max-boost-db`), what the decode misses of them; decode applies
+them (`modules/level_side_info.py`; a version 3 token file). Without
 `--level-bands`, a checkpoint trained to leave band levels to them (`losses.level_side_info`)
 sends those it was trained with; `--level-bands 0` sends none.
 
@@ -78,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     enc.add_argument("--level-block-ms", type=float, default=None,
                      help=f"with --level-bands: one level per band every so many ms, a "
                           f"multiple of 10 (default {side.block_ms:g})")
+    enc.add_argument("--level-max-boost-db", type=float, default=None,
+                     help=f"with --level-bands: the largest gain in dB; the other steps cut "
+                          f"(default {side.max_boost_db:g}: 4 bits of 1.5 dB span -18 .. +4.5)")
     dec = commands.add_parser("decode", help="token file -> WAV file")
     dec.add_argument("input", help="token file written by `codec.py encode`")
     dec.add_argument("output", help="WAV file to write")
@@ -110,7 +114,8 @@ def encode_summary(metadata: dict[str, Any], wav_path: str, token_path: str) -> 
     if side is not None:
         summary += (f" + level side information {side.kbps_per_channel * channels:.3f} kbps "
                     f"({side.kbps_per_channel:.3f} per channel: {side.bands} bands, "
-                    f"{side.bits} bits every {side.block_ms:g} ms)")
+                    f"{side.bits} bits every {side.block_ms:g} ms, "
+                    f"{side.step_range[0] * side.step_db:+g} .. {side.max_boost_db:+g} dB)")
     if shared:
         summary += f" (independent coding: {_bitrate_text(metadata, False)})"
     return f"{summary} -> {token_path}"
@@ -136,10 +141,13 @@ def level_side_flags(args: argparse.Namespace) -> LevelSideInfo | str | None:
                 ("--level-bits", args.level_bits, Limit(1, MAX_LEVEL_BITS)),
                 ("--level-step-db", args.level_step_db,
                  Limit(0, MAX_LEVEL_STEP_DB, open_low=True)),
-                ("--level-block-ms", args.level_block_ms, Limit(10, 1000 * MAX_LEVEL_BLOCK_S)))
+                ("--level-block-ms", args.level_block_ms, Limit(10, 1000 * MAX_LEVEL_BLOCK_S)),
+                ("--level-max-boost-db", args.level_max_boost_db,  # up to the symmetric top
+                 Limit(0, (2 ** (MAX_LEVEL_BITS - 1) - 1) * MAX_LEVEL_STEP_DB)))
     given = {name: value for name, value in (("bits", args.level_bits),
                                              ("step_db", args.level_step_db),
-                                             ("block_ms", args.level_block_ms))
+                                             ("block_ms", args.level_block_ms),
+                                             ("max_boost_db", args.level_max_boost_db))
              if value is not None}
     with one_line_errors():
         if not args.level_bands:

@@ -158,7 +158,7 @@ def level_side_note(train_cfg: DictConfig, level_side: LevelSideInfo | None) -> 
     return (f"trained to be decoded with {trained.bands} band levels sent beside its codes "
             f"(losses.level_side_info); the metrics read its codes' own decode: add "
             f"shared_content.level_side_info.bands={trained.bands} (and its bits, step_db, "
-            f"block_ms) for the coding rows it was trained for")
+            f"block_ms, max_boost_db) for the coding rows it was trained for")
 
 
 def shared_content_channel_sets(cfg: DictConfig, dataset: Any) -> dict[str, list[int]]:

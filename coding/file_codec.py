@@ -179,7 +179,7 @@ def decode_channel(model: EncodecModel, codes: torch.Tensor, metadata: dict[str,
 @torch.no_grad()
 def encode_level_steps(model: EncodecModel, audio: torch.Tensor, codes: torch.Tensor,
                        metadata: dict[str, Any]) -> torch.Tensor:
-    """Level side information `[channels, bands, blocks]` (int8 steps) that brings each
+    """Level side information `[channels, bands, blocks]` (int16 steps) that brings each
     channel's decode of `codes` to the band levels of `audio` `[channels, length]` at the
     model rate (`level_side_info.encode_level_side`, one channel at a time)."""
     side = level_side_of(metadata)

@@ -9,7 +9,8 @@ unpickled).
               'shared_content': `[frames]` (the shared codebook-1 stream), then
                                 `[channels, n_q - 1, frames]` (codebooks 2.. of every channel)
               version 3 only, then the level side information: `[channels, bands, blocks]`
-                                steps of `bits` bits each (stored + 2^(bits-1), unsigned),
+                                steps of `bits` bits each (stored minus the range's lowest
+                                step, unsigned: + 2^(bits-1) for the symmetric range),
                                 least significant bit first, packed into bytes, zero-padded
 Version 2 adds `mode` and `frame_rate` to the header ('shared_content' files also say which
 codebook-1 stream they carry, and `scales` holds the one common scale): the reference
@@ -17,8 +18,9 @@ channel's (`reference_channel`, no `content_stream`, as before the mean stream e
 the channels' mean content (`content_stream: "mean"`, no reference channel). Version 1
 files (no `mode`) are 'independent' and still decode. Version 3 is version 2 with each
 channel's band levels sent beside the codes (`level_side`: bands, bits, step_db, block_ms,
-blocks; `modules/level_side_info.py`); a file without them is still written as version 2, so
-older tools read it.
+blocks, and `max_boost_db` where the range is not the symmetric one;
+`modules/level_side_info.py`); a file without them is still written as version 2, so older
+tools read it.
 
 A token file is input from anywhere: `read_tokens` checks every header field (`check_header`:
 types, ranges, the lengths against the frames and rates, scales, the content stream and
@@ -32,7 +34,7 @@ import math
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,7 @@ DEFAULT_MAX_SECONDS = 24 * 3600.0  # the most audio a token file may decode to, 
 # A header's level side information: at most this many bands, bits per step, dB per step.
 MAX_LEVEL_BANDS, MAX_LEVEL_BITS, MAX_LEVEL_STEP_DB, MAX_LEVEL_BLOCK_S = 64, 8, 24.0, 10.0
 _LEVEL_SIDE_KEYS = ("bands", "bits", "step_db", "block_ms", "blocks")
+_LEVEL_SIDE_RANGE_KEY = "max_boost_db"      # only in a header whose range is not symmetric
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 _REQUIRED_KEYS = ("version", "sample_rate", "original_sample_rate", "channels", "n_q", "bins",
@@ -110,6 +113,10 @@ def token_metadata(model: EncodecModel, bins: int, codes: torch.Tensor, scales: 
             "bands": level_side.bands, "bits": level_side.bits,
             "step_db": float(level_side.step_db), "block_ms": float(level_side.block_ms),
             "blocks": side_blocks(int(length), model.sample_rate, level_side)}
+        # A symmetric range is written as before, so earlier versions still read the file; they
+        # refuse a header with the key instead of reading its steps off by the range's offset.
+        if level_side != replace(level_side, max_boost_db=None):
+            metadata["level_side"][_LEVEL_SIDE_RANGE_KEY] = level_side.max_boost_db
     return metadata
 
 
@@ -119,7 +126,7 @@ def level_side_of(metadata: dict[str, Any]) -> LevelSideInfo | None:
     if side is None:
         return None
     return LevelSideInfo(bands=side["bands"], bits=side["bits"], step_db=side["step_db"],
-                         block_ms=side["block_ms"])
+                         block_ms=side["block_ms"], max_boost_db=side.get(_LEVEL_SIDE_RANGE_KEY))
 
 
 def level_side_bytes(metadata: dict[str, Any]) -> int:
@@ -130,17 +137,19 @@ def level_side_bytes(metadata: dict[str, Any]) -> int:
     return -(-metadata["channels"] * side["bands"] * side["blocks"] * side["bits"] // 8)
 
 
-def _pack_steps(steps: torch.Tensor, bits: int) -> bytes:
-    """Signed steps as `bits`-bit unsigned fields, least significant bit first, in bytes."""
-    values = steps.cpu().numpy().astype(np.int16).ravel() + (1 << (bits - 1))
+def _pack_steps(steps: torch.Tensor, side: LevelSideInfo) -> bytes:
+    """Steps in `side.step_range` as `side.bits`-bit unsigned fields (the step minus the
+    lowest), least significant bit first, in bytes."""
+    bits, (lowest, highest) = side.bits, side.step_range
+    values = steps.cpu().numpy().astype(np.int16).ravel() - lowest
     if values.size and (values.min() < 0 or values.max() >= 1 << bits):
-        raise ValueError(f"level side steps do not fit in {bits} bits")
+        raise ValueError(f"level side steps outside {lowest} .. {highest}, the {bits}-bit range")
     fields = (values[:, None] >> np.arange(bits)) & 1
     return np.packbits(fields.astype(np.uint8).ravel(), bitorder="little").tobytes()
 
 
 def _unpack_steps(data: bytes, metadata: dict[str, Any]) -> torch.Tensor:
-    """Inverse of `_pack_steps`: `[channels, bands, blocks]` int8 steps."""
+    """Inverse of `_pack_steps`: `[channels, bands, blocks]` int16 steps."""
     side = metadata["level_side"]
     shape = (metadata["channels"], side["bands"], side["blocks"])
     bits, count = side["bits"], math.prod(shape)
@@ -148,8 +157,8 @@ def _unpack_steps(data: bytes, metadata: dict[str, Any]) -> torch.Tensor:
                            bitorder="little").reshape(count, bits)
     # One byte per stored bit at most: bits <= 8, so each field's value fits in a uint8.
     values = fields @ (1 << np.arange(bits)).astype(np.uint8)
-    return torch.from_numpy((values.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
-                            ).reshape(shape)
+    lowest = level_side_of(metadata).step_range[0]
+    return torch.from_numpy(values.astype(np.int16) + np.int16(lowest)).reshape(shape)
 
 
 def token_mode(metadata: dict[str, Any]) -> str:
@@ -210,7 +219,7 @@ def write_tokens(path: str | Path, codes: torch.Tensor, metadata: dict[str, Any]
     header = json.dumps(metadata, sort_keys=True).encode("utf-8")
     payload = _payload_codes(codes.cpu(), metadata).numpy().astype("<u2", copy=False).tobytes()
     if side is not None:
-        payload += _pack_steps(level_steps, side["bits"])
+        payload += _pack_steps(level_steps, level_side_of(metadata))
     with open(path, "wb") as f:
         f.write(MAGIC + _LENGTH.pack(len(header)) + header + payload)
 
@@ -219,7 +228,7 @@ def write_tokens(path: str | Path, codes: torch.Tensor, metadata: dict[str, Any]
 class TokenFile:
     """What a token file holds: codes `[channels, n_q, frames]` (long; in 'shared_content'
     mode every channel's codebook 1 is the shared stream), the checked header, and the level
-    side information `[channels, bands, blocks]` (int8 steps) of a version 3 file, else None."""
+    side information `[channels, bands, blocks]` (int16 steps) of a version 3 file, else None."""
     codes: torch.Tensor
     metadata: dict[str, Any]
     level_steps: torch.Tensor | None = None
@@ -418,9 +427,11 @@ def _check_level_side(path: str | Path, metadata: dict[str, Any], version: int, 
     if "level_side" not in metadata:
         raise _field_error(path, "version", version, f"a version {LEVEL_SIDE_VERSION} file has "
                            "level side information, but the header has no level_side")
-    if not (isinstance(side, dict) and sorted(side) == sorted(_LEVEL_SIDE_KEYS)):
+    if not (isinstance(side, dict)
+            and sorted(set(side) - {_LEVEL_SIDE_RANGE_KEY}) == sorted(_LEVEL_SIDE_KEYS)):
         raise _field_error(path, "level_side", side,
-                           f"not an object with exactly the keys {list(_LEVEL_SIDE_KEYS)}")
+                           f"not an object with the keys {list(_LEVEL_SIDE_KEYS)} (and "
+                           f"{_LEVEL_SIDE_RANGE_KEY} for a range that is not symmetric)")
     _check_int(path, side, "bands", 1, MAX_LEVEL_BANDS, "", "level_side.")
     _check_int(path, side, "bits", 1, MAX_LEVEL_BITS, "", "level_side.")
     blocks = _check_int(path, side, "blocks", 1, None, "", "level_side.")
@@ -429,6 +440,8 @@ def _check_level_side(path: str | Path, metadata: dict[str, Any], version: int, 
         if not (is_number(value) and math.isfinite(value) and 0 < value <= high):
             raise _field_error(path, f"level_side.{key}", value,
                                f"not a number in (0, {high:g}]")
+    if _LEVEL_SIDE_RANGE_KEY in side:
+        _check_boost(path, side)
     try:
         level_side = level_side_of(metadata)
         check_level_bands(rate, level_side)
@@ -440,6 +453,18 @@ def _check_level_side(path: str | Path, metadata: dict[str, Any], version: int, 
             f"{path}: header fields level_side.blocks={blocks} and length={length} disagree: "
             f"{length} samples at {rate} Hz are {expected} blocks of "
             f"{level_side.block_ms:g} ms (corrupt, or not a token file of this tool).")
+
+
+def _check_boost(path: str | Path, side: dict[str, Any]) -> None:
+    """Raise TokenFileError unless `level_side.max_boost_db` is a whole number of steps in
+    0 .. the symmetric range's top (what `LevelSideInfo` writes: any other value would read
+    as another range than the encoder's)."""
+    boost, step = side[_LEVEL_SIDE_RANGE_KEY], side["step_db"]
+    top = 2 ** (side["bits"] - 1) - 1
+    steps = boost / step if is_number(boost) and math.isfinite(boost) else math.nan
+    if not (0 <= steps <= top and abs(steps - round(steps)) < 1e-6):
+        raise _field_error(path, f"level_side.{_LEVEL_SIDE_RANGE_KEY}", boost,
+                           f"not a whole number of steps of {step:g} dB in 0 .. {top}")
 
 
 def _check_content_stream(path: str | Path, metadata: dict[str, Any], shared: bool,

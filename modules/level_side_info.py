@@ -4,10 +4,11 @@ The parametric complement of shared-content coding, as parametric stereo sends t
 differences between channels per band: the encoder decodes each channel, measures in blocks
 of `block_ms` the level of `bands` log-spaced bands (100 Hz - 11 kHz, the cue bands) of the
 input and of the decode, and sends their difference in dB, rounded to `step_db` and clipped
-to `bits` bits per band and block; the decoder multiplies its decode's STFT by those gains
-(linear in dB between block centres, constant across a band; below the first band the first
-band's gain, above the last the last's). It restores the level shape that the autoencoder
-smooths away, outside the autoencoder, at `bands x bits x 1000 / block_ms` bit/s per channel.
+to the `2^bits` steps of its range per band and block; the decoder multiplies its decode's
+STFT by those gains (linear in dB between block centres, constant across a band; below the
+first band the first band's gain, above the last the last's). It restores the level shape
+that the autoencoder smooths away, outside the autoencoder, at `bands x bits x 1000 /
+block_ms` bit/s per channel.
 
 Sent at the cue bands, it corrects the very band levels the ILD measures read: those rows
 then score the side information by construction, and only the measures it does not send
@@ -37,32 +38,49 @@ class LevelSideInfo:
 
     Attributes:
         bands: log-spaced bands between 100 Hz and 11 kHz (8: the cue bands).
-        bits: bits per band and block; the gain is clipped to
-            [-2^(bits-1), 2^(bits-1) - 1] x step_db.
+        bits: bits per band and block: `2^bits` gains, `step_db` apart (`step_range`).
         step_db: quantisation step of the gains, dB.
         block_ms: one gain per band every `block_ms` milliseconds (a multiple of 10 ms).
+        max_boost_db: the largest gain, rounded down to a step and at most the symmetric
+            range's top, (2^(bits-1) - 1) x step_db; the steps above it go to deeper cuts.
+            A codec's decode errs loud more than quiet (it fills quiet bands with a floor),
+            and a large boost raises the decode's errors in a band along with its content,
+            so the range leans to cuts: at 1.5 dB steps, 3 bits span -6 .. +4.5 dB either way,
+            4 bits -18 .. +4.5. None: the symmetric range, -2^(bits-1) .. 2^(bits-1) - 1
+            steps (what files and checkpoints without the setting were made with). Stored
+            as the top step's gain in dB.
     """
     bands: int = 8
     bits: int = 3
     step_db: float = 1.5
     block_ms: float = 40.0
+    max_boost_db: float | None = 4.5
 
     def __post_init__(self) -> None:
         hops = self.block_ms / (1000 * HOP_SECONDS)
+        boost = self.max_boost_db
         if self.bands < 1 or self.bits < 1 or self.step_db <= 0 or hops < 1 \
-                or abs(hops - round(hops)) > 1e-9:
-            raise ValueError(f"level side information needs bands >= 1, bits >= 1, step_db > 0 "
-                             f"and block_ms a multiple of {1000 * HOP_SECONDS:g}, got {self}")
+                or abs(hops - round(hops)) > 1e-9 \
+                or (boost is not None and not 0 <= boost < math.inf):
+            raise ValueError(f"level side information needs bands >= 1, bits >= 1, step_db > 0, "
+                             f"block_ms a multiple of {1000 * HOP_SECONDS:g} and max_boost_db "
+                             f">= 0, got {self}")
+        symmetric_top = 2 ** (self.bits - 1) - 1
+        top = symmetric_top if boost is None else min(
+            math.floor(boost / self.step_db + 1e-9), symmetric_top)
+        object.__setattr__(self, "max_boost_db", top * self.step_db)
 
     @classmethod
     def from_config(cls, group: Any, key: str) -> "LevelSideInfo | None":
-        """The settings of config group `group` (`bands`, `bits`, `step_db`, `block_ms`), named
-        `key` in errors; None when it is absent or has 0 bands (off)."""
+        """The settings of config group `group` (`bands`, `bits`, `step_db`, `block_ms`,
+        `max_boost_db`), named `key` in errors; None when it is absent or has 0 bands (off)."""
         if not group or not group.bands:
             return None
+        boost = group.get("max_boost_db")   # absent from configs older than the setting
         try:
             return cls(bands=int(group.bands), bits=int(group.bits),
-                       step_db=float(group.step_db), block_ms=float(group.block_ms))
+                       step_db=float(group.step_db), block_ms=float(group.block_ms),
+                       max_boost_db=None if boost is None else float(boost))
         except ValueError as error:
             raise ValueError(f"{key}: {error}") from error
 
@@ -74,6 +92,12 @@ class LevelSideInfo:
     @property
     def hops_per_block(self) -> int:
         return round(self.block_ms / (1000 * HOP_SECONDS))
+
+    @property
+    def step_range(self) -> tuple[int, int]:
+        """The lowest and the highest step sent: `2^bits` steps ending at `max_boost_db`."""
+        top = round(self.max_boost_db / self.step_db)
+        return top - 2 ** self.bits + 1, top
 
 
 def trained_level_side(cfg: Any) -> LevelSideInfo | None:
@@ -142,23 +166,23 @@ def block_levels(wav: Tensor, sample_rate: int, side: LevelSideInfo) -> Tensor:
 
 def encode_level_side(inputs: Tensor, decodes: Tensor, sample_rate: int,
                       side: LevelSideInfo, passes: int = 3) -> Tensor:
-    """Side information `[N, bands, blocks]` (int8 steps) that brings each decode's band
+    """Side information `[N, bands, blocks]` (int16 steps) that brings each decode's band
     levels to its input's, by analysis by synthesis: each pass applies the steps so far,
-    measures what is still missing, and adds it rounded to `step_db` (clipped to `bits`
-    bits). One pass sends round((L_input - L_decode) / step); more make up for the gains'
-    spill into neighbouring blocks and bands."""
+    measures what is still missing, and adds it rounded to `step_db` (clipped to
+    `side.step_range`). One pass sends round((L_input - L_decode) / step); more make up for
+    the gains' spill into neighbouring blocks and bands."""
     if inputs.shape != decodes.shape:
         raise ValueError(f"inputs {tuple(inputs.shape)} and decodes {tuple(decodes.shape)} "
                          "must have one shape")
     target = block_levels(inputs, sample_rate, side)
-    top = 2 ** (side.bits - 1)
+    lowest, highest = side.step_range
     steps = torch.zeros_like(target)
     for done in range(passes):
         # No gains yet on the first pass: the decode itself.
         shaped = apply_level_side(decodes, steps, sample_rate, side) if done else decodes
         missing = target - block_levels(shaped, sample_rate, side)
-        steps = (steps + torch.round(missing / side.step_db)).clamp(-top, top - 1)
-    return steps.to(torch.int8)
+        steps = (steps + torch.round(missing / side.step_db)).clamp(lowest, highest)
+    return steps.to(torch.int16)
 
 
 def apply_level_side(decodes: Tensor, steps: Tensor, sample_rate: int,

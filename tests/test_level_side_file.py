@@ -36,16 +36,17 @@ def _decode(ckpt, tok, wav) -> np.ndarray:
 def test_decode_applies_the_band_levels_the_file_sends(tiny, tmp_path, flags):  # noqa: F811
     _, ckpt, _ = tiny
     audio = _write_wav(tmp_path / "in.wav", channels=3, rate=RATE, seconds=0.5)
-    # 6 bits of 1.5 dB: -48 .. +46.5 dB, room for an untrained decoder's level errors.
+    # 6 bits of 1.5 dB, symmetric: -48 .. +46.5 dB, room for an untrained decoder's level errors.
     assert _encode(ckpt, tmp_path / "in.wav", tmp_path / "plain.tok", *flags) == 0
-    assert _encode(ckpt, tmp_path / "in.wav", tmp_path / "level.tok", *flags,
-                   "--level-bands", "4", "--level-bits", "6") == 0
+    assert _encode(ckpt, tmp_path / "in.wav", tmp_path / "level.tok", *flags, "--level-bands",
+                   "4", "--level-bits", "6", "--level-max-boost-db", "46.5") == 0
     plain = token_file.read_token_file(tmp_path / "plain.tok")
     level = token_file.read_token_file(tmp_path / "level.tok")
     assert plain.level_steps is None and plain.metadata["version"] == 2
     assert level.metadata["version"] == 3
     assert torch.equal(level.codes, plain.codes)       # the same codes, and levels beside them
-    side = LevelSideInfo(bands=4, bits=6)
+    assert "max_boost_db" not in level.metadata["level_side"]   # symmetric: as before the key
+    side = LevelSideInfo(bands=4, bits=6, max_boost_db=None)
     assert level.level_steps.shape == (3, 4, level.metadata["level_side"]["blocks"])
 
     without = torch.from_numpy(_decode(ckpt, tmp_path / "plain.tok", tmp_path / "plain.wav"))
@@ -85,20 +86,59 @@ def test_another_rate_decodes_with_the_levels_applied_at_the_model_rate(tiny, tm
     assert decoded.shape == audio.T.shape and np.isfinite(decoded).all()
 
 
-def test_packing_round_trips_every_step_value(tmp_path):
+@pytest.mark.parametrize("max_boost_db", [None, 4.5, 0.0])
+def test_packing_round_trips_every_step_value_of_the_range(tmp_path, max_boost_db):
     for bits in (1, 3, 5, 8):
-        values = torch.arange(-(1 << (bits - 1)), 1 << (bits - 1))     # every value, in turn
-        steps = values.repeat(66)[:66].reshape(3, 2, 11).to(torch.int8)
-        metadata = {"channels": 3, "level_side": {"bands": 2, "blocks": 11, "bits": bits}}
-        packed = token_file._pack_steps(steps, bits)
+        side = LevelSideInfo(bands=2, bits=bits, max_boost_db=max_boost_db)
+        lowest, highest = side.step_range
+        values = torch.arange(lowest, highest + 1)                  # every value, in turn
+        assert len(values) == 2 ** bits
+        steps = values.repeat(66)[:66].reshape(3, 2, 11).to(torch.int16)
+        metadata = {"channels": 3, "level_side": {
+            "bands": 2, "blocks": 11, "bits": bits, "step_db": 1.5, "block_ms": 40.0,
+            "max_boost_db": side.max_boost_db}}
+        packed = token_file._pack_steps(steps, side)
         assert len(packed) == token_file.level_side_bytes(metadata) == math.ceil(66 * bits / 8)
         assert torch.equal(token_file._unpack_steps(packed, metadata), steps)
-    with pytest.raises(ValueError, match="do not fit in 3 bits"):
-        token_file._pack_steps(torch.tensor([4], dtype=torch.int8), 3)
+    side = LevelSideInfo(bits=3, max_boost_db=max_boost_db)
+    for outside in (side.step_range[0] - 1, side.step_range[1] + 1):
+        with pytest.raises(ValueError, match="the 3-bit range"):
+            token_file._pack_steps(torch.tensor([outside]), side)
+
+
+def test_a_range_that_leans_to_cuts_is_written_and_read_back(tiny, tmp_path):  # noqa: F811
+    _, ckpt, _ = tiny
+    # A 200 Hz tone: nothing in the upper band, where the decode has what the codec adds, so
+    # the levels want cuts deeper than the symmetric range's -12 dB.
+    t = np.arange(RATE // 2) / RATE
+    tone = 0.3 * np.sin(2 * np.pi * 200 * t)[:, None] * np.array([[1.0, 0.5]])
+    sf.write(tmp_path / "in.wav", tone.astype(np.float32), RATE, subtype="FLOAT")
+    assert _encode(ckpt, tmp_path / "in.wav", tmp_path / "plain.tok") == 0
+    _decode(ckpt, tmp_path / "plain.tok", tmp_path / "plain.wav")
+    written = {}
+    for name, flags in (("cuts", []), ("symmetric", ["--level-max-boost-db", "10.5"])):
+        assert _encode(ckpt, tmp_path / "in.wav", tmp_path / f"{name}.tok", "--level-bands", "2",
+                       "--level-bits", "4", *flags) == 0
+        written[name] = token_file.read_token_file(tmp_path / f"{name}.tok")
+    assert written["cuts"].metadata["level_side"]["max_boost_db"] == 4.5
+    assert "max_boost_db" not in written["symmetric"].metadata["level_side"]
+    for name, (lowest, highest) in (("cuts", (-12, 3)), ("symmetric", (-8, 7))):
+        steps = written[name].level_steps
+        assert steps.min() == lowest and steps.max() <= highest, (name, steps.unique())
+    # Decoding applies the steps read back, whichever range they came from.
+    side = token_file.level_side_of(written["cuts"].metadata)
+    decoded = torch.from_numpy(_decode(ckpt, tmp_path / "cuts.tok", tmp_path / "cuts.wav"))
+    plain = torch.from_numpy(sf.read(tmp_path / "plain.wav", dtype="float32",
+                                     always_2d=True)[0].T.copy())
+    expected = apply_level_side(plain[:, None], written["cuts"].level_steps, RATE, side)[:, 0]
+    torch.testing.assert_close(decoded, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--level-bits", "4"], r"config error: --level-bits=4: only applies with --level-bands"),
+    (["--level-max-boost-db", "3"], r"config error: --level-max-boost-db=3.0: only applies"),
+    (["--level-bands", "4", "--level-max-boost-db", "-1"],
+     r"config error: --level-max-boost-db=-1.0: out of range"),
     (["--level-bands", "-1"], r"config error: --level-bands=-1: out of range"),
     (["--level-bands", "65"], r"config error: --level-bands=65: out of range"),
     (["--level-bands", "4", "--level-bits", "9"], r"config error: --level-bits=9: out of range"),
@@ -130,8 +170,8 @@ def test_encode_prints_the_side_information_bitrate(tiny, tmp_path, capsys):  # 
     _write_wav(tmp_path / "in.wav", channels=4, rate=RATE, seconds=0.2)
     _encode(ckpt, tmp_path / "in.wav", tmp_path / "x.tok", "--shared-content", "--level-bands", "4")
     out = capsys.readouterr().out
-    assert "+ level side information 1.200 kbps (0.300 per channel: 4 bands, 3 bits every 40 ms)" \
-        in out, out
+    assert "+ level side information 1.200 kbps (0.300 per channel: 4 bands, 3 bits every 40 ms, " \
+        "-6 .. +4.5 dB)" in out, out
 
 
 def test_the_file_holds_the_steps_its_encoder_finds(tiny, tmp_path):  # noqa: F811

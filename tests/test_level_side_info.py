@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import coding.shared_content as sc
 import coding.shared_content_comparison as comparison
@@ -56,6 +57,32 @@ def test_gains_are_clipped_to_the_bits_sent():
     assert encode_level_side(x, quiet, RATE, two).max() == 1
 
 
+def test_more_bits_buy_deeper_cuts_not_larger_boosts():
+    assert SIDE.step_range == (-4, 3)                     # 3 bits: symmetric either way
+    assert LevelSideInfo(bits=3, max_boost_db=None).step_range == (-4, 3)
+    assert LevelSideInfo(bits=4).step_range == (-12, 3)   # -18 .. +4.5 dB
+    assert LevelSideInfo(bits=4, max_boost_db=None).step_range == (-8, 7)
+    assert LevelSideInfo(bits=5, max_boost_db=5.0).max_boost_db == 4.5   # down to a step
+    assert LevelSideInfo(bits=3, max_boost_db=100.0).step_range == (-4, 3)
+    assert LevelSideInfo(bits=3, max_boost_db=0.0).step_range == (-7, 0)
+    x = noise()
+    for gain_db, side, expected in ((20, LevelSideInfo(bits=4), -12),    # too loud: cut
+                                    (20, LevelSideInfo(bits=4, max_boost_db=None), -8),
+                                    (-20, LevelSideInfo(bits=4), 3)):    # too quiet: boost
+        steps = encode_level_side(x, 10 ** (gain_db / 20) * x, RATE, side)
+        assert (steps == expected).float().mean() > 0.9, (gain_db, side, steps.unique())
+        assert side.step_range[0] <= steps.min() and steps.max() <= side.step_range[1]
+
+
+def test_a_config_without_the_range_reads_as_the_symmetric_one():
+    legacy = OmegaConf.create({"bands": 4, "bits": 5, "step_db": 1.5, "block_ms": 40})
+    assert LevelSideInfo.from_config(legacy, "k").step_range == (-16, 15)
+    assert LevelSideInfo.from_config(legacy, "k") == LevelSideInfo(bands=4, bits=5,
+                                                                    max_boost_db=22.5)
+    legacy.max_boost_db = 4.5
+    assert LevelSideInfo.from_config(legacy, "k").step_range == (-28, 3)
+
+
 def test_the_side_information_is_the_size_its_bitrate_claims():
     x = noise(seconds=2.0)
     steps = encode_level_side(x, 0.5 * x, RATE, SIDE)
@@ -66,7 +93,8 @@ def test_the_side_information_is_the_size_its_bitrate_claims():
 
 
 def test_bad_settings_are_refused():
-    for bad in ({"bands": 0}, {"bits": 0}, {"step_db": 0.0}, {"block_ms": 25.0}):
+    for bad in ({"bands": 0}, {"bits": 0}, {"step_db": 0.0}, {"block_ms": 25.0},
+                {"max_boost_db": -1.5}, {"max_boost_db": math.inf}, {"max_boost_db": math.nan}):
         with pytest.raises(ValueError, match="level side information"):
             LevelSideInfo(**bad)
     with pytest.raises(ValueError, match="does not fit"):

@@ -96,6 +96,7 @@ def test_validation_scores_the_decode_after_the_gains_sent_and_measures_the_code
     ("losses.level_side_info.block_ms=45", "multiple of 10"),
     ("losses.level_side_info.bands=40", "losses.level_side_info.bands=40"),
     ("losses.level_side_info.bits=0", "losses.level_side_info.bits"),
+    ("losses.level_side_info.max_boost_db=-1.5", "losses.level_side_info.max_boost_db"),
 ])
 def test_level_side_settings_it_cannot_send_are_one_config_error(override, named):
     overrides = ["datasets.data_root=unused", *LEVELS, override]
@@ -116,8 +117,22 @@ def test_encode_sends_the_levels_the_checkpoint_was_trained_with(cfg_factory, tm
     trained = token_file.read_token_file(tmp_path / "trained.tok").metadata
     assert (trained["version"], trained["level_side"]["bands"], trained["level_side"]["bits"]) \
         == (3, 4, 5)
+    assert trained["level_side"]["max_boost_db"] == 4.5        # the range it was trained with
     assert token_file.read_token_file(tmp_path / "none.tok").level_steps is None
     assert token_file.read_token_file(tmp_path / "two.tok").metadata["level_side"]["bands"] == 2
+
+
+def test_a_codec_trained_before_the_range_setting_is_sent_the_symmetric_range(cfg_factory,
+                                                                              tmp_path):
+    cfg = OmegaConf.to_container(cfg_factory(overrides=["losses.level_side_info.bands=4",
+                                                        "losses.level_side_info.bits=5"]))
+    del cfg["losses"]["level_side_info"]["max_boost_db"]
+    ckpt = tmp_path / "older.pt"
+    save_tiny_checkpoint(OmegaConf.create(cfg), ckpt)
+    _write_wav(tmp_path / "in.wav", channels=2, rate=RATE, seconds=0.3)
+    assert _encode(ckpt, tmp_path / "in.wav", tmp_path / "older.tok") == 0
+    side = token_file.read_token_file(tmp_path / "older.tok").metadata["level_side"]
+    assert side["bits"] == 5 and "max_boost_db" not in side     # -24 .. +22.5 dB, as trained
 
 
 def test_encode_of_a_codec_trained_without_levels_sends_none(cfg_factory, tmp_path):

@@ -119,6 +119,7 @@ LEVEL_SIDE_BAD_VALUES = {
     "level_side.step_db": [None, 0, -1.5, 24.5, "1.5", True, float("nan"), float("inf")],
     "level_side.block_ms": [None, 0, 25, 15.5, -40, 10001, "40", float("nan")],
     "level_side.blocks": [None, 0, 1, 4, 10**9, 3.0, "3"],
+    "level_side.max_boost_db": [None, -1.5, 1.0, 6.0, "4.5", True, float("nan"), float("inf")],
     "version": [2],
 }
 

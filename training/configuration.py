@@ -125,6 +125,7 @@ LIMITS: dict[str, Rule] = {
     "losses.level_side_info.bits": AT_LEAST_1,
     "losses.level_side_info.step_db": POSITIVE,
     "losses.level_side_info.block_ms": POSITIVE,
+    "losses.level_side_info.max_boost_db": NON_NEGATIVE,
     "balancer.ema_decay": DECAY,
     "balancer.total_norm": POSITIVE,
     "optimization.lr": POSITIVE,
@@ -183,6 +184,7 @@ LIMITS: dict[str, Rule] = {
     "shared_content.level_side_info.bits": AT_LEAST_1,
     "shared_content.level_side_info.step_db": POSITIVE,
     "shared_content.level_side_info.block_ms": POSITIVE,
+    "shared_content.level_side_info.max_boost_db": NON_NEGATIVE,
     "spectrogram_items": NON_NEGATIVE,
 }
 
@@ -283,7 +285,7 @@ def check_level_side(cfg: DictConfig) -> None:
     try:
         side = trained_level_side(cfg)
     except ValueError as error:
-        raise ConfigError(f"{error}; block_ms must be a multiple of 10") from error
+        raise ConfigError(str(error)) from error
     if side is not None:
         try:
             check_level_bands(int(cfg.model.sample_rate), side)
