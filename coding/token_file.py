@@ -456,15 +456,19 @@ def _check_level_side(path: str | Path, metadata: dict[str, Any], version: int, 
 
 
 def _check_boost(path: str | Path, side: dict[str, Any]) -> None:
-    """Raise TokenFileError unless `level_side.max_boost_db` is a whole number of steps in
-    0 .. the symmetric range's top (what `LevelSideInfo` writes: any other value would read
-    as another range than the encoder's)."""
-    boost, step = side[_LEVEL_SIDE_RANGE_KEY], side["step_db"]
-    top = 2 ** (side["bits"] - 1) - 1
-    steps = boost / step if is_number(boost) and math.isfinite(boost) else math.nan
-    if not (0 <= steps <= top and abs(steps - round(steps)) < 1e-6):
+    """Raise TokenFileError unless `level_side.max_boost_db` is a value `LevelSideInfo` keeps
+    as given (a whole number of steps from 0 to the symmetric range's top): any other would
+    read as another range than the encoder's."""
+    boost = side[_LEVEL_SIDE_RANGE_KEY]
+    def kept(value: float | None) -> float:
+        return LevelSideInfo(bits=side["bits"], step_db=side["step_db"],
+                             max_boost_db=value).max_boost_db
+    top = kept(None)
+    if not (is_number(boost) and 0 <= boost <= top
+            and math.isclose(kept(boost), boost, abs_tol=1e-6 * side["step_db"])):
         raise _field_error(path, f"level_side.{_LEVEL_SIDE_RANGE_KEY}", boost,
-                           f"not a whole number of steps of {step:g} dB in 0 .. {top}")
+                           f"not a whole number of steps of {side['step_db']:g} dB in "
+                           f"0 .. {top:g}")
 
 
 def _check_content_stream(path: str | Path, metadata: dict[str, Any], shared: bool,

@@ -43,9 +43,9 @@ class LevelSideInfo:
         block_ms: one gain per band every `block_ms` milliseconds (a multiple of 10 ms).
         max_boost_db: the largest gain, rounded down to a step and at most the symmetric
             range's top, (2^(bits-1) - 1) x step_db; the steps above it go to deeper cuts.
-            A codec's decode errs loud more than quiet (it fills quiet bands with a floor),
-            and a large boost raises the decode's errors in a band along with its content,
-            so the range leans to cuts: at 1.5 dB steps, 3 bits span -6 .. +4.5 dB either way,
+            On real recordings a decode errs loud (it leaves a floor in quiet bands), and
+            where it errs quiet a large boost raises its errors in the band along with its
+            content, so the range leans to cuts: at 1.5 dB steps, 3 bits span -6 .. +4.5 dB either way,
             4 bits -18 .. +4.5. None: the symmetric range, -2^(bits-1) .. 2^(bits-1) - 1
             steps (what files and checkpoints without the setting were made with). Stored
             as the top step's gain in dB.
